@@ -1,0 +1,97 @@
+"""load_sft / load_preferences / load_prompts: read, detect the format, validate every row, build records.
+
+All rows are checked before anything is returned, so one run shows every bad row
+of a file instead of failing on the first one hours into training.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+from rlhf.data import formats
+from rlhf.data.fields import RowError
+from rlhf.data.io import read_source
+from rlhf.data.pairs import pairs
+from rlhf.data.records import (
+    DataError,
+    PreferencePair,
+    Problem,
+    PromptExample,
+    SFTExample,
+    describe,
+    in_order,
+    source_of,
+)
+
+SFT_FORMATS = ("prompt_completion", "messages")
+PREFERENCE_FORMATS = ("pairwise", "transcript", "ranking")
+PROMPT_FORMATS = ("prompt_only",) + SFT_FORMATS + PREFERENCE_FORMATS
+# How many problems the skip_invalid warning shows; the rest are in the count.
+WARN_LISTED = 3
+
+# (row, format, row index, source) -> records of that row
+Convert = Callable[[dict, str, int, str], list]
+
+
+def load_sft(source: str, split: str | None = None, skip_invalid: bool = False) -> list[SFTExample]:
+    """SFT examples from {"prompt", "completion"} or {"messages": [..., assistant reply]} rows."""
+
+    def convert(row, fmt, index, where):
+        prompt, completion = formats.sft(row, fmt)
+        return [SFTExample(prompt, completion, where)]
+
+    return load(source, split, skip_invalid, SFT_FORMATS, "SFT", convert)
+
+
+def load_preferences(source: str, split: str | None = None, skip_invalid: bool = False) -> list[PreferencePair]:
+    """Preference pairs from pairwise, HH transcript or K-way ranking rows (rankings expand to K*(K-1)/2 pairs)."""
+
+    def convert(row, fmt, index, where):
+        return [PreferencePair(p, c, r, m, index, where) for p, c, r, m in pairs(row, fmt)]
+
+    return load(source, split, skip_invalid, PREFERENCE_FORMATS, "preference", convert)
+
+
+def load_prompts(source: str, split: str | None = None, skip_invalid: bool = False) -> list[PromptExample]:
+    """Prompts of rows of any format; only the prompt is validated (other fields may be anything)."""
+
+    def convert(row, fmt, index, where):
+        return [PromptExample(formats.prompt_of(row, fmt), where, formats.meta(row))]
+
+    return load(source, split, skip_invalid, PROMPT_FORMATS, "prompt", convert)
+
+
+def load(source, split, skip_invalid: bool, allowed: tuple[str, ...], purpose: str, convert: Convert) -> list:
+    """Shared loop: every row -> records or a Problem; then raise, or warn and skip with skip_invalid."""
+    name, rows, problems = read_source(source, split)
+    if not rows:
+        raise DataError.from_problems(problems) if problems else DataError(f"{name}: no rows")
+    fmt = formats.file_format(name, rows, allowed, purpose)
+    records = []
+    for index, (number, row) in enumerate(rows):
+        try:
+            formats.same_format(row, fmt)
+            records += convert(row, fmt, index, source_of(name, number))
+        except RowError as e:
+            problems.append(Problem(name, number, e.field, e.problem))
+    return finish(name, records, problems, skip_invalid, total=len(rows) + count_unread(problems, rows))
+
+
+def count_unread(problems: list[Problem], rows: list) -> int:
+    """Rows that never became dicts (malformed JSON): problems whose row is not among ``rows``."""
+    read = {number for number, _ in rows}
+    return len({p.row for p in problems if p.row not in read})
+
+
+def finish(name: str, records: list, problems: list[Problem], skip_invalid: bool, total: int) -> list:
+    """Return records; with problems raise, unless skip_invalid and some rows survived (then warn)."""
+    if not problems:
+        return records
+    if not skip_invalid or not records:
+        raise DataError.from_problems(problems)
+    rows = "row" if len(problems) == 1 else "rows"
+    listed = describe(in_order(problems), WARN_LISTED)
+    # stacklevel 4: point at the code that called load_sft / load_preferences / load_prompts
+    warnings.warn(f"{name}: skipped {len(problems)} invalid {rows} of {total}:\n{listed}", stacklevel=4)
+    return records
