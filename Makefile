@@ -1,0 +1,58 @@
+# rlhf: SFT -> reward model -> PPO on one LoRA-adapted base.
+#   make test            create .venv if missing, run the test suite
+#   make demo            build the embedded demo and run the pipeline on it
+#   make sft             one stage; CONFIG=configs/<x>.yaml ARGS="key=value ..." to configure
+# Stage targets are real files (<run_dir>/<stage>/DONE): a finished stage is not run again;
+# `make clean-sft` (or deleting the DONE file) forces it.
+
+PYTHON     ?= python3
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+# CPU wheel by default (an unpinned torch pulls a multi-GB CUDA build). GPU users, e.g.:
+#   make setup TORCH_SPEC=torch==2.13.0 TORCH_PIP_ARGS="--index-url <CUDA wheel index from pytorch.org>"
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+CONFIG     ?= configs/demo.yaml
+ARGS       ?=
+PYTEST_ARGS ?=
+# The run directory is the config's top-level run_dir (override: make sft RUN=runs/other).
+RUN        ?= $(or $(shell awk '/^run_dir:/{print $$2; exit}' $(CONFIG) 2>/dev/null),runs/default)
+# Demo configs need the demo's data and base model; other configs bring their own.
+DATA_DEPS  := $(if $(findstring demo,$(notdir $(CONFIG))),data/demo/DONE)
+STAMP      := $(VENV)/.installed
+STAGE      = $(PY) -m stages.$(1) --config $(CONFIG) run_dir=$(RUN) $(ARGS)
+
+.PHONY: setup test test-fast data demo all sft clean-sft clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC) $(TORCH_PIP_ARGS)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+data: data/demo/DONE
+
+data/demo/DONE: $(STAMP) rlhf/demo/task.py rlhf/demo/build.py data/build_demo.py
+	$(PY) data/build_demo.py data/demo
+
+sft: $(RUN)/sft/DONE
+
+$(RUN)/sft/DONE: $(STAMP) $(DATA_DEPS)
+	$(call STAGE,sft)
+
+demo all: sft
+
+clean-sft:
+	rm -f $(RUN)/sft/DONE
+
+clean:
+	rm -rf $(RUN)

@@ -1,0 +1,155 @@
+"""One typed config for the whole pipeline: dataclass defaults -> YAML file -> command-line overrides.
+
+Parsing and merging are OmegaConf's (structured configs): it checks types, rejects unknown keys and
+reads `a.b=value` overrides. We only add two things on top:
+
+* a stage may take overrides relative to its own section, so `make sft ARGS="lora.r=8 train.lr=1e-4"`
+  means `sft.lora.r=8 sft.train.lr=1e-4` (keys whose first part is a top-level field, such as
+  `model.dtype` or `run_dir`, stay top-level);
+* errors name the file or the override that caused them.
+
+The resolved config is saved as `config.yaml` beside every stage output (`save_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says which key and where."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "data/demo/base"
+    """Hugging Face hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct) or a local model directory."""
+    revision: str | None = None
+    dtype: str = "auto"
+    """auto | float32 | bfloat16 | float16. auto: bfloat16 on a GPU that supports it, else float32."""
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+    """e.g. sdpa, flash_attention_2; None lets transformers choose."""
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class LoraSpec:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names to adapt; ["all-linear"] adapts every linear layer but the output head."""
+
+
+@dataclass
+class TrainSpec:
+    """Optimisation knobs shared by the Trainer-based stages (SFT, RM)."""
+
+    lr: float = 2e-4
+    epochs: float = 1.0
+    max_steps: int = -1
+    """> 0 overrides epochs."""
+    batch_size: int = 8
+    """Per device."""
+    grad_accum: int = 1
+    warmup: float = 0.0
+    """Linear warmup: a fraction of all steps if < 1, else a number of steps."""
+    weight_decay: float = 0.0
+    lr_scheduler: str = "linear"
+    max_grad_norm: float = 1.0
+    logging_steps: int = 10
+    eval_steps: int = 0
+    """0: evaluate once per epoch."""
+    save_steps: int = 0
+    """0: checkpoint once per epoch."""
+    save_total_limit: int = 2
+    seed: int = 0
+    progress_bar: bool = True
+
+
+@dataclass
+class SFTStageConfig:
+    train_file: str = "data/demo/sft_train.jsonl"
+    """Local jsonl/json/parquet/csv file or hub dataset name; prompt/completion or chat messages."""
+    train_split: str = "train"
+    """Split to use when train_file is a hub dataset."""
+    eval_file: str | None = "data/demo/sft_eval.jsonl"
+    """None: hold out eval_fraction of the training rows."""
+    eval_split: str = "test"
+    eval_fraction: float = 0.05
+    max_length: int = 512
+    """Prompt + completion tokens; longer examples are truncated by the trainer."""
+    max_prompt_length: int = 256
+    """Longer prompts are an input error, reported before training."""
+    skip_invalid: bool = False
+    """Drop invalid rows with a warning instead of stopping."""
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+
+
+@dataclass
+class PipelineConfig:
+    run_dir: str = "runs/demo"
+    """Every stage writes to <run_dir>/<stage>/."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sft: SFTStageConfig = field(default_factory=SFTStageConfig)
+
+
+def _top_level_keys() -> set[str]:
+    return {f.name for f in dataclasses.fields(PipelineConfig)}
+
+
+def qualify_overrides(overrides: list[str], stage: str | None) -> list[str]:
+    """Prefix stage-relative `key=value` overrides with the stage's section name."""
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key = item.split("=", 1)[0].strip()
+        if stage and key.split(".")[0] not in _top_level_keys():
+            item = f"{stage}.{item}"
+        out.append(item)
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), stage: str | None = None) -> PipelineConfig:
+    """Defaults, then the YAML file at `path`, then `overrides` (`a.b=value`); returns typed dataclasses."""
+    cfg = OmegaConf.structured(PipelineConfig)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{path}: {_explain(e)}") from None
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(qualify_overrides(list(overrides), stage)))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"command-line override: {_explain(e)}") from None
+    return OmegaConf.to_object(cfg)
+
+
+def _explain(e: OmegaConfBaseException) -> str:
+    # OmegaConf's first line says what is wrong; the rest is an internal trace of object types.
+    msg = str(e).splitlines()[0]
+    key = getattr(e, "full_key", None)
+    return f"key '{key}': {msg}" if key else msg
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: PipelineConfig, out_dir: str | Path) -> Path:
+    path = Path(out_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_yaml(cfg))
+    return path

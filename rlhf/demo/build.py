@@ -1,0 +1,196 @@
+"""Build the embedded demo: data files, a word-level tokenizer and a small pre-trained base model.
+
+Everything is deterministic from one seed. The base model is pre-trained here on "web text" of the
+task's world (category word lists and low-quality dialogues), so that it knows the words and the chat
+layout but answers badly: SFT, RM and PPO then each have something to add. See data/README.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhf.demo import task
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+# A chat template of the usual shape: role markers, an end token after each assistant turn.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} "
+    "{% if m['role'] == 'assistant' %}<|end|> {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    seed: int = 0
+    n_sft_train: int = 2000
+    n_sft_eval: int = 200
+    p_perfect: float = 0.4
+    """The demonstrator's share of perfect answers; the rest have one or two flaws."""
+    n_rank_prompts: int = 1500
+    k: int = 4
+    """Answers ranked per prompt (InstructGPT used K = 4..9)."""
+    n_pairs_eval: int = 400
+    annotator_noise: float = 0.1
+    """Gumbel noise scale on gold scores when annotators rank answers (0: perfect annotators)."""
+    n_prompts_train: int = 1024
+    n_prompts_eval: int = 200
+    held_out_fraction: float = 0.2
+    """Share of the 200 distinct requests never seen in training (SFT, RM, PPO); eval uses only these."""
+    n_pretrain: int = 12000
+    pretrain_epochs: int = 2
+    hidden_size: int = 192
+    layers: int = 4
+    heads: int = 4
+    intermediate_size: int = 512
+
+
+def split_requests(rng: random.Random, held_out_fraction: float):
+    requests = task.all_requests()
+    rng.shuffle(requests)
+    n_held = round(len(requests) * held_out_fraction)
+    return requests[n_held:], requests[:n_held]
+
+
+def chat(request: task.Request) -> list[dict]:
+    return [{"role": "user", "content": request.text}]
+
+
+def noisy_ranking(rng: random.Random, request: task.Request, answers: list[str], noise: float) -> list[int]:
+    """Simulated annotator: sort by gold score plus Gumbel noise (a Plackett-Luce ranking), best first."""
+    def perturbed(i):
+        g = -math.log(-math.log(rng.random() or 1e-12)) if noise > 0 else 0.0
+        return task.gold_score(request.text, answers[i]) + noise * g
+    return sorted(range(len(answers)), key=perturbed, reverse=True)
+
+
+def distinct_answers(rng, request, k, p_perfect, tries=50):
+    """k different answers of mixed quality (equal answers make no preference)."""
+    answers = []
+    for _ in range(tries * k):
+        a = task.write_answer(rng, request, task.sample_flaws(rng, p_perfect))
+        if a not in answers:
+            answers.append(a)
+        if len(answers) == k:
+            return answers
+    raise RuntimeError(f"could not write {k} distinct answers to {request.text!r}")
+
+
+def make_datasets(spec: BuildSpec) -> dict[str, list[dict]]:
+    rng = random.Random(spec.seed)
+    train_req, eval_req = split_requests(rng, spec.held_out_fraction)
+
+    def sft_rows(n, pool):
+        rows = []
+        for _ in range(n):
+            r = rng.choice(pool)
+            rows.append({"prompt": chat(r), "completion": task.write_answer(rng, r, task.sample_flaws(rng, spec.p_perfect))})
+        return rows
+
+    def ranking_rows(n, pool):
+        rows = []
+        for _ in range(n):
+            r = rng.choice(pool)
+            answers = distinct_answers(rng, r, spec.k, p_perfect=0.3)
+            rows.append({"prompt": chat(r), "responses": answers,
+                         "ranking": noisy_ranking(rng, r, answers, spec.annotator_noise)})
+        return rows
+
+    def pair_rows(n, pool):
+        rows = []
+        for row in ranking_rows(n, pool):
+            best, worst = row["ranking"][0], row["ranking"][-1]
+            rows.append({"prompt": row["prompt"], "chosen": row["responses"][best], "rejected": row["responses"][worst]})
+        return rows
+
+    return {
+        "sft_train": sft_rows(spec.n_sft_train, train_req),
+        "sft_eval": sft_rows(spec.n_sft_eval, eval_req),
+        "rm_rankings_train": ranking_rows(spec.n_rank_prompts, train_req),
+        "rm_pairs_train": pair_rows(spec.n_rank_prompts, train_req),
+        "rm_pairs_eval": pair_rows(spec.n_pairs_eval, eval_req),
+        "prompts_train": [{"prompt": chat(rng.choice(train_req))} for _ in range(spec.n_prompts_train)],
+        "prompts_eval": [{"prompt": chat(rng.choice(eval_req))} for _ in range(spec.n_prompts_eval)],
+    }
+
+
+def pretrain_corpus(spec: BuildSpec) -> list[str]:
+    """Web text of the task's world: category lists, and dialogues whose answers are mostly poor."""
+    rng = random.Random(spec.seed + 1)
+    docs = []
+    for _ in range(spec.n_pretrain):
+        r = rng.choice(task.all_requests())
+        if rng.random() < 0.6:
+            items = rng.sample(task.CATEGORIES[r.category], rng.randint(2, 8))
+            docs.append(f"{r.category} : {' '.join(items)}")
+        else:
+            answer = task.write_answer(rng, r, task.sample_flaws(rng, p_perfect=0.05))
+            docs.append(f"<|user|> {r.text} <|assistant|> {answer} <|end|>")
+    return docs
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + task.vocabulary())}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
+    core.add_special_tokens(SPECIAL_TOKENS)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", eos_token="<|end|>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def build_base_model(spec: BuildSpec, tokenizer, corpus: list[str], out_dir: Path) -> None:
+    """A small Llama-architecture model, pre-trained on `corpus` with the plain LM loss (transformers Trainer)."""
+    import torch
+    from datasets import Dataset
+    from transformers import (DataCollatorForLanguageModeling, LlamaConfig, LlamaForCausalLM, Trainer,
+                              TrainingArguments)
+
+    torch.manual_seed(spec.seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.heads,
+        max_position_embeddings=128, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+    )
+    model = LlamaForCausalLM(config)
+    data = Dataset.from_dict({"text": corpus}).map(
+        lambda b: tokenizer(b["text"]), batched=True, remove_columns=["text"])
+    args = TrainingArguments(
+        output_dir=str(out_dir / "_pretrain"), num_train_epochs=spec.pretrain_epochs, per_device_train_batch_size=64,
+        learning_rate=3e-3, warmup_steps=50, lr_scheduler_type="cosine", weight_decay=0.01, logging_steps=50,
+        save_strategy="no", report_to=[], seed=spec.seed, use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True,
+    )
+    Trainer(model=model, args=args, train_dataset=data,
+            data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False)).train()
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def build(out_dir: str | Path, spec: BuildSpec = BuildSpec()) -> Path:
+    """Write the demo into `out_dir` (data files, base/ model dir); DONE is written last."""
+    out = Path(out_dir)
+    (out / "DONE").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in make_datasets(spec).items():
+        write_jsonl(out / f"{name}.jsonl", rows)
+    tokenizer = build_tokenizer()
+    build_base_model(spec, tokenizer, pretrain_corpus(spec), out / "base")
+    (out / "build_spec.json").write_text(json.dumps(spec.__dict__, indent=2))
+    (out / "DONE").write_text("ok\n")
+    return out

@@ -1,0 +1,113 @@
+"""Loading the one base model every stage shares, its tokenizer, and the LoRA adapters on it.
+
+Every stage goes through the same `from_pretrained` path, whether `name_or_path` is a hub id or a local
+directory (the demo's base is a local directory built by `make data`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf.config import LoraSpec, ModelConfig
+
+# For tokenizers that ship without a chat template (base models): the Anthropic HH layout, so that
+# HH-RLHF transcripts and chat-format data render as the text those models were trained on. EOS follows
+# only a final assistant turn (the answer being trained), so prompts read exactly like HH transcripts.
+HH_CHAT_TEMPLATE = (  # strings inside {{ }}: transformers' Jinja trims the newline after a block tag
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}{{ '\\n\\nHuman: ' + m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}{{ '\\n\\nAssistant: ' + m['content'] }}"
+    "{% if loop.last %}{{ eos_token }}{% endif %}"
+    "{% else %}{{ '\\n\\nSystem: ' + m['content'] }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\\n\\nAssistant:' }}{% endif %}"
+)
+PAD_TOKEN = "<|pad|>"
+
+
+def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer, made fit for RLHF: a pad token distinct from EOS and a chat template.
+
+    Pad must differ from EOS: reward models pool at the last non-pad token, so with pad == EOS the
+    reward would be read at the token before EOS. Padding is left-sided for generation; trainers that
+    need right padding set it themselves.
+    """
+    tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    if tok.eos_token is None:
+        raise ValueError(f"tokenizer of {name_or_path} has no EOS token; responses could never end")
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        if tok.unk_token is not None and tok.unk_token_id != tok.eos_token_id:
+            tok.pad_token = tok.unk_token
+        else:
+            tok.add_special_tokens({"pad_token": PAD_TOKEN})
+    if not tok.chat_template:
+        tok.chat_template = HH_CHAT_TEMPLATE
+    tok.padding_side = "left"
+    return tok
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise ValueError(f"model.dtype must be auto, float32, bfloat16 or float16, not {name!r}") from None
+
+
+def load_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """The base causal LM, in cfg.dtype, with dropout off and room for any token the tokenizer added."""
+    kwargs = {"revision": cfg.revision, "dtype": resolve_dtype(cfg.dtype), "trust_remote_code": cfg.trust_remote_code}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+    fit_embeddings(model, tokenizer)
+    disable_dropout(model)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def fit_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Grow the embeddings when the tokenizer gained a pad token, deterministically.
+
+    New rows are set to the mean of the old ones (not sampled), so every stage that reloads the base
+    gets the same weights: the reference policy must be bit-identical across stages.
+    """
+    old = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= old:
+        return
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if emb is not None:
+                emb.weight[old:] = emb.weight[:old].mean(dim=0, keepdim=True)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off everywhere: PPO's ratio must be exactly 1 before the first update (N+ details)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def lora_config(spec: LoraSpec, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None) -> LoraConfig:
+    targets = spec.target_modules
+    return LoraConfig(
+        r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, task_type=task_type, bias="none",
+        target_modules="all-linear" if list(targets) == ["all-linear"] else list(targets),
+        modules_to_save=modules_to_save,
+    )
+
+
+def load_sft_model(cfg: ModelConfig, sft_dir: str | Path, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """The SFT model: the base with the SFT adapter merged in (InstructGPT starts RM and PPO from it)."""
+    base = load_causal_lm(cfg, tokenizer)
+    return PeftModel.from_pretrained(base, str(sft_dir)).merge_and_unload()

@@ -1,0 +1,127 @@
+"""Stage output directories: completion marker, checkpoints that survive a kill, metrics files.
+
+A stage directory `<run_dir>/<stage>/` is valid only while it holds `DONE`, written last. A stage removes
+`DONE` when it starts, so a run that dies leaves no marker and `make` runs the stage again, which
+resumes from the last *complete* checkpoint under `checkpoints/`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+DONE = "DONE"
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def begin_stage(out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DONE).unlink(missing_ok=True)
+    return out
+
+
+def finish_stage(out_dir: str | Path, summary: dict) -> None:
+    """Write the marker last, with a one-line summary of the outcome."""
+    tmp = Path(out_dir) / (DONE + ".tmp")
+    tmp.write_text(json.dumps({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **summary}) + "\n")
+    tmp.replace(Path(out_dir) / DONE)
+
+
+def is_done(out_dir: str | Path) -> bool:
+    return (Path(out_dir) / DONE).is_file()
+
+
+def require_done(out_dir: str | Path, stage: str) -> Path:
+    out = Path(out_dir)
+    if not is_done(out):
+        raise FileNotFoundError(f"{out} has no finished {stage} stage (no {DONE} marker): run `make {stage}` first")
+    return out
+
+
+def _is_complete(ckpt: Path) -> bool:
+    # The Trainer writes trainer_state.json last, after the weights, optimizer and RNG states.
+    try:
+        json.loads((ckpt / "trainer_state.json").read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def last_complete_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """Newest checkpoint-N that was fully written; half-written ones (killed mid-save) are removed."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return None
+    ckpts = sorted((p for p in root.iterdir() if p.is_dir() and _CKPT.match(p.name)),
+                   key=lambda p: int(_CKPT.match(p.name).group(1)))
+    for ckpt in reversed(ckpts):
+        if _is_complete(ckpt):
+            return ckpt
+        print(f"[rlhf] removing incomplete checkpoint {ckpt}", file=sys.stderr)
+        shutil.rmtree(ckpt)
+    return None
+
+
+def checkpoint_step(ckpt: Path | None) -> int:
+    return int(_CKPT.match(ckpt.name).group(1)) if ckpt else 0
+
+
+class MetricsFile:
+    """Append-only `metrics.jsonl`: one JSON object per line, `{"step": N, "<ns>/<name>": value, ...}`."""
+
+    def __init__(self, path: str | Path, resume_step: int = 0):
+        self.path = Path(path)
+        self._truncate_after(resume_step)
+
+    def _truncate_after(self, step: int) -> None:
+        # Rows logged after the checkpoint we resume from are replayed by the resumed run: drop them.
+        if not self.path.exists():
+            return
+        rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def write(self, step: int, values: dict) -> None:
+        clean = {k: v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **clean}) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# Trainer log keys -> our stable namespaced names (same names in TensorBoard, metrics.jsonl, reports).
+_RENAME = {"loss": "train/loss", "grad_norm": "train/grad_norm", "learning_rate": "train/lr", "epoch": "train/epoch"}
+
+
+def namespaced(logs: dict) -> dict:
+    out = {}
+    for key, value in logs.items():
+        if key in _RENAME:
+            out[_RENAME[key]] = value
+        elif key.startswith("eval_"):
+            out["eval/" + key[len("eval_"):]] = value
+        elif "/" in key:
+            out[key] = value
+        else:
+            out["train/" + key] = value
+    return out
+
+
+class MetricsCallback(TrainerCallback):
+    """Sends the Trainer's logs to a MetricsFile under namespaced names (main process only)."""
+
+    def __init__(self, metrics: MetricsFile):
+        self.metrics = metrics
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            self.metrics.write(state.global_step, namespaced(logs))

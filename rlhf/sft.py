@@ -1,0 +1,116 @@
+"""Stage 1, supervised fine-tuning: trl's SFTTrainer with a LoRA adapter on the frozen base.
+
+Output `<run_dir>/sft/`: the adapter (PEFT format, safetensors), the tokenizer (with the pad token and
+chat template every later stage uses), `config.yaml`, `metrics.jsonl`, TensorBoard events in `tb/`,
+Trainer checkpoints in `checkpoints/`, and `DONE`, written last.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from torch.utils.tensorboard import SummaryWriter
+from transformers.integrations import TensorBoardCallback
+from trl import SFTConfig, SFTTrainer
+
+from rlhf import data as rdata
+from rlhf.config import PipelineConfig, SFTStageConfig, TrainSpec, save_config
+from rlhf.models import load_causal_lm, load_tokenizer, lora_config, resolve_dtype
+from rlhf.runs import (MetricsCallback, MetricsFile, begin_stage, checkpoint_step, finish_stage,
+                       last_complete_checkpoint, read_metrics)
+
+
+def load_sft_data(cfg: SFTStageConfig, tokenizer) -> tuple[list[rdata.SFTExample], list[rdata.SFTExample]]:
+    """Train and held-out examples, validated (lengths included) before any training starts."""
+    train = rdata.load_sft(cfg.train_file, split=cfg.train_split, skip_invalid=cfg.skip_invalid)
+    if cfg.eval_file:
+        held_out = rdata.load_sft(cfg.eval_file, split=cfg.eval_split, skip_invalid=cfg.skip_invalid)
+    else:
+        rows = list(train)
+        random.Random(cfg.train.seed).shuffle(rows)
+        n_eval = max(1, int(len(rows) * cfg.eval_fraction))
+        held_out, train = rows[:n_eval], rows[n_eval:]
+    rdata.check_prompt_lengths(train + held_out, tokenizer, cfg.max_prompt_length)
+    return train, held_out
+
+
+def to_dataset(examples: list[rdata.SFTExample]) -> Dataset:
+    """trl's prompt/completion layout: chat prompts become conversational rows (the chat template applies),
+    raw-text prompts stay standard rows (trl appends EOS)."""
+    kinds = {isinstance(e.prompt, list) for e in examples}
+    if len(kinds) > 1:
+        raise rdata.DataError(f"{examples[0].source}: mixes chat-message and plain-text prompts in one dataset")
+    if kinds == {True}:
+        rows = [{"prompt": e.prompt, "completion": [{"role": "assistant", "content": e.completion}]} for e in examples]
+    else:
+        rows = [{"prompt": e.prompt, "completion": e.completion} for e in examples]
+    return Dataset.from_list(rows)
+
+
+def trainer_args(train: TrainSpec, out: Path, max_length: int, bf16: bool) -> SFTConfig:
+    every_epoch = {"eval_strategy": "epoch", "save_strategy": "epoch"}
+    return SFTConfig(
+        output_dir=str(out / "checkpoints"),
+        learning_rate=train.lr, num_train_epochs=train.epochs, max_steps=train.max_steps,
+        per_device_train_batch_size=train.batch_size, per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum, warmup_steps=train.warmup,
+        weight_decay=train.weight_decay, lr_scheduler_type=train.lr_scheduler, max_grad_norm=train.max_grad_norm,
+        logging_steps=train.logging_steps, seed=train.seed, save_total_limit=train.save_total_limit,
+        eval_strategy="steps" if train.eval_steps else every_epoch["eval_strategy"],
+        eval_steps=train.eval_steps or None,
+        save_strategy="steps" if train.save_steps else every_epoch["save_strategy"],
+        save_steps=train.save_steps or 500,
+        eval_on_start=True,  # the untrained adapter's held-out loss: the baseline SFT must beat
+        max_length=max_length, completion_only_loss=True, packing=False,
+        report_to=[], disable_tqdm=not (train.progress_bar and sys.stderr.isatty()),
+        bf16=bf16, use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def run(cfg: PipelineConfig) -> Path:
+    s = cfg.sft
+    out = begin_stage(Path(cfg.run_dir) / "sft")
+    save_config(cfg, out)
+
+    # 1. tokenizer and data, validated before the model is even loaded
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+    train, held_out = load_sft_data(s, tokenizer)
+    print(f"[sft] {len(train)} training and {len(held_out)} held-out examples from {s.train_file}")
+
+    # 2. base model + trainer (trl attaches the LoRA adapter; the base stays frozen)
+    model = load_causal_lm(cfg.model, tokenizer)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    bf16 = resolve_dtype(cfg.model.dtype) == torch.bfloat16
+    resume = last_complete_checkpoint(out / "checkpoints")
+    metrics = MetricsFile(out / "metrics.jsonl", resume_step=checkpoint_step(resume))
+    trainer = SFTTrainer(
+        model=model, args=trainer_args(s.train, out, s.max_length, bf16), processing_class=tokenizer,
+        train_dataset=to_dataset(train), eval_dataset=to_dataset(held_out),
+        peft_config=lora_config(s.lora),
+        callbacks=[MetricsCallback(metrics), TensorBoardCallback(SummaryWriter(str(out / "tb")))],
+    )
+
+    # 3. train, resuming from the last complete checkpoint if a previous run died
+    if resume:
+        print(f"[sft] resuming from {resume}")
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    final = trainer.evaluate()
+    metrics.write(trainer.state.global_step, {"eval/loss": final["eval_loss"]})
+
+    # 4. save adapter + tokenizer, then the marker
+    trainer.model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    summary = sft_summary(out / "metrics.jsonl")
+    print(f"[sft] held-out loss {summary['eval_loss_start']:.4f} -> {summary['eval_loss_end']:.4f}; saved to {out}")
+    finish_stage(out, summary)
+    return out
+
+
+def sft_summary(metrics_path: Path) -> dict:
+    losses = [r["eval/loss"] for r in read_metrics(metrics_path) if "eval/loss" in r]
+    return {"eval_loss_start": losses[0], "eval_loss_end": losses[-1]}

@@ -1,0 +1,42 @@
+"""Shared fixtures: the embedded demo (built once into data/demo/ if missing) and a finished SFT run."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Any accidental hub download fails at once instead of hanging (there is no network here or in CI).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "data" / "demo"
+DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
+
+
+@pytest.fixture(scope="session")
+def demo_dir() -> Path:
+    """The demo's data and base model, as `make data` builds them (about 40 s the first time)."""
+    if not (DEMO / "DONE").is_file():
+        from rlhf.demo.build import build
+        build(DEMO)
+    return DEMO
+
+
+def run_stage(stage: str, *overrides: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python -m stages.<stage> --config configs/demo.yaml ...` as a user would, from the repo root."""
+    cmd = [sys.executable, "-m", f"stages.{stage}", "--config", str(DEMO_CONFIG), *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def sft_run(demo_dir, tmp_path_factory) -> Path:
+    """A finished SFT stage on the demo, with the demo config as it ships (run directory in tmp)."""
+    run_dir = tmp_path_factory.mktemp("run")
+    run_stage("sft", f"run_dir={run_dir}")
+    return run_dir

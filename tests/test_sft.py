@@ -1,0 +1,155 @@
+"""Stage 1 end to end on the demo: it learns, its output reloads, bad input stops it early, a kill resumes."""
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+from peft import PeftModel
+
+from conftest import DEMO_CONFIG, ROOT
+from rlhf import sft
+from rlhf.cli import stage_main
+from rlhf.config import ModelConfig, load_config
+from rlhf.data import load_prompts
+from rlhf.demo.task import gold_score
+from rlhf.generation import SamplingSpec, generate_texts
+from rlhf.models import load_causal_lm, load_tokenizer
+from rlhf.runs import MetricsFile, last_complete_checkpoint, read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def mean_gold(model, tokenizer, prompts):
+    texts = generate_texts(model, tokenizer, prompts, SamplingSpec(max_new_tokens=12), seed=0)
+    return statistics.mean(gold_score(p, t) for p, t in zip(prompts, texts))
+
+
+def test_sft_learns_held_out_loss_falls_and_gold_score_rises(sft_run, demo_dir):
+    out = sft_run / "sft"
+    losses = [r["eval/loss"] for r in read_metrics(out / "metrics.jsonl") if "eval/loss" in r]
+    assert len(losses) >= 3 and losses[-1] < losses[0] - 0.01, losses
+    assert json.loads((out / "DONE").read_text())["eval_loss_end"] == pytest.approx(losses[-1])
+
+    # Gold judge on held-out requests (never seen in training), same sampling seed for both models.
+    tokenizer = load_tokenizer(str(out))
+    prompts = [p.prompt for p in load_prompts(str(demo_dir / "prompts_eval.jsonl"))]
+    base = load_causal_lm(ModelConfig(name_or_path=str(demo_dir / "base")), tokenizer)
+    before = mean_gold(base, tokenizer, prompts)
+    after = mean_gold(PeftModel.from_pretrained(base, str(out)), tokenizer, prompts)
+    print(f"gold score on held-out prompts: base {before:.3f} -> SFT {after:.3f}")
+    assert after > before + 0.05
+
+
+def test_sft_output_is_complete_and_reloads_with_peft(sft_run, demo_dir):
+    out = sft_run / "sft"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "config.yaml",
+                 "metrics.jsonl", "DONE"):
+        assert (out / name).is_file(), name
+    assert any((out / "tb").glob("events.out.tfevents.*"))
+    assert load_config(out / "config.yaml").run_dir == str(sft_run)  # the resolved config, reloadable
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(demo_dir / "base"), str(out))
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "name 2 colors"}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)
+    new = model.generate(**ids, max_new_tokens=8, do_sample=False)[0, ids["input_ids"].shape[1]:]
+    assert len(new) > 0 and tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def bad_sft_files(tmp_path):
+    """One file per kind of SFT input error: two good rows, then the bad row (row 3)."""
+    prompt_rows = [{"prompt": [{"role": "user", "content": "list 2 fruits"}], "completion": "apple pear"}] * 2
+    chat_rows = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}] * 2
+    cases = [  # name, good rows, bad row, field
+        ("missing_field", prompt_rows, {"prompt": "list 2 fruits"}, "completion"),
+        ("empty_text", prompt_rows, {"prompt": "list 2 fruits", "completion": "  "}, "completion"),
+        ("wrong_type", prompt_rows, {"prompt": "list 2 fruits", "completion": 7}, "completion"),
+        ("unknown_role", chat_rows,
+         {"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]}, "messages"),
+        ("prompt_too_long", prompt_rows,
+         {"prompt": [{"role": "user", "content": "apple " * 40}], "completion": "pear"}, "prompt"),
+    ]
+    for name, good, bad, field in cases:
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in good + [bad]))
+        yield name, path, f"row 3: field '{field}'"
+    path = tmp_path / "malformed_json.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in prompt_rows) + '{"prompt": "x", "completion": \n')
+    yield "malformed_json", path, "row 3: malformed JSON"
+
+
+def test_bad_input_fails_before_training_naming_file_row_field(tmp_path, monkeypatch, capsys, demo_dir):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded although the data is invalid")
+    monkeypatch.setattr(sft, "load_causal_lm", no_model)
+    for name, path, where in bad_sft_files(tmp_path):
+        code = stage_main("sft", sft.run, ["--config", str(DEMO_CONFIG), f"run_dir={tmp_path / name}",
+                                            f"train_file={path}"])
+        err = capsys.readouterr().err
+        assert code == 2, name
+        assert f"{path.name}: {where}" in err, (name, err)
+        assert not (tmp_path / name / "sft" / "checkpoints").exists()
+
+
+def test_last_complete_checkpoint_skips_and_removes_half_written(tmp_path):
+    for step, complete in ((10, True), (20, True), (30, False)):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        if complete:
+            (d / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-20" / "trainer_state.json").write_text('{"global_')  # killed while writing
+    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+    assert not (tmp_path / "checkpoint-30").exists() and not (tmp_path / "checkpoint-20").exists()
+    assert last_complete_checkpoint(tmp_path / "missing") is None
+
+
+def test_metrics_file_drops_rows_after_the_resume_point(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    m = MetricsFile(path)
+    for step in (0, 10, 20, 30):
+        m.write(step, {"train/loss": 1.0 / (step + 1), "bad": float("nan")})
+    MetricsFile(path, resume_step=20).write(30, {"train/loss": 0.5})
+    rows = read_metrics(path)
+    assert [r["step"] for r in rows] == [0, 10, 20, 30] and rows[-1]["train/loss"] == 0.5
+    assert "bad" not in rows[0]
+
+
+def test_killed_make_sft_resumes_from_last_checkpoint(demo_dir, tmp_path):
+    """Kill `make sft` (the whole process group, as Ctrl-C or a scheduler would) once a checkpoint exists,
+    then run it again: it resumes from that checkpoint and finishes; DONE appears only at the end."""
+    run = tmp_path / "run"
+    args = "train.max_steps=300 train.save_steps=25 train.logging_steps=25 train.eval_steps=100"
+    cmd = ["make", "-o", ".venv/.installed", "-o", "data/demo/DONE", "sft", f"PY={sys.executable}",
+           f"CONFIG={DEMO_CONFIG}", f"RUN={run}", f"ARGS={args}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = run / "sft" / "checkpoints" / "checkpoint-25" / "trainer_state.json"
+    deadline = time.time() + 180
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert first.exists(), "no checkpoint was written before the deadline"
+    assert not (run / "sft" / "DONE").exists()
+    killed_at = last_complete_checkpoint(run / "sft" / "checkpoints")
+    assert killed_at is not None and int(killed_at.name.split("-")[1]) < 300
+
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming from {killed_at}" in again.stdout
+    assert (run / "sft" / "DONE").exists()
+    state = json.loads((run / "sft" / "checkpoints" / "checkpoint-300" / "trainer_state.json").read_text())
+    assert state["global_step"] == 300
+    steps = [r["step"] for r in read_metrics(run / "sft" / "metrics.jsonl") if "train/loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 300  # no step logged twice after the resume
+
+    # Up to date now: make does nothing.
+    done_mtime = (run / "sft" / "DONE").stat().st_mtime
+    noop = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert noop.returncode == 0 and "Nothing to be done" in noop.stdout, noop.stdout
+    assert (run / "sft" / "DONE").stat().st_mtime == done_mtime
