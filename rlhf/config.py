@@ -95,11 +95,39 @@ class SFTStageConfig:
 
 
 @dataclass
+class RMStageConfig:
+    train_file: str = "data/demo/rm_rankings_train.jsonl"
+    """Preferences: pairwise prompt/chosen/rejected, Anthropic HH transcripts, or K-way rankings."""
+    train_split: str = "train"
+    eval_file: str | None = "data/demo/rm_pairs_eval.jsonl"
+    """None: hold out eval_fraction of the training prompts (all pairs of a prompt on one side)."""
+    eval_split: str = "test"
+    eval_fraction: float = 0.05
+    max_length: int = 512
+    """Prompt + answer tokens; longer pairs are dropped (trl's RewardTrainer), and the count is reported."""
+    max_prompt_length: int = 256
+    skip_invalid: bool = False
+    use_margin: bool = True
+    """Use a `margin` column when the data has one: loss -log sigmoid(r_chosen - r_rejected - margin)."""
+    center_rewards_coefficient: float = 0.0
+    """> 0 adds coef * mean((r_chosen + r_rejected)^2), keeping rewards centred on 0 (Eisenstein et al. 2023)."""
+    group_pairs: bool = True
+    """Keep all K(K-1)/2 pairs of a ranked prompt in one batch (InstructGPT); train.batch_size is then the
+    most pairs per batch, and a batch holds whole prompts."""
+    pair_tags: str | None = None
+    """Optional "module:function" (prompt, response) -> list of tags (e.g. the flaws of an answer); the
+    diagnostics report accuracy per tag of the rejected answer."""
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    train: TrainSpec = field(default_factory=lambda: TrainSpec(lr=1e-4))
+
+
+@dataclass
 class PipelineConfig:
     run_dir: str = "runs/demo"
     """Every stage writes to <run_dir>/<stage>/."""
     model: ModelConfig = field(default_factory=ModelConfig)
     sft: SFTStageConfig = field(default_factory=SFTStageConfig)
+    rm: RMStageConfig = field(default_factory=RMStageConfig)
 
 
 def _top_level_keys() -> set[str]:

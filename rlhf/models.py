@@ -6,6 +6,7 @@ directory (the demo's base is a local directory built by `make data`).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -111,3 +112,21 @@ def load_sft_model(cfg: ModelConfig, sft_dir: str | Path, tokenizer: PreTrainedT
     """The SFT model: the base with the SFT adapter merged in (InstructGPT starts RM and PPO from it)."""
     base = load_causal_lm(cfg, tokenizer)
     return PeftModel.from_pretrained(base, str(sft_dir)).merge_and_unload()
+
+
+@contextmanager
+def active_adapter(model: PeftModel, name: str):
+    """Run with adapter `name` active, then restore the previous adapter and every requires_grad flag.
+
+    peft's set_adapter also changes which adapters are trainable (it freezes all others): with several
+    trainable adapters on one model that silently drops parameters from training, so we restore the flags.
+    """
+    previous = model.active_adapter
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.set_adapter(name, inference_mode=True)
+    try:
+        yield model
+    finally:
+        model.set_adapter(previous, inference_mode=True)
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])

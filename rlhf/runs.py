@@ -15,7 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
+
+from rlhf.config import TrainSpec
 
 DONE = "DONE"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -125,3 +128,20 @@ class MetricsCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             self.metrics.write(state.global_step, namespaced(logs))
+
+
+def trainer_kwargs(train: TrainSpec, out: Path, bf16: bool) -> dict:
+    """TrainingArguments shared by the Trainer-based stages: schedule, logging, checkpoints in out/checkpoints."""
+    return dict(
+        output_dir=str(Path(out) / "checkpoints"),
+        learning_rate=train.lr, num_train_epochs=train.epochs, max_steps=train.max_steps,
+        per_device_train_batch_size=train.batch_size, per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum, warmup_steps=train.warmup,
+        weight_decay=train.weight_decay, lr_scheduler_type=train.lr_scheduler, max_grad_norm=train.max_grad_norm,
+        logging_steps=train.logging_steps, seed=train.seed, save_total_limit=train.save_total_limit,
+        eval_strategy="steps" if train.eval_steps else "epoch", eval_steps=train.eval_steps or None,
+        save_strategy="steps" if train.save_steps else "epoch", save_steps=train.save_steps or 500,
+        report_to=[],  # TensorBoard goes through our own callback, into out/tb
+        disable_tqdm=not (train.progress_bar and sys.stderr.isatty()),  # no bars in CI or SLURM logs
+        bf16=bf16, use_cpu=not torch.cuda.is_available(),
+    )

@@ -8,7 +8,6 @@ Trainer checkpoints in `checkpoints/`, and `DONE`, written last.
 from __future__ import annotations
 
 import random
-import sys
 from pathlib import Path
 
 import torch
@@ -18,10 +17,10 @@ from transformers.integrations import TensorBoardCallback
 from trl import SFTConfig, SFTTrainer
 
 from rlhf import data as rdata
-from rlhf.config import PipelineConfig, SFTStageConfig, TrainSpec, save_config
+from rlhf.config import PipelineConfig, SFTStageConfig, save_config
 from rlhf.models import load_causal_lm, load_tokenizer, lora_config, resolve_dtype
 from rlhf.runs import (MetricsCallback, MetricsFile, begin_stage, checkpoint_step, finish_stage,
-                       last_complete_checkpoint, read_metrics)
+                       last_complete_checkpoint, read_metrics, trainer_kwargs)
 
 
 def load_sft_data(cfg: SFTStageConfig, tokenizer) -> tuple[list[rdata.SFTExample], list[rdata.SFTExample]]:
@@ -51,23 +50,11 @@ def to_dataset(examples: list[rdata.SFTExample]) -> Dataset:
     return Dataset.from_list(rows)
 
 
-def trainer_args(train: TrainSpec, out: Path, max_length: int, bf16: bool) -> SFTConfig:
-    every_epoch = {"eval_strategy": "epoch", "save_strategy": "epoch"}
+def trainer_args(s: SFTStageConfig, out: Path, bf16: bool) -> SFTConfig:
     return SFTConfig(
-        output_dir=str(out / "checkpoints"),
-        learning_rate=train.lr, num_train_epochs=train.epochs, max_steps=train.max_steps,
-        per_device_train_batch_size=train.batch_size, per_device_eval_batch_size=train.batch_size,
-        gradient_accumulation_steps=train.grad_accum, warmup_steps=train.warmup,
-        weight_decay=train.weight_decay, lr_scheduler_type=train.lr_scheduler, max_grad_norm=train.max_grad_norm,
-        logging_steps=train.logging_steps, seed=train.seed, save_total_limit=train.save_total_limit,
-        eval_strategy="steps" if train.eval_steps else every_epoch["eval_strategy"],
-        eval_steps=train.eval_steps or None,
-        save_strategy="steps" if train.save_steps else every_epoch["save_strategy"],
-        save_steps=train.save_steps or 500,
+        **trainer_kwargs(s.train, out, bf16),
         eval_on_start=True,  # the untrained adapter's held-out loss: the baseline SFT must beat
-        max_length=max_length, completion_only_loss=True, packing=False,
-        report_to=[], disable_tqdm=not (train.progress_bar and sys.stderr.isatty()),
-        bf16=bf16, use_cpu=not torch.cuda.is_available(),
+        max_length=s.max_length, completion_only_loss=True, packing=False,
     )
 
 
@@ -89,7 +76,7 @@ def run(cfg: PipelineConfig) -> Path:
     resume = last_complete_checkpoint(out / "checkpoints")
     metrics = MetricsFile(out / "metrics.jsonl", resume_step=checkpoint_step(resume))
     trainer = SFTTrainer(
-        model=model, args=trainer_args(s.train, out, s.max_length, bf16), processing_class=tokenizer,
+        model=model, args=trainer_args(s, out, bf16), processing_class=tokenizer,
         train_dataset=to_dataset(train), eval_dataset=to_dataset(held_out),
         peft_config=lora_config(s.lora),
         callbacks=[MetricsCallback(metrics), TensorBoardCallback(SummaryWriter(str(out / "tb")))],

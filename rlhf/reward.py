@@ -1,0 +1,125 @@
+"""The reward model on the shared base: a LoRA adapter plus a scalar head, read at the last real token.
+
+Two views of the same weights:
+
+* for training (`build_reward_model`), a standard `AutoModelForSequenceClassification` whose backbone is the
+  SFT model's, so trl's RewardTrainer and peft treat it like any other reward model;
+* for scoring (`RewardScorer`), the causal LM everybody shares, with the trained adapter loaded under the
+  name "reward" and the head beside it. PPO and evaluation score through this one function, and a test
+  shows it gives the training model's scores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForSequenceClassification, PreTrainedModel
+
+from rlhf.generation import encode_prompt, left_pad
+from rlhf.models import active_adapter
+
+HEAD_FILE = "score_head.safetensors"
+REWARD_ADAPTER = "reward"
+
+
+def backbone(model: PreTrainedModel) -> torch.nn.Module:
+    """The transformer body of an HF model (the part a causal LM and a classifier share)."""
+    return getattr(model, model.base_model_prefix)
+
+
+def build_reward_model(sft_model: PreTrainedModel, seed: int) -> PreTrainedModel:
+    """A sequence classifier (num_labels=1) around the SFT model's own backbone: no weights are copied.
+
+    The classifier is built on the meta device (no memory), then given the SFT backbone and a fresh head.
+    """
+    config = sft_model.config
+    config.num_labels = 1
+    with torch.device("meta"):
+        clf = AutoModelForSequenceClassification.from_config(config, dtype=sft_model.dtype)
+    setattr(clf, clf.base_model_prefix, backbone(sft_model))
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(config.hidden_size, 1, bias=False, dtype=sft_model.dtype, device=sft_model.device)
+    torch.nn.init.normal_(head.weight, std=1.0 / (config.hidden_size + 1) ** 0.5)
+    clf.score = head
+    return clf
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool mask, True = real token -> (B,) index of the last real token (left or right padding)."""
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return torch.where(mask, positions, -1).max(dim=1).values
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count real tokens only, so a left-padded row sees the positions a right-padded one does."""
+    return (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def pair_ids(tokenizer, prompt, response: str) -> list[int]:
+    """The tokens a reward is computed on: the prompt as the policy sees it, the answer, then EOS.
+
+    This is exactly what a PPO rollout produces (prompt ids + sampled ids ending in EOS), so the reward model
+    is trained on the sequences it will score.
+    """
+    return encode_prompt(tokenizer, prompt) + tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def save_head(clf: PreTrainedModel, out_dir: str | Path) -> None:
+    save_file({"weight": clf.score.weight.detach().float().cpu().contiguous()}, str(Path(out_dir) / HEAD_FILE))
+
+
+class RewardScorer:
+    """Scores sequences with the "reward" adapter of a shared PeftModel and the score head.
+
+    model: a PeftModel over the SFT causal LM (it may hold other adapters: policy, value).
+    """
+
+    def __init__(self, model: PeftModel, head: torch.nn.Linear, tokenizer):
+        self.model, self.head, self.tokenizer = model, head, tokenizer
+
+    @classmethod
+    def attach(cls, model: PreTrainedModel | PeftModel, rm_dir: str | Path, tokenizer) -> "RewardScorer":
+        """Load the RM stage's adapter into `model` as "reward" (wrapping it in a PeftModel if needed)."""
+        rm_dir = Path(rm_dir)
+        saved = LoraConfig.from_pretrained(str(rm_dir))
+        lora = LoraConfig(r=saved.r, lora_alpha=saved.lora_alpha, target_modules=saved.target_modules,
+                          lora_dropout=0.0, bias=saved.bias, use_rslora=saved.use_rslora, task_type="CAUSAL_LM")
+        if isinstance(model, PeftModel):
+            model.add_adapter(REWARD_ADAPTER, lora)
+        else:
+            model = PeftModel(model, lora, adapter_name=REWARD_ADAPTER)
+        weights = {k: v for k, v in load_file(str(rm_dir / "adapter_model.safetensors")).items() if ".score." not in k}
+        result = set_peft_model_state_dict(model, weights, adapter_name=REWARD_ADAPTER)
+        missing = [k for k in result.missing_keys if REWARD_ADAPTER in k and "lora_" in k]
+        if missing:
+            raise ValueError(f"{rm_dir}: reward adapter does not fit this model (missing {missing[:3]})")
+        model.set_requires_grad(REWARD_ADAPTER, requires_grad=False)  # the reward model is frozen from here on
+        weight = load_file(str(rm_dir / HEAD_FILE))["weight"]
+        head = torch.nn.Linear(weight.shape[1], 1, bias=False, device=model.device, dtype=model.dtype)
+        head.weight.data.copy_(weight)
+        head.requires_grad_(False)
+        return cls(model, head, tokenizer)
+
+    @torch.no_grad()
+    def score_ids(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids and bool mask (any padding side) -> (B,) rewards read at each row's last real token."""
+        with active_adapter(self.model, REWARD_ADAPTER):
+            hidden = backbone(self.model.get_base_model())(
+                input_ids=input_ids, attention_mask=mask.long(), position_ids=position_ids(mask), use_cache=False,
+            ).last_hidden_state
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        return self.head(hidden[rows, last_token_index(mask)]).squeeze(-1).float()
+
+    def score(self, prompts: list, responses: list[str], batch_size: int = 32) -> torch.Tensor:
+        """Rewards of (prompt, response) pairs: (N,) float tensor."""
+        out = []
+        device = self.model.device
+        for start in range(0, len(prompts), batch_size):
+            seqs = [pair_ids(self.tokenizer, p, r) for p, r in
+                    zip(prompts[start:start + batch_size], responses[start:start + batch_size])]
+            ids, mask = left_pad(seqs, self.tokenizer.pad_token_id)
+            out.append(self.score_ids(ids.to(device), mask.to(device)).cpu())
+        return torch.cat(out) if out else torch.zeros(0)

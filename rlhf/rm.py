@@ -1,0 +1,201 @@
+"""Stage 2, reward model: a LoRA adapter and a scalar head on the SFT model, trained with the pairwise
+ranking loss -log sigmoid(r_chosen - r_rejected) by trl's RewardTrainer.
+
+Output `<run_dir>/rm/`: the adapter (PEFT, task SEQ_CLS, the head in modules_to_save), the head alone in
+`score_head.safetensors`, the tokenizer, `config.yaml`, `metrics.jsonl`, `diagnostics.json`, `tb/`,
+`checkpoints/`, and `DONE` written last.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from peft import get_peft_model
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+from transformers.integrations import TensorBoardCallback
+from trl import RewardConfig, RewardTrainer
+
+from rlhf import data as rdata
+from rlhf import rm_diagnostics
+from rlhf.config import PipelineConfig, RMStageConfig, save_config
+from rlhf.models import load_sft_model, load_tokenizer, lora_config, resolve_dtype
+from rlhf.plugins import import_callable
+from rlhf.reward import RewardScorer, build_reward_model, pair_ids, save_head
+from rlhf.runs import (MetricsCallback, MetricsFile, begin_stage, checkpoint_step, finish_stage,
+                       last_complete_checkpoint, require_done, trainer_kwargs)
+
+
+def load_rm_data(cfg: RMStageConfig, tokenizer) -> tuple[list[rdata.PreferencePair], list[rdata.PreferencePair]]:
+    """Training and held-out pairs, validated before any model is loaded. Without an eval file, whole
+    prompts (all pairs of a group) are held out, so no prompt is on both sides."""
+    train = rdata.load_preferences(cfg.train_file, split=cfg.train_split, skip_invalid=cfg.skip_invalid)
+    if cfg.eval_file:
+        held_out = rdata.load_preferences(cfg.eval_file, split=cfg.eval_split, skip_invalid=cfg.skip_invalid)
+    else:
+        groups = sorted({p.group for p in train})
+        random.Random(cfg.train.seed).shuffle(groups)
+        held = set(groups[:max(1, int(len(groups) * cfg.eval_fraction))])
+        held_out, train = [p for p in train if p.group in held], [p for p in train if p.group not in held]
+    rdata.check_prompt_lengths(train + held_out, tokenizer, cfg.max_prompt_length)
+    return train, held_out
+
+
+def tokenize_pairs(pairs: list[rdata.PreferencePair], tokenizer, max_length: int, use_margin: bool,
+                   name: str) -> Dataset:
+    """trl's pre-tokenized layout (chosen_ids, rejected_ids[, margin]) plus our `group` column.
+
+    Pairs longer than max_length are dropped, as trl would, but counted out loud: truncating would cut
+    off the EOS the reward is read at.
+    """
+    rows, dropped = [], 0
+    with_margin = use_margin and any(p.margin is not None for p in pairs)
+    for p in pairs:
+        chosen, rejected = pair_ids(tokenizer, p.prompt, p.chosen), pair_ids(tokenizer, p.prompt, p.rejected)
+        if max(len(chosen), len(rejected)) > max_length:
+            dropped += 1
+            continue
+        row = {"chosen_ids": chosen, "rejected_ids": rejected, "group": p.group}
+        if with_margin:
+            row["margin"] = float(p.margin or 0.0)
+        rows.append(row)
+    if dropped:
+        print(f"[rm] {name}: dropped {dropped} of {len(pairs)} pairs longer than max_length={max_length}",
+              file=sys.stderr)
+    if not rows:
+        raise rdata.DataError(f"{name}: every pair is longer than rm.max_length={max_length}")
+    return Dataset.from_list(rows)
+
+
+class GroupBatchSampler:
+    """Batches of whole groups: all pairs of one ranked prompt land in the same batch (InstructGPT).
+
+    Groups are shuffled each epoch (seed + epoch), then packed in order into batches of at most
+    `max_pairs` pairs; a group larger than that is a batch of its own.
+    """
+
+    def __init__(self, groups: list[int], max_pairs: int, seed: int):
+        by_group: dict[int, list[int]] = {}
+        for i, g in enumerate(groups):
+            by_group.setdefault(g, []).append(i)
+        self.groups, self.max_pairs, self.seed, self.epoch = list(by_group.values()), max_pairs, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        order = list(self.groups)
+        random.Random(self.seed + self.epoch).shuffle(order)
+        batches, current = [], []
+        for group in order:
+            if current and len(current) + len(group) > self.max_pairs:
+                batches.append(current)
+                current = []
+            current = current + group
+        return batches + ([current] if current else [])
+
+    def __iter__(self):
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+class GroupedRewardTrainer(RewardTrainer):
+    """trl's RewardTrainer, with training batches made by GroupBatchSampler."""
+
+    def get_train_dataloader(self) -> DataLoader:
+        sampler = GroupBatchSampler(self.train_dataset["group"], self._train_batch_size, self.args.seed)
+        dataset = self._remove_unused_columns(self.train_dataset, description="training")
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=self.data_collator,
+                            num_workers=self.args.dataloader_num_workers)
+        return self.accelerator.prepare(loader)
+
+
+def trainer_args(cfg: RMStageConfig, out: Path, bf16: bool) -> RewardConfig:
+    return RewardConfig(
+        **trainer_kwargs(cfg.train, out, bf16),
+        max_length=None,  # long pairs were dropped, and counted, by tokenize_pairs
+        center_rewards_coefficient=cfg.center_rewards_coefficient or None,
+    )
+
+
+def run(cfg: PipelineConfig) -> Path:
+    r = cfg.rm
+    sft_dir = require_done(Path(cfg.run_dir) / "sft", "sft")
+    out = begin_stage(Path(cfg.run_dir) / "rm")
+    save_config(cfg, out)
+
+    # 1. tokenizer (the SFT stage's) and data, validated and tokenized before the model is loaded
+    tokenizer = load_tokenizer(str(sft_dir))
+    train, held_out = load_rm_data(r, tokenizer)
+    train_ds = tokenize_pairs(train, tokenizer, r.max_length, r.use_margin, r.train_file)
+    eval_ds = tokenize_pairs(held_out, tokenizer, r.max_length, r.use_margin, r.eval_file or "held-out pairs")
+    tagger = import_callable(r.pair_tags) if r.pair_tags else None
+    print(f"[rm] {len(train_ds)} training pairs ({len(set(train_ds['group']))} prompts), {len(eval_ds)} held-out pairs")
+
+    # 2. the SFT model (base + SFT adapter merged), a classifier around its backbone, a LoRA adapter on it
+    sft_model = load_sft_model(cfg.model, sft_dir, tokenizer)
+    if cfg.model.gradient_checkpointing:
+        sft_model.gradient_checkpointing_enable()
+    clf = build_reward_model(sft_model, seed=r.train.seed)
+    model = get_peft_model(clf, lora_config(r.lora, task_type="SEQ_CLS", modules_to_save=["score"]))
+
+    # 3. train, resuming from the last complete checkpoint
+    resume = last_complete_checkpoint(out / "checkpoints")
+    metrics = MetricsFile(out / "metrics.jsonl", resume_step=checkpoint_step(resume))
+    bf16 = resolve_dtype(cfg.model.dtype) == torch.bfloat16
+    trainer_cls = GroupedRewardTrainer if r.group_pairs else RewardTrainer
+    trainer = trainer_cls(
+        model=model, args=trainer_args(r, out, bf16), processing_class=tokenizer,
+        train_dataset=train_ds if r.group_pairs else train_ds.remove_columns("group"),
+        eval_dataset=eval_ds.remove_columns("group"),
+        callbacks=[MetricsCallback(metrics), TensorBoardCallback(SummaryWriter(str(out / "tb")))],
+    )
+    if resume:
+        print(f"[rm] resuming from {resume}")
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+    # 4. save the adapter, the head and the tokenizer
+    model.save_pretrained(out)
+    save_head(model.base_model.model, out)
+    tokenizer.save_pretrained(out)
+    step = trainer.state.global_step
+    del trainer, model, clf, sft_model
+    gc.collect()
+
+    # 5. diagnostics on held-out pairs, scored the way PPO and eval will score (shared base + "reward" adapter)
+    scorer = RewardScorer.attach(load_sft_model(cfg.model, sft_dir, tokenizer), out, tokenizer)
+    diag = diagnose(scorer, held_out, tagger)
+    metrics.write(step, {k: v for k, v in diag.items() if k.startswith("rm/")})
+    (out / "diagnostics.json").write_text(json.dumps(diag, indent=2) + "\n")
+    print(format_diagnostics(diag))
+    finish_stage(out, {k: v for k, v in diag.items() if k.startswith("rm/")})
+    return out
+
+
+@torch.no_grad()
+def diagnose(scorer: RewardScorer, pairs: list[rdata.PreferencePair], tagger=None) -> dict:
+    prompts = [p.prompt for p in pairs]
+    chosen = scorer.score(prompts, [p.chosen for p in pairs])
+    rejected = scorer.score(prompts, [p.rejected for p in pairs])
+    length = lambda texts: torch.tensor([len(scorer.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts])  # noqa: E731
+    tags = [list(tagger(p.prompt, p.rejected)) for p in pairs] if tagger else None
+    return rm_diagnostics.summarize(chosen, rejected, length([p.chosen for p in pairs]),
+                                    length([p.rejected for p in pairs]), tags)
+
+
+def format_diagnostics(diag: dict) -> str:
+    lines = [f"[rm] held-out pairs: {diag['rm/n_pairs']}",
+             f"     accuracy {diag['rm/accuracy']:.3f}   mean margin {diag['rm/margin_mean']:.3f}   "
+             f"reward mean {diag['rm/reward_mean']:.3f} std {diag['rm/reward_std']:.3f}",
+             f"     calibration error (ECE) {diag['rm/ece']:.3f}   reward-length correlation {diag['rm/length_corr']:+.3f}"]
+    for tag, row in diag.get("accuracy_by_tag", {}).items():
+        lines.append(f"     rejected answer has {tag:<12} accuracy {row['accuracy']:.3f}  (n={row['n']})")
+    return "\n".join(lines)

@@ -1,0 +1,9 @@
+"""make rm: a reward model (LoRA adapter + score head on the SFT model) from preferences (see rlhf/rm.py)."""
+
+import sys
+
+from rlhf import rm
+from rlhf.cli import stage_main
+
+if __name__ == "__main__":
+    sys.exit(stage_main("rm", rm.run))
