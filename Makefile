@@ -17,12 +17,12 @@ ARGS       ?=
 PYTEST_ARGS ?=
 # The run directory is the config's top-level run_dir (override: make sft RUN=runs/other).
 RUN        ?= $(or $(shell awk '/^run_dir:/{print $$2; exit}' $(CONFIG) 2>/dev/null),runs/default)
-# Demo configs need the demo's data and base model; other configs bring their own.
-DATA_DEPS  := $(if $(findstring demo,$(notdir $(CONFIG))),data/demo/DONE)
+# Configs of the shipped examples need what `make data` / `make data-hh` build; other configs bring their own.
+DATA_DEPS  := $(if $(findstring demo,$(notdir $(CONFIG))),data/demo/DONE)$(if $(findstring hh-sample,$(notdir $(CONFIG))),data/hh-tiny/DONE)
 STAMP      := $(VENV)/.installed
 STAGE      = $(PY) -m stages.$(1) --config $(CONFIG) run_dir=$(RUN) $(ARGS)
 
-.PHONY: setup test test-fast data demo all sft clean-sft clean
+.PHONY: setup test test-fast data data-hh demo all sft rm clean-sft clean-rm clean
 
 setup: $(STAMP)
 
@@ -44,15 +44,28 @@ data: data/demo/DONE
 data/demo/DONE: $(STAMP) rlhf/demo/task.py rlhf/demo/build.py data/build_demo.py
 	$(PY) data/build_demo.py data/demo
 
+data-hh: data/hh-tiny/DONE
+
+data/hh-tiny/DONE: $(STAMP) rlhf/demo/hh_tiny.py data/hh/hh-harmless-sample.jsonl
+	$(PY) data/build_hh_tiny.py data/hh-tiny
+
 sft: $(RUN)/sft/DONE
 
 $(RUN)/sft/DONE: $(STAMP) $(DATA_DEPS)
 	$(call STAGE,sft)
 
-demo all: sft
+rm: $(RUN)/rm/DONE
+
+$(RUN)/rm/DONE: $(RUN)/sft/DONE
+	$(call STAGE,rm)
+
+demo all: rm
 
 clean-sft:
 	rm -f $(RUN)/sft/DONE
+
+clean-rm:
+	rm -f $(RUN)/rm/DONE
 
 clean:
 	rm -rf $(RUN)

@@ -40,3 +40,17 @@ def sft_run(demo_dir, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("run")
     run_stage("sft", f"run_dir={run_dir}")
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def rm_run(sft_run) -> Path:
+    """The SFT run above plus a finished RM stage, demo config as it ships."""
+    run_stage("rm", f"run_dir={sft_run}")
+    return sft_run
+
+
+def run_make(target: str, run_dir: Path, config: Path = DEMO_CONFIG, args: str = "", **popen) -> list[str]:
+    """The `make <target>` command line a user types, pointed at this interpreter and a test run dir
+    (-o: the venv and the built demo count as up to date)."""
+    return ["make", "-o", ".venv/.installed", "-o", "data/demo/DONE", "-o", "data/hh-tiny/DONE", target,
+            f"PY={sys.executable}", f"CONFIG={config}", f"RUN={run_dir}", f"ARGS={args}"]

@@ -124,7 +124,7 @@ def test_many_problems_are_cut_off_after_ten(tmp_path):
 
 def test_loader_rejects_a_format_of_another_stage():
     with pytest.raises(DataError, match="not SFT data"):
-        load_sft(str(HH))
+        load_sft(str(BAD / "prompt_too_long.jsonl"))
     with pytest.raises(DataError, match="not preference data"):
         load_preferences(str(BAD / "prompt_too_long.jsonl"))
 
@@ -378,3 +378,12 @@ def test_hub_failure_becomes_a_data_error(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataError, match="org/nothing.*offline"):
         load_prompts("org/nothing")
+
+
+def test_sft_on_preference_data_takes_the_preferred_answer(tmp_path):
+    with pytest.warns(UserWarning, match="row 87"):
+        examples = load_sft(str(HH), skip_invalid=True)
+    pairs = load_preferences(str(HH), skip_invalid=True)
+    assert [(e.prompt, e.completion) for e in examples] == [(p.prompt, p.chosen) for p in pairs]
+    path = write_jsonl(tmp_path / "rank.jsonl", [{"prompt": "q", "responses": ["a", "b", "c"], "ranking": [2, 0, 1]}])
+    assert [(e.prompt, e.completion) for e in load_sft(path)] == [("q", "c")]

@@ -5,13 +5,12 @@ import os
 import signal
 import statistics
 import subprocess
-import sys
 import time
 
 import pytest
 from peft import PeftModel
 
-from conftest import DEMO_CONFIG, ROOT
+from conftest import DEMO_CONFIG, ROOT, run_make
 from rlhf import sft
 from rlhf.cli import stage_main
 from rlhf.config import ModelConfig, load_config
@@ -125,8 +124,7 @@ def test_killed_make_sft_resumes_from_last_checkpoint(demo_dir, tmp_path):
     then run it again: it resumes from that checkpoint and finishes; DONE appears only at the end."""
     run = tmp_path / "run"
     args = "train.max_steps=300 train.save_steps=25 train.logging_steps=25 train.eval_steps=100"
-    cmd = ["make", "-o", ".venv/.installed", "-o", "data/demo/DONE", "sft", f"PY={sys.executable}",
-           f"CONFIG={DEMO_CONFIG}", f"RUN={run}", f"ARGS={args}"]
+    cmd = run_make("sft", run, args=args)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     first = run / "sft" / "checkpoints" / "checkpoint-25" / "trainer_state.json"
     deadline = time.time() + 180

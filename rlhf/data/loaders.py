@@ -35,13 +35,20 @@ Convert = Callable[[dict, str, int, str], list]
 
 
 def load_sft(source: str, split: str | None = None, skip_invalid: bool = False) -> list[SFTExample]:
-    """SFT examples from {"prompt", "completion"} or {"messages": [..., assistant reply]} rows."""
+    """SFT examples from {"prompt", "completion"} or {"messages": [..., assistant reply]} rows.
+
+    Preference data works too, its preferred answer as the demonstration (the chosen answer of a pair or
+    HH transcript, the best-ranked answer of a ranking): the usual way to SFT on HH-RLHF.
+    """
 
     def convert(row, fmt, index, where):
+        if fmt in PREFERENCE_FORMATS:
+            prompt, chosen, _, _ = pairs(row, fmt)[0]  # a ranking's first pair is (best, second best)
+            return [SFTExample(prompt, chosen, where)]
         prompt, completion = formats.sft(row, fmt)
         return [SFTExample(prompt, completion, where)]
 
-    return load(source, split, skip_invalid, SFT_FORMATS, "SFT", convert)
+    return load(source, split, skip_invalid, SFT_FORMATS + PREFERENCE_FORMATS, "SFT", convert)
 
 
 def load_preferences(source: str, split: str | None = None, skip_invalid: bool = False) -> list[PreferencePair]:

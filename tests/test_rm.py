@@ -1,0 +1,99 @@
+"""Stage 2 end to end: accuracy on the demo, the scoring equality PPO relies on, real HH data, resume."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from peft import PeftModel
+
+from conftest import ROOT, run_make, run_stage
+from rlhf.config import ModelConfig
+from rlhf.data import load_preferences
+from rlhf.models import load_sft_model, load_tokenizer
+from rlhf.reward import RewardScorer, build_reward_model, pair_ids
+from rlhf.runs import last_complete_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+def test_rm_on_demo_is_accurate_and_reports_diagnostics(rm_run):
+    out = rm_run / "rm"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "score_head.safetensors", "tokenizer.json",
+                 "config.yaml", "metrics.jsonl", "diagnostics.json", "DONE"):
+        assert (out / name).is_file(), name
+    diag = json.loads((out / "diagnostics.json").read_text())
+    print({k: v for k, v in diag.items() if k.startswith("rm/")})
+    assert diag["rm/n_pairs"] == 400
+    assert diag["rm/accuracy"] >= 0.85
+    assert diag["rm/margin_mean"] > 0 and 0 <= diag["rm/ece"] < 0.5
+    assert -1 <= diag["rm/length_corr"] <= 1
+    assert {"intruder", "repeat", "off_topic", "too_few", "too_many"} <= set(diag["accuracy_by_tag"])
+    assert json.loads((out / "DONE").read_text())["rm/accuracy"] == diag["rm/accuracy"]
+
+
+def test_ppo_side_scorer_equals_the_rm_stage_model(rm_run, demo_dir):
+    """The score PPO and eval use (shared causal LM + "reward" adapter, any padding) equals the score of the
+    model the RM stage trained (a sequence classifier, right-padded, HF's own pooling) on the same texts."""
+    tokenizer = load_tokenizer(str(rm_run / "sft"))
+    model_cfg = ModelConfig(name_or_path=str(demo_dir / "base"))
+    pairs = load_preferences(str(demo_dir / "rm_pairs_eval.jsonl"))[:24]
+    prompts = [p.prompt for p in pairs] * 2
+    answers = [p.chosen for p in pairs] + [p.rejected for p in pairs]  # varied lengths: real padding
+
+    clf = PeftModel.from_pretrained(build_reward_model(load_sft_model(model_cfg, rm_run / "sft", tokenizer), 0),
+                                    str(rm_run / "rm")).eval()
+    seqs = [pair_ids(tokenizer, p, a) for p, a in zip(prompts, answers)]
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs])
+    with torch.no_grad():
+        trained = clf(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long()).logits.squeeze(-1)
+
+    scorer = RewardScorer.attach(load_sft_model(model_cfg, rm_run / "sft", tokenizer), rm_run / "rm", tokenizer)
+    shared = scorer.score(prompts, answers, batch_size=7)  # left padding, other batch boundaries
+    assert torch.allclose(shared, trained, atol=1e-4), (shared - trained).abs().max()
+    assert shared.std() > 0.1  # not a constant head
+    assert not any(p.requires_grad for n, p in scorer.model.named_parameters() if "reward" in n)
+
+
+def test_rm_needs_a_finished_sft_stage(tmp_path):
+    proc = run_stage("rm", f"run_dir={tmp_path}", check=False)
+    assert proc.returncode == 2 and "no finished sft stage" in proc.stderr and "make sft" in proc.stderr
+
+
+def test_hh_sample_runs_from_a_config_alone(tmp_path):
+    """Real Anthropic HH data: `make rm` with configs/hh-sample.yaml builds SFT first, then reports."""
+    subprocess.run(["make", "data-hh", "-o", ".venv/.installed", f"PY={os.sys.executable}"], cwd=ROOT, check=True,
+                   capture_output=True)
+    proc = subprocess.run(run_make("rm", tmp_path, ROOT / "configs" / "hh-sample.yaml", "train.max_steps=6"),
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "sft" / "DONE").exists() and (tmp_path / "rm" / "DONE").exists()
+    diag = json.loads((tmp_path / "rm" / "diagnostics.json").read_text())
+    assert diag["rm/n_pairs"] == 39  # 10 % of the 399 valid prompts, held out whole
+    assert "accuracy" in proc.stdout and "calibration error" in proc.stdout
+
+
+def test_killed_make_rm_resumes(rm_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(rm_run / "sft", run / "sft")
+    cmd = run_make("rm", run, args="train.max_steps=200 train.save_steps=20 train.eval_steps=100")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = run / "rm" / "checkpoints" / "checkpoint-20" / "trainer_state.json"
+    deadline = time.time() + 180
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert first.exists() and not (run / "rm" / "DONE").exists()
+    killed_at = last_complete_checkpoint(run / "rm" / "checkpoints")
+
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming from {killed_at}" in again.stdout
+    assert "[sft]" not in again.stdout  # SFT was up to date
+    assert (run / "rm" / "DONE").exists()
