@@ -1,0 +1,271 @@
+"""PPO math as pure functions on response tokens: masked statistics, log-probs, rewards, GAE, losses.
+
+Conventions, everywhere in this file:
+
+* tensors are `(B, T)` over the RESPONSE tokens only (the prompt is never part of them);
+* `mask` is a `torch.bool` tensor of the same shape, True = a real (valid) token;
+* masked positions never reach a mean, and outputs documented as "0 on padding" are exactly 0 there.
+  Padded inputs may hold anything (even nan/inf): they are replaced with `torch.where`, never multiplied
+  by the mask, because `nan * 0` is still nan.
+
+Sources: Schulman et al. 2017 (PPO), Schulman et al. 2016 (GAE), Ziegler et al. 2019, Ouyang et al. 2022
+(InstructGPT) and Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO" (N+ below).
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------- masked stats
+
+def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Sum of `x` over valid tokens: over everything (scalar) or along `dim`."""
+    x = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return x.sum() if dim is None else x.sum(dim=dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of `x` over valid tokens: scalar, or along `dim`. No valid token gives nan (0/0), on purpose:
+    an empty mean is a bug upstream, and 0 would hide it in the logs."""
+    return masked_sum(x, mask, dim) / mask.sum(dim=dim)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of `x` over all valid tokens (scalar). `unbiased` applies Bessel's n/(n-1).
+
+    Raises ValueError when there are too few valid tokens (0, or 1 when unbiased) rather than returning nan.
+    """
+    n = int(mask.sum())
+    if n < (2 if unbiased else 1):
+        raise ValueError(f"masked_var needs at least {2 if unbiased else 1} valid token(s), got {n}")
+    centred = x - masked_mean(x, mask)
+    var = masked_sum(centred * centred, mask) / n
+    return var * n / (n - 1) if unbiased else var
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    """(B, T) -> (B, T): (x - mean) / sqrt(var + 1e-8) over valid tokens; 0 on padding.
+
+    shift_mean=False adds the mean back (scale only): N+ does this when whitening rewards, so that a
+    reward's sign is kept.
+    """
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(mask, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+# ------------------------------------------------------------------------------------- log-probs, entropy
+
+def _scaled(z: Tensor, temperature: float) -> Tensor:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return z / temperature if temperature != 1.0 else z
+
+
+def _upcast(z: Tensor) -> Tensor:
+    return z if z.dtype == torch.float64 else z.float()
+
+
+def _token_logprobs(z: Tensor, tokens: Tensor, temperature: float) -> Tensor:
+    z = _scaled(_upcast(z), temperature)
+    return torch.gather(z, -1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
+
+
+def _entropy(z: Tensor, temperature: float) -> Tensor:
+    z = _scaled(_upcast(z), temperature)
+    return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(dim=-1)
+
+
+def _full_precision(logits: Tensor) -> bool:
+    # bf16 logsumexp loses about two digits, so half-precision logits are cast to float32. Casting the
+    # whole (B, T, V) tensor at once would double the largest tensor of the step: it is done a row at a time.
+    return logits.dtype in (torch.float32, torch.float64)
+
+
+def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+    """(B, T, V) logits and (B, T) tokens -> (B, T) log pi(token) under softmax(logits / temperature).
+
+    `logits[:, t]` must be the distribution that produced `tokens[:, t]` (already shifted by the caller).
+    The temperature is the sampling one: old, new and reference log-probs must all use it (checklist 3).
+    No full log_softmax is kept: log p = logit[token] - logsumexp(logits). Output is float32 (or float64).
+    """
+    if logits.shape[:-1] != tokens.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match tokens {tuple(tokens.shape)}")
+    if _full_precision(logits):
+        return _token_logprobs(logits, tokens, temperature)
+    return torch.stack([_token_logprobs(z, tok, temperature) for z, tok in zip(logits, tokens)])
+
+
+def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """(B, T, V) -> (B, T) entropy of softmax(logits / temperature): logsumexp(z) - sum(p * z), float32 or 64."""
+    if _full_precision(logits):
+        return _entropy(logits, temperature)
+    return torch.stack([_entropy(z, temperature) for z in logits])
+
+
+# ------------------------------------------------------------------------------------ stop token, rewards
+
+def first_eos_mask(tokens: Tensor, eos_id: int) -> tuple[Tensor, Tensor]:
+    """(B, T) sampled tokens -> (mask (B, T) bool, ended (B,) bool).
+
+    mask is True up to and including the first EOS of each row (the whole row when there is none);
+    ended says whether the row holds an EOS at all.
+    """
+    is_eos = tokens == eos_id
+    # eos_before[t] counts the EOS strictly before t: a token is kept while none has been seen yet
+    eos_before = is_eos.long().cumsum(dim=1) - is_eos.long()
+    return eos_before == 0, is_eos.any(dim=1)
+
+
+def truncate_after_eos(tokens: Tensor, eos_id: int, pad_id: int) -> tuple[Tensor, Tensor]:
+    """(B, T) sampled tokens -> (tokens (B, T), mask (B, T) bool): everything after the first EOS becomes
+    `pad_id` and is masked out (checklist 5). The EOS itself stays a real token: the reward model reads
+    its score there. Rows are right-padded, so valid tokens are a prefix of each row (what `gae` needs).
+
+    `ended` (rows that hold an EOS) comes from `first_eos_mask`.
+    """
+    if pad_id == eos_id:
+        # the RM pools at the last real token; with pad == EOS that is ambiguous (checklist 4)
+        raise ValueError(f"pad_id must differ from eos_id (both {eos_id})")
+    mask, _ = first_eos_mask(tokens, eos_id)
+    return torch.where(mask, tokens, torch.full_like(tokens, pad_id)), mask
+
+
+def missing_eos_penalty(scores: Tensor, ended: Tensor, penalty: float) -> Tensor:
+    """(B,) scores, (B,) bool ended -> (B,) scores where rows that never emitted EOS get exactly `penalty`.
+
+    "Replace" semantics, as N+ does (e.g. -1): a truncated answer was never read whole by the RM, so its
+    score is not trusted at all rather than shifted. `ended` must be keyed on the stop token actually
+    used for sampling (checklist 7).
+    """
+    return torch.where(ended, scores, torch.as_tensor(penalty, dtype=scores.dtype, device=scores.device))
+
+
+def per_token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> tuple[Tensor, Tensor]:
+    """(B,) scores, (B, T) per-token KL and bool mask -> (rewards (B, T), non_score (B, T)).
+
+    non_score = -kl_coef * kl on valid tokens, 0 on padding (InstructGPT's per-token KL penalty).
+    rewards = non_score plus each row's score at its LAST valid token: the RM reads the whole answer once,
+    so its score is a reward for finishing there (checklist 6, 10); GAE carries it back to earlier tokens.
+
+    Every row needs at least one valid token (ValueError otherwise): after `truncate_after_eos` a row holds
+    at least its first sampled token, so an empty row is a bug upstream, and its score would be lost.
+    """
+    if scores.shape != mask.shape[:1] or kl.shape != mask.shape:
+        raise ValueError(f"shapes: scores {tuple(scores.shape)}, kl {tuple(kl.shape)}, mask {tuple(mask.shape)}")
+    if not bool(mask.any(dim=1).all()):
+        raise ValueError("per_token_rewards: a row has no valid token, its score would be dropped")
+    zero = torch.zeros((), dtype=kl.dtype, device=kl.device)
+    non_score = torch.where(mask, -kl_coef * kl, zero)
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = torch.where(mask, positions, -1).max(dim=1).values
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    rewards = non_score.clone()
+    rewards[rows, last] += scores.to(rewards.dtype)
+    return rewards, non_score
+
+
+# -------------------------------------------------------------------------------------------------- GAE
+
+def _check_prefix(mask: Tensor) -> None:
+    # a False followed by a True would be a hole: GAE would stop the episode there and restart it
+    if bool((~mask[:, :-1] & mask[:, 1:]).any()):
+        raise ValueError("valid tokens must be a prefix of each row (right padding after EOS truncation)")
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) on (B, T) rewards, values and bool mask.
+
+    -> (advantages (B, T), returns (B, T)), both 0 on padding; returns = advantages + values.
+    Valid tokens must be a prefix of each row (responses are right-padded after EOS truncation; ValueError
+    otherwise). The episode ends after the last valid token, so the value after it is 0: no bootstrapping.
+    Pass detached tensors: advantages are targets, not something to differentiate.
+    """
+    _check_prefix(mask)
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    # padding is zeroed first: a padded value then acts as the terminal 0, and padded deltas are 0
+    rewards, values = torch.where(mask, rewards, zero), torch.where(mask, values, zero)
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])
+    next_adv = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_adv = delta + gamma * lam * next_adv
+        advantages[:, t] = next_adv
+        next_value = values[:, t]
+    advantages = torch.where(mask, advantages, zero)
+    return advantages, torch.where(mask, advantages + values, zero)
+
+
+# ----------------------------------------------------------------------------------------------- losses
+
+def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                        clip_range: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's clipped surrogate (Schulman et al. 2017) on (B, T) tensors -> (scalar loss, stats).
+
+    loss = masked mean of max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)), ratio = exp(logp - old):
+    the pessimistic of the two, so where the ratio has left the clip range in the direction the advantage
+    pushes, the gradient is exactly 0 (checklist 13).
+
+    stats (detached scalars):
+      clipfrac   share of valid tokens where the clipped term was strictly greater (the one taken);
+      approx_kl  masked mean of 0.5 * (logp - old)^2, the estimator N+ and peers log, so curves compare;
+                 it equals the KL between old and new to second order, is >= 0, and needs no exp (k3 would);
+      ratio_mean masked mean of the ratio (exactly 1 before the first update of a rollout batch).
+    """
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    # where before exp: padded log-probs may be anything, and exp(inf) would turn the gradient into nan
+    log_ratio = torch.where(mask, logprobs - old_logprobs, zero)
+    advantages = torch.where(mask, advantages, zero)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),
+            "approx_kl": masked_mean(0.5 * log_ratio.square(), mask),
+            "ratio_mean": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
+                       clip_range_value: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped value loss on (B, T) tensors -> (scalar loss, {"vf_clipfrac"}).
+
+    loss = 0.5 * masked mean of max((v - R)^2, (clip(v, old - eps, old + eps) - R)^2): the value may not
+    move more than eps from the rollout's value and gain from it (the PPO2 baselines loss N+ keeps).
+    vf_clipfrac = share of valid tokens where the clipped error was strictly greater (the one taken).
+    """
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    values, old_values, returns = (torch.where(mask, x, zero) for x in (values, old_values, returns))
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+    err = (values - returns).square()
+    err_clipped = (clipped_values - returns).square()
+    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
+    with torch.no_grad():
+        stats = {"vf_clipfrac": masked_mean((err_clipped > err).to(values.dtype), mask)}
+    return loss, stats
+
+
+@torch.no_grad()
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """1 - var(returns - values) / var(returns) over valid tokens -> 0-dim float tensor.
+
+    1: the critic predicts returns perfectly; 0: no better than their mean; < 0: worse. When var(returns)
+    is 0 (up to rounding) the ratio is undefined and nan is returned, as CleanRL does: 0 or 1 would read
+    as a real verdict. The biased variance is used: the n/(n-1) factors cancel, and one valid token is enough.
+    """
+    var_returns = masked_var(returns, mask, unbiased=False)
+    var_resid = masked_var(returns - values, mask, unbiased=False)
+    # constant returns leave a variance of rounding size (the mean is rounded): a spread within 8 ulps of
+    # the mean counts as 0
+    rounding = (8 * torch.finfo(var_returns.dtype).eps * masked_mean(returns, mask)).square()
+    nan = torch.full((), float("nan"), dtype=var_returns.dtype, device=var_returns.device)
+    return torch.where(var_returns > rounding, 1 - var_resid / var_returns, nan)

@@ -1,0 +1,76 @@
+"""The KL penalty against the reference (SFT) model: per-token estimators and the coefficient controllers.
+
+Shapes are `(B, T)` over response tokens; the estimators do not mask (padding may hold anything), the
+callers do: `per_token_rewards` zeroes padded tokens, statistics use `masked_mean`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+KL_KINDS = ("k1", "k3", "abs", "mse")
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str) -> Tensor:
+    """(B, T) log-probs of the sampled tokens under the policy and the reference -> (B, T) KL estimate.
+
+    Tokens are sampled from the policy, so these are single-sample estimators of KL(policy || ref)
+    (Schulman, "Approximating KL divergence", 2020):
+      k1   log p - log ref: unbiased, but negative on some tokens;
+      k3   (r - 1) - log r with r = ref / p: unbiased and >= 0 on every token, lower variance;
+      abs  |log p - log ref| and mse 0.5 * (log p - log ref)^2: biased, >= 0, as peers offer them.
+    """
+    log_ratio = logprobs - ref_logprobs
+    if kind == "k1":
+        return log_ratio
+    if kind == "k3":
+        # (r - 1) - log r with log r = -log_ratio; expm1 keeps precision when r is close to 1
+        return torch.expm1(-log_ratio) + log_ratio
+    if kind == "abs":
+        return log_ratio.abs()
+    if kind == "mse":
+        return 0.5 * log_ratio.square()
+    raise ValueError(f"unknown KL estimator {kind!r}; choose one of {', '.join(KL_KINDS)}")
+
+
+class FixedKLController:
+    """A constant KL coefficient beta (InstructGPT used 0.02, N+ 0.05). `update` does nothing."""
+
+    def __init__(self, value: float):
+        self.value = float(value)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController:
+    """A KL coefficient steered toward a target KL (Ziegler et al. 2019, section 2.2).
+
+    After each batch: error = clip(current_kl / target - 1, -0.2, 0.2), value *= 1 + error * n_steps / horizon.
+    The clip bounds how fast beta moves on one noisy KL estimate; `horizon` (in samples) sets the time scale.
+    Only `value` is state: target and horizon come from the run's config, which is saved beside it.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        if target <= 0 or horizon <= 0:
+            raise ValueError(f"target and horizon must be > 0, got {target} and {horizon}")
+        self.value, self.target, self.horizon = float(init_kl_coef), float(target), horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """current_kl: the batch's mean KL per response (a float or 0-dim tensor); n_steps: samples in it."""
+        error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
