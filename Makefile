@@ -22,7 +22,7 @@ DATA_DEPS  := $(if $(findstring demo,$(notdir $(CONFIG))),data/demo/DONE)$(if $(
 STAMP      := $(VENV)/.installed
 STAGE      = $(PY) -m stages.$(1) --config $(CONFIG) run_dir=$(RUN) $(ARGS)
 
-.PHONY: setup test test-fast data data-hh demo all sft rm clean-sft clean-rm clean
+.PHONY: setup test test-fast bench data data-hh demo all sft rm ppo clean-sft clean-rm clean-ppo clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Time and peak memory of each stage, on the demo and on a ~150M-parameter random model: bench/results/*.json
+bench: $(STAMP) data/demo/DONE
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 data: data/demo/DONE
 
@@ -59,13 +63,21 @@ rm: $(RUN)/rm/DONE
 $(RUN)/rm/DONE: $(RUN)/sft/DONE
 	$(call STAGE,rm)
 
-demo all: rm
+ppo: $(RUN)/ppo/DONE
+
+$(RUN)/ppo/DONE: $(RUN)/rm/DONE
+	$(call STAGE,ppo)
+
+demo all: ppo
 
 clean-sft:
 	rm -f $(RUN)/sft/DONE
 
 clean-rm:
 	rm -f $(RUN)/rm/DONE
+
+clean-ppo:
+	rm -f $(RUN)/ppo/DONE
 
 clean:
 	rm -rf $(RUN)

@@ -122,12 +122,80 @@ class RMStageConfig:
 
 
 @dataclass
+class PPOStageConfig:
+    prompts_file: str = "data/demo/prompts_train.jsonl"
+    """Prompts for rollouts: prompt-only rows, or the prompts of any other format."""
+    prompts_split: str = "train"
+    eval_prompts_file: str | None = "data/demo/prompts_eval.jsonl"
+    """Held-out prompts: the policy and the SFT model are compared on them at the end. None: skip."""
+    eval_prompts_split: str = "test"
+    eval_samples: int = 200
+    max_prompt_length: int = 256
+    skip_invalid: bool = False
+    # rollouts
+    steps: int = 100
+    """PPO iterations: each samples rollout_batch_size responses, then runs ppo_epochs over them."""
+    rollout_batch_size: int = 64
+    forward_batch_size: int = 64
+    """Rows per no-grad forward pass (generation, reference, reward, values)."""
+    max_new_tokens: int = 16
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 1.0
+    missing_eos_penalty: float | None = None
+    """Replace the score of responses that never emit EOS by this value (N+ uses -1). None: off."""
+    # rewards
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"
+    """k1 (log-ratio, unbiased, the classic choice) or k3 ((r - 1) - log r, never negative)."""
+    adaptive_kl: bool = False
+    target_kl: float = 6.0
+    """Adaptive controller target: KL summed over a response (Ziegler et al. 2019)."""
+    kl_horizon: int = 10000
+    normalize_reward: bool = True
+    """Shift and scale RM scores so the SFT policy's answers have mean 0 and std 1 (measured before the
+    first update on reward_norm_samples prompts), as InstructGPT and N+ do."""
+    reward_norm_samples: int = 256
+    whiten_rewards: bool = False
+    gamma: float = 1.0
+    lam: float = 0.95
+    # update
+    ppo_epochs: int = 4
+    num_minibatches: int = 4
+    grad_accum: int = 1
+    """Micro-batches per minibatch: an optimiser step still happens once per minibatch."""
+    lr: float = 3e-4
+    lr_scheduler: str = "linear"
+    warmup: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    whiten_advantages: bool = True
+    value_from_reward: bool = True
+    """Start the value adapter and head from the reward model's (InstructGPT, N+)."""
+    ptx_coef: float = 0.0
+    """PPO-ptx (InstructGPT): add ptx_coef x the SFT loss on demonstrations to every optimiser step."""
+    ptx_file: str | None = None
+    ptx_batch_size: int = 8
+    # bookkeeping
+    save_steps: int = 10
+    seed: int = 0
+    judge: str | None = None
+    """Optional "module:function" (prompt, response) -> float gold score, reported at the end (never trained on)."""
+    progress_bar: bool = True
+    lora: LoraSpec = field(default_factory=LoraSpec)
+
+
+@dataclass
 class PipelineConfig:
     run_dir: str = "runs/demo"
     """Every stage writes to <run_dir>/<stage>/."""
     model: ModelConfig = field(default_factory=ModelConfig)
     sft: SFTStageConfig = field(default_factory=SFTStageConfig)
     rm: RMStageConfig = field(default_factory=RMStageConfig)
+    ppo: PPOStageConfig = field(default_factory=PPOStageConfig)
 
 
 def _top_level_keys() -> set[str]:

@@ -115,18 +115,30 @@ def load_sft_model(cfg: ModelConfig, sft_dir: str | Path, tokenizer: PreTrainedT
 
 
 @contextmanager
-def active_adapter(model: PeftModel, name: str):
-    """Run with adapter `name` active, then restore the previous adapter and every requires_grad flag.
+def keep_requires_grad(model: torch.nn.Module):
+    """Put every requires_grad flag back as it was on exit.
 
-    peft's set_adapter also changes which adapters are trainable (it freezes all others): with several
-    trainable adapters on one model that silently drops parameters from training, so we restore the flags.
+    peft's set_adapter and disable_adapter also change which adapters are trainable (they mark only the
+    active one): with two trainable adapters on one model (policy and value) that would silently drop
+    one from training.
     """
-    previous = model.active_adapter
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    model.set_adapter(name, inference_mode=True)
     try:
-        yield model
+        yield
     finally:
-        model.set_adapter(previous, inference_mode=True)
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
+
+
+@contextmanager
+def active_adapter(model: PeftModel, name: str):
+    """Run with adapter `name` active, then restore the previous one; requires_grad flags never change."""
+    previous = model.active_adapter
+    with keep_requires_grad(model):
+        model.set_adapter(name, inference_mode=True)
+    try:
+        with keep_requires_grad(model):
+            yield model
+    finally:
+        with keep_requires_grad(model):
+            model.set_adapter(previous, inference_mode=True)

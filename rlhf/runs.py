@@ -24,6 +24,19 @@ DONE = "DONE"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
+_STARTED = time.time()
+
+
+def peak_memory() -> dict[str, float]:
+    """Peak memory of this process so far: resident set (MB) and, on a GPU, allocated CUDA memory (MB)."""
+    import resource
+
+    out = {"perf/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        out["perf/peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
 def begin_stage(out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -32,9 +45,10 @@ def begin_stage(out_dir: str | Path) -> Path:
 
 
 def finish_stage(out_dir: str | Path, summary: dict) -> None:
-    """Write the marker last, with a one-line summary of the outcome."""
+    """Write the marker last, with a one-line summary of the outcome, the process's wall time and peak memory."""
     tmp = Path(out_dir) / (DONE + ".tmp")
-    tmp.write_text(json.dumps({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **summary}) + "\n")
+    perf = {"perf/wall_s": time.time() - _STARTED, **peak_memory()}
+    tmp.write_text(json.dumps({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **summary, **perf}) + "\n")
     tmp.replace(Path(out_dir) / DONE)
 
 
@@ -49,24 +63,26 @@ def require_done(out_dir: str | Path, stage: str) -> Path:
     return out
 
 
-def _is_complete(ckpt: Path) -> bool:
-    # The Trainer writes trainer_state.json last, after the weights, optimizer and RNG states.
+def _is_complete(ckpt: Path, marker: str) -> bool:
     try:
-        json.loads((ckpt / "trainer_state.json").read_text())
+        json.loads((ckpt / marker).read_text())
         return True
     except (OSError, ValueError):
         return False
 
 
-def last_complete_checkpoint(ckpt_dir: str | Path) -> Path | None:
-    """Newest checkpoint-N that was fully written; half-written ones (killed mid-save) are removed."""
+def last_complete_checkpoint(ckpt_dir: str | Path, marker: str = "trainer_state.json") -> Path | None:
+    """Newest checkpoint-N that was fully written; half-written ones (killed mid-save) are removed.
+
+    `marker` is the JSON file written last into a checkpoint (the Trainer writes trainer_state.json
+    after the weights, optimizer and RNG states)."""
     root = Path(ckpt_dir)
     if not root.is_dir():
         return None
     ckpts = sorted((p for p in root.iterdir() if p.is_dir() and _CKPT.match(p.name)),
                    key=lambda p: int(_CKPT.match(p.name).group(1)))
     for ckpt in reversed(ckpts):
-        if _is_complete(ckpt):
+        if _is_complete(ckpt, marker):
             return ckpt
         print(f"[rlhf] removing incomplete checkpoint {ckpt}", file=sys.stderr)
         shutil.rmtree(ckpt)

@@ -97,3 +97,25 @@ def test_killed_make_rm_resumes(rm_run, tmp_path):
     assert f"resuming from {killed_at}" in again.stdout
     assert "[sft]" not in again.stdout  # SFT was up to date
     assert (run / "rm" / "DONE").exists()
+
+
+@pytest.mark.parametrize("name,where", [
+    ("chosen_equals_rejected.jsonl", "row 2: field 'rejected'"),        # pairwise
+    ("hh_prompt_mismatch.jsonl", "row 2: field 'rejected'"),            # HH transcripts
+    ("hh_no_final_assistant.jsonl", "row 2: field 'chosen'"),
+    ("ranking_duplicate.jsonl", "row 3: field 'ranking'"),              # K-way rankings
+    ("margin_not_number.jsonl", "row 3: field 'margin'"),
+])
+def test_bad_preference_file_stops_rm_before_the_model_loads(name, where, sft_run, tmp_path, monkeypatch, capsys):
+    from rlhf import rm
+    from rlhf.cli import stage_main
+    from conftest import DEMO_CONFIG
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded although the data is invalid")
+    monkeypatch.setattr(rm, "load_sft_model", no_model)
+    (tmp_path / "sft").symlink_to(sft_run / "sft")
+    bad = ROOT / "tests" / "data_bad" / name
+    code = stage_main("rm", rm.run, ["--config", str(DEMO_CONFIG), f"run_dir={tmp_path}", f"train_file={bad}"])
+    assert code == 2
+    assert f"{name}: {where}" in capsys.readouterr().err

@@ -1,0 +1,124 @@
+"""make bench: time and memory of SFT, RM and PPO, written as JSON you can compare across commits and machines.
+
+Two setups:
+  demo   the embedded demo as `make demo` runs it (tiny model: the Python runtime dominates memory);
+  large  a randomly initialised ~150M-parameter Llama built from a config (the demo's tokenizer and data),
+         a few steps of each stage: the weights dominate memory, which is where sharing one base between
+         the four PPO roles shows (PPO's peak memory / SFT's peak memory on the same base).
+
+Each stage runs in its own process (as `make` runs it); its peak memory is that process's peak
+(resident set on CPU, allocated CUDA memory on a GPU), read from the stage's DONE marker.
+
+Usage: python bench/run.py [--setup demo] [--setup large] [--out bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from rlhf.runs import read_metrics  # noqa: E402
+
+LARGE = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 12, "num_attention_heads": 16}
+LARGE_ARGS = {
+    "sft": ["sft.train.max_steps=4", "sft.train.batch_size=8", "sft.train.eval_steps=0"],
+    "rm": ["rm.train.max_steps=4", "rm.train.batch_size=12"],
+    "ppo": ["ppo.steps=3", "ppo.rollout_batch_size=16", "ppo.forward_batch_size=16", "ppo.num_minibatches=2",
+            "ppo.ppo_epochs=1", "ppo.reward_norm_samples=16", "ppo.eval_samples=16", "ppo.save_steps=100"],
+}
+
+
+def build_large_model(out: Path) -> int:
+    """A random Llama of ~150M parameters with the demo's tokenizer; returns its parameter count."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(ROOT / "data" / "demo" / "base")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), num_key_value_heads=LARGE["num_attention_heads"],
+                                         max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+                                         eos_token_id=tok.eos_token_id, bos_token_id=None, **LARGE))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return sum(p.numel() for p in model.parameters())
+
+
+def run_stage(stage: str, run_dir: Path, extra: list[str]) -> dict:
+    cmd = [sys.executable, "-m", f"stages.{stage}", "--config", str(ROOT / "configs" / "demo.yaml"),
+           f"run_dir={run_dir}", *extra]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    done = json.loads((run_dir / stage / "DONE").read_text())
+    return {"wall_s": round(wall, 2), **{k.split("/")[1]: round(v, 1) for k, v in done.items() if k.startswith("perf/peak")},
+            **throughput(stage, read_metrics(run_dir / stage / "metrics.jsonl"))}
+
+
+def throughput(stage: str, rows: list[dict]) -> dict:
+    if stage in ("sft", "rm"):
+        end = [r for r in rows if "train/train_runtime" in r][-1]
+        tokens = max(r.get("train/num_tokens", 0) for r in rows)
+        return {"train_s": round(end["train/train_runtime"], 2), "train_tokens": int(tokens),
+                "tokens_per_s": round(tokens / end["train/train_runtime"], 1)}
+    steps = [r for r in rows if "time/step" in r]
+    mean = lambda k: round(statistics.mean(r[k] for r in steps), 4)  # noqa: E731
+    return {"steps": len(steps), "step_s": mean("time/step"),
+            "time_split_s": {"generate": mean("time/generate"), "score": mean("time/score"), "train": mean("time/train")},
+            "generated_tokens_per_s": mean("perf/generated_tokens_per_s")}
+
+
+def bench(setup: str, work: Path) -> dict:
+    run_dir = work / setup
+    extra: dict[str, list[str]] = {"sft": [], "rm": [], "ppo": []}
+    info: dict = {}
+    if setup == "large":
+        model_dir = work / "large-model"
+        info["parameters"] = build_large_model(model_dir)
+        extra = {k: [f"model.name_or_path={model_dir}", *v] for k, v in LARGE_ARGS.items()}
+    result = {"setup": setup, **info, "stages": {}}
+    for stage in ("sft", "rm", "ppo"):
+        print(f"[bench] {setup}: {stage}", flush=True)
+        result["stages"][stage] = run_stage(stage, run_dir, extra[stage])
+    key = "peak_cuda_mb" if "peak_cuda_mb" in result["stages"]["sft"] else "peak_rss_mb"
+    result["ppo_over_sft_peak_memory"] = round(result["stages"]["ppo"][key] / result["stages"]["sft"][key], 3)
+    return result
+
+
+def machine() -> dict:
+    import torch
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpus": __import__("os").cpu_count(),
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--setup", action="append", choices=["demo", "large"])
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    a = p.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"machine": machine(), "results": []}
+    with tempfile.TemporaryDirectory() as work:
+        for setup in a.setup or ["demo", "large"]:
+            report["results"].append(bench(setup, Path(work)))
+    path = out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    print(f"[bench] wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

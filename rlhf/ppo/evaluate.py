@@ -1,0 +1,66 @@
+"""The policy against the SFT model on held-out prompts: RM score, optional gold judge, KL, win rates."""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf.generation import SamplingSpec, decode_responses, encode_prompt, generate_ids
+from rlhf.models import active_adapter, keep_requires_grad
+from rlhf.ppo import core
+from rlhf.ppo.roles import POLICY, Roles, policy_logits, reference_logits
+from rlhf.ppo.rollout import response_logprobs
+
+
+def win_rate(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Share of prompts where a beats b; ties count half."""
+    return ((a > b).float() + 0.5 * (a == b).float()).mean().item()
+
+
+@torch.no_grad()
+def sample_and_score(roles: Roles, tokenizer, prompt_ids, spec: SamplingSpec, batch_size: int, use_policy: bool,
+                     seed: int):
+    torch.manual_seed(seed)
+    if use_policy:
+        with active_adapter(roles.model, POLICY):
+            ids, mask, width = generate_ids(roles.model, tokenizer, prompt_ids, spec, batch_size)
+    else:
+        with keep_requires_grad(roles.model), roles.model.disable_adapter():
+            ids, mask, width = generate_ids(roles.model, tokenizer, prompt_ids, spec, batch_size)
+    scores, kls = [], []
+    for rows in torch.arange(ids.shape[0]).split(batch_size):
+        i, m = ids[rows], mask[rows]
+        scores.append(roles.scorer.score_ids(i, m))
+        logp = response_logprobs(policy_logits(roles, i, m), i, width, spec.temperature)
+        ref = response_logprobs(reference_logits(roles, i, m), i, width, spec.temperature)
+        kls.append(core.masked_sum(logp - ref, m[:, width:], dim=1))
+    return decode_responses(tokenizer, ids, mask, width), torch.cat(scores), torch.cat(kls), mask[:, width:].sum(1)
+
+
+def compare_with_sft(roles: Roles, tokenizer, prompts: list, spec: SamplingSpec, batch_size: int, judge=None,
+                     seed: int = 1234, n_samples: int = 8) -> dict:
+    """Sample once per prompt from the policy and from the SFT model (same seed), and compare them.
+
+    KL is the sequence-level log-ratio log pi(y|x) - log pi_sft(y|x) on the policy's own samples (its mean
+    estimates KL(pi || pi_sft))."""
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    pol_text, pol_score, pol_kl, pol_len = sample_and_score(roles, tokenizer, ids, spec, batch_size, True, seed)
+    sft_text, sft_score, _, sft_len = sample_and_score(roles, tokenizer, ids, spec, batch_size, False, seed)
+    out = {
+        "eval/n_prompts": len(prompts),
+        "eval/reward_policy": pol_score.mean().item(), "eval/reward_sft": sft_score.mean().item(),
+        "eval/reward_win_rate": win_rate(pol_score, sft_score),
+        "eval/kl": pol_kl.mean().item(),
+        "eval/length_policy": pol_len.float().mean().item(), "eval/length_sft": sft_len.float().mean().item(),
+    }
+    if judge is not None:
+        gold_pol = torch.tensor([float(judge(p, t)) for p, t in zip(prompts, pol_text)])
+        gold_sft = torch.tensor([float(judge(p, t)) for p, t in zip(prompts, sft_text)])
+        out |= {"eval/gold_policy": gold_pol.mean().item(), "eval/gold_sft": gold_sft.mean().item(),
+                "eval/gold_win_rate": win_rate(gold_pol, gold_sft)}
+    out["samples"] = [{"prompt": prompt_text(p), "policy": a, "sft": b}
+                      for p, a, b in list(zip(prompts, pol_text, sft_text))[:n_samples]]
+    return out
+
+
+def prompt_text(prompt) -> str:
+    return prompt if isinstance(prompt, str) else " | ".join(m["content"] for m in prompt)

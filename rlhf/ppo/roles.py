@@ -1,0 +1,127 @@
+"""The four PPO roles on ONE copy of the SFT weights.
+
+    policy    = SFT ⊕ adapter "policy"   trainable; LoRA's B starts at 0, so the policy starts as exactly SFT
+    reference = SFT with adapters off    exact, and costs no memory
+    value     = SFT ⊕ adapter "value" + value head   trainable; may start as a copy of the reward model
+    reward    = SFT ⊕ adapter "reward" + score head  frozen, loaded from the RM stage
+
+Peers keep four models (policy, reference, value, reward): four copies of the base weights. Here the base
+is held once, and each role adds only its LoRA matrices (and a hidden_size-long head).
+
+Forward passes take `(B, T)` ids and a bool mask (True = real token, any padding side) and compute the
+position ids from the mask, so a left-padded prompt sees the positions it would see unpadded.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+
+from rlhf.config import LoraSpec
+from rlhf.models import active_adapter, keep_requires_grad, lora_config
+from rlhf.reward import REWARD_ADAPTER, RewardScorer, backbone, position_ids
+
+POLICY, VALUE = "policy", "value"
+
+
+@dataclass
+class Roles:
+    """The shared model and the two heads. `model` holds the adapters policy, value and reward."""
+
+    model: PeftModel
+    value_head: torch.nn.Linear
+    scorer: RewardScorer
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Exactly the policy adapter, the value adapter and the value head: what the optimiser holds."""
+        lora = [p for n, p in self.model.named_parameters() if f".{POLICY}." in n or f".{VALUE}." in n]
+        return lora + list(self.value_head.parameters())
+
+
+def build_roles(sft_model, rm_dir: str | Path, tokenizer, lora: LoraSpec, value_from_reward: bool) -> Roles:
+    """Attach the reward adapter (frozen), a fresh policy adapter and a value adapter to the SFT model."""
+    scorer = RewardScorer.attach(sft_model, rm_dir, tokenizer)
+    model = scorer.model
+    policy_cfg = lora_config(lora)
+    policy_cfg.lora_dropout = 0.0  # dropout would make the first ratio differ from 1
+    model.add_adapter(POLICY, policy_cfg)
+    if value_from_reward:
+        # InstructGPT and N+ start the value function from the reward model: same adapter, same head.
+        model.add_adapter(VALUE, copy.deepcopy(model.peft_config[REWARD_ADAPTER]))
+        reward_weights = get_peft_model_state_dict(model, adapter_name=REWARD_ADAPTER)
+        set_peft_model_state_dict(model, reward_weights, adapter_name=VALUE)
+        head = torch.nn.Linear(scorer.head.in_features, 1, device=model.device, dtype=scorer.head.weight.dtype)
+        head.weight.data.copy_(scorer.head.weight.data)
+    else:
+        model.add_adapter(VALUE, lora_config(lora))
+        head = torch.nn.Linear(scorer.head.in_features, 1, device=model.device, dtype=scorer.head.weight.dtype)
+        torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    set_trainable(model)
+    model.set_adapter(POLICY, inference_mode=True)
+    set_trainable(model)
+    return Roles(model=model, value_head=head, scorer=scorer)
+
+
+def calibrate_value_head(roles: Roles, shift: float, scale: float) -> None:
+    """Put a value head copied from the reward head on the scale of the normalised rewards it will predict:
+    V = (r - shift) / scale. Without this the first updates only chase the offset (value loss ~ shift^2)."""
+    with torch.no_grad():
+        roles.value_head.weight.div_(scale)
+        roles.value_head.bias.copy_((roles.value_head.bias - shift) / scale)
+
+
+def set_trainable(model: PeftModel) -> None:
+    """requires_grad: True for the policy and value adapters, False for everything else (base, reward)."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(f".{POLICY}." in name or f".{VALUE}." in name)
+
+
+def policy_logits(roles: Roles, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, V) logits of the policy (adapter "policy")."""
+    with active_adapter(roles.model, POLICY):
+        return _lm_logits(roles.model, ids, mask)
+
+
+@torch.no_grad()
+def reference_logits(roles: Roles, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, V) logits of the reference: the SFT model, every adapter disabled."""
+    with keep_requires_grad(roles.model), roles.model.disable_adapter():
+        return _lm_logits(roles.model, ids, mask)
+
+
+def values(roles: Roles, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) value estimates: the value head on the last hidden state, with adapter "value"."""
+    with active_adapter(roles.model, VALUE):
+        hidden = backbone(roles.model.get_base_model())(
+            input_ids=ids, attention_mask=mask.long(), position_ids=position_ids(mask), use_cache=False,
+        ).last_hidden_state
+    return roles.value_head(hidden).squeeze(-1).float()
+
+
+def _lm_logits(model: PeftModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, attention_mask=mask.long(), position_ids=position_ids(mask), use_cache=False).logits
+
+
+def adapter_state(roles: Roles) -> dict[str, torch.Tensor]:
+    """The trainable state of the roles (policy and value adapters, value head) as one flat dict."""
+    state = {f"{POLICY}.{k}": v for k, v in get_peft_model_state_dict(roles.model, adapter_name=POLICY).items()}
+    state |= {f"{VALUE}.{k}": v for k, v in get_peft_model_state_dict(roles.model, adapter_name=VALUE).items()}
+    state["value_head.weight"] = roles.value_head.weight.detach()
+    state["value_head.bias"] = roles.value_head.bias.detach()
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def load_adapter_state(roles: Roles, state: dict[str, torch.Tensor]) -> None:
+    for name in (POLICY, VALUE):
+        part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+        result = set_peft_model_state_dict(roles.model, part, adapter_name=name)
+        missing = [k for k in result.missing_keys if f".{name}." in k and "lora_" in k]
+        if missing:
+            raise ValueError(f"checkpoint lacks {name} adapter weights, e.g. {missing[:2]}")
+    roles.value_head.weight.data.copy_(state["value_head.weight"])
+    roles.value_head.bias.data.copy_(state["value_head.bias"])

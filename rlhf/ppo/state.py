@@ -1,0 +1,67 @@
+"""PPO checkpoints: everything needed to continue a run as if it had never stopped.
+
+A checkpoint is written into a temporary directory and renamed to `checkpoint-<step>` only when complete,
+so a kill mid-save never leaves a checkpoint that looks valid; `state.json` is also written last.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rlhf.ppo.roles import Roles, adapter_state, load_adapter_state
+from rlhf.runs import last_complete_checkpoint
+
+STATE = "state.json"
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, roles: Roles, optimizer, scheduler, state: dict, keep: int = 2) -> Path:
+    """state: JSON-able run state (KL controller, prompt sampler, reward normalisation, ...)."""
+    final = ckpt_dir / f"checkpoint-{step}"
+    tmp = ckpt_dir / f".tmp-checkpoint-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(adapter_state(roles), str(tmp / "adapters.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+               tmp / "optimizer.pt")
+    (tmp / STATE).write_text(json.dumps({"step": step, **state}))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def load_checkpoint(ckpt_dir: Path, roles: Roles, optimizer, scheduler) -> dict | None:
+    """Restore the newest complete checkpoint into roles/optimizer/scheduler and the RNGs; returns its
+    run state (with "step"), or None when there is none."""
+    for tmp in ckpt_dir.glob(".tmp-checkpoint-*"):
+        shutil.rmtree(tmp)  # a save that a kill interrupted
+    ckpt = last_complete_checkpoint(ckpt_dir, marker=STATE)
+    if ckpt is None:
+        return None
+    load_adapter_state(roles, load_file(str(ckpt / "adapters.safetensors")))
+    rest = torch.load(ckpt / "optimizer.pt", weights_only=False)
+    optimizer.load_state_dict(rest["optimizer"])
+    scheduler.load_state_dict(rest["scheduler"])
+    set_rng_state(rest["rng"])
+    return {**json.loads((ckpt / STATE).read_text()), "path": str(ckpt)}

@@ -1,0 +1,190 @@
+"""Stage 3, PPO: optimise the policy adapter against the reward model, with a KL penalty to the SFT model.
+
+Output `<run_dir>/ppo/`: `policy/` and `value/` adapters (PEFT format; they apply to the SFT model, i.e.
+the base with the SFT adapter merged), `value/value_head.safetensors`, the tokenizer, `config.yaml`,
+`metrics.jsonl`, `tb/`, `checkpoints/`, `eval.json` (policy vs SFT on held-out prompts) and `DONE`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from rlhf import data as rdata
+from rlhf.config import PipelineConfig, PPOStageConfig, save_config
+from rlhf.generation import SamplingSpec, encode_prompt, generate_ids
+from rlhf.models import active_adapter, load_sft_model, load_tokenizer
+from rlhf.plugins import import_callable
+from rlhf.ppo import core
+from rlhf.ppo.evaluate import compare_with_sft
+from rlhf.ppo.kl import AdaptiveKLController, FixedKLController
+from rlhf.ppo.roles import POLICY, VALUE, build_roles, calibrate_value_head
+from rlhf.ppo.rollout import PromptSampler, advantages, sample, score
+from rlhf.ppo.state import load_checkpoint, save_checkpoint
+from rlhf.ppo.update import UpdateSpec, check_batch_sizes, ppo_update
+from rlhf.ppo.ptx import ptx_batches
+from rlhf.runs import MetricsFile, begin_stage, finish_stage, require_done
+
+
+def sampling(p: PPOStageConfig) -> SamplingSpec:
+    return SamplingSpec(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p)
+
+
+def update_spec(p: PPOStageConfig) -> UpdateSpec:
+    return UpdateSpec(ppo_epochs=p.ppo_epochs, num_minibatches=p.num_minibatches, grad_accum=p.grad_accum,
+                      clip_range=p.clip_range, clip_range_value=p.clip_range_value, vf_coef=p.vf_coef,
+                      max_grad_norm=p.max_grad_norm, temperature=p.temperature, ptx_coef=p.ptx_coef)
+
+
+def kl_controller(p: PPOStageConfig):
+    if p.adaptive_kl:
+        return AdaptiveKLController(p.kl_coef, p.target_kl, p.kl_horizon)
+    return FixedKLController(p.kl_coef)
+
+
+def load_prompt_ids(source: str, split: str, p: PPOStageConfig, tokenizer) -> tuple[list, list[list[int]]]:
+    examples = rdata.load_prompts(source, split=split, skip_invalid=p.skip_invalid)
+    rdata.check_prompt_lengths(examples, tokenizer, p.max_prompt_length)
+    return [e.prompt for e in examples], [encode_prompt(tokenizer, e.prompt) for e in examples]
+
+
+@torch.no_grad()
+def reward_normalisation(roles, tokenizer, prompt_ids, p: PPOStageConfig) -> tuple[float, float]:
+    """Mean and std of RM scores of the SFT policy's own answers (the policy is SFT before any update)."""
+    picks = prompt_ids[:p.reward_norm_samples]
+    with active_adapter(roles.model, POLICY):
+        ids, mask, _ = generate_ids(roles.model, tokenizer, picks, sampling(p), p.forward_batch_size)
+    scores = torch.cat([roles.scorer.score_ids(ids[rows], mask[rows])
+                        for rows in torch.arange(ids.shape[0]).split(p.forward_batch_size)])
+    return scores.mean().item(), max(scores.std().item(), 1e-6)
+
+
+def run(cfg: PipelineConfig) -> Path:
+    p = cfg.ppo
+    run_dir = Path(cfg.run_dir)
+    sft_dir, rm_dir = require_done(run_dir / "sft", "sft"), require_done(run_dir / "rm", "rm")
+    check_batch_sizes(p.rollout_batch_size, p.num_minibatches, p.grad_accum)
+    out = begin_stage(run_dir / "ppo")
+    save_config(cfg, out)
+
+    # 1. tokenizer, prompts (validated before the model loads), judge, demonstrations for PPO-ptx
+    tokenizer = load_tokenizer(str(sft_dir))
+    prompts, prompt_ids = load_prompt_ids(p.prompts_file, p.prompts_split, p, tokenizer)
+    eval_prompts = (load_prompt_ids(p.eval_prompts_file, p.eval_prompts_split, p, tokenizer)[0][:p.eval_samples]
+                    if p.eval_prompts_file else [])
+    judge = import_callable(p.judge) if p.judge else None
+    ptx = ptx_batches(p, tokenizer) if p.ptx_coef > 0 else None
+    print(f"[ppo] {len(prompts)} prompts, {p.steps} steps of {p.rollout_batch_size} rollouts")
+
+    # 2. one SFT model, four roles: policy, reference (adapters off), value, reward
+    torch.manual_seed(p.seed)
+    roles = build_roles(load_sft_model(cfg.model, sft_dir, tokenizer), rm_dir, tokenizer, p.lora, p.value_from_reward)
+    optimizer = torch.optim.AdamW(roles.trainable_parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    total_updates = p.steps * p.ppo_epochs * p.num_minibatches
+    warmup = int(p.warmup * total_updates) if p.warmup < 1 else int(p.warmup)
+    scheduler = get_scheduler(p.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_updates)
+    kl_ctl, sampler = kl_controller(p), PromptSampler(len(prompts), p.seed)
+
+    # 3. resume, or measure the reward normalisation on the SFT policy
+    state = load_checkpoint(out / "checkpoints", roles, optimizer, scheduler)
+    if state:
+        print(f"[ppo] resuming from {state['path']} (step {state['step']})")
+        changed = sorted(k for k, v in asdict(p).items() if state.get("config", {}).get(k, v) != v)
+        if changed:
+            print(f"[ppo] warning: the ppo config changed since that checkpoint: {', '.join(changed)}", file=sys.stderr)
+        kl_ctl.load_state_dict(state["kl"])
+        sampler.load_state_dict(state["sampler"])
+        shift, scale, start = state["reward_shift"], state["reward_scale"], state["step"]
+    else:
+        shift, scale = reward_normalisation(roles, tokenizer, prompt_ids, p) if p.normalize_reward else (0.0, 1.0)
+        if p.value_from_reward:
+            calibrate_value_head(roles, shift, scale)
+        start = 0
+        print(f"[ppo] reward normalisation from the SFT policy: shift {shift:.3f}, scale {scale:.3f}")
+    metrics = MetricsFile(out / "metrics.jsonl", resume_step=start)
+    tb = SummaryWriter(str(out / "tb"))
+
+    # 4. the PPO loop: rollout -> score -> advantages -> PPO epochs
+    bar = tqdm(range(start, p.steps), initial=start, total=p.steps, desc="ppo",
+               disable=not (p.progress_bar and sys.stderr.isatty()))
+    for step in bar:
+        t0 = time.perf_counter()
+        batch = [prompt_ids[i] for i in sampler.next(p.rollout_batch_size)]
+        ids, mask, width = sample(roles, tokenizer, batch, sampling(p), p.forward_batch_size)      # 4.1 rollout
+        t1 = time.perf_counter()
+        r = score(roles, ids, mask, width, p.temperature, p.forward_batch_size, tokenizer.eos_token_id)  # 4.2
+        a = advantages(r, kl_ctl.value, p.kl_estimator, shift, scale, p.missing_eos_penalty,       # 4.3
+                       p.whiten_rewards, p.whiten_advantages, p.gamma, p.lam)
+        t2 = time.perf_counter()
+        stats = ppo_update(roles, optimizer, scheduler, r, a, update_spec(p), ptx)                  # 4.4
+        t3 = time.perf_counter()
+        logs = step_metrics(r, a, kl_ctl.value, scheduler.get_last_lr()[0]) | stats | {
+            "time/generate": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2, "time/step": t3 - t0,
+            "perf/generated_tokens_per_s": r.response_mask.sum().item() / max(t1 - t0, 1e-9)}
+        kl_ctl.update(logs["ppo/kl"], p.rollout_batch_size)                                          # 4.5
+        metrics.write(step + 1, logs)
+        for k, v in logs.items():
+            tb.add_scalar(k, v, step + 1)
+        bar.set_postfix(score=f"{logs['ppo/score']:.3f}", kl=f"{logs['ppo/kl']:.3f}")
+        if (step + 1) % p.save_steps == 0 or step + 1 == p.steps:
+            save_checkpoint(out / "checkpoints", step + 1, roles, optimizer, scheduler,
+                            {"kl": kl_ctl.state_dict(), "sampler": sampler.state_dict(),
+                             "reward_shift": shift, "reward_scale": scale, "config": asdict(p)})
+    tb.close()
+
+    # 5. the trained adapters, in PEFT format
+    roles.model.save_pretrained(str(out), selected_adapters=[POLICY, VALUE])
+    save_file({k: v.detach().cpu().contiguous() for k, v in roles.value_head.state_dict().items()},
+              str(out / VALUE / "value_head.safetensors"))
+    tokenizer.save_pretrained(out)
+
+    # 6. policy vs SFT on held-out prompts
+    summary = {"steps": p.steps}
+    if eval_prompts:
+        result = compare_with_sft(roles, tokenizer, eval_prompts, sampling(p), p.forward_batch_size, judge, seed=p.seed)
+        (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        summary |= {k: v for k, v in result.items() if k.startswith("eval/")}
+        print(format_eval(result))
+    finish_stage(out, summary)
+    return out
+
+
+def step_metrics(r, a, kl_coef: float, lr: float) -> dict[str, float]:
+    """Per-step rollout statistics (names as in the report and TensorBoard)."""
+    mask = r.response_mask
+    seq_kl = core.masked_sum(a.kl, mask, dim=1)
+    non_score = core.masked_sum(a.non_score, mask, dim=1)
+    return {
+        "ppo/score": r.scores.mean().item(),
+        "ppo/score_normalized": a.scores.mean().item(),
+        "ppo/kl": seq_kl.mean().item(),
+        "ppo/non_score_reward": non_score.mean().item(),
+        "ppo/reward": (a.scores + non_score).mean().item(),
+        "ppo/kl_coef": kl_coef,
+        "ppo/response_length": mask.sum(1).float().mean().item(),
+        "ppo/eos_rate": r.ended.float().mean().item(),
+        "ppo/explained_variance": core.explained_variance(r.values, a.returns, mask).item(),
+        "ppo/value_mean": core.masked_mean(r.values, mask).item(),
+        "ppo/lr": lr,
+    }
+
+
+def format_eval(e: dict) -> str:
+    lines = [f"[ppo] held-out prompts: {e['eval/n_prompts']}",
+             f"      RM score  policy {e['eval/reward_policy']:.3f}  SFT {e['eval/reward_sft']:.3f}  "
+             f"win rate {e['eval/reward_win_rate']:.3f}",
+             f"      KL(policy || SFT) {e['eval/kl']:.3f} nats   length policy {e['eval/length_policy']:.1f}  "
+             f"SFT {e['eval/length_sft']:.1f}"]
+    if "eval/gold_policy" in e:
+        lines.append(f"      gold judge policy {e['eval/gold_policy']:.3f}  SFT {e['eval/gold_sft']:.3f}  "
+                     f"win rate {e['eval/gold_win_rate']:.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""Phase 4 of a PPO step: several epochs of clipped policy and value updates over shuffled minibatches.
+
+Exactly `ppo_epochs * num_minibatches` optimiser steps per rollout batch; gradient accumulation splits a
+minibatch into micro-batches but never adds steps (a peer gets this wrong when the two combine).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from rlhf.ppo import core
+from rlhf.ppo.roles import Roles, policy_logits, values
+from rlhf.ppo.rollout import Advantages, Rollout, response_logprobs
+
+
+@dataclass(frozen=True)
+class UpdateSpec:
+    ppo_epochs: int
+    num_minibatches: int
+    grad_accum: int
+    clip_range: float
+    clip_range_value: float
+    vf_coef: float
+    max_grad_norm: float
+    temperature: float
+    ptx_coef: float = 0.0
+
+
+def check_batch_sizes(rollout_batch_size: int, num_minibatches: int, grad_accum: int) -> None:
+    """Loud errors for sizes that would silently drop rollouts or change the number of steps."""
+    if rollout_batch_size % num_minibatches:
+        raise ValueError(f"ppo.rollout_batch_size={rollout_batch_size} must be a multiple of "
+                         f"ppo.num_minibatches={num_minibatches}")
+    minibatch = rollout_batch_size // num_minibatches
+    if minibatch % grad_accum:
+        raise ValueError(f"the minibatch size {minibatch} (rollout_batch_size / num_minibatches) must be a multiple "
+                         f"of ppo.grad_accum={grad_accum}")
+
+
+def ppo_update(roles: Roles, optimizer: torch.optim.Optimizer, scheduler, r: Rollout, a: Advantages,
+               spec: UpdateSpec, ptx_batches=None) -> dict[str, float]:
+    """Run the PPO epochs on one rollout batch; returns the mean of each statistic over all micro-batches.
+
+    ptx_batches: optional iterator of (ids, mask, labels_mask) demonstration batches for PPO-ptx.
+    """
+    n = r.ids.shape[0]
+    minibatch = n // spec.num_minibatches
+    params = roles.trainable_parameters()
+    stats: dict[str, list[float]] = defaultdict(list)
+    steps = 0
+    for _ in range(spec.ppo_epochs):
+        order = torch.randperm(n, device=r.ids.device)
+        for start in range(0, n, minibatch):
+            optimizer.zero_grad(set_to_none=True)
+            for micro in order[start:start + minibatch].chunk(spec.grad_accum):
+                loss, micro_stats = micro_loss(roles, r, a, micro, spec)
+                (loss / spec.grad_accum).backward()
+                for k, v in micro_stats.items():
+                    stats[k].append(v)
+            if spec.ptx_coef > 0 and ptx_batches is not None:
+                ptx = ptx_loss(roles, *next(ptx_batches))
+                (spec.ptx_coef * ptx).backward()
+                stats["ppo/ptx_loss"].append(ptx.item())
+            stats["ppo/grad_norm"].append(torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm).item())
+            optimizer.step()
+            scheduler.step()
+            steps += 1
+    out = {k: sum(v) / len(v) for k, v in stats.items()}
+    out["ppo/optimizer_steps"] = steps
+    return out
+
+
+def micro_loss(roles: Roles, r: Rollout, a: Advantages, rows: torch.Tensor, spec: UpdateSpec):
+    """Clipped policy loss + vf_coef x clipped value loss on some rows of the rollout."""
+    ids, mask = r.rows(rows)
+    resp_mask = mask[:, r.prompt_width:]
+    logits = policy_logits(roles, ids, mask)
+    logprobs = response_logprobs(logits, ids, r.prompt_width, spec.temperature)
+    pg_loss, pg_stats = core.clipped_policy_loss(logprobs, r.logprobs[rows], a.advantages[rows], resp_mask,
+                                                 spec.clip_range)
+    vpred = values(roles, ids, mask)[:, r.prompt_width - 1:-1]
+    vf_loss, vf_stats = core.clipped_value_loss(vpred, r.values[rows], a.returns[rows], resp_mask,
+                                                spec.clip_range_value)
+    with torch.no_grad():
+        entropy = core.masked_mean(core.entropy_from_logits(logits[:, r.prompt_width - 1:-1].detach(), spec.temperature),
+                                   resp_mask)
+    stats = {"ppo/policy_loss": pg_loss.item(), "ppo/value_loss": vf_loss.item(), "ppo/entropy": entropy.item(),
+             "ppo/clipfrac": float(pg_stats["clipfrac"]), "ppo/approx_kl": float(pg_stats["approx_kl"]),
+             "ppo/ratio": float(pg_stats["ratio_mean"]), "ppo/vf_clipfrac": float(vf_stats["vf_clipfrac"])}
+    return pg_loss + spec.vf_coef * vf_loss, stats
+
+
+def ptx_loss(roles: Roles, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """PPO-ptx (InstructGPT): the SFT loss, next-token NLL on demonstration answer tokens, under the policy.
+
+    ids, mask: (B, T) demonstrations (prompt + answer + EOS); labels: (B, T) bool, True on answer tokens."""
+    logits = policy_logits(roles, ids, mask)[:, :-1]
+    logprobs = core.logprobs_from_logits(logits, ids[:, 1:])
+    return -core.masked_mean(logprobs, labels[:, 1:])
