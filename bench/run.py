@@ -9,6 +9,12 @@ Two setups:
 Each stage runs in its own process (as `make` runs it); its peak memory is that process's peak
 (resident set on CPU, allocated CUDA memory on a GPU), read from the stage's DONE marker.
 
+On CPU, glibc's malloc raises its mmap threshold every time a large block is freed, after which freed
+temporaries stay in the heap and the resident set grows with the *variety* of temporary sizes (PPO's
+generation, four roles' forwards and two backwards make many) rather than with what is live. The bench
+therefore pins MALLOC_MMAP_THRESHOLD_ for every stage alike (recorded in the JSON), so that peak RSS
+measures memory in use; set BENCH_DEFAULT_MALLOC=1 to measure with the default allocator behaviour.
+
 Usage: python bench/run.py [--setup demo] [--setup large] [--out bench/results]
 """
 
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -31,8 +38,9 @@ from rlhf.runs import read_metrics  # noqa: E402
 
 LARGE = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 12, "num_attention_heads": 16}
 LARGE_ARGS = {
-    "sft": ["sft.train.max_steps=4", "sft.train.batch_size=8", "sft.train.eval_steps=0"],
-    "rm": ["rm.train.max_steps=4", "rm.train.batch_size=12"],
+    "sft": ["sft.train.max_steps=4", "sft.train.batch_size=8", "sft.train.logging_steps=1", "sft.eval_file=null",
+            "sft.eval_fraction=0.005"],
+    "rm": ["rm.train.max_steps=4", "rm.train.batch_size=12", "rm.train.logging_steps=1"],
     "ppo": ["ppo.steps=3", "ppo.rollout_batch_size=16", "ppo.forward_batch_size=16", "ppo.num_minibatches=2",
             "ppo.ppo_epochs=1", "ppo.reward_norm_samples=16", "ppo.eval_samples=16", "ppo.save_steps=100"],
 }
@@ -53,11 +61,18 @@ def build_large_model(out: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def stage_env() -> dict:
+    env = dict(os.environ)
+    if not env.get("BENCH_DEFAULT_MALLOC"):
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    return env
+
+
 def run_stage(stage: str, run_dir: Path, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", f"stages.{stage}", "--config", str(ROOT / "configs" / "demo.yaml"),
            f"run_dir={run_dir}", *extra]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=stage_env())
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
@@ -98,7 +113,8 @@ def bench(setup: str, work: Path) -> dict:
 
 def machine() -> dict:
     import torch
-    return {"python": platform.python_version(), "torch": torch.__version__, "cpus": __import__("os").cpu_count(),
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+            "malloc_mmap_threshold": stage_env().get("MALLOC_MMAP_THRESHOLD_", "default"),
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
             "date": time.strftime("%Y-%m-%d")}
 

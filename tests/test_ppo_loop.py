@@ -14,7 +14,7 @@ from rlhf.ppo import core
 from rlhf.ppo.roles import POLICY, build_roles, policy_logits, reference_logits, values
 from rlhf.ppo.rollout import Rollout, advantages, response_logprobs, sample, score
 from rlhf.ppo.train import step_metrics
-from rlhf.ppo.update import UpdateSpec, check_batch_sizes, micro_loss, ppo_update, ptx_loss
+from rlhf.ppo.update import UpdateSpec, check_batch_sizes, policy_loss, ppo_update, ptx_loss
 
 pytestmark = pytest.mark.slow
 T = 0.7
@@ -46,7 +46,7 @@ def test_1_start_policy_equals_reference_kl_zero_ratio_one(setup):
     assert torch.equal(r.logprobs, r.ref_logprobs)  # exactly: LoRA B = 0 adds exact zeros
     assert core.masked_sum(default_advantages(r).kl.abs(), r.response_mask) == 0
     spec = UpdateSpec(1, 2, 1, 0.2, 0.2, 0.1, 1.0, T)
-    _, stats = micro_loss(roles, r, default_advantages(r), torch.arange(8), spec)
+    _, stats = policy_loss(roles, r, default_advantages(r), torch.arange(8), spec)
     assert stats["ppo/ratio"] == 1.0 and stats["ppo/clipfrac"] == 0.0
 
 
@@ -207,3 +207,21 @@ def test_19_logged_statistics_by_hand():
     assert m["ppo/reward"] == pytest.approx(1.0 - 0.225)
     assert m["ppo/response_length"] == 2.5 and m["ppo/eos_rate"] == 0.5
     assert m["ppo/explained_variance"] == pytest.approx(1.0)
+
+
+def test_17_ptx_joins_every_optimizer_step_without_adding_steps(setup, demo_dir):
+    from types import SimpleNamespace
+    from rlhf.ppo.ptx import ptx_batches
+    roles, tok, prompts, *_ = setup
+    r = rollout(roles, tok, prompts)
+    p = SimpleNamespace(ptx_file=str(demo_dir / "sft_train.jsonl"), ptx_batch_size=4, seed=0, skip_invalid=False)
+    batches = ptx_batches(p, tok)
+    ids, mask, labels = next(batches)
+    assert ids.shape[0] == 4 and (labels <= mask).all() and labels.any(1).all()
+    optimizer = torch.optim.AdamW(roles.trainable_parameters(), lr=1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    norms = counting(optimizer)
+    spec = UpdateSpec(2, 2, 1, 0.2, 0.2, 0.1, 1.0, T, ptx_coef=0.5)
+    stats = ppo_update(roles, optimizer, scheduler, r, default_advantages(r), spec, batches)
+    assert len(norms) == stats["ppo/optimizer_steps"] == 4
+    assert stats["ppo/ptx_loss"] > 0

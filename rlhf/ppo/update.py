@@ -56,8 +56,7 @@ def ppo_update(roles: Roles, optimizer: torch.optim.Optimizer, scheduler, r: Rol
         for start in range(0, n, minibatch):
             optimizer.zero_grad(set_to_none=True)
             for micro in order[start:start + minibatch].chunk(spec.grad_accum):
-                loss, micro_stats = micro_loss(roles, r, a, micro, spec)
-                (loss / spec.grad_accum).backward()
+                micro_stats = micro_backward(roles, r, a, micro, spec, scale=1.0 / spec.grad_accum)
                 for k, v in micro_stats.items():
                     stats[k].append(v)
             if spec.ptx_coef > 0 and ptx_batches is not None:
@@ -73,24 +72,37 @@ def ppo_update(roles: Roles, optimizer: torch.optim.Optimizer, scheduler, r: Rol
     return out
 
 
-def micro_loss(roles: Roles, r: Rollout, a: Advantages, rows: torch.Tensor, spec: UpdateSpec):
-    """Clipped policy loss + vf_coef x clipped value loss on some rows of the rollout."""
+def policy_loss(roles: Roles, r: Rollout, a: Advantages, rows: torch.Tensor, spec: UpdateSpec):
+    """Clipped policy loss on some rows of the rollout, and its statistics."""
     ids, mask = r.rows(rows)
     resp_mask = mask[:, r.prompt_width:]
     logits = policy_logits(roles, ids, mask)
     logprobs = response_logprobs(logits, ids, r.prompt_width, spec.temperature)
-    pg_loss, pg_stats = core.clipped_policy_loss(logprobs, r.logprobs[rows], a.advantages[rows], resp_mask,
-                                                 spec.clip_range)
-    vpred = values(roles, ids, mask)[:, r.prompt_width - 1:-1]
-    vf_loss, vf_stats = core.clipped_value_loss(vpred, r.values[rows], a.returns[rows], resp_mask,
-                                                spec.clip_range_value)
+    loss, pg = core.clipped_policy_loss(logprobs, r.logprobs[rows], a.advantages[rows], resp_mask, spec.clip_range)
     with torch.no_grad():
-        entropy = core.masked_mean(core.entropy_from_logits(logits[:, r.prompt_width - 1:-1].detach(), spec.temperature),
+        entropy = core.masked_mean(core.entropy_from_logits(logits[:, r.prompt_width - 1:-1], spec.temperature),
                                    resp_mask)
-    stats = {"ppo/policy_loss": pg_loss.item(), "ppo/value_loss": vf_loss.item(), "ppo/entropy": entropy.item(),
-             "ppo/clipfrac": float(pg_stats["clipfrac"]), "ppo/approx_kl": float(pg_stats["approx_kl"]),
-             "ppo/ratio": float(pg_stats["ratio_mean"]), "ppo/vf_clipfrac": float(vf_stats["vf_clipfrac"])}
-    return pg_loss + spec.vf_coef * vf_loss, stats
+    return loss, {"ppo/policy_loss": loss.item(), "ppo/entropy": entropy.item(), "ppo/clipfrac": float(pg["clipfrac"]),
+                  "ppo/approx_kl": float(pg["approx_kl"]), "ppo/ratio": float(pg["ratio_mean"])}
+
+
+def value_loss(roles: Roles, r: Rollout, a: Advantages, rows: torch.Tensor, spec: UpdateSpec):
+    """Clipped value loss on some rows of the rollout, and its statistics."""
+    ids, mask = r.rows(rows)
+    vpred = values(roles, ids, mask)[:, r.prompt_width - 1:-1]
+    loss, vf = core.clipped_value_loss(vpred, r.values[rows], a.returns[rows], mask[:, r.prompt_width:],
+                                       spec.clip_range_value)
+    return loss, {"ppo/value_loss": loss.item(), "ppo/vf_clipfrac": float(vf["vf_clipfrac"])}
+
+
+def micro_backward(roles: Roles, r: Rollout, a: Advantages, rows: torch.Tensor, spec: UpdateSpec, scale: float):
+    """Gradients of (policy loss + vf_coef x value loss) x scale on some rows. The two losses use different
+    adapters and share no graph, so each is backpropagated at once: only one graph is alive at a time."""
+    pg_loss, stats = policy_loss(roles, r, a, rows, spec)
+    (scale * pg_loss).backward()
+    vf_loss, vf_stats = value_loss(roles, r, a, rows, spec)
+    (scale * spec.vf_coef * vf_loss).backward()
+    return stats | vf_stats
 
 
 def ptx_loss(roles: Roles, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
