@@ -11,9 +11,11 @@ Each stage runs in its own process (as `make` runs it); its peak memory is that 
 
 On CPU, glibc's malloc raises its mmap threshold every time a large block is freed, after which freed
 temporaries stay in the heap and the resident set grows with the *variety* of temporary sizes (PPO's
-generation, four roles' forwards and two backwards make many) rather than with what is live. The bench
-therefore pins MALLOC_MMAP_THRESHOLD_ for every stage alike (recorded in the JSON), so that peak RSS
-measures memory in use; set BENCH_DEFAULT_MALLOC=1 to measure with the default allocator behaviour.
+generation, four roles' forwards and two backwards make many) rather than with what is live. The
+`large` setup, which is about memory, therefore pins MALLOC_MMAP_THRESHOLD_ for all its stages alike, so
+that peak RSS measures memory in use (it also makes them about 2x slower: every big temporary becomes an
+mmap). The `demo` setup, which is about speed, keeps the default. Both are recorded in the JSON;
+BENCH_DEFAULT_MALLOC=1 keeps the default everywhere.
 
 Usage: python bench/run.py [--setup demo] [--setup large] [--out bench/results]
 """
@@ -61,18 +63,18 @@ def build_large_model(out: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def stage_env() -> dict:
+def stage_env(setup: str) -> dict:
     env = dict(os.environ)
-    if not env.get("BENCH_DEFAULT_MALLOC"):
+    if setup == "large" and not env.get("BENCH_DEFAULT_MALLOC"):
         env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     return env
 
 
-def run_stage(stage: str, run_dir: Path, extra: list[str]) -> dict:
+def run_stage(stage: str, run_dir: Path, extra: list[str], setup: str) -> dict:
     cmd = [sys.executable, "-m", f"stages.{stage}", "--config", str(ROOT / "configs" / "demo.yaml"),
            f"run_dir={run_dir}", *extra]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=stage_env())
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=stage_env(setup))
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
@@ -102,10 +104,11 @@ def bench(setup: str, work: Path) -> dict:
         model_dir = work / "large-model"
         info["parameters"] = build_large_model(model_dir)
         extra = {k: [f"model.name_or_path={model_dir}", *v] for k, v in LARGE_ARGS.items()}
-    result = {"setup": setup, **info, "stages": {}}
+    result = {"setup": setup, **info, "malloc_mmap_threshold": stage_env(setup).get("MALLOC_MMAP_THRESHOLD_", "default"),
+              "stages": {}}
     for stage in ("sft", "rm", "ppo"):
         print(f"[bench] {setup}: {stage}", flush=True)
-        result["stages"][stage] = run_stage(stage, run_dir, extra[stage])
+        result["stages"][stage] = run_stage(stage, run_dir, extra[stage], setup)
     key = "peak_cuda_mb" if "peak_cuda_mb" in result["stages"]["sft"] else "peak_rss_mb"
     result["ppo_over_sft_peak_memory"] = round(result["stages"]["ppo"][key] / result["stages"]["sft"][key], 3)
     return result
@@ -114,7 +117,6 @@ def bench(setup: str, work: Path) -> dict:
 def machine() -> dict:
     import torch
     return {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
-            "malloc_mmap_threshold": stage_env().get("MALLOC_MMAP_THRESHOLD_", "default"),
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
             "date": time.strftime("%Y-%m-%d")}
 

@@ -1,0 +1,27 @@
+"""The benchmark's bookkeeping (the timings themselves are never asserted: see `make bench`)."""
+
+import sys
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+import run as bench  # noqa: E402
+
+
+def test_throughput_from_trainer_and_ppo_metrics():
+    sft = [{"step": 1, "train/num_tokens": 100.0}, {"step": 2, "train/num_tokens": 300.0},
+           {"step": 2, "train/train_runtime": 3.0}]
+    assert bench.throughput("sft", sft) == {"train_s": 3.0, "train_tokens": 300, "tokens_per_s": 100.0}
+    ppo = [{"step": s, "time/step": 2.0 * s, "time/generate": 1.0, "time/score": 0.5, "time/train": s,
+            "perf/generated_tokens_per_s": 10.0 * s} for s in (1, 2, 3)]
+    out = bench.throughput("ppo", ppo)
+    assert out["steps"] == 3 and out["step_s"] == 4.0 and out["generated_tokens_per_s"] == 20.0
+    assert out["time_split_s"] == {"generate": 1.0, "score": 0.5, "train": 2.0}
+
+
+def test_memory_setup_pins_the_allocator_and_speed_setup_does_not(monkeypatch):
+    monkeypatch.delenv("BENCH_DEFAULT_MALLOC", raising=False)
+    assert bench.stage_env("large")["MALLOC_MMAP_THRESHOLD_"] == "131072"
+    assert "MALLOC_MMAP_THRESHOLD_" not in bench.stage_env("demo") or "MALLOC_MMAP_THRESHOLD_" in __import__("os").environ
+    monkeypatch.setenv("BENCH_DEFAULT_MALLOC", "1")
+    assert "MALLOC_MMAP_THRESHOLD_" not in bench.stage_env("large") or "MALLOC_MMAP_THRESHOLD_" in __import__("os").environ
