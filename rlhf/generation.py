@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from rlhf.ppo.core import truncate_after_eos
+
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt) -> list[int]:
     """Token ids of a prompt: chat messages through the chat template (with the generation prompt),
@@ -56,8 +58,6 @@ def generate_ids(model, tokenizer, prompts: list[list[int]], spec: SamplingSpec,
     """Sample one response per prompt (token ids). Returns (ids, mask, P): (B, P + R) token ids of the
     left-padded prompts followed by the responses, their bool mask (False on padding and after EOS), and
     the prompt width P. Responses are cut after their first EOS."""
-    from rlhf.ppo.core import truncate_after_eos
-
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     config = spec.generation_config(tokenizer)

@@ -1,8 +1,10 @@
 """Shared fixtures: the embedded demo (built once into data/demo/ if missing) and a finished SFT run."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -54,3 +56,15 @@ def run_make(target: str, run_dir: Path, config: Path = DEMO_CONFIG, args: str =
     (-o: the venv and the built demo count as up to date)."""
     return ["make", "-o", ".venv/.installed", "-o", "data/demo/DONE", "-o", "data/hh-tiny/DONE", target,
             f"PY={sys.executable}", f"CONFIG={config}", f"RUN={run_dir}", f"ARGS={args}"]
+
+
+def kill_once_written(cmd: list[str], mark: Path, timeout: float = 300) -> None:
+    """Start `cmd` in its own process group and SIGKILL the whole group (make and the stage under it, as
+    Ctrl-C or a scheduler would) as soon as the file `mark` exists."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    while not mark.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert mark.exists(), f"{mark} was not written before the kill"

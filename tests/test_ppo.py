@@ -1,18 +1,15 @@
 """Stage 3 end to end on the demo: alignment works, outputs reload, a killed run resumes to the same result."""
 
 import json
-import os
 import shutil
-import signal
 import subprocess
-import time
 
 import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_make, run_stage
+from conftest import ROOT, kill_once_written, run_make, run_stage
 from rlhf.config import LoraSpec, ModelConfig
 from rlhf.data import load_prompts
 from rlhf.generation import SamplingSpec, generate_texts
@@ -83,14 +80,8 @@ def test_killed_make_ppo_resumes_to_the_same_result(rm_run, tmp_path):
     subprocess.run(run_make("ppo", straight, args=SMALL), cwd=ROOT, check=True, capture_output=True)
 
     cmd = run_make("ppo", killed, args=SMALL)
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    mark = killed / "ppo" / "checkpoints" / "checkpoint-2" / "state.json"
-    deadline = time.time() + 300
-    while not mark.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert mark.exists() and not (killed / "ppo" / "DONE").exists()
+    kill_once_written(cmd, killed / "ppo" / "checkpoints" / "checkpoint-2" / "state.json")
+    assert not (killed / "ppo" / "DONE").exists()
 
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]

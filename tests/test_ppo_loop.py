@@ -64,7 +64,7 @@ def test_2_reference_is_the_sft_model_not_the_raw_base(setup):
 def test_3_old_logprobs_equal_the_sampler_distribution_at_temperature(setup):
     """Log-probs PPO computes by a fresh forward = what generate sampled from (scores after temperature)."""
     roles, tok, prompts, *_ = setup
-    ids, mask = [encode_prompt(tok, p) for p in prompts[:6]], None
+    ids = [encode_prompt(tok, p) for p in prompts[:6]]
     from rlhf.generation import left_pad
     x, m = left_pad(ids, tok.pad_token_id)
     torch.manual_seed(3)

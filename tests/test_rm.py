@@ -3,15 +3,13 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
-import time
 
 import pytest
 import torch
 from peft import PeftModel
 
-from conftest import ROOT, run_make, run_stage
+from conftest import ROOT, kill_once_written, run_make, run_stage
 from rlhf.config import ModelConfig
 from rlhf.data import load_preferences
 from rlhf.models import load_sft_model, load_tokenizer
@@ -82,14 +80,8 @@ def test_killed_make_rm_resumes(rm_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(rm_run / "sft", run / "sft")
     cmd = run_make("rm", run, args="train.max_steps=200 train.save_steps=20 train.eval_steps=100")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    first = run / "rm" / "checkpoints" / "checkpoint-20" / "trainer_state.json"
-    deadline = time.time() + 180
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert first.exists() and not (run / "rm" / "DONE").exists()
+    kill_once_written(cmd, run / "rm" / "checkpoints" / "checkpoint-20" / "trainer_state.json")
+    assert not (run / "rm" / "DONE").exists()
     killed_at = last_complete_checkpoint(run / "rm" / "checkpoints")
 
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -1,16 +1,13 @@
 """Stage 1 end to end on the demo: it learns, its output reloads, bad input stops it early, a kill resumes."""
 
 import json
-import os
-import signal
 import statistics
 import subprocess
-import time
 
 import pytest
 from peft import PeftModel
 
-from conftest import DEMO_CONFIG, ROOT, run_make
+from conftest import DEMO_CONFIG, ROOT, kill_once_written, run_make
 from rlhf import sft
 from rlhf.cli import stage_main
 from rlhf.config import ModelConfig, load_config
@@ -125,14 +122,7 @@ def test_killed_make_sft_resumes_from_last_checkpoint(demo_dir, tmp_path):
     run = tmp_path / "run"
     args = "train.max_steps=300 train.save_steps=25 train.logging_steps=25 train.eval_steps=100"
     cmd = run_make("sft", run, args=args)
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    first = run / "sft" / "checkpoints" / "checkpoint-25" / "trainer_state.json"
-    deadline = time.time() + 180
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert first.exists(), "no checkpoint was written before the deadline"
+    kill_once_written(cmd, run / "sft" / "checkpoints" / "checkpoint-25" / "trainer_state.json")
     assert not (run / "sft" / "DONE").exists()
     killed_at = last_complete_checkpoint(run / "sft" / "checkpoints")
     assert killed_at is not None and int(killed_at.name.split("-")[1]) < 300
