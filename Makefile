@@ -22,7 +22,7 @@ DATA_DEPS  := $(if $(findstring demo,$(notdir $(CONFIG))),data/demo/DONE)$(if $(
 STAMP      := $(VENV)/.installed
 STAGE      = $(PY) -m stages.$(1) --config $(CONFIG) run_dir=$(RUN) $(ARGS)
 
-.PHONY: setup test test-fast bench data data-hh demo all sft rm ppo clean-sft clean-rm clean-ppo clean
+.PHONY: setup test test-fast bench data data-hh demo all sft rm ppo export clean-sft clean-rm clean-ppo clean
 
 setup: $(STAMP)
 
@@ -67,6 +67,10 @@ ppo: $(RUN)/ppo/DONE
 
 $(RUN)/ppo/DONE: $(RUN)/rm/DONE
 	$(call STAGE,ppo)
+
+# A standalone HF model dir (base + SFT + PPO policy merged): <run_dir>/export-ppo/ (ARGS="stage=sft" for SFT)
+export: $(RUN)/ppo/DONE
+	$(call STAGE,export)
 
 demo all: ppo
 

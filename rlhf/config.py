@@ -189,6 +189,16 @@ class PPOStageConfig:
 
 
 @dataclass
+class ExportConfig:
+    stage: str = "ppo"
+    """Which adapter to merge into the base: ppo (the PPO policy, over SFT) or sft."""
+    out_dir: str | None = None
+    """None: <run_dir>/export-<stage>."""
+    dtype: str | None = None
+    """Save in this dtype (float32, bfloat16, float16); None: model.dtype."""
+
+
+@dataclass
 class PipelineConfig:
     run_dir: str = "runs/demo"
     """Every stage writes to <run_dir>/<stage>/."""
@@ -196,6 +206,7 @@ class PipelineConfig:
     sft: SFTStageConfig = field(default_factory=SFTStageConfig)
     rm: RMStageConfig = field(default_factory=RMStageConfig)
     ppo: PPOStageConfig = field(default_factory=PPOStageConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 def _top_level_keys() -> set[str]:

@@ -99,3 +99,24 @@ def test_killed_make_ppo_resumes_to_the_same_result(rm_run, tmp_path):
 def test_ppo_needs_finished_sft_and_rm(tmp_path):
     proc = run_stage("ppo", f"run_dir={tmp_path}", check=False)
     assert proc.returncode == 2 and "no finished sft stage" in proc.stderr
+
+
+@pytest.mark.parametrize("stage", ["ppo", "sft"])
+def test_export_round_trip_plain_transformers_generates_the_same_tokens(ppo_run, demo_dir, tmp_path, stage):
+    """`make export`: the merged model dir loads with plain transformers (no peft, no rlhf) and generates,
+    greedily, exactly the tokens of the adapter model it came from."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    out = tmp_path / f"export-{stage}"
+    run_stage("export", f"run_dir={ppo_run}", f"stage={stage}", f"out_dir={out}")
+    assert (out / "DONE").exists() and (out / "model.safetensors").exists()
+    assert not any((out / n).exists() for n in ("adapter_config.json", "adapter_model.safetensors"))
+
+    tok = load_tokenizer(str(ppo_run / "sft"))
+    prompts = [p.prompt for p in load_prompts(str(demo_dir / "prompts_eval.jsonl"))[:32]]
+    greedy = SamplingSpec(max_new_tokens=12, do_sample=False)
+    adapter_model = load_sft_model(ModelConfig(name_or_path=str(demo_dir / "base")), ppo_run / "sft", tok)
+    if stage == "ppo":
+        adapter_model = PeftModel.from_pretrained(adapter_model, str(ppo_run / "ppo" / "policy"))
+    plain_tok = AutoTokenizer.from_pretrained(out)
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    assert generate_texts(plain, plain_tok, prompts, greedy) == generate_texts(adapter_model, tok, prompts, greedy)

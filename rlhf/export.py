@@ -1,0 +1,50 @@
+"""make export: merge a stage's adapters into the base, as a standalone Hugging Face model directory.
+
+The result loads with plain `transformers` (`AutoModelForCausalLM.from_pretrained(dir)`) and serves in vLLM
+or any other runtime that reads HF checkpoints; this package is not needed to use it. The tokenizer is
+saved beside it, with the pad token and chat template the pipeline trained with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+from peft import PeftModel
+
+from rlhf.config import PipelineConfig
+from rlhf.models import load_sft_model, load_tokenizer, resolve_dtype
+from rlhf.runs import finish_stage, require_done
+
+STAGES = ("sft", "ppo")
+
+
+def run(cfg: PipelineConfig) -> Path:
+    e = cfg.export
+    if e.stage not in STAGES:
+        raise ValueError(f"export.stage must be one of {', '.join(STAGES)}, not {e.stage!r}")
+    run_dir = Path(cfg.run_dir)
+    sft_dir = require_done(run_dir / "sft", "sft")
+    out = Path(e.out_dir or run_dir / f"export-{e.stage}")
+
+    # 1. the SFT model (base + SFT adapter merged), then the PPO policy merged on top
+    tokenizer = load_tokenizer(str(sft_dir))
+    model_cfg = dataclasses.replace(cfg.model, dtype=e.dtype) if e.dtype else cfg.model
+    model = load_sft_model(model_cfg, sft_dir, tokenizer)
+    if e.stage == "ppo":
+        policy = require_done(run_dir / "ppo", "ppo") / "policy"
+        model = PeftModel.from_pretrained(model, str(policy)).merge_and_unload()
+
+    # 2. write to a temporary directory, then swap it in: a crash never leaves half an export
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.to(resolve_dtype(model_cfg.dtype)).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    finish_stage(out, {"stage": e.stage, "parameters": sum(p.numel() for p in model.parameters())})
+    print(f"[export] {e.stage} model merged into {out} (loads with AutoModelForCausalLM.from_pretrained)")
+    return out

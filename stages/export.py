@@ -1,0 +1,9 @@
+"""make export: a standalone HF model directory with a stage's adapters merged (see rlhf/export.py)."""
+
+import sys
+
+from rlhf import export
+from rlhf.cli import stage_main
+
+if __name__ == "__main__":
+    sys.exit(stage_main("export", export.run))
