@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from rlhf.eval.stats import bootstrap_interval
 from rlhf.generation import SamplingSpec, decode_responses, encode_prompt, generate_ids
 from rlhf.models import active_adapter, keep_requires_grad
 from rlhf.ppo import core
 from rlhf.ppo.roles import POLICY, Roles, policy_logits, reference_logits
 from rlhf.ppo.rollout import response_logprobs
-
-
-def win_rate(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Share of prompts where a beats b; ties count half."""
-    return ((a > b).float() + 0.5 * (a == b).float()).mean().item()
 
 
 @torch.no_grad()
@@ -48,7 +44,7 @@ def compare_with_sft(roles: Roles, tokenizer, prompts: list, spec: SamplingSpec,
     out = {
         "eval/n_prompts": len(prompts),
         "eval/reward_policy": pol_score.mean().item(), "eval/reward_sft": sft_score.mean().item(),
-        "eval/reward_win_rate": win_rate(pol_score, sft_score),
+        **win_rate_entries("reward", pol_score, sft_score),
         "eval/kl": pol_kl.mean().item(),
         "eval/length_policy": pol_len.float().mean().item(), "eval/length_sft": sft_len.float().mean().item(),
     }
@@ -56,10 +52,16 @@ def compare_with_sft(roles: Roles, tokenizer, prompts: list, spec: SamplingSpec,
         gold_pol = torch.tensor([float(judge(p, t)) for p, t in zip(prompts, pol_text)])
         gold_sft = torch.tensor([float(judge(p, t)) for p, t in zip(prompts, sft_text)])
         out |= {"eval/gold_policy": gold_pol.mean().item(), "eval/gold_sft": gold_sft.mean().item(),
-                "eval/gold_win_rate": win_rate(gold_pol, gold_sft)}
+                **win_rate_entries("gold", gold_pol, gold_sft)}
     out["samples"] = [{"prompt": prompt_text(p), "policy": a, "sft": b}
                       for p, a, b in list(zip(prompts, pol_text, sft_text))[:n_samples]]
     return out
+
+
+def win_rate_entries(name: str, a: torch.Tensor, b: torch.Tensor) -> dict:
+    """eval/<name>_win_rate (ties half) with its 95 % paired-bootstrap interval."""
+    rate, low, high = bootstrap_interval(a, b)
+    return {f"eval/{name}_win_rate": rate, f"eval/{name}_win_rate_low": low, f"eval/{name}_win_rate_high": high}
 
 
 def prompt_text(prompt) -> str:

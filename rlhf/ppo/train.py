@@ -181,10 +181,15 @@ def step_metrics(r, a, kl_coef: float, lr: float) -> dict[str, float]:
 def format_eval(e: dict) -> str:
     lines = [f"[ppo] held-out prompts: {e['eval/n_prompts']}",
              f"      RM score  policy {e['eval/reward_policy']:.3f}  SFT {e['eval/reward_sft']:.3f}  "
-             f"win rate {e['eval/reward_win_rate']:.3f}",
+             f"win rate {interval(e, 'reward')}",
              f"      KL(policy || SFT) {e['eval/kl']:.3f} nats   length policy {e['eval/length_policy']:.1f}  "
              f"SFT {e['eval/length_sft']:.1f}"]
     if "eval/gold_policy" in e:
         lines.append(f"      gold judge policy {e['eval/gold_policy']:.3f}  SFT {e['eval/gold_sft']:.3f}  "
-                     f"win rate {e['eval/gold_win_rate']:.3f}")
+                     f"win rate {interval(e, 'gold')}")
     return "\n".join(lines)
+
+
+def interval(e: dict, name: str) -> str:
+    k = f"eval/{name}_win_rate"
+    return f"{e[k]:.3f} (95% CI {e[k + '_low']:.3f}-{e[k + '_high']:.3f})"
