@@ -6,30 +6,26 @@ import torch
 
 from rlhf.eval.stats import bootstrap_interval
 from rlhf.generation import SamplingSpec, decode_responses, encode_prompt, generate_ids
-from rlhf.models import active_adapter, keep_requires_grad
+from rlhf.models import keep_requires_grad
 from rlhf.ppo import core
-from rlhf.ppo.roles import POLICY, Roles, policy_logits, reference_logits
-from rlhf.ppo.rollout import response_logprobs
+from rlhf.ppo.roles import Roles
+from rlhf.ppo.rollout import sample, score
 
 
 @torch.no_grad()
 def sample_and_score(roles: Roles, tokenizer, prompt_ids, spec: SamplingSpec, batch_size: int, use_policy: bool,
                      seed: int):
+    """Sample with the policy (or the SFT model) and score the samples as a PPO rollout is scored.
+    Returns (texts, RM scores (N,), sequence KL of policy vs SFT (N,), response lengths (N,))."""
     torch.manual_seed(seed)
     if use_policy:
-        with active_adapter(roles.model, POLICY):
-            ids, mask, width = generate_ids(roles.model, tokenizer, prompt_ids, spec, batch_size)
+        ids, mask, width = sample(roles, tokenizer, prompt_ids, spec, batch_size)
     else:
         with keep_requires_grad(roles.model), roles.model.disable_adapter():
             ids, mask, width = generate_ids(roles.model, tokenizer, prompt_ids, spec, batch_size)
-    scores, kls = [], []
-    for rows in torch.arange(ids.shape[0]).split(batch_size):
-        i, m = ids[rows], mask[rows]
-        scores.append(roles.scorer.score_ids(i, m))
-        logp = response_logprobs(policy_logits(roles, i, m), i, width, spec.temperature)
-        ref = response_logprobs(reference_logits(roles, i, m), i, width, spec.temperature)
-        kls.append(core.masked_sum(logp - ref, m[:, width:], dim=1))
-    return decode_responses(tokenizer, ids, mask, width), torch.cat(scores), torch.cat(kls), mask[:, width:].sum(1)
+    r = score(roles, ids, mask, width, spec.temperature, batch_size, tokenizer.eos_token_id)
+    kl = core.masked_sum(r.logprobs - r.ref_logprobs, r.response_mask, dim=1)
+    return decode_responses(tokenizer, ids, mask, width), r.scores, kl, r.response_mask.sum(1)
 
 
 def compare_with_sft(roles: Roles, tokenizer, prompts: list, spec: SamplingSpec, batch_size: int, judge=None,

@@ -21,8 +21,8 @@ from transformers import get_scheduler
 
 from rlhf import data as rdata
 from rlhf.config import PipelineConfig, PPOStageConfig, save_config
-from rlhf.generation import SamplingSpec, encode_prompt, generate_ids
-from rlhf.models import active_adapter, load_sft_model, load_tokenizer
+from rlhf.generation import SamplingSpec, encode_prompt
+from rlhf.models import load_sft_model, load_tokenizer
 from rlhf.plugins import import_callable
 from rlhf.ppo import core
 from rlhf.ppo.evaluate import compare_with_sft
@@ -60,9 +60,7 @@ def load_prompt_ids(source: str, split: str, p: PPOStageConfig, tokenizer) -> tu
 @torch.no_grad()
 def reward_normalisation(roles, tokenizer, prompt_ids, p: PPOStageConfig) -> tuple[float, float]:
     """Mean and std of RM scores of the SFT policy's own answers (the policy is SFT before any update)."""
-    picks = prompt_ids[:p.reward_norm_samples]
-    with active_adapter(roles.model, POLICY):
-        ids, mask, _ = generate_ids(roles.model, tokenizer, picks, sampling(p), p.forward_batch_size)
+    ids, mask, _ = sample(roles, tokenizer, prompt_ids[:p.reward_norm_samples], sampling(p), p.forward_batch_size)
     scores = torch.cat([roles.scorer.score_ids(ids[rows], mask[rows])
                         for rows in torch.arange(ids.shape[0]).split(p.forward_batch_size)])
     return scores.mean().item(), max(scores.std().item(), 1e-6)
