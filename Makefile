@@ -22,7 +22,7 @@ DATA_DEPS  := $(if $(findstring demo,$(notdir $(CONFIG))),data/demo/DONE)$(if $(
 STAMP      := $(VENV)/.installed
 STAGE      = $(PY) -m stages.$(1) --config $(CONFIG) run_dir=$(RUN) $(ARGS)
 
-.PHONY: setup test test-fast bench data data-hh demo all sft rm ppo export clean-sft clean-rm clean-ppo clean
+.PHONY: setup test test-fast bench data data-hh demo all sft rm ppo eval report export clean-sft clean-rm clean-ppo clean-eval clean
 
 setup: $(STAMP)
 
@@ -68,11 +68,22 @@ ppo: $(RUN)/ppo/DONE
 $(RUN)/ppo/DONE: $(RUN)/rm/DONE
 	$(call STAGE,ppo)
 
+# Judge base, SFT and PPO on held-out prompts (RM, gold judge, KL, win rates): <run_dir>/eval/report.md
+eval: $(RUN)/eval/DONE
+
+$(RUN)/eval/DONE: $(RUN)/ppo/DONE
+	$(call STAGE,eval)
+
+# Redraw the report and its plots from the saved metrics (no model is loaded)
+report: $(RUN)/eval/DONE
+	$(call STAGE,report)
+
 # A standalone HF model dir (base + SFT + PPO policy merged): <run_dir>/export-ppo/ (ARGS="stage=sft" for SFT)
 export: $(RUN)/ppo/DONE
 	$(call STAGE,export)
 
-demo all: ppo
+# data -> SFT -> RM -> PPO -> eval -> report
+demo all: report
 
 clean-sft:
 	rm -f $(RUN)/sft/DONE
@@ -82,6 +93,9 @@ clean-rm:
 
 clean-ppo:
 	rm -f $(RUN)/ppo/DONE
+
+clean-eval:
+	rm -f $(RUN)/eval/DONE
 
 clean:
 	rm -rf $(RUN)

@@ -199,6 +199,38 @@ class ExportConfig:
 
 
 @dataclass
+class EvalConfig:
+    checkpoints: list[str] = field(default_factory=lambda: ["base", "sft", "ppo"])
+    """What to judge: base, sft, ppo (this run's stages), or a directory: a full model (e.g. from make export)
+    or a PEFT adapter over the SFT model. "name=path" gives a directory a name in the report."""
+    baseline: str = "sft"
+    """The checkpoint every other one is compared with (win rates)."""
+    prompts_file: str = "data/demo/prompts_eval.jsonl"
+    """Held-out prompts: prompt-only rows, or the prompts of any other format."""
+    prompts_split: str = "test"
+    samples: int = 200
+    """Evaluate on the first `samples` prompts; 0: all."""
+    max_prompt_length: int = 256
+    skip_invalid: bool = False
+    decoding: list[str] = field(default_factory=lambda: ["sample", "greedy"])
+    """sample (at temperature / top_k / top_p, one answer per prompt, fixed seed) and/or greedy."""
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    batch_size: int = 64
+    seed: int = 1234
+    """Every checkpoint samples with this seed: two identical models give identical answers."""
+    judge: str | None = None
+    """Optional "module:function" (prompt, response) -> float: the gold judge of the task."""
+    reward_model: bool = True
+    """Score answers with this run's reward model (needs a finished RM stage)."""
+    examples: int = 8
+    """Prompts shown with every checkpoint's answer side by side in the report."""
+    progress_bar: bool = True
+
+
+@dataclass
 class PipelineConfig:
     run_dir: str = "runs/demo"
     """Every stage writes to <run_dir>/<stage>/."""
@@ -207,6 +239,7 @@ class PipelineConfig:
     rm: RMStageConfig = field(default_factory=RMStageConfig)
     ppo: PPOStageConfig = field(default_factory=PPOStageConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _top_level_keys() -> set[str]:

@@ -8,6 +8,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from rlhf.ppo.core import truncate_after_eos
+from rlhf.progress import progress
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt) -> list[int]:
@@ -54,15 +55,15 @@ class SamplingSpec:
 
 @torch.no_grad()
 def generate_ids(model, tokenizer, prompts: list[list[int]], spec: SamplingSpec,
-                 batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, int]:
+                 batch_size: int = 64, desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Sample one response per prompt (token ids). Returns (ids, mask, P): (B, P + R) token ids of the
     left-padded prompts followed by the responses, their bool mask (False on padding and after EOS), and
-    the prompt width P. Responses are cut after their first EOS."""
+    the prompt width P. Responses are cut after their first EOS. `desc`: show a progress bar over batches."""
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     config = spec.generation_config(tokenizer)
     chunks = []
-    for start in range(0, len(prompts), batch_size):
+    for start in progress(range(0, len(prompts), batch_size), desc=desc or "generate", enabled=desc is not None):
         ids, mask = left_pad(prompts[start:start + batch_size], tokenizer.pad_token_id, width)
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.long().to(device), generation_config=config)
         chunks.append((ids, mask, out[:, width:].cpu()))

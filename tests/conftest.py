@@ -51,6 +51,13 @@ def rm_run(sft_run) -> Path:
     return sft_run
 
 
+@pytest.fixture(scope="session")
+def ppo_run(rm_run) -> Path:
+    """The RM run above plus a finished PPO stage (100 steps, demo config as it ships)."""
+    run_stage("ppo", f"run_dir={rm_run}")
+    return rm_run
+
+
 def run_make(target: str, run_dir: Path, config: Path = DEMO_CONFIG, args: str = "", **popen) -> list[str]:
     """The `make <target>` command line a user types, pointed at this interpreter and a test run dir
     (-o: the venv and the built demo count as up to date)."""

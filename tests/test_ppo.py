@@ -20,12 +20,6 @@ from rlhf.runs import read_metrics
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="session")
-def ppo_run(rm_run):
-    run_stage("ppo", f"run_dir={rm_run}")
-    return rm_run
-
-
 def test_20_ppo_raises_rm_and_gold_scores_at_a_small_kl(ppo_run):
     out = ppo_run / "ppo"
     for name in ("policy/adapter_model.safetensors", "value/adapter_model.safetensors", "value/value_head.safetensors",

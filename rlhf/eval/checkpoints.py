@@ -1,0 +1,145 @@
+"""The checkpoints `make eval` judges, and the models that produce their answers.
+
+A checkpoint is named in `eval.checkpoints` as
+    base | sft | ppo           this run's base model, SFT model, PPO policy
+    [name=]DIR                 a full model directory (e.g. from `make export`: loads with plain transformers)
+                               or a PEFT adapter directory over the SFT model (e.g. <run>/ppo/policy)
+
+The SFT weights are held once (`Hub`): the SFT model itself, the reward adapter that scores answers, and
+every adapter checkpoint (the PPO policy...) are views of that one model, and the reference of the KL is
+the same model with its adapters off. Only `base` and full model directories load weights of their own,
+one at a time, while their answers are generated.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from rlhf.config import ConfigError, PipelineConfig
+from rlhf.models import (active_adapter, disable_dropout, keep_requires_grad, load_causal_lm, load_sft_model,
+                         load_tokenizer, resolve_dtype)
+from rlhf.reward import RewardScorer
+from rlhf.runs import require_done
+
+STAGES = ("base", "sft", "ppo")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    name: str
+    kind: str
+    """base | sft | adapter (a PEFT adapter over the SFT model, the PPO policy included) | model (a full model dir)"""
+    path: str | None = None
+
+
+def parse_checkpoints(entries: list[str], run_dir: Path) -> list[Checkpoint]:
+    """eval.checkpoints -> Checkpoints, every path checked before any model loads."""
+    out: list[Checkpoint] = []
+    for entry in entries:
+        name, sep, where = entry.partition("=")
+        if not sep:
+            name, where = "", entry
+        if where in STAGES and not name:
+            out.append(_stage_checkpoint(where, run_dir))
+            continue
+        path = Path(where)
+        if not path.is_dir():
+            raise ConfigError(f"eval.checkpoints: {entry!r} is neither base, sft, ppo nor a directory")
+        if (path / "adapter_config.json").is_file():
+            kind = "adapter"
+        elif (path / "config.json").is_file():
+            kind = "model"
+        else:
+            raise ConfigError(f"eval.checkpoints: {path} holds neither a model (config.json) "
+                              f"nor a PEFT adapter (adapter_config.json)")
+        out.append(Checkpoint(name or path.name, kind, str(path)))
+    names = [c.name for c in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"eval.checkpoints: names must differ, got {names} (use name=path)")
+    if not out:
+        raise ConfigError("eval.checkpoints is empty")
+    return out
+
+
+def _stage_checkpoint(stage: str, run_dir: Path) -> Checkpoint:
+    if stage == "base":
+        return Checkpoint("base", "base")
+    if stage == "sft":
+        return Checkpoint("sft", "sft", str(require_done(run_dir / "sft", "sft")))
+    return Checkpoint("ppo", "adapter", str(require_done(run_dir / "ppo", "ppo") / "policy"))
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Hub:
+    """The SFT model, held once, with the reward adapter (if scoring) and the adapter checkpoints on it."""
+
+    def __init__(self, cfg: PipelineConfig, sft_dir: Path, tokenizer, rm_dir: Path | None,
+                 adapters: list[Checkpoint]):
+        model = load_sft_model(cfg.model, sft_dir, tokenizer).to(device()).eval()
+        self.scorer = RewardScorer.attach(model, rm_dir, tokenizer) if rm_dir else None
+        model = self.scorer.model if self.scorer else model
+        for ckpt in adapters:
+            if isinstance(model, PeftModel):
+                model.load_adapter(ckpt.path, adapter_name=ckpt.name, is_trainable=False)
+            else:
+                model = PeftModel.from_pretrained(model, ckpt.path, adapter_name=ckpt.name)
+        model.requires_grad_(False)
+        self.model, self.tokenizer = model, tokenizer
+
+    @contextmanager
+    def reference(self):
+        """The SFT model: every adapter off."""
+        if isinstance(self.model, PeftModel):
+            with keep_requires_grad(self.model), self.model.disable_adapter():
+                yield self.model
+        else:
+            yield self.model
+
+    @contextmanager
+    def view(self, ckpt: Checkpoint):
+        """(model, tokenizer): the hub as checkpoint `ckpt` (sft: the reference; adapter: that adapter on)."""
+        if ckpt.kind == "sft":
+            with self.reference() as model:
+                yield model, self.tokenizer
+        else:
+            with active_adapter(self.model, ckpt.name) as model:
+                yield model, self.tokenizer
+
+
+@contextmanager
+def standalone(cfg: PipelineConfig, ckpt: Checkpoint, pipeline_tokenizer):
+    """A checkpoint with weights of its own (base, full model dir): loaded, yielded with its tokenizer, freed."""
+    if ckpt.kind == "base":
+        tokenizer = pipeline_tokenizer
+        model = load_causal_lm(cfg.model, tokenizer)
+    else:
+        tokenizer = load_tokenizer(ckpt.path, trust_remote_code=cfg.model.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=resolve_dtype(cfg.model.dtype),
+                                                     trust_remote_code=cfg.model.trust_remote_code)
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            raise ValueError(f"{ckpt.path}: the tokenizer has {len(tokenizer)} tokens but the model only "
+                             f"{model.get_input_embeddings().weight.shape[0]} embeddings (was a pad token added "
+                             f"after export?)")
+        disable_dropout(model)
+    model.to(device()).eval().requires_grad_(False)
+    try:
+        yield model, tokenizer
+    finally:
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def same_vocabulary(a, b) -> bool:
+    """Two tokenizers that map every string to the same ids (then token ids and log-probs compare)."""
+    return (a.get_vocab() == b.get_vocab() and a.pad_token_id == b.pad_token_id
+            and a.eos_token_id == b.eos_token_id and a.chat_template == b.chat_template)

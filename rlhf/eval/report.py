@@ -1,0 +1,361 @@
+"""The report a person reads instead of logs: `<run_dir>/eval/report.md` and its PNG plots.
+
+Rendered only from files the stages saved, so `make report` redraws it at any time without a model:
+
+    eval/metrics.json      the evaluation summary (required)
+    eval/samples.jsonl     every answer with its scores (distributions, sample table)
+    ppo/metrics.jsonl      PPO's per-step statistics (reward and KL curves)
+    ppo/DONE               PPO's wall time
+    rm/diagnostics.json    the reward model's held-out accuracy and calibration
+    sft/metrics.jsonl      SFT's loss curves
+
+Any of the optional files may be missing (an evaluation of exported models alone has none of them);
+their sections are left out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from rlhf.runs import read_metrics
+
+PLOTS = "plots"
+
+
+def render(run_dir: str | Path) -> Path:
+    """Write `<run_dir>/eval/report.md` and `<run_dir>/eval/plots/*.png`; returns the report's path."""
+    run_dir = Path(run_dir)
+    out = run_dir / "eval"
+    metrics_file = out / "metrics.json"
+    if not metrics_file.is_file():
+        raise FileNotFoundError(f"{metrics_file} not found: run `make eval` first")
+    metrics = json.loads(metrics_file.read_text())
+    samples = _jsonl(out / "samples.jsonl")
+    ppo = read_metrics(run_dir / "ppo" / "metrics.jsonl") if (run_dir / "ppo" / "metrics.jsonl").is_file() else []
+    rm = _json(run_dir / "rm" / "diagnostics.json")
+    sft = read_metrics(run_dir / "sft" / "metrics.jsonl") if (run_dir / "sft" / "metrics.jsonl").is_file() else []
+    ppo_done = _json(run_dir / "ppo" / "DONE")
+
+    (out / PLOTS).mkdir(parents=True, exist_ok=True)
+    plots = {
+        "ppo": plot_ppo(ppo, out / PLOTS / "ppo_training.png") if ppo else None,
+        "distributions": plot_distributions(samples, metrics, out / PLOTS / "score_distributions.png") if samples else None,
+        "rm": plot_rm(rm, out / PLOTS / "rm_calibration.png") if rm else None,
+        "sft": plot_sft(sft, out / PLOTS / "sft_loss.png") if sft else None,
+    }
+    text = "\n".join(part for part in (
+        summary_section(metrics),
+        results_section(metrics),
+        _figure("Scores of each checkpoint's answers", plots["distributions"]),
+        ppo_section(ppo, ppo_done, plots["ppo"]),
+        rm_section(rm, plots["rm"]),
+        _figure("SFT loss", plots["sft"], "## SFT"),
+        samples_section(samples, metrics),
+        method_section(metrics),
+    ) if part)
+    path = out / "report.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------- text
+
+def verdict(low: float, high: float) -> str:
+    if low > 0.5:
+        return "better"
+    if high < 0.5:
+        return "worse"
+    return "no clear difference"
+
+
+def _rate(row: dict, key: str) -> str:
+    return f"{row[key + '_win_rate']:.3f} ({row[key + '_win_rate_low']:.3f}–{row[key + '_win_rate_high']:.3f})"
+
+
+def summary_section(m: dict) -> str:
+    decoding = next(iter(m["results"]))
+    rows = m["results"][decoding]
+    base = m["baseline"]
+    lines = [f"# Evaluation report: `{m['run_dir']}`", "",
+             f"{m['n_prompts']} held-out prompts from `{m['prompts_file']}`; every checkpoint answers each prompt once "
+             f"per decoding with the same seed. Win rates are over **{base}**, prompt by prompt (ties count half), "
+             f"with 95 % bootstrap intervals.", "", f"## Summary ({decoding} decoding)", ""]
+    for name, row in rows.items():
+        if name == base:
+            continue
+        parts = []
+        if "gold_win_rate" in row:
+            parts.append(f"gold-judge win rate **{_rate(row, 'gold')}**, "
+                         f"{verdict(row['gold_win_rate_low'], row['gold_win_rate_high'])}")
+        if "reward_win_rate" in row:
+            parts.append(f"reward-model win rate {_rate(row, 'reward')}")
+        if "kl_mean" in row:
+            parts.append(f"KL to SFT {row['kl_mean']:.2f} nats")
+        parts.append(f"length {row['length_mean']:.1f} vs {rows[base]['length_mean']:.1f} tokens")
+        lines.append(f"- **{name}** vs {base}: " + "; ".join(parts) + ".")
+    if len(rows) == 1:
+        lines.append("Only the baseline was evaluated.")
+    if m.get("judge") is None:
+        lines += ["", "No gold judge is configured (`eval.judge`): the reward model is the only judge, and it is "
+                      "the model PPO optimised against, so its win rates overstate real gains."]
+    return "\n".join(lines) + "\n"
+
+
+def results_section(m: dict) -> str:
+    lines = ["## All results", ""]
+    for decoding, rows in m["results"].items():
+        spec = m.get("decoding", {}).get(decoding, {})
+        how = "greedy" if not spec.get("do_sample", decoding == "sample") else \
+            f"sampled at temperature {spec.get('temperature')}, top_k {spec.get('top_k')}, top_p {spec.get('top_p')}"
+        lines += [f"### {decoding} ({how}, at most {spec.get('max_new_tokens', '?')} new tokens)", ""]
+        cols = [("reward_mean", "RM score"), ("reward_win_rate", "RM win rate"), ("gold_mean", "gold score"),
+                ("gold_win_rate", "gold win rate"), ("kl_mean", "KL to SFT"), ("length_mean", "length")]
+        cols = [(k, label) for k, label in cols if any(k in r for r in rows.values())]
+        lines.append("| checkpoint | " + " | ".join(label for _, label in cols) + " |")
+        lines.append("|---" * (len(cols) + 1) + "|")
+        for name, row in rows.items():
+            cells = []
+            for key, _ in cols:
+                if key.endswith("win_rate"):
+                    cells.append(_rate(row, key[:-len("_win_rate")]) if key in row else "(baseline)")
+                elif key == "length_mean":
+                    cells.append(f"{row[key]:.1f}")
+                elif key in row:
+                    std = row.get(key.replace("_mean", "_std"))
+                    cells.append(f"{row[key]:.3f}" + (f" ± {std:.3f}" if std is not None else ""))
+                else:
+                    cells.append("")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def ppo_section(rows: list[dict], done: dict | None, plot: Path | None) -> str:
+    if not rows:
+        return ""
+    first, last = rows[: max(1, len(rows) // 10)], rows[-max(1, len(rows) // 10):]
+
+    def mean(part, key):
+        vals = [r[key] for r in part if key in r]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    lines = ["## PPO training", "",
+             f"{rows[-1]['step']} steps. Mean over the first and last tenth of the steps:", "",
+             "| | first | last |", "|---|---|---|"]
+    for key, label in (("ppo/score", "RM score of rollouts"), ("ppo/kl", "KL to SFT (nats/answer)"),
+                       ("ppo/reward", "total reward (normalised score − KL penalty)"),
+                       ("ppo/response_length", "answer length"), ("ppo/entropy", "entropy"),
+                       ("ppo/explained_variance", "value explained variance")):
+        if key in rows[-1]:
+            lines.append(f"| {label} | {mean(first, key):.3f} | {mean(last, key):.3f} |")
+    if done and "perf/wall_s" in done:
+        lines += ["", f"Wall time {done['perf/wall_s']:.0f} s, peak memory {done.get('perf/peak_rss_mb', 0):.0f} MB RSS"
+                      + (f", {done['perf/peak_cuda_mb']:.0f} MB CUDA" if "perf/peak_cuda_mb" in done else "") + "."]
+    lines.append("")
+    if plot:
+        lines += [f"![PPO training]({PLOTS}/{plot.name})", ""]
+    return "\n".join(lines)
+
+
+def rm_section(d: dict | None, plot: Path | None) -> str:
+    if not d:
+        return ""
+    lines = ["## Reward model (held-out pairs)", "",
+             f"Accuracy **{d['rm/accuracy']:.3f}** on {d['rm/n_pairs']} pairs, mean margin {d['rm/margin_mean']:.2f}, "
+             f"expected calibration error {d['rm/ece']:.3f}, reward–length correlation {d['rm/length_corr']:.2f}."]
+    tags = d.get("accuracy_by_tag")
+    if tags:
+        lines += ["", "| rejected answer's flaw | pairs | accuracy |", "|---|---|---|"]
+        lines += [f"| {tag} | {v['n']} | {v['accuracy']:.3f} |" for tag, v in tags.items()]
+    lines.append("")
+    if plot:
+        lines += [f"![Reward model calibration]({PLOTS}/{plot.name})", ""]
+    return "\n".join(lines)
+
+
+def samples_section(samples: list[dict], m: dict) -> str:
+    decoding = next(iter(m["results"]))
+    names = list(m["results"][decoding])
+    by_prompt: dict[int, dict] = {}
+    for s in samples:
+        if s["decoding"] == decoding and s["prompt_index"] < m.get("examples", 8):
+            by_prompt.setdefault(s["prompt_index"], {"prompt": s["prompt"]})[s["checkpoint"]] = s
+    if not by_prompt:
+        return ""
+    lines = [f"## Sample answers ({decoding})", "", "| prompt | " + " | ".join(names) + " |",
+             "|---" * (len(names) + 1) + "|"]
+    for i in sorted(by_prompt):
+        row = by_prompt[i]
+        cells = []
+        for name in names:
+            s = row.get(name)
+            if s is None:
+                cells.append("")
+                continue
+            scores = ", ".join(f"{label} {s[key]:.2f}" for key, label in (("gold", "gold"), ("reward", "RM"))
+                               if key in s)
+            cells.append(_cell(s["response"]) + (f" <sub>({scores})</sub>" if scores else ""))
+        lines.append(f"| {_cell(row['prompt'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def method_section(m: dict) -> str:
+    ckpts = ", ".join(f"`{c['name']}` ({c['kind']}{': ' + c['path'] if c.get('path') else ''})" for c in m["checkpoints"])
+    judge = f"`{m['judge']}`" if m.get("judge") else "none"
+    return "\n".join([
+        "## How this was measured", "",
+        f"- Checkpoints: {ckpts}.",
+        f"- Reward model: {'the run' + chr(39) + 's RM stage' if m.get('reward_model') else 'not used'}; gold judge: {judge}.",
+        f"- Seed {m.get('seed')} for every checkpoint. KL is log π(y|x) − log π_SFT(y|x) summed over the answer, "
+        "on the checkpoint's own sampled answers at the sampling temperature (its mean estimates KL(π‖π_SFT)).",
+        "- Win rate intervals: percentile bootstrap over prompts (2,000 resamples), pairs resampled together.",
+        "- Machine-readable: `metrics.json` (this summary), `samples.jsonl` (every answer and score). "
+        "`make report` redraws this page from them.", ""])
+
+
+def _cell(text: str) -> str:
+    return (text or "∅").replace("|", "\\|").replace("\n", " ")
+
+
+def _figure(title: str, plot: Path | None, heading: str | None = None) -> str:
+    if not plot:
+        return ""
+    return "\n".join(([heading, ""] if heading else []) + [f"![{title}]({PLOTS}/{plot.name})", ""])
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return read_metrics(path) if path.is_file() else []
+
+
+# ---------------------------------------------------------------- plots
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on clusters or CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    return path
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_ppo(rows: list[dict], path: Path) -> Path:
+    plt = _pyplot()
+    panels = [(k, label) for k, label in (("ppo/score", "RM score of rollouts"), ("ppo/kl", "KL to SFT (nats)"),
+                                          ("ppo/reward", "total reward"), ("ppo/response_length", "answer length"))
+              if any(k in r for r in rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    window = max(1, len(rows) // 20)
+    for ax, (key, label) in zip(axes[0], panels):
+        steps = [r["step"] for r in rows if key in r]
+        values = [r[key] for r in rows if key in r]
+        ax.plot(steps, values, color="tab:blue", alpha=0.3, linewidth=1)
+        ax.plot(steps, _smooth(values, window), color="tab:blue", linewidth=2)
+        ax.set_title(label)
+        ax.set_xlabel("PPO step")
+        ax.grid(alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_distributions(samples: list[dict], m: dict, path: Path) -> Path | None:
+    decoding = next(iter(m["results"]))
+    names = list(m["results"][decoding])
+    keys = [(k, label) for k, label in (("reward", "reward-model score"), ("gold", "gold-judge score"),
+                                        ("kl", "KL to SFT (nats)")) if any(k in s for s in samples)]
+    if not keys:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], keys):
+        series = {name: [s[key] for s in samples if s["decoding"] == decoding and s["checkpoint"] == name and key in s]
+                  for name in names}
+        everything = [v for values in series.values() for v in values]
+        low, high = min(everything), max(everything)
+        edges = [low + (high - low) * i / 25 for i in range(26)] if high > low else 25  # the same bins for all
+        for name, values in series.items():
+            if values:
+                ax.hist(values, bins=edges, histtype="step", linewidth=2, label=f"{name} (mean {sum(values) / len(values):.2f})")
+        ax.set_title(f"{label}, {decoding} answers")
+        ax.set_ylabel("answers")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_rm(d: dict, path: Path) -> Path | None:
+    bins, tags = d.get("reliability") or [], d.get("accuracy_by_tag") or {}
+    if not bins and not tags:
+        return None
+    plt = _pyplot()
+    n = 1 + bool(tags)
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.6), squeeze=False)
+    ax = axes[0][0]
+    ax.plot([0.5, 1], [0.5, 1], linestyle="--", color="gray", label="perfect calibration")
+    if bins:
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", label="reward model")
+    ax.set_xlabel("confidence σ(|r_a − r_b|)")
+    ax.set_ylabel("observed accuracy")
+    ax.set_title(f"calibration (ECE {d.get('rm/ece', float('nan')):.3f})")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    if tags:
+        ax = axes[0][1]
+        names = list(tags)
+        ax.barh(names, [tags[t]["accuracy"] for t in names], color="tab:green")
+        ax.set_xlim(0, 1)
+        ax.axvline(0.5, color="gray", linestyle="--")
+        ax.set_title("accuracy by flaw of the rejected answer")
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_sft(rows: list[dict], path: Path) -> Path | None:
+    series = {label: [(r["step"], r[key]) for r in rows if key in r]
+              for key, label in (("train/loss", "train"), ("eval/loss", "held-out"))}
+    if not any(series.values()):
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for label, points in series.items():
+        if points:
+            ax.plot(*zip(*points), marker="o" if len(points) < 20 else None, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)
+    return path

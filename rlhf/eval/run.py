@@ -1,0 +1,221 @@
+"""make eval: judge checkpoints on held-out prompts, then write the report.
+
+Every checkpoint answers the same prompts with the same seed, once per decoding (sampled, greedy). Each
+answer is scored by the run's reward model and, when the task has one, by the gold judge; sampled answers
+also get their sequence KL to the SFT model, log pi(y|x) - log pi_sft(y|x) (mean: KL(pi || pi_sft)).
+Every checkpoint is compared with the baseline prompt by prompt: win rate (ties half) and its 95 %
+bootstrap interval.
+
+Output `<run_dir>/eval/`: `metrics.json` (the summary, for machines), `samples.jsonl` (every answer and its
+scores), `report.md` with `plots/` (rlhf.eval.report), `config.yaml` and `DONE`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhf import data as rdata
+from rlhf.config import ConfigError, EvalConfig, PipelineConfig, save_config
+from rlhf.eval.checkpoints import Checkpoint, Hub, parse_checkpoints, same_vocabulary, standalone
+from rlhf.eval.report import render
+from rlhf.eval.stats import bootstrap_interval
+from rlhf.generation import SamplingSpec, decode_responses, encode_prompt, generate_ids
+from rlhf.models import load_tokenizer
+from rlhf.plugins import import_callable
+from rlhf.ppo import core
+from rlhf.ppo.rollout import response_logprobs
+from rlhf.reward import position_ids
+from rlhf.runs import begin_stage, finish_stage, is_done, require_done
+
+DECODINGS = ("sample", "greedy")
+
+
+@dataclass
+class Answers:
+    """One checkpoint's answers to the N prompts under one decoding."""
+
+    texts: list[str]
+    ids: torch.Tensor          # (N, P + R) in the checkpoint's tokenizer
+    mask: torch.Tensor         # (N, P + R) bool
+    width: int                 # P
+    comparable: bool           # same tokenizer as the pipeline's: ids can be scored and compared as they are
+    logprob: torch.Tensor | None = None   # (N,) log pi(y|x) at the sampling temperature (sampled answers)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.mask[:, self.width:].sum(1).cpu()
+
+
+def sampling(e: EvalConfig, decoding: str) -> SamplingSpec:
+    if decoding == "greedy":
+        return SamplingSpec(max_new_tokens=e.max_new_tokens, do_sample=False)
+    return SamplingSpec(max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_k=e.top_k, top_p=e.top_p)
+
+
+def validate(e: EvalConfig, checkpoints: list[Checkpoint]) -> None:
+    names = [c.name for c in checkpoints]
+    if e.baseline not in names:
+        raise ConfigError(f"eval.baseline {e.baseline!r} is not one of eval.checkpoints {names}")
+    bad = [d for d in e.decoding if d not in DECODINGS]
+    if bad or not e.decoding:
+        raise ConfigError(f"eval.decoding must list some of {', '.join(DECODINGS)}, got {list(e.decoding)}")
+
+
+def run(cfg: PipelineConfig) -> Path:
+    e, run_dir = cfg.eval, Path(cfg.run_dir)
+
+    # 1. everything that can be wrong is checked before a model loads
+    checkpoints = parse_checkpoints(list(e.checkpoints), run_dir)
+    validate(e, checkpoints)
+    rm_dir = require_done(run_dir / "rm", "rm") if e.reward_model else None
+    needs_sft = rm_dir is not None or any(c.kind in ("sft", "adapter") for c in checkpoints)
+    sft_dir = require_done(run_dir / "sft", "sft") if needs_sft or is_done(run_dir / "sft") else None
+    tokenizer = load_tokenizer(str(sft_dir) if sft_dir else cfg.model.name_or_path, cfg.model.revision,
+                               cfg.model.trust_remote_code)
+    examples = rdata.load_prompts(e.prompts_file, split=e.prompts_split, skip_invalid=e.skip_invalid)
+    examples = examples[:e.samples] if e.samples > 0 else examples
+    rdata.check_prompt_lengths(examples, tokenizer, e.max_prompt_length)
+    prompts = [x.prompt for x in examples]
+    judge = import_callable(e.judge) if e.judge else None
+    out = begin_stage(run_dir / "eval")
+    save_config(cfg, out)
+    print(f"[eval] {len(prompts)} prompts; checkpoints {', '.join(c.name for c in checkpoints)}; "
+          f"baseline {e.baseline}; decoding {', '.join(e.decoding)}")
+
+    # 2. answers: the SFT weights once (reference, reward adapter, adapter checkpoints); others one at a time
+    hub = Hub(cfg, sft_dir, tokenizer, rm_dir, [c for c in checkpoints if c.kind == "adapter"]) if sft_dir else None
+    answers: dict[str, dict[str, Answers]] = {d: {} for d in e.decoding}
+    for ckpt in checkpoints:
+        view = hub.view(ckpt) if ckpt.kind in ("sft", "adapter") else standalone(cfg, ckpt, tokenizer)
+        with view as (model, tok):
+            for decoding in e.decoding:
+                answers[decoding][ckpt.name] = answer(model, tok, prompts, e, decoding, ckpt.name,
+                                                      comparable=hub is not None and same_vocabulary(tok, tokenizer))
+
+    # 3. judgements: reward model, KL to the SFT model, gold judge
+    rows, results = [], {}
+    for decoding, by_name in answers.items():
+        scores = {name: judgements(a, hub, prompts, judge, e) for name, a in by_name.items()}
+        results[decoding] = summarize(scores, e.baseline)
+        for name, s in scores.items():
+            a = by_name[name]
+            for i, text in enumerate(a.texts):
+                rows.append({"decoding": decoding, "checkpoint": name, "prompt_index": i,
+                             "prompt": prompt_text(prompts[i]), "response": text,
+                             **{k: v[i] for k, v in s.items() if v is not None}})
+
+    metrics = {
+        "run_dir": str(run_dir), "n_prompts": len(prompts), "prompts_file": e.prompts_file,
+        "baseline": e.baseline, "judge": e.judge, "reward_model": rm_dir is not None,
+        "checkpoints": [{"name": c.name, "kind": c.kind, "path": c.path} for c in checkpoints],
+        "decoding": {d: vars(sampling(e, d)) for d in e.decoding},
+        "seed": e.seed, "examples": e.examples,
+        "results": results,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = render(run_dir)
+    print(format_results(metrics))
+    print(f"[eval] report: {report}")
+    finish_stage(out, {"n_prompts": len(prompts), **headline(metrics)})
+    return out
+
+
+@torch.no_grad()
+def answer(model, tokenizer, prompts: list, e: EvalConfig, decoding: str, name: str, comparable: bool) -> Answers:
+    """The checkpoint's answers, sampled with the fixed seed (identical models give identical answers)."""
+    spec = sampling(e, decoding)
+    torch.manual_seed(e.seed)
+    ids, mask, width = generate_ids(model, tokenizer, [encode_prompt(tokenizer, p) for p in prompts], spec,
+                                    e.batch_size, desc=f"eval {name} ({decoding})" if e.progress_bar else None)
+    a = Answers(decode_responses(tokenizer, ids, mask, width), ids, mask, width, comparable)
+    if comparable and decoding == "sample":
+        a.logprob = sequence_logprob(model, a, spec.temperature, e.batch_size)
+    return a
+
+
+@torch.no_grad()
+def sequence_logprob(model, a: Answers, temperature: float, batch_size: int) -> torch.Tensor:
+    """(N,) log-probability of each response given its prompt, at `temperature`."""
+    out = []
+    for rows in torch.arange(a.ids.shape[0]).split(batch_size):
+        ids, mask = a.ids[rows], a.mask[rows]
+        logits = model(input_ids=ids, attention_mask=mask.long(), position_ids=position_ids(mask), use_cache=False).logits
+        out.append(core.masked_sum(response_logprobs(logits, ids, a.width, temperature), mask[:, a.width:], dim=1))
+    return torch.cat(out).float().cpu()
+
+
+@torch.no_grad()
+def judgements(a: Answers, hub: Hub | None, prompts: list, judge, e: EvalConfig) -> dict[str, list | None]:
+    """Per-answer scores: reward (the RM), kl (to the SFT model, sampled answers), gold (the judge), length."""
+    reward = kl = gold = None
+    if hub is not None and hub.scorer is not None:
+        if a.comparable:  # the token ids a PPO rollout would be scored on
+            reward = torch.cat([hub.scorer.score_ids(a.ids[rows], a.mask[rows]).cpu()
+                                for rows in torch.arange(a.ids.shape[0]).split(e.batch_size)])
+        else:  # another tokenizer: the text, re-tokenised as the RM was trained (answer + EOS)
+            reward = hub.scorer.score(prompts, a.texts, e.batch_size)
+        reward = reward.tolist()
+    if a.logprob is not None:
+        with hub.reference() as reference:
+            kl = (a.logprob - sequence_logprob(reference, a, e.temperature, e.batch_size)).tolist()
+    if judge is not None:
+        gold = [float(judge(p, t)) for p, t in zip(prompts, a.texts)]
+    return {"reward": reward, "gold": gold, "kl": kl, "length": a.lengths.tolist()}
+
+
+def summarize(scores: dict[str, dict[str, list | None]], baseline: str) -> dict[str, dict[str, float]]:
+    """Per checkpoint: means of every score, and win rates over the baseline with 95 % intervals."""
+    out = {}
+    for name, s in scores.items():
+        row: dict[str, float] = {"n": len(s["length"])}
+        for key, values in s.items():
+            if values is not None:
+                t = torch.tensor(values, dtype=torch.float64)
+                row[f"{key}_mean"] = t.mean().item()
+                row[f"{key}_std"] = t.std().item() if len(t) > 1 else 0.0
+        if name != baseline:
+            for key in ("reward", "gold"):
+                if s[key] is not None:
+                    rate, low, high = bootstrap_interval(torch.tensor(s[key]), torch.tensor(scores[baseline][key]))
+                    row |= {f"{key}_win_rate": rate, f"{key}_win_rate_low": low, f"{key}_win_rate_high": high}
+        out[name] = row
+    return out
+
+
+def headline(metrics: dict) -> dict[str, float]:
+    """Flat `eval/<decoding>/<checkpoint>/<metric>` entries of the win rates and KL (for DONE and logs)."""
+    flat = {}
+    for decoding, by_name in metrics["results"].items():
+        for name, row in by_name.items():
+            for key in ("reward_win_rate", "gold_win_rate", "kl_mean", "gold_mean", "reward_mean"):
+                if key in row:
+                    flat[f"eval/{decoding}/{name}/{key}"] = row[key]
+    return flat
+
+
+def format_results(metrics: dict) -> str:
+    lines = []
+    for decoding, by_name in metrics["results"].items():
+        lines.append(f"[eval] {decoding}: vs {metrics['baseline']} on {metrics['n_prompts']} prompts")
+        for name, row in by_name.items():
+            parts = [f"{name:>12}"]
+            for key, label in (("reward", "RM"), ("gold", "gold")):
+                if f"{key}_mean" in row:
+                    parts.append(f"{label} {row[f'{key}_mean']:.3f}")
+                if f"{key}_win_rate" in row:
+                    parts.append(f"win {row[f'{key}_win_rate']:.3f} "
+                                 f"[{row[f'{key}_win_rate_low']:.3f}, {row[f'{key}_win_rate_high']:.3f}]")
+            if "kl_mean" in row:
+                parts.append(f"KL {row['kl_mean']:.3f}")
+            parts.append(f"len {row['length_mean']:.1f}")
+            lines.append("  ".join(parts))
+    return "\n".join(lines)
+
+
+def prompt_text(prompt) -> str:
+    return prompt if isinstance(prompt, str) else " | ".join(m["content"] for m in prompt)
