@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch.utils.tensorboard import SummaryWriter
-from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from rlhf import data as rdata
@@ -32,6 +31,7 @@ from rlhf.ppo.rollout import PromptSampler, advantages, sample, score
 from rlhf.ppo.state import load_checkpoint, save_checkpoint
 from rlhf.ppo.update import UpdateSpec, check_batch_sizes, ppo_update
 from rlhf.ppo.ptx import ptx_batches
+from rlhf.progress import progress
 from rlhf.runs import MetricsFile, begin_stage, finish_stage, require_done
 
 
@@ -112,8 +112,7 @@ def run(cfg: PipelineConfig) -> Path:
     tb = SummaryWriter(str(out / "tb"))
 
     # 4. the PPO loop: rollout -> score -> advantages -> PPO epochs
-    bar = tqdm(range(start, p.steps), initial=start, total=p.steps, desc="ppo",
-               disable=not (p.progress_bar and sys.stderr.isatty()))
+    bar = progress(range(start, p.steps), initial=start, total=p.steps, desc="ppo", enabled=p.progress_bar)
     for step in bar:
         t0 = time.perf_counter()
         batch = [prompt_ids[i] for i in sampler.next(p.rollout_batch_size)]
