@@ -11,7 +11,7 @@ from conftest import ROOT, run_make, run_stage
 from rlhf.config import ConfigError, EvalConfig
 from rlhf.eval.checkpoints import parse_checkpoints
 from rlhf.eval.report import render, verdict
-from rlhf.eval.run import summarize, validate
+from rlhf.eval.run import merge_in_order, summarize, validate
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -34,6 +34,16 @@ def test_summarize_win_rates_and_intervals_on_hand_made_scores():
     assert out["ppo"]["kl_mean"] == 2.0 and out["ppo"]["length_mean"] == 6.0
     assert "kl_mean" not in out["twin"]
     assert (verdict(0.6, 0.9), verdict(0.1, 0.4), verdict(0.4, 0.6)) == ("better", "worse", "no clear difference")
+
+
+def test_answers_of_several_processes_merge_back_in_prompt_order():
+    """Under accelerate launch, process r answers prompts r, r + W, ...; the merged lists follow the prompts."""
+    def part(indices):
+        return indices, {"sample": {"sft": {"response": [f"a{i}" for i in indices], "reward": [float(i) for i in indices],
+                                            "kl": None}}}
+    merged = merge_in_order([part([0, 2, 4]), part([1, 3])], 5)
+    assert merged["sample"]["sft"]["response"] == ["a0", "a1", "a2", "a3", "a4"]
+    assert merged["sample"]["sft"]["reward"] == [0.0, 1.0, 2.0, 3.0, 4.0] and merged["sample"]["sft"]["kl"] is None
 
 
 def write_saved_run(run_dir, with_optional=True):

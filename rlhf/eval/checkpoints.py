@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -76,7 +77,8 @@ def _stage_checkpoint(stage: str, run_dir: Path) -> Checkpoint:
 
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's device: cuda:<local rank> under `accelerate launch` on GPUs, else cuda or cpu."""
+    return PartialState().device
 
 
 class Hub:

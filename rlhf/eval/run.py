@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 
 from rlhf import data as rdata
 from rlhf.config import ConfigError, EvalConfig, PipelineConfig, save_config
@@ -81,32 +83,41 @@ def run(cfg: PipelineConfig) -> Path:
     rdata.check_prompt_lengths(examples, tokenizer, e.max_prompt_length)
     prompts = [x.prompt for x in examples]
     judge = import_callable(e.judge) if e.judge else None
+    state = PartialState()
     out = begin_stage(run_dir / "eval")
-    save_config(cfg, out)
+    if state.is_main_process:
+        save_config(cfg, out)
     print(f"[eval] {len(prompts)} prompts; checkpoints {', '.join(c.name for c in checkpoints)}; "
           f"baseline {e.baseline}; decoding {', '.join(e.decoding)}")
 
-    # 2. answers: the SFT weights once (reference, reward adapter, adapter checkpoints); others one at a time
+    # 2. answers: the SFT weights once (reference, reward adapter, adapter checkpoints); others one at a time.
+    #    Under `accelerate launch`, each process answers every num_processes-th prompt.
+    mine = list(range(state.process_index, len(prompts), state.num_processes))
+    local = [prompts[i] for i in mine]
     hub = Hub(cfg, sft_dir, tokenizer, rm_dir, [c for c in checkpoints if c.kind == "adapter"]) if sft_dir else None
     answers: dict[str, dict[str, Answers]] = {d: {} for d in e.decoding}
     for ckpt in checkpoints:
         view = hub.view(ckpt) if ckpt.kind in ("sft", "adapter") else standalone(cfg, ckpt, tokenizer)
         with view as (model, tok):
             for decoding in e.decoding:
-                answers[decoding][ckpt.name] = answer(model, tok, prompts, e, decoding, ckpt.name,
+                answers[decoding][ckpt.name] = answer(model, tok, local, e, decoding, ckpt.name,
                                                       comparable=hub is not None and same_vocabulary(tok, tokenizer))
 
-    # 3. judgements: reward model, KL to the SFT model, gold judge
+    # 3. judgements: reward model, KL to the SFT model, gold judge; then every process's share in prompt order
+    scores = {d: {name: {"response": a.texts, **judgements(a, hub, local, judge, e)} for name, a in by_name.items()}
+              for d, by_name in answers.items()}
+    scores = gather_in_order(scores, mine, len(prompts), state)
+    if not state.is_main_process:
+        state.wait_for_everyone()
+        return out
     rows, results = [], {}
-    for decoding, by_name in answers.items():
-        scores = {name: judgements(a, hub, prompts, judge, e) for name, a in by_name.items()}
-        results[decoding] = summarize(scores, e.baseline)
-        for name, s in scores.items():
-            a = by_name[name]
-            for i, text in enumerate(a.texts):
+    for decoding, by_name in scores.items():
+        results[decoding] = summarize({name: {k: v for k, v in s.items() if k != "response"}
+                                       for name, s in by_name.items()}, e.baseline)
+        for name, s in by_name.items():
+            for i in range(len(prompts)):
                 rows.append({"decoding": decoding, "checkpoint": name, "prompt_index": i,
-                             "prompt": prompt_text(prompts[i]), "response": text,
-                             **{k: v[i] for k, v in s.items() if v is not None}})
+                             "prompt": prompt_text(prompts[i]), **{k: v[i] for k, v in s.items() if v is not None}})
 
     metrics = {
         "run_dir": str(run_dir), "n_prompts": len(prompts), "prompts_file": e.prompts_file,
@@ -122,6 +133,34 @@ def run(cfg: PipelineConfig) -> Path:
     print(format_results(metrics))
     print(f"[eval] report: {report}")
     finish_stage(out, {"n_prompts": len(prompts), **headline(metrics)})
+    state.wait_for_everyone()
+    return out
+
+
+def gather_in_order(scores: dict, mine: list[int], n: int, state: PartialState) -> dict:
+    """Every process's per-prompt lists, scores[decoding][checkpoint][key] for its prompts `mine`, -> the full
+    lists in prompt order, on every process."""
+    if state.num_processes == 1:
+        return scores
+    return merge_in_order(gather_object([(mine, scores)]), n)
+
+
+def merge_in_order(parts: list[tuple[list[int], dict]], n: int) -> dict:
+    """[(prompt indices, scores[decoding][checkpoint][key] = values for those prompts), ...] -> full lists."""
+    first = parts[0][1]
+    out: dict = {}
+    for decoding, by_name in first.items():
+        out[decoding] = {}
+        for name, keys in by_name.items():
+            out[decoding][name] = {}
+            for key, values in keys.items():
+                full = None
+                if values is not None:
+                    full = [None] * n
+                    for indices, part in parts:
+                        for i, v in zip(indices, part[decoding][name][key], strict=True):
+                            full[i] = v
+                out[decoding][name][key] = full
     return out
 
 
