@@ -213,7 +213,10 @@ class EvalConfig:
     max_prompt_length: int = 256
     skip_invalid: bool = False
     decoding: list[str] = field(default_factory=lambda: ["sample", "greedy"])
-    """sample (at temperature / top_k / top_p, one answer per prompt, fixed seed) and/or greedy."""
+    """sample (at temperature / top_k / top_p, fixed seed) and/or greedy (one answer per prompt)."""
+    samples_per_prompt: int = 1
+    """Sampled answers per prompt: answer j of a checkpoint is compared with answer j of the baseline and a
+    prompt's win is the mean of its comparisons; more answers narrow the interval (sampling noise)."""
     max_new_tokens: int = 16
     temperature: float = 1.0
     top_k: int = 0

@@ -39,11 +39,22 @@ def test_summarize_win_rates_and_intervals_on_hand_made_scores():
 def test_answers_of_several_processes_merge_back_in_prompt_order():
     """Under accelerate launch, process r answers prompts r, r + W, ...; the merged lists follow the prompts."""
     def part(indices):
-        return indices, {"sample": {"sft": {"response": [f"a{i}" for i in indices], "reward": [float(i) for i in indices],
-                                            "kl": None}}}
+        return indices, {"sft": {"response": [f"a{i}" for i in indices], "reward": [float(i) for i in indices],
+                                 "kl": None}}
     merged = merge_in_order([part([0, 2, 4]), part([1, 3])], 5)
-    assert merged["sample"]["sft"]["response"] == ["a0", "a1", "a2", "a3", "a4"]
-    assert merged["sample"]["sft"]["reward"] == [0.0, 1.0, 2.0, 3.0, 4.0] and merged["sample"]["sft"]["kl"] is None
+    assert merged["sft"]["response"] == ["a0", "a1", "a2", "a3", "a4"]
+    assert merged["sft"]["reward"] == [0.0, 1.0, 2.0, 3.0, 4.0] and merged["sft"]["kl"] is None
+
+
+def test_several_answers_per_prompt_are_compared_pairwise_and_averaged_per_prompt():
+    # 2 prompts x 3 answers: prompt 0 wins 2 of 3, prompt 1 ties 1 and loses 2 -> (2/3 + 1/6) / 2
+    scores = {"sft": {"gold": [0.5, 0.5, 0.5, 0.5, 0.5, 0.5], "reward": None, "kl": None, "length": [1] * 6},
+              "ppo": {"gold": [1.0, 1.0, 0.0, 0.5, 0.0, 0.0], "reward": None, "kl": None, "length": [1] * 6}}
+    row = summarize(scores, "sft", group=3)["ppo"]
+    assert row["gold_win_rate"] == pytest.approx((2 / 3 + 1 / 6) / 2)
+    assert row["gold_mean"] == pytest.approx(2.5 / 6) and row["n"] == 6
+    with pytest.raises(ValueError, match="groups of 4"):
+        summarize(scores, "sft", group=4)
 
 
 def write_saved_run(run_dir, with_optional=True):
@@ -134,6 +145,8 @@ def test_checkpoint_and_eval_config_errors_name_the_key(tmp_path):
         validate(EvalConfig(), ckpts)
     with pytest.raises(ConfigError, match="eval.decoding"):
         validate(EvalConfig(baseline="base", decoding=["beam"]), ckpts)
+    with pytest.raises(ConfigError, match="samples_per_prompt"):
+        validate(EvalConfig(baseline="base", samples_per_prompt=0), ckpts)
 
 
 def test_eval_stage_rejects_bad_input_before_loading_a_model(demo_dir, tmp_path):
@@ -156,7 +169,8 @@ def test_eval_judges_base_sft_ppo_and_an_exported_directory(ppo_run, tmp_path):
     run_dir.mkdir()
     for stage in ("sft", "rm", "ppo"):
         (run_dir / stage).symlink_to(ppo_run / stage)
-    proc = run_stage("eval", f"run_dir={run_dir}", f"checkpoints=[base,sft,ppo,exported={export}]", "samples=64")
+    proc = run_stage("eval", f"run_dir={run_dir}", f"checkpoints=[base,sft,ppo,exported={export}]", "samples=64",
+                     "samples_per_prompt=2")
     out = run_dir / "eval"
     m = json.loads((out / "metrics.json").read_text())
     sample, greedy = m["results"]["sample"], m["results"]["greedy"]
@@ -166,7 +180,7 @@ def test_eval_judges_base_sft_ppo_and_an_exported_directory(ppo_run, tmp_path):
     assert sample["ppo"]["gold_win_rate"] > 0.6 and sample["ppo"]["reward_win_rate"] > 0.6
     assert sample["base"]["gold_mean"] < sample["sft"]["gold_mean"]
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 * 4 * 64
+    assert len(rows) == (2 + 1) * 4 * 64  # 2 sampled answers and 1 greedy per prompt and checkpoint
     for decoding in ("sample", "greedy"):
         answers = {c: [r for r in rows if r["decoding"] == decoding and r["checkpoint"] == c] for c in ("ppo", "exported")}
         assert [r["response"] for r in answers["ppo"]] == [r["response"] for r in answers["exported"]]

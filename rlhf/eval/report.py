@@ -72,6 +72,11 @@ def verdict(low: float, high: float) -> str:
     return "no clear difference"
 
 
+def per_prompt(m: dict, decoding: str) -> str:
+    k = m.get("decoding", {}).get(decoding, {}).get("answers_per_prompt", 1)
+    return "one answer" if k == 1 else f"{k} answers"
+
+
 def _rate(row: dict, key: str) -> str:
     return f"{row[key + '_win_rate']:.3f} ({row[key + '_win_rate_low']:.3f}–{row[key + '_win_rate_high']:.3f})"
 
@@ -81,9 +86,10 @@ def summary_section(m: dict) -> str:
     rows = m["results"][decoding]
     base = m["baseline"]
     lines = [f"# Evaluation report: `{m['run_dir']}`", "",
-             f"{m['n_prompts']} held-out prompts from `{m['prompts_file']}`; every checkpoint answers each prompt once "
-             f"per decoding with the same seed. Win rates are over **{base}**, prompt by prompt (ties count half), "
-             f"with 95 % bootstrap intervals.", "", f"## Summary ({decoding} decoding)", ""]
+             f"{m['n_prompts']} held-out prompts from `{m['prompts_file']}`; every checkpoint answers them with the "
+             f"same seed ({per_prompt(m, decoding)} per prompt in {decoding} decoding). Win rates are over **{base}**, "
+             f"answer j against the baseline's answer j, ties counting half, averaged per prompt, with 95 % "
+             f"bootstrap intervals over prompts.", "", f"## Summary ({decoding} decoding)", ""]
     for name, row in rows.items():
         if name == base:
             continue
@@ -111,7 +117,8 @@ def results_section(m: dict) -> str:
         spec = m.get("decoding", {}).get(decoding, {})
         how = "greedy" if not spec.get("do_sample", decoding == "sample") else \
             f"sampled at temperature {spec.get('temperature')}, top_k {spec.get('top_k')}, top_p {spec.get('top_p')}"
-        lines += [f"### {decoding} ({how}, at most {spec.get('max_new_tokens', '?')} new tokens)", ""]
+        lines += [f"### {decoding} ({how}, at most {spec.get('max_new_tokens', '?')} new tokens, "
+                  f"{per_prompt(m, decoding)} per prompt)", ""]
         cols = [("reward_mean", "RM score"), ("reward_win_rate", "RM win rate"), ("gold_mean", "gold score"),
                 ("gold_win_rate", "gold win rate"), ("kl_mean", "KL to SFT"), ("length_mean", "length")]
         cols = [(k, label) for k, label in cols if any(k in r for r in rows.values())]
@@ -182,7 +189,7 @@ def samples_section(samples: list[dict], m: dict) -> str:
     names = list(m["results"][decoding])
     by_prompt: dict[int, dict] = {}
     for s in samples:
-        if s["decoding"] == decoding and s["prompt_index"] < m.get("examples", 8):
+        if s["decoding"] == decoding and s["prompt_index"] < m.get("examples", 8) and s.get("sample_index", 0) == 0:
             by_prompt.setdefault(s["prompt_index"], {"prompt": s["prompt"]})[s["checkpoint"]] = s
     if not by_prompt:
         return ""

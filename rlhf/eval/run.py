@@ -65,6 +65,12 @@ def validate(e: EvalConfig, checkpoints: list[Checkpoint]) -> None:
     bad = [d for d in e.decoding if d not in DECODINGS]
     if bad or not e.decoding:
         raise ConfigError(f"eval.decoding must list some of {', '.join(DECODINGS)}, got {list(e.decoding)}")
+    if e.samples_per_prompt < 1:
+        raise ConfigError(f"eval.samples_per_prompt must be at least 1, got {e.samples_per_prompt}")
+
+
+def answers_per_prompt(e: EvalConfig, decoding: str) -> int:
+    return e.samples_per_prompt if decoding == "sample" else 1  # greedy answers would all be the same
 
 
 def run(cfg: PipelineConfig) -> Path:
@@ -91,39 +97,44 @@ def run(cfg: PipelineConfig) -> Path:
           f"baseline {e.baseline}; decoding {', '.join(e.decoding)}")
 
     # 2. answers: the SFT weights once (reference, reward adapter, adapter checkpoints); others one at a time.
-    #    Under `accelerate launch`, each process answers every num_processes-th prompt.
+    #    Under `accelerate launch`, each process answers every num_processes-th prompt. With k answers per
+    #    prompt, answer j of prompt i is item i * k + j.
     mine = list(range(state.process_index, len(prompts), state.num_processes))
-    local = [prompts[i] for i in mine]
     hub = Hub(cfg, sft_dir, tokenizer, rm_dir, [c for c in checkpoints if c.kind == "adapter"]) if sft_dir else None
     answers: dict[str, dict[str, Answers]] = {d: {} for d in e.decoding}
     for ckpt in checkpoints:
         view = hub.view(ckpt) if ckpt.kind in ("sft", "adapter") else standalone(cfg, ckpt, tokenizer)
         with view as (model, tok):
             for decoding in e.decoding:
-                answers[decoding][ckpt.name] = answer(model, tok, local, e, decoding, ckpt.name,
+                k = answers_per_prompt(e, decoding)
+                answers[decoding][ckpt.name] = answer(model, tok, [prompts[i] for i in mine for _ in range(k)], e,
+                                                      decoding, ckpt.name,
                                                       comparable=hub is not None and same_vocabulary(tok, tokenizer))
 
     # 3. judgements: reward model, KL to the SFT model, gold judge; then every process's share in prompt order
-    scores = {d: {name: {"response": a.texts, **judgements(a, hub, local, judge, e)} for name, a in by_name.items()}
-              for d, by_name in answers.items()}
-    scores = gather_in_order(scores, mine, len(prompts), state)
+    rows, results = [], {}
+    for decoding, by_name in answers.items():
+        k = answers_per_prompt(e, decoding)
+        items = [i * k + j for i in mine for j in range(k)]
+        scores = {name: {"response": a.texts, **judgements(a, hub, [prompts[i // k] for i in items], judge, e)}
+                  for name, a in by_name.items()}
+        scores = gather_in_order(scores, items, len(prompts) * k, state)
+        results[decoding] = summarize({name: {key: v for key, v in s.items() if key != "response"}
+                                       for name, s in scores.items()}, e.baseline, k)
+        for name, s in scores.items():
+            for item in range(len(prompts) * k):
+                rows.append({"decoding": decoding, "checkpoint": name, "prompt_index": item // k,
+                             "sample_index": item % k, "prompt": prompt_text(prompts[item // k]),
+                             **{key: v[item] for key, v in s.items() if v is not None}})
     if not state.is_main_process:
         state.wait_for_everyone()
         return out
-    rows, results = [], {}
-    for decoding, by_name in scores.items():
-        results[decoding] = summarize({name: {k: v for k, v in s.items() if k != "response"}
-                                       for name, s in by_name.items()}, e.baseline)
-        for name, s in by_name.items():
-            for i in range(len(prompts)):
-                rows.append({"decoding": decoding, "checkpoint": name, "prompt_index": i,
-                             "prompt": prompt_text(prompts[i]), **{k: v[i] for k, v in s.items() if v is not None}})
 
     metrics = {
         "run_dir": str(run_dir), "n_prompts": len(prompts), "prompts_file": e.prompts_file,
         "baseline": e.baseline, "judge": e.judge, "reward_model": rm_dir is not None,
         "checkpoints": [{"name": c.name, "kind": c.kind, "path": c.path} for c in checkpoints],
-        "decoding": {d: vars(sampling(e, d)) for d in e.decoding},
+        "decoding": {d: vars(sampling(e, d)) | {"answers_per_prompt": answers_per_prompt(e, d)} for d in e.decoding},
         "seed": e.seed, "examples": e.examples,
         "results": results,
     }
@@ -138,29 +149,26 @@ def run(cfg: PipelineConfig) -> Path:
 
 
 def gather_in_order(scores: dict, mine: list[int], n: int, state: PartialState) -> dict:
-    """Every process's per-prompt lists, scores[decoding][checkpoint][key] for its prompts `mine`, -> the full
-    lists in prompt order, on every process."""
+    """Every process's lists scores[checkpoint][key], for its items `mine`, -> the full lists in item order,
+    on every process."""
     if state.num_processes == 1:
         return scores
     return merge_in_order(gather_object([(mine, scores)]), n)
 
 
 def merge_in_order(parts: list[tuple[list[int], dict]], n: int) -> dict:
-    """[(prompt indices, scores[decoding][checkpoint][key] = values for those prompts), ...] -> full lists."""
-    first = parts[0][1]
+    """[(item indices, scores[checkpoint][key] = values for those items), ...] -> full lists of n items."""
     out: dict = {}
-    for decoding, by_name in first.items():
-        out[decoding] = {}
-        for name, keys in by_name.items():
-            out[decoding][name] = {}
-            for key, values in keys.items():
-                full = None
-                if values is not None:
-                    full = [None] * n
-                    for indices, part in parts:
-                        for i, v in zip(indices, part[decoding][name][key], strict=True):
-                            full[i] = v
-                out[decoding][name][key] = full
+    for name, keys in parts[0][1].items():
+        out[name] = {}
+        for key, values in keys.items():
+            full = None
+            if values is not None:
+                full = [None] * n
+                for indices, part in parts:
+                    for i, v in zip(indices, part[name][key], strict=True):
+                        full[i] = v
+            out[name][key] = full
     return out
 
 
@@ -207,8 +215,9 @@ def judgements(a: Answers, hub: Hub | None, prompts: list, judge, e: EvalConfig)
     return {"reward": reward, "gold": gold, "kl": kl, "length": a.lengths.tolist()}
 
 
-def summarize(scores: dict[str, dict[str, list | None]], baseline: str) -> dict[str, dict[str, float]]:
-    """Per checkpoint: means of every score, and win rates over the baseline with 95 % intervals."""
+def summarize(scores: dict[str, dict[str, list | None]], baseline: str, group: int = 1) -> dict[str, dict[str, float]]:
+    """Per checkpoint: means of every score, and win rates over the baseline with 95 % intervals (`group`
+    answers per prompt, consecutive; prompts are the unit of the bootstrap)."""
     out = {}
     for name, s in scores.items():
         row: dict[str, float] = {"n": len(s["length"])}
@@ -220,7 +229,8 @@ def summarize(scores: dict[str, dict[str, list | None]], baseline: str) -> dict[
         if name != baseline:
             for key in ("reward", "gold"):
                 if s[key] is not None:
-                    rate, low, high = bootstrap_interval(torch.tensor(s[key]), torch.tensor(scores[baseline][key]))
+                    rate, low, high = bootstrap_interval(torch.tensor(s[key]), torch.tensor(scores[baseline][key]),
+                                                         group=group)
                     row |= {f"{key}_win_rate": rate, f"{key}_win_rate_low": low, f"{key}_win_rate_high": high}
         out[name] = row
     return out

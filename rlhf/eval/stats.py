@@ -22,11 +22,17 @@ def outcomes(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def bootstrap_interval(a: torch.Tensor, b: torch.Tensor, level: float = 0.95, resamples: int = 2000,
-                       seed: int = 0) -> tuple[float, float, float]:
+                       seed: int = 0, group: int = 1) -> tuple[float, float, float]:
     """(win rate, low, high): the percentile bootstrap interval over prompts (pairs resampled together).
 
-    Deterministic for a given seed, so a report rendered twice shows the same interval."""
+    `group` > 1: a and b hold `group` answers per prompt, consecutive (prompt 0's first, then prompt 1's...);
+    answer j of a is compared with answer j of b, a prompt's result is the mean of its `group` outcomes, and
+    prompts (not answers) are resampled. Deterministic for a given seed, so a report rendered twice shows
+    the same interval."""
     result = outcomes(a, b)
+    if result.shape[0] % group:
+        raise ValueError(f"{result.shape[0]} scores do not split into groups of {group} answers per prompt")
+    result = result.view(-1, group).mean(dim=1)
     n = result.shape[0]
     if n == 0:
         raise ValueError("no prompts to compute a win rate on")
