@@ -22,6 +22,21 @@ DATA_DEPS  := $(if $(findstring demo,$(notdir $(CONFIG))),data/demo/DONE)$(if $(
 STAMP      := $(VENV)/.installed
 STAGE      = $(PY) -m stages.$(1) --config $(CONFIG) run_dir=$(RUN) $(ARGS)
 
+# --- LAUNCHER=accelerate: the stages as several processes, through `accelerate launch` --------------------
+#   make ppo LAUNCHER=accelerate ACCELERATE_CONFIG=configs/accelerate/ddp.yaml NPROC=4
+# runs sft, rm, ppo and eval as `accelerate launch [--config_file C] [--num_processes N] -m stages.<stage> ...`
+# (without ACCELERATE_CONFIG accelerate uses its own default config; without NPROC the config's
+# num_processes). report and export stay one process. Configs: configs/accelerate/ (README: "Several GPUs").
+LAUNCHER   ?= local
+ifeq ($(LAUNCHER),accelerate)
+ACCELERATE_CONFIG ?=
+NPROC      ?=
+ACCELERATE_STAGES := sft rm ppo eval
+LAUNCH     = $(PY) -m accelerate.commands.launch $(if $(ACCELERATE_CONFIG),--config_file $(ACCELERATE_CONFIG)) $(if $(NPROC),--num_processes $(NPROC))
+STAGE      = $(if $(filter $(1),$(ACCELERATE_STAGES)),$(LAUNCH) -m,$(PY) -m) stages.$(1) --config $(CONFIG) run_dir=$(RUN) $(ARGS)
+endif
+# --- end LAUNCHER=accelerate ------------------------------------------------------------------------------
+
 .PHONY: setup test test-fast bench data data-hh demo all sft rm ppo eval report export clean-sft clean-rm clean-ppo clean-eval clean
 
 setup: $(STAMP)

@@ -136,6 +136,7 @@ class PPOStageConfig:
     steps: int = 100
     """PPO iterations: each samples rollout_batch_size responses, then runs ppo_epochs over them."""
     rollout_batch_size: int = 64
+    """Rollouts per PPO step in all: under `accelerate launch` each of N processes samples rollout_batch_size / N."""
     forward_batch_size: int = 64
     """Rows per no-grad forward pass (generation, reference, reward, values)."""
     max_new_tokens: int = 16

@@ -17,19 +17,21 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from peft import get_peft_model
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from transformers.integrations import TensorBoardCallback
 from trl import RewardConfig, RewardTrainer
 
 from rlhf import data as rdata
+from rlhf import distributed
 from rlhf import rm_diagnostics
 from rlhf.config import PipelineConfig, RMStageConfig, save_config
 from rlhf.models import load_sft_model, load_tokenizer, lora_config, resolve_dtype
 from rlhf.plugins import import_callable
-from rlhf.reward import RewardScorer, build_reward_model, pair_ids, save_head
+from rlhf.reward import HEAD_FILE, RewardScorer, build_reward_model, pair_ids, save_head
 from rlhf.runs import (MetricsCallback, MetricsFile, begin_stage, checkpoint_step, finish_stage,
-                       last_complete_checkpoint, require_done, trainer_kwargs)
+                       last_complete_checkpoint, require_done, save_trained_adapter, trainer_kwargs)
 
 
 def load_rm_data(cfg: RMStageConfig, tokenizer) -> tuple[list[rdata.PreferencePair], list[rdata.PreferencePair]]:
@@ -129,8 +131,12 @@ def trainer_args(cfg: RMStageConfig, out: Path, bf16: bool) -> RewardConfig:
 def run(cfg: PipelineConfig) -> Path:
     r = cfg.rm
     sft_dir = require_done(Path(cfg.run_dir) / "sft", "sft")
+    # under `accelerate launch` the Trainer runs DDP/FSDP/DeepSpeed; only the main process writes
+    procs = distributed.state()
+    main = procs.is_main_process
     out = begin_stage(Path(cfg.run_dir) / "rm")
-    save_config(cfg, out)
+    if main:
+        save_config(cfg, out)
 
     # 1. tokenizer (the SFT stage's) and data, validated and tokenized before the model is loaded
     tokenizer = load_tokenizer(str(sft_dir))
@@ -148,30 +154,39 @@ def run(cfg: PipelineConfig) -> Path:
     model = get_peft_model(clf, lora_config(r.lora, task_type="SEQ_CLS", modules_to_save=["score"]))
 
     # 3. train, resuming from the last complete checkpoint
-    resume = last_complete_checkpoint(out / "checkpoints")
-    metrics = MetricsFile(out / "metrics.jsonl", resume_step=checkpoint_step(resume))
+    with procs.main_process_first():  # the main process removes a half-written checkpoint first
+        resume = last_complete_checkpoint(out / "checkpoints")
+    metrics = MetricsFile(out / "metrics.jsonl", resume_step=checkpoint_step(resume), enabled=main)
     bf16 = resolve_dtype(cfg.model.dtype) == torch.bfloat16
     trainer_cls = GroupedRewardTrainer if r.group_pairs else RewardTrainer
     trainer = trainer_cls(
         model=model, args=trainer_args(r, out, bf16), processing_class=tokenizer,
         train_dataset=train_ds if r.group_pairs else train_ds.remove_columns("group"),
         eval_dataset=eval_ds.remove_columns("group"),
-        callbacks=[MetricsCallback(metrics), TensorBoardCallback(SummaryWriter(str(out / "tb")))],
+        callbacks=[MetricsCallback(metrics)] + ([TensorBoardCallback(SummaryWriter(str(out / "tb")))] if main else []),
     )
-    if resume:
+    if resume and main:
         print(f"[rm] resuming from {resume}")
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
-    # 4. save the adapter, the head and the tokenizer
-    model.save_pretrained(out)
-    save_head(model.base_model.model, out)
+    # 4. save the adapter, the head and the tokenizer; the main process alone goes on to the diagnostics
+    save_trained_adapter(trainer, out)
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    procs.wait_for_everyone()
+    if not main:
+        return out
+    if sharded:  # the gathered weights are in the saved adapter, not in this process's shard
+        adapter = load_file(str(out / "adapter_model.safetensors"))
+        save_file({"weight": adapter["base_model.model.score.weight"].float()}, str(out / HEAD_FILE))
+    else:
+        save_head(model.base_model.model, out)
     tokenizer.save_pretrained(out)
     step = trainer.state.global_step
     del trainer, model, clf, sft_model
     gc.collect()
 
     # 5. diagnostics on held-out pairs, scored the way PPO and eval will score (shared base + "reward" adapter)
-    scorer = RewardScorer.attach(load_sft_model(cfg.model, sft_dir, tokenizer), out, tokenizer)
+    scorer = RewardScorer.attach(load_sft_model(cfg.model, sft_dir, tokenizer).to(procs.device), out, tokenizer)
     diag = diagnose(scorer, held_out, tagger)
     metrics.write(step, {k: v for k, v in diag.items() if k.startswith("rm/")})
     (out / "diagnostics.json").write_text(json.dumps(diag, indent=2) + "\n")

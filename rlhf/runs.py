@@ -94,11 +94,14 @@ def checkpoint_step(ckpt: Path | None) -> int:
 
 
 class MetricsFile:
-    """Append-only `metrics.jsonl`: one JSON object per line, `{"step": N, "<ns>/<name>": value, ...}`."""
+    """Append-only `metrics.jsonl`: one JSON object per line, `{"step": N, "<ns>/<name>": value, ...}`.
 
-    def __init__(self, path: str | Path, resume_step: int = 0):
-        self.path = Path(path)
-        self._truncate_after(resume_step)
+    enabled=False (every process but the main one under `accelerate launch`): touches nothing, writes nothing."""
+
+    def __init__(self, path: str | Path, resume_step: int = 0, enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled
+        if enabled:
+            self._truncate_after(resume_step)
 
     def _truncate_after(self, step: int) -> None:
         # Rows logged after the checkpoint we resume from are replayed by the resumed run: drop them.
@@ -108,6 +111,8 @@ class MetricsFile:
         self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def write(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
         clean = {k: v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **clean}) + "\n")
@@ -144,6 +149,16 @@ class MetricsCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             self.metrics.write(state.global_step, namespaced(logs))
+
+
+def save_trained_adapter(trainer, out: Path) -> None:
+    """The trained PEFT adapter into out/, written by the main process. Every process calls this: under FSDP or
+    DeepSpeed the sharded weights are gathered first (Trainer.save_model, which also writes the tokenizer and
+    training_args.bin); otherwise the PEFT model saves itself."""
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        trainer.save_model(str(out))
+    elif trainer.is_world_process_zero():
+        trainer.model.save_pretrained(out)
 
 
 def trainer_kwargs(train: TrainSpec, out: Path, bf16: bool) -> dict:

@@ -17,10 +17,11 @@ from transformers.integrations import TensorBoardCallback
 from trl import SFTConfig, SFTTrainer
 
 from rlhf import data as rdata
+from rlhf import distributed
 from rlhf.config import PipelineConfig, SFTStageConfig, save_config
 from rlhf.models import load_causal_lm, load_tokenizer, lora_config, resolve_dtype
 from rlhf.runs import (MetricsCallback, MetricsFile, begin_stage, checkpoint_step, finish_stage,
-                       last_complete_checkpoint, read_metrics, trainer_kwargs)
+                       last_complete_checkpoint, read_metrics, save_trained_adapter, trainer_kwargs)
 
 
 def load_sft_data(cfg: SFTStageConfig, tokenizer) -> tuple[list[rdata.SFTExample], list[rdata.SFTExample]]:
@@ -60,8 +61,12 @@ def trainer_args(s: SFTStageConfig, out: Path, bf16: bool) -> SFTConfig:
 
 def run(cfg: PipelineConfig) -> Path:
     s = cfg.sft
+    # under `accelerate launch` the Trainer runs DDP/FSDP/DeepSpeed; only the main process writes
+    procs = distributed.state()
+    main = procs.is_main_process
     out = begin_stage(Path(cfg.run_dir) / "sft")
-    save_config(cfg, out)
+    if main:
+        save_config(cfg, out)
 
     # 1. tokenizer and data, validated before the model is even loaded
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
@@ -73,24 +78,28 @@ def run(cfg: PipelineConfig) -> Path:
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     bf16 = resolve_dtype(cfg.model.dtype) == torch.bfloat16
-    resume = last_complete_checkpoint(out / "checkpoints")
-    metrics = MetricsFile(out / "metrics.jsonl", resume_step=checkpoint_step(resume))
+    with procs.main_process_first():  # the main process removes a half-written checkpoint first
+        resume = last_complete_checkpoint(out / "checkpoints")
+    metrics = MetricsFile(out / "metrics.jsonl", resume_step=checkpoint_step(resume), enabled=main)
     trainer = SFTTrainer(
         model=model, args=trainer_args(s, out, bf16), processing_class=tokenizer,
         train_dataset=to_dataset(train), eval_dataset=to_dataset(held_out),
         peft_config=lora_config(s.lora),
-        callbacks=[MetricsCallback(metrics), TensorBoardCallback(SummaryWriter(str(out / "tb")))],
+        callbacks=[MetricsCallback(metrics)] + ([TensorBoardCallback(SummaryWriter(str(out / "tb")))] if main else []),
     )
 
     # 3. train, resuming from the last complete checkpoint if a previous run died
-    if resume:
+    if resume and main:
         print(f"[sft] resuming from {resume}")
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     final = trainer.evaluate()
     metrics.write(trainer.state.global_step, {"eval/loss": final["eval_loss"]})
 
-    # 4. save adapter + tokenizer, then the marker
-    trainer.model.save_pretrained(out)
+    # 4. save adapter + tokenizer, then the marker (after every process is done)
+    save_trained_adapter(trainer, out)
+    procs.wait_for_everyone()
+    if not main:
+        return out
     tokenizer.save_pretrained(out)
     summary = sft_summary(out / "metrics.jsonl")
     print(f"[sft] held-out loss {summary['eval_loss_start']:.4f} -> {summary['eval_loss_end']:.4f}; saved to {out}")

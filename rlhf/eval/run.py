@@ -21,6 +21,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 
 from rlhf import data as rdata
+from rlhf import distributed
 from rlhf.config import ConfigError, EvalConfig, PipelineConfig, save_config
 from rlhf.eval.checkpoints import Checkpoint, Hub, parse_checkpoints, same_vocabulary, standalone
 from rlhf.eval.report import render
@@ -89,7 +90,7 @@ def run(cfg: PipelineConfig) -> Path:
     rdata.check_prompt_lengths(examples, tokenizer, e.max_prompt_length)
     prompts = [x.prompt for x in examples]
     judge = import_callable(e.judge) if e.judge else None
-    state = PartialState()
+    state = distributed.state()  # PartialState; on a CPU-only machine it must be asked for the CPU to form a group
     out = begin_stage(run_dir / "eval")
     if state.is_main_process:
         save_config(cfg, out)

@@ -11,19 +11,21 @@ from rlhf import data as rdata
 from rlhf.generation import encode_prompt
 
 
-def ptx_batches(p, tokenizer) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def ptx_batches(p, tokenizer, device: torch.device | str | None = None, rank: int = 0,
+                world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Endless shuffled (ids, mask, labels) batches of p.ptx_batch_size demonstrations from p.ptx_file:
-    right-padded (B, T) ids, bool mask, and bool labels (True on answer tokens and EOS: the SFT loss)."""
+    right-padded (B, T) ids, bool mask, and bool labels (True on answer tokens and EOS: the SFT loss).
+    With several processes, each draws from its own share of the demonstrations."""
     if not p.ptx_file:
         raise ValueError("ppo.ptx_coef > 0 needs ppo.ptx_file (demonstrations, as for SFT)")
-    examples = rdata.load_sft(p.ptx_file, skip_invalid=p.skip_invalid)
+    examples = rdata.load_sft(p.ptx_file, skip_invalid=p.skip_invalid)[rank::world]
     rows = []
     for e in examples:
         prompt = encode_prompt(tokenizer, e.prompt)
         answer = tokenizer(e.completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append((prompt + answer, [False] * len(prompt) + [True] * len(answer)))
     rng = random.Random(p.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     while True:
         rng.shuffle(rows)
         for start in range(0, len(rows) - p.ptx_batch_size + 1, p.ptx_batch_size):

@@ -34,15 +34,20 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, roles: Roles, optimizer, scheduler, state: dict, keep: int = 2) -> Path:
-    """state: JSON-able run state (KL controller, prompt sampler, reward normalisation, ...)."""
+def save_checkpoint(ckpt_dir: Path, step: int, roles: Roles, optimizer, scheduler, state: dict, keep: int = 2,
+                    rngs: list[dict] | None = None) -> Path:
+    """state: JSON-able run state (KL controller, prompt sampler, reward normalisation, ...).
+    rngs: the random states of all processes, rank order (several processes); default: this process's."""
     final = ckpt_dir / f"checkpoint-{step}"
     tmp = ckpt_dir / f".tmp-checkpoint-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(adapter_state(roles), str(tmp / "adapters.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-               tmp / "optimizer.pt")
+    rngs = rngs or [rng_state()]
+    rest = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs[0]}
+    if len(rngs) > 1:
+        rest["rng_per_process"] = rngs
+    torch.save(rest, tmp / "optimizer.pt")
     (tmp / STATE).write_text(json.dumps({"step": step, **state}))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -51,9 +56,10 @@ def save_checkpoint(ckpt_dir: Path, step: int, roles: Roles, optimizer, schedule
     return final
 
 
-def load_checkpoint(ckpt_dir: Path, roles: Roles, optimizer, scheduler) -> dict | None:
+def load_checkpoint(ckpt_dir: Path, roles: Roles, optimizer, scheduler, rank: int = 0, world: int = 1) -> dict | None:
     """Restore the newest complete checkpoint into roles/optimizer/scheduler and the RNGs; returns its
-    run state (with "step"), or None when there is none."""
+    run state (with "step", and "rng_restored": False when the checkpoint was written by a different number
+    of processes, so this process's random state is not in it), or None when there is none."""
     for tmp in ckpt_dir.glob(".tmp-checkpoint-*"):
         shutil.rmtree(tmp)  # a save that a kill interrupted
     ckpt = last_complete_checkpoint(ckpt_dir, marker=STATE)
@@ -63,5 +69,7 @@ def load_checkpoint(ckpt_dir: Path, roles: Roles, optimizer, scheduler) -> dict 
     rest = torch.load(ckpt / "optimizer.pt", weights_only=False)
     optimizer.load_state_dict(rest["optimizer"])
     scheduler.load_state_dict(rest["scheduler"])
-    set_rng_state(rest["rng"])
-    return {**json.loads((ckpt / STATE).read_text()), "path": str(ckpt)}
+    rngs = rest.get("rng_per_process", [rest["rng"]])
+    if len(rngs) == world:
+        set_rng_state(rngs[rank])
+    return {**json.loads((ckpt / STATE).read_text()), "path": str(ckpt), "rng_restored": len(rngs) == world}

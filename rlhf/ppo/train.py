@@ -19,7 +19,8 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers import get_scheduler
 
 from rlhf import data as rdata
-from rlhf.config import PipelineConfig, PPOStageConfig, save_config
+from rlhf import distributed
+from rlhf.config import ConfigError, PipelineConfig, PPOStageConfig, save_config
 from rlhf.generation import SamplingSpec, encode_prompt
 from rlhf.models import load_sft_model, load_tokenizer
 from rlhf.plugins import import_callable
@@ -28,7 +29,7 @@ from rlhf.ppo.evaluate import compare_with_sft
 from rlhf.ppo.kl import AdaptiveKLController, FixedKLController
 from rlhf.ppo.roles import POLICY, VALUE, build_roles, calibrate_value_head
 from rlhf.ppo.rollout import PromptSampler, advantages, sample, score
-from rlhf.ppo.state import load_checkpoint, save_checkpoint
+from rlhf.ppo.state import load_checkpoint, rng_state, save_checkpoint
 from rlhf.ppo.update import UpdateSpec, check_batch_sizes, ppo_update
 from rlhf.ppo.ptx import ptx_batches
 from rlhf.progress import progress
@@ -58,11 +59,15 @@ def load_prompt_ids(source: str, split: str, p: PPOStageConfig, tokenizer) -> tu
 
 
 @torch.no_grad()
-def reward_normalisation(roles, tokenizer, prompt_ids, p: PPOStageConfig) -> tuple[float, float]:
-    """Mean and std of RM scores of the SFT policy's own answers (the policy is SFT before any update)."""
-    ids, mask, _ = sample(roles, tokenizer, prompt_ids[:p.reward_norm_samples], sampling(p), p.forward_batch_size)
+def reward_normalisation(roles, tokenizer, prompt_ids, p: PPOStageConfig, rank: int = 0,
+                         world: int = 1) -> tuple[float, float]:
+    """Mean and std of RM scores of the SFT policy's own answers (the policy is SFT before any update).
+    With several processes each samples a share of the prompts; the statistics are over all the scores."""
+    mine = distributed.shard(prompt_ids[:p.reward_norm_samples], rank, world)
+    ids, mask, _ = sample(roles, tokenizer, mine, sampling(p), p.forward_batch_size)
     scores = torch.cat([roles.scorer.score_ids(ids[rows], mask[rows])
                         for rows in torch.arange(ids.shape[0]).split(p.forward_batch_size)])
+    scores = distributed.gather_tensor(scores)
     return scores.mean().item(), max(scores.std().item(), 1e-6)
 
 
@@ -70,9 +75,20 @@ def run(cfg: PipelineConfig) -> Path:
     p = cfg.ppo
     run_dir = Path(cfg.run_dir)
     sft_dir, rm_dir = require_done(run_dir / "sft", "sft"), require_done(run_dir / "rm", "rm")
-    check_batch_sizes(p.rollout_batch_size, p.num_minibatches, p.grad_accum)
+    # Several processes (accelerate launch): rollout_batch_size is global, each process samples its share.
+    procs = distributed.state()
+    distributed.check_ppo_supported()
+    rank, world, main = procs.process_index, procs.num_processes, procs.is_main_process
+    local_batch = distributed.per_process(p.rollout_batch_size, world, "ppo.rollout_batch_size")
+    try:
+        check_batch_sizes(local_batch, p.num_minibatches, p.grad_accum)
+    except ValueError as e:
+        if world == 1:
+            raise
+        raise ConfigError(f"{e} (per process: {p.rollout_batch_size} rollouts / {world} processes)") from None
     out = begin_stage(run_dir / "ppo")
-    save_config(cfg, out)
+    if main:
+        save_config(cfg, out)
 
     # 1. tokenizer, prompts (validated before the model loads), judge, demonstrations for PPO-ptx
     tokenizer = load_tokenizer(str(sft_dir))
@@ -80,12 +96,18 @@ def run(cfg: PipelineConfig) -> Path:
     eval_prompts = (load_prompt_ids(p.eval_prompts_file, p.eval_prompts_split, p, tokenizer)[0][:p.eval_samples]
                     if p.eval_prompts_file else [])
     judge = import_callable(p.judge) if p.judge else None
-    ptx = ptx_batches(p, tokenizer) if p.ptx_coef > 0 else None
-    print(f"[ppo] {len(prompts)} prompts, {p.steps} steps of {p.rollout_batch_size} rollouts")
+    ptx = ptx_batches(p, tokenizer, procs.device, rank, world) if p.ptx_coef > 0 else None
+    if main:
+        print(f"[ppo] {len(prompts)} prompts, {p.steps} steps of {p.rollout_batch_size} rollouts"
+              + (f" ({local_batch} per process, {world} processes)" if world > 1 else ""))
 
     # 2. one SFT model, four roles: policy, reference (adapters off), value, reward
     torch.manual_seed(p.seed)
-    roles = build_roles(load_sft_model(cfg.model, sft_dir, tokenizer), rm_dir, tokenizer, p.lora, p.value_from_reward)
+    sft_model = load_sft_model(cfg.model, sft_dir, tokenizer).to(procs.device)
+    roles = build_roles(sft_model, rm_dir, tokenizer, p.lora, p.value_from_reward)
+    distributed.broadcast_parameters(roles.trainable_parameters())  # same start everywhere
+    if world > 1:
+        torch.manual_seed(distributed.rank_seed(p.seed, rank))      # but each process samples differently
     optimizer = torch.optim.AdamW(roles.trainable_parameters(), lr=p.lr, weight_decay=p.weight_decay)
     total_updates = p.steps * p.ppo_epochs * p.num_minibatches
     warmup = int(p.warmup * total_updates) if p.warmup < 1 else int(p.warmup)
@@ -93,29 +115,37 @@ def run(cfg: PipelineConfig) -> Path:
     kl_ctl, sampler = kl_controller(p), PromptSampler(len(prompts), p.seed)
 
     # 3. resume, or measure the reward normalisation on the SFT policy
-    state = load_checkpoint(out / "checkpoints", roles, optimizer, scheduler)
-    if state:
+    with procs.main_process_first():  # the main process removes a half-written checkpoint first
+        state = load_checkpoint(out / "checkpoints", roles, optimizer, scheduler, rank, world)
+    if state and not state["rng_restored"]:
+        torch.manual_seed(distributed.rank_seed(p.seed + state["step"], rank))
+        print(f"[ppo] warning: {state['path']} has no random state for process {rank} of {world}; "
+              f"reseeded (the run continues, but not as an uninterrupted run would)", file=sys.stderr)
+    if state and main:
         print(f"[ppo] resuming from {state['path']} (step {state['step']})")
+    if state:
         changed = sorted(k for k, v in asdict(p).items() if state.get("config", {}).get(k, v) != v)
-        if changed:
+        if changed and main:
             print(f"[ppo] warning: the ppo config changed since that checkpoint: {', '.join(changed)}", file=sys.stderr)
         kl_ctl.load_state_dict(state["kl"])
         sampler.load_state_dict(state["sampler"])
         shift, scale, start = state["reward_shift"], state["reward_scale"], state["step"]
     else:
-        shift, scale = reward_normalisation(roles, tokenizer, prompt_ids, p) if p.normalize_reward else (0.0, 1.0)
+        shift, scale = (reward_normalisation(roles, tokenizer, prompt_ids, p, rank, world) if p.normalize_reward
+                        else (0.0, 1.0))
         if p.value_from_reward:
             calibrate_value_head(roles, shift, scale)
         start = 0
-        print(f"[ppo] reward normalisation from the SFT policy: shift {shift:.3f}, scale {scale:.3f}")
-    metrics = MetricsFile(out / "metrics.jsonl", resume_step=start)
-    tb = SummaryWriter(str(out / "tb"))
+        if main:
+            print(f"[ppo] reward normalisation from the SFT policy: shift {shift:.3f}, scale {scale:.3f}")
+    metrics = MetricsFile(out / "metrics.jsonl", resume_step=start, enabled=main)
+    tb = SummaryWriter(str(out / "tb")) if main else None
 
     # 4. the PPO loop: rollout -> score -> advantages -> PPO epochs
-    bar = progress(range(start, p.steps), initial=start, total=p.steps, desc="ppo", enabled=p.progress_bar)
+    bar = progress(range(start, p.steps), initial=start, total=p.steps, desc="ppo", enabled=p.progress_bar and main)
     for step in bar:
         t0 = time.perf_counter()
-        batch = [prompt_ids[i] for i in sampler.next(p.rollout_batch_size)]
+        batch = [prompt_ids[i] for i in distributed.shard(sampler.next(p.rollout_batch_size), rank, world)]
         ids, mask, width = sample(roles, tokenizer, batch, sampling(p), p.forward_batch_size)      # 4.1 rollout
         t1 = time.perf_counter()
         r = score(roles, ids, mask, width, p.temperature, p.forward_batch_size, tokenizer.eos_token_id)  # 4.2
@@ -127,16 +157,29 @@ def run(cfg: PipelineConfig) -> Path:
         logs = step_metrics(r, a, kl_ctl.value, scheduler.get_last_lr()[0]) | stats | {
             "time/generate": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2, "time/step": t3 - t0,
             "perf/generated_tokens_per_s": r.response_mask.sum().item() / max(t1 - t0, 1e-9)}
+        logs = distributed.mean_over_processes(logs, procs.device)  # every process logs and adapts the same
         kl_ctl.update(logs["ppo/kl"], p.rollout_batch_size)                                          # 4.5
         metrics.write(step + 1, logs)
-        for k, v in logs.items():
-            tb.add_scalar(k, v, step + 1)
+        if tb:
+            for k, v in logs.items():
+                tb.add_scalar(k, v, step + 1)
         bar.set_postfix(score=f"{logs['ppo/score']:.3f}", kl=f"{logs['ppo/kl']:.3f}")
         if (step + 1) % p.save_steps == 0 or step + 1 == p.steps:
-            save_checkpoint(out / "checkpoints", step + 1, roles, optimizer, scheduler,
-                            {"kl": kl_ctl.state_dict(), "sampler": sampler.state_dict(),
-                             "reward_shift": shift, "reward_scale": scale, "config": asdict(p)})
-    tb.close()
+            rngs = distributed.gather_objects(rng_state())  # every process's random state, saved by the main one
+            if main:
+                save_checkpoint(out / "checkpoints", step + 1, roles, optimizer, scheduler,
+                                {"kl": kl_ctl.state_dict(), "sampler": sampler.state_dict(),
+                                 "reward_shift": shift, "reward_scale": scale, "config": asdict(p)}, rngs=rngs)
+            procs.wait_for_everyone()
+    if tb:
+        tb.close()
+    if world > 1:
+        fp = distributed.check_in_sync(roles.trainable_parameters(), "trained weights")
+        if main:
+            print(f"[ppo] {world} processes hold identical trained weights (fingerprint {fp})")
+    if not main:  # the main process saves and evaluates; the others wait for it
+        procs.wait_for_everyone()
+        return out
 
     # 5. the trained adapters, in PEFT format
     roles.model.save_pretrained(str(out), selected_adapters=[POLICY, VALUE])
@@ -145,13 +188,14 @@ def run(cfg: PipelineConfig) -> Path:
     tokenizer.save_pretrained(out)
 
     # 6. policy vs SFT on held-out prompts
-    summary = {"steps": p.steps}
+    summary = {"steps": p.steps, "num_processes": world}
     if eval_prompts:
         result = compare_with_sft(roles, tokenizer, eval_prompts, sampling(p), p.forward_batch_size, judge, seed=p.seed)
         (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
         summary |= {k: v for k, v in result.items() if k.startswith("eval/")}
         print(format_eval(result))
     finish_stage(out, summary)
+    procs.wait_for_everyone()
     return out
 
 

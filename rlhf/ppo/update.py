@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf import distributed
 from rlhf.ppo import core
 from rlhf.ppo.roles import Roles, policy_logits, values
 from rlhf.ppo.rollout import Advantages, Rollout, response_logprobs
@@ -63,6 +64,7 @@ def ppo_update(roles: Roles, optimizer: torch.optim.Optimizer, scheduler, r: Rol
                 ptx = ptx_loss(roles, *next(ptx_batches))
                 (spec.ptx_coef * ptx).backward()
                 stats["ppo/ptx_loss"].append(ptx.item())
+            distributed.average_gradients(params)  # several processes: the mean gradient (no-op alone)
             stats["ppo/grad_norm"].append(torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm).item())
             optimizer.step()
             scheduler.step()

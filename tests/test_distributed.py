@@ -1,0 +1,221 @@
+"""Several processes: the helpers in rlhf.distributed (fast, two gloo processes where a collective is involved)
+and every stage as `make <stage> LAUNCHER=accelerate` with two CPU processes (slow)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from rlhf import distributed
+from rlhf.config import ConfigError
+from rlhf.rm import GroupBatchSampler
+from conftest import ROOT, run_make
+
+TWO_CPU = ["LAUNCHER=accelerate", "ACCELERATE_CONFIG=configs/accelerate/cpu-2proc.yaml", "NPROC=2"]
+
+
+# --- fast: the pieces ----------------------------------------------------------------------------------
+
+def test_shards_are_disjoint_and_cover_every_prompt():
+    items = list(range(10))
+    shares = [distributed.shard(items, rank, 3) for rank in range(3)]
+    assert shares == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+    assert distributed.shard(items, 0, 1) == items  # one process: everything, in order
+
+
+def test_rollout_batch_must_divide_by_the_number_of_processes():
+    assert distributed.per_process(16, 2, "ppo.rollout_batch_size") == 8
+    with pytest.raises(ConfigError, match=r"rollout_batch_size=16 must be a multiple of the number of processes \(3\)"):
+        distributed.per_process(16, 3, "ppo.rollout_batch_size")
+
+
+@pytest.mark.parametrize("env", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_ppo_refuses_sharded_engines_with_a_clear_error(monkeypatch, env):
+    monkeypatch.setenv(env, "true")
+    with pytest.raises(ConfigError, match="PPO runs data-parallel only .*MULTI_GPU.*ddp.yaml"):
+        distributed.check_ppo_supported()
+
+
+def test_group_batches_are_split_by_whole_groups_across_processes():
+    """The RM's grouped batches under DDP: accelerate shards our batch sampler batch by batch, so each process
+    gets different whole groups, every group is used once, and the epoch reshuffles (the Trainer reaches our
+    sampler's set_epoch through accelerate's wrapper)."""
+    from accelerate.data_loader import BatchSamplerShard
+
+    groups = [g for g in range(9) for _ in range(6)]  # 9 prompts x 6 pairs
+    sampler = GroupBatchSampler(groups, max_pairs=12, seed=0)
+    shards = [BatchSamplerShard(sampler, num_processes=2, process_index=r) for r in range(2)]
+    seen = [[b for b in s] for s in shards]
+    assert len(seen[0]) == len(seen[1])  # same number of steps on every process
+    for batch in seen[0] + seen[1]:
+        assert len({groups[i] for i in batch}) * 6 == len(batch)  # whole groups only
+    used = [{groups[i] for b in part for i in b} for part in seen]
+    assert used[0] | used[1] == set(range(9))
+    first_epoch = [list(b) for b in shards[0]]
+    shards[0].batch_sampler.set_epoch(1)
+    assert [list(b) for b in shards[0]] != first_epoch
+
+
+def _collectives(rank: int, world: int, store: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.manual_seed(rank)
+    params = [torch.nn.Parameter(torch.zeros(shape)) for shape in [(3, 2), (4,), (1,)]]
+    grads = [torch.randn(3, 2), torch.randn(4), None if rank == 0 else torch.randn(1)]  # rank 0: no grad at all
+    for p, g in zip(params, grads):
+        p.grad = None if g is None else g.clone()
+    distributed.average_gradients(params)
+    logs = distributed.mean_over_processes({"a": float(rank), "b": 10.0 * (rank + 1)})
+    gathered = distributed.gather_tensor(torch.arange(rank + 1, dtype=torch.float32) + 10 * rank)  # lengths 1, 2
+    try:
+        distributed.check_in_sync([torch.full((2,), float(rank))], "test weights")
+        diverged = ""
+    except RuntimeError as e:
+        diverged = str(e)
+    torch.save({"grads": grads, "averaged": [p.grad for p in params], "logs": logs, "gathered": gathered,
+                "in_sync": distributed.check_in_sync([params[0].grad], "gradients"), "diverged": diverged},
+               f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_collectives_with_two_gloo_processes(tmp_path):
+    """Two real processes: gradients become their mean (a missing one counts as zero) and are bitwise equal
+    on both; logged statistics are averaged; unequal-length score tensors gather in rank order; diverged
+    weights are detected."""
+    mp.spawn(_collectives, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    for i in range(3):
+        g0 = r0["grads"][i] if r0["grads"][i] is not None else torch.zeros_like(r1["grads"][i])
+        expected = (g0 + r1["grads"][i]) / 2
+        assert torch.allclose(r0["averaged"][i], expected, atol=1e-7)
+        assert torch.equal(r0["averaged"][i], r1["averaged"][i])
+    assert r0["logs"] == r1["logs"] == {"a": 0.5, "b": 15.0}
+    assert r0["gathered"].tolist() == r1["gathered"].tolist() == [0.0, 10.0, 11.0]
+    assert r0["in_sync"] == r1["in_sync"]
+    assert "different test weights" in r0["diverged"] and "different test weights" in r1["diverged"]
+
+
+def test_one_process_leaves_everything_as_it_is():
+    """No process group: the helpers are no-ops (the single-process path stays bit-identical)."""
+    p = torch.nn.Parameter(torch.ones(2))
+    p.grad = torch.tensor([1.0, 2.0])
+    distributed.average_gradients([p])
+    assert p.grad.tolist() == [1.0, 2.0]
+    assert distributed.mean_over_processes({"x": 3.0}) == {"x": 3.0}
+    t = torch.tensor([1.0, 2.0])
+    assert distributed.gather_tensor(t) is t
+
+
+def test_makefile_runs_stages_under_accelerate_launch():
+    """The command line LAUNCHER=accelerate builds; the default launcher's line is unchanged."""
+    base = ["make", "-n", "-o", ".venv/.installed", "-o", "data/demo/DONE", "sft", "RUN=/tmp/x", "PY=python"]
+    local = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    assert local == "python -m stages.sft --config configs/demo.yaml run_dir=/tmp/x"
+    launched = subprocess.run(base + TWO_CPU, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert ("python -m accelerate.commands.launch --config_file configs/accelerate/cpu-2proc.yaml --num_processes 2 "
+            "-m stages.sft --config configs/demo.yaml run_dir=/tmp/x") in launched
+
+
+# --- slow: every stage as two CPU processes, through the Makefile ---------------------------------------
+
+def make_two_processes(target: str, run_dir: Path, args: str) -> subprocess.CompletedProcess:
+    cmd = run_make(target, run_dir, args=args) + TWO_CPU
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def files(stage_dir: Path) -> set[str]:
+    return {p.name for p in stage_dir.iterdir() if p.name != "checkpoints"}
+
+
+@pytest.fixture(scope="module")
+def two_process_run(demo_dir, tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("two-proc")
+
+
+@pytest.mark.slow
+def test_sft_with_two_processes(two_process_run, sft_run):
+    from peft import PeftModel
+    from rlhf.config import ModelConfig
+    from rlhf.models import load_causal_lm, load_tokenizer
+
+    make_two_processes("sft", two_process_run, "sft.train.max_steps=20 sft.train.logging_steps=10")
+    out = two_process_run / "sft"
+    assert (out / "DONE").is_file() and files(out) == files(sft_run / "sft")
+    assert len(list((out / "tb").iterdir())) == 1  # one event file: only the main process writes
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [10, 20]  # one row per log, not one per process
+    # 20 steps x 16 examples x 2 processes of the 2000 demonstrations: each process took its own batches
+    assert rows[-2]["train/epoch"] == pytest.approx(20 * 16 * 2 / 2000, rel=0.02)
+    tok = load_tokenizer(str(out))
+    PeftModel.from_pretrained(load_causal_lm(ModelConfig(name_or_path="data/demo/base"), tok), str(out))
+
+
+@pytest.mark.slow
+def test_rm_with_two_processes(two_process_run, rm_run):
+    from rlhf.config import ModelConfig
+    from rlhf.models import load_sft_model, load_tokenizer
+    from rlhf.reward import RewardScorer
+
+    if not (two_process_run / "sft" / "DONE").is_file():  # run alone: the demo's SFT stage will do
+        shutil.copytree(rm_run / "sft", two_process_run / "sft", dirs_exist_ok=True)
+    make_two_processes("rm", two_process_run, "rm.train.max_steps=20 rm.train.logging_steps=10")
+    out = two_process_run / "rm"
+    assert (out / "DONE").is_file() and files(out) == files(rm_run / "rm")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [10, 20]
+    assert json.loads((out / "diagnostics.json").read_text())["rm/n_pairs"] == 400
+    tok = load_tokenizer(str(out))
+    sft = load_sft_model(ModelConfig(name_or_path="data/demo/base"), two_process_run / "sft", tok)
+    assert RewardScorer.attach(sft, out, tok).score(["list two fruits"], ["apple pear"]).shape == (1,)
+
+
+@pytest.mark.slow
+def test_ppo_with_two_processes_splits_the_work_and_resumes_exactly(rm_run, tmp_path):
+    """Two processes, 8 rollouts each per step: the same outputs as one process, identical weights on both
+    processes, every process's random state in the checkpoint, and a rerun from the step-2 checkpoint ends
+    bit-for-bit where the uninterrupted run ended."""
+    from peft import PeftModel
+    from rlhf.config import ModelConfig
+    from rlhf.models import load_sft_model, load_tokenizer
+
+    for stage in ("sft", "rm"):
+        shutil.copytree(rm_run / stage, tmp_path / stage, ignore=shutil.ignore_patterns("checkpoints"))
+    args = "ppo.steps=4 ppo.rollout_batch_size=16 ppo.eval_samples=16 ppo.save_steps=2 ppo.reward_norm_samples=64"
+    proc = make_two_processes("ppo", tmp_path, args)
+    out = tmp_path / "ppo"
+    assert "4 steps of 16 rollouts (8 per process, 2 processes)" in proc.stdout
+    assert "2 processes hold identical trained weights" in proc.stdout
+    done = json.loads((out / "DONE").read_text())
+    assert done["num_processes"] == 2 and done["eval/n_prompts"] == 16
+    assert {"policy", "value", "eval.json", "metrics.jsonl", "tb", "config.yaml", "DONE"} <= files(out)
+    assert len(list((out / "tb").iterdir())) == 1
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    rest = torch.load(out / "checkpoints" / "checkpoint-4" / "optimizer.pt", weights_only=False)
+    rngs = rest["rng_per_process"]
+    assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])  # each process samples its own
+    tok = load_tokenizer(str(out))
+    PeftModel.from_pretrained(load_sft_model(ModelConfig(name_or_path="data/demo/base"), out.parent / "sft", tok),
+                              str(out / "policy"))
+
+    # "killed" after the step-2 checkpoint: the rerun resumes there and ends exactly where the run ended
+    policy = (out / "policy" / "adapter_model.safetensors").read_bytes()
+    shutil.rmtree(out / "checkpoints" / "checkpoint-4")
+    (out / "DONE").unlink()
+    proc = make_two_processes("ppo", tmp_path, args)
+    assert "resuming from" in proc.stdout and "checkpoint-2" in proc.stdout
+    again = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [without_timings(r) for r in again] == [without_timings(r) for r in rows]
+    assert (out / "policy" / "adapter_model.safetensors").read_bytes() == policy
+
+
+def without_timings(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith(("time/", "perf/"))}
