@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from rlhf import distributed
 from rlhf.config import ConfigError, PipelineConfig
 from rlhf.models import (active_adapter, disable_dropout, keep_requires_grad, load_causal_lm, load_sft_model,
                          load_tokenizer, resolve_dtype)
@@ -78,7 +78,7 @@ def _stage_checkpoint(stage: str, run_dir: Path) -> Checkpoint:
 
 def device() -> torch.device:
     """This process's device: cuda:<local rank> under `accelerate launch` on GPUs, else cuda or cpu."""
-    return PartialState().device
+    return distributed.state().device
 
 
 class Hub:

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object
 
 from rlhf import data as rdata
 from rlhf import distributed
@@ -100,7 +99,7 @@ def run(cfg: PipelineConfig) -> Path:
     # 2. answers: the SFT weights once (reference, reward adapter, adapter checkpoints); others one at a time.
     #    Under `accelerate launch`, each process answers every num_processes-th prompt. With k answers per
     #    prompt, answer j of prompt i is item i * k + j.
-    mine = list(range(state.process_index, len(prompts), state.num_processes))
+    mine = distributed.shard(list(range(len(prompts))), state.process_index, state.num_processes)
     hub = Hub(cfg, sft_dir, tokenizer, rm_dir, [c for c in checkpoints if c.kind == "adapter"]) if sft_dir else None
     answers: dict[str, dict[str, Answers]] = {d: {} for d in e.decoding}
     for ckpt in checkpoints:
@@ -154,7 +153,7 @@ def gather_in_order(scores: dict, mine: list[int], n: int, state: PartialState) 
     on every process."""
     if state.num_processes == 1:
         return scores
-    return merge_in_order(gather_object([(mine, scores)]), n)
+    return merge_in_order(distributed.gather_objects((mine, scores)), n)
 
 
 def merge_in_order(parts: list[tuple[list[int], dict]], n: int) -> dict:
