@@ -4,6 +4,7 @@ and every stage as `make <stage> LAUNCHER=accelerate` with two CPU processes (sl
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -114,10 +115,13 @@ def test_one_process_leaves_everything_as_it_is():
 
 def test_makefile_runs_stages_under_accelerate_launch():
     """The command line LAUNCHER=accelerate builds; the default launcher's line is unchanged."""
-    base = ["make", "-n", "-o", ".venv/.installed", "-o", "data/demo/DONE", "sft", "RUN=/tmp/x", "PY=python"]
-    local = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-    assert local == "python -m stages.sft --config configs/demo.yaml run_dir=/tmp/x"
-    launched = subprocess.run(base + TWO_CPU, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    base = ["make", "-n", "--no-print-directory", "-o", ".venv/.installed", "-o", "data/demo/DONE", "sft",
+            "RUN=/tmp/x", "PY=python"]
+    # Under `make test` the parent make's MAKELEVEL/MAKEFLAGS would leak in (and add "Entering directory" lines).
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    local = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, check=True, env=env).stdout
+    assert local.strip().splitlines()[-1] == "python -m stages.sft --config configs/demo.yaml run_dir=/tmp/x"
+    launched = subprocess.run(base + TWO_CPU, cwd=ROOT, capture_output=True, text=True, check=True, env=env).stdout
     assert ("python -m accelerate.commands.launch --config_file configs/accelerate/cpu-2proc.yaml --num_processes 2 "
             "-m stages.sft --config configs/demo.yaml run_dir=/tmp/x") in launched
 
