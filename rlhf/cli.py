@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from rlhf.config import ConfigError, PipelineConfig, load_config, to_yaml
 from rlhf.data import DataError
+from rlhf.preempt import EXIT_PREEMPTED, Preempted
 
 
 def stage_main(stage: str, run: Callable[[PipelineConfig], object], argv: list[str] | None = None) -> int:
@@ -29,4 +30,8 @@ def stage_main(stage: str, run: Callable[[PipelineConfig], object], argv: list[s
         # Input errors: one clear message, no traceback.
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        # A signal (SLURM preemption or time limit, scancel, kill): the checkpoint is saved; a rerun resumes.
+        print(f"[{stage}] {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0

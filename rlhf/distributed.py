@@ -106,6 +106,17 @@ def mean_over_processes(values: dict[str, float], device: torch.device | str = "
     return dict(values) | dict(zip(keys, t.tolist()))
 
 
+def any_process(flag: bool, device: torch.device | str | None = None) -> bool:
+    """True on every process if `flag` is true on any one: a decision all processes must take together
+    (e.g. stop and checkpoint after a signal reached only some of them; one process leaving the loop alone
+    would leave the others waiting in a collective forever)."""
+    if not _active():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device if device is not None else state().device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
 def gather_tensor(t: torch.Tensor) -> torch.Tensor:
     """A 1-D tensor of each process (lengths may differ) concatenated in rank order, on every process."""
     if not _active():

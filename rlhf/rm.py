@@ -30,6 +30,7 @@ from rlhf.config import PipelineConfig, RMStageConfig, save_config
 from rlhf.models import load_sft_model, load_tokenizer, lora_config, resolve_dtype
 from rlhf.plugins import import_callable
 from rlhf.reward import HEAD_FILE, RewardScorer, build_reward_model, pair_ids, save_head
+from rlhf.preempt import train_or_preempt
 from rlhf.runs import (MetricsCallback, MetricsFile, begin_stage, checkpoint_step, finish_stage,
                        last_complete_checkpoint, require_done, save_trained_adapter, trainer_kwargs)
 
@@ -167,7 +168,7 @@ def run(cfg: PipelineConfig) -> Path:
     )
     if resume and main:
         print(f"[rm] resuming from {resume}")
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    train_or_preempt(trainer, resume, "rm", out)  # on SIGTERM/SIGUSR1: checkpoint, exit 75
 
     # 4. save the adapter, the head and the tokenizer; the main process alone goes on to the diagnostics
     save_trained_adapter(trainer, out)

@@ -41,6 +41,7 @@ def begin_stage(out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / DONE).unlink(missing_ok=True)
+    (out / "PREEMPTED").unlink(missing_ok=True)  # rlhf.preempt's marker of a stopped earlier run
     return out
 
 

@@ -20,6 +20,7 @@ from rlhf import data as rdata
 from rlhf import distributed
 from rlhf.config import PipelineConfig, SFTStageConfig, save_config
 from rlhf.models import load_causal_lm, load_tokenizer, lora_config, resolve_dtype
+from rlhf.preempt import train_or_preempt
 from rlhf.runs import (MetricsCallback, MetricsFile, begin_stage, checkpoint_step, finish_stage,
                        last_complete_checkpoint, read_metrics, save_trained_adapter, trainer_kwargs)
 
@@ -91,7 +92,7 @@ def run(cfg: PipelineConfig) -> Path:
     # 3. train, resuming from the last complete checkpoint if a previous run died
     if resume and main:
         print(f"[sft] resuming from {resume}")
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    train_or_preempt(trainer, resume, "sft", out)  # on SIGTERM/SIGUSR1: checkpoint, exit 75
     final = trainer.evaluate()
     metrics.write(trainer.state.global_step, {"eval/loss": final["eval_loss"]})
 

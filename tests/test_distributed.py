@@ -79,7 +79,8 @@ def _collectives(rank: int, world: int, store: str, out: str) -> None:
         diverged = ""
     except RuntimeError as e:
         diverged = str(e)
-    torch.save({"grads": grads, "averaged": [p.grad for p in params], "logs": logs, "gathered": gathered,
+    stop = [distributed.any_process(rank == 1), distributed.any_process(False)]  # a signal that reached rank 1 only
+    torch.save({"grads": grads, "averaged": [p.grad for p in params], "logs": logs, "gathered": gathered, "stop": stop,
                 "in_sync": distributed.check_in_sync([params[0].grad], "gradients"), "diverged": diverged},
                f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
@@ -88,7 +89,7 @@ def _collectives(rank: int, world: int, store: str, out: str) -> None:
 def test_collectives_with_two_gloo_processes(tmp_path):
     """Two real processes: gradients become their mean (a missing one counts as zero) and are bitwise equal
     on both; logged statistics are averaged; unequal-length score tensors gather in rank order; diverged
-    weights are detected."""
+    weights are detected; a stop request seen by one process is agreed by both."""
     mp.spawn(_collectives, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     for i in range(3):
@@ -98,6 +99,7 @@ def test_collectives_with_two_gloo_processes(tmp_path):
         assert torch.equal(r0["averaged"][i], r1["averaged"][i])
     assert r0["logs"] == r1["logs"] == {"a": 0.5, "b": 15.0}
     assert r0["gathered"].tolist() == r1["gathered"].tolist() == [0.0, 10.0, 11.0]
+    assert r0["stop"] == r1["stop"] == [True, False]  # both processes stop when either received a signal
     assert r0["in_sync"] == r1["in_sync"]
     assert "different test weights" in r0["diverged"] and "different test weights" in r1["diverged"]
 

@@ -33,6 +33,7 @@ from rlhf.ppo.state import load_checkpoint, rng_state, save_checkpoint
 from rlhf.ppo.update import UpdateSpec, check_batch_sizes, ppo_update
 from rlhf.ppo.ptx import ptx_batches
 from rlhf.progress import progress
+from rlhf.preempt import Preempted, StopSignal, mark_preempted
 from rlhf.runs import MetricsFile, begin_stage, finish_stage, require_done
 
 
@@ -143,34 +144,45 @@ def run(cfg: PipelineConfig) -> Path:
 
     # 4. the PPO loop: rollout -> score -> advantages -> PPO epochs
     bar = progress(range(start, p.steps), initial=start, total=p.steps, desc="ppo", enabled=p.progress_bar and main)
-    for step in bar:
-        t0 = time.perf_counter()
-        batch = [prompt_ids[i] for i in distributed.shard(sampler.next(p.rollout_batch_size), rank, world)]
-        ids, mask, width = sample(roles, tokenizer, batch, sampling(p), p.forward_batch_size)      # 4.1 rollout
-        t1 = time.perf_counter()
-        r = score(roles, ids, mask, width, p.temperature, p.forward_batch_size, tokenizer.eos_token_id)  # 4.2
-        a = advantages(r, kl_ctl.value, p.kl_estimator, shift, scale, p.missing_eos_penalty,       # 4.3
-                       p.whiten_rewards, p.whiten_advantages, p.gamma, p.lam)
-        t2 = time.perf_counter()
-        stats = ppo_update(roles, optimizer, scheduler, r, a, update_spec(p), ptx)                  # 4.4
-        t3 = time.perf_counter()
-        logs = step_metrics(r, a, kl_ctl.value, scheduler.get_last_lr()[0]) | stats | {
-            "time/generate": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2, "time/step": t3 - t0,
-            "perf/generated_tokens_per_s": r.response_mask.sum().item() / max(t1 - t0, 1e-9)}
-        logs = distributed.mean_over_processes(logs, procs.device)  # every process logs and adapts the same
-        kl_ctl.update(logs["ppo/kl"], p.rollout_batch_size)                                          # 4.5
-        metrics.write(step + 1, logs)
-        if tb:
-            for k, v in logs.items():
-                tb.add_scalar(k, v, step + 1)
-        bar.set_postfix(score=f"{logs['ppo/score']:.3f}", kl=f"{logs['ppo/kl']:.3f}")
-        if (step + 1) % p.save_steps == 0 or step + 1 == p.steps:
-            rngs = distributed.gather_objects(rng_state())  # every process's random state, saved by the main one
-            if main:
-                save_checkpoint(out / "checkpoints", step + 1, roles, optimizer, scheduler,
-                                {"kl": kl_ctl.state_dict(), "sampler": sampler.state_dict(),
-                                 "reward_shift": shift, "reward_scale": scale, "config": asdict(p)}, rngs=rngs)
-            procs.wait_for_everyone()
+    stop = StopSignal()  # SIGTERM/SIGUSR1: checkpoint at the end of the step, exit 75 (rlhf/preempt.py)
+    try:
+        for step in bar:
+            t0 = time.perf_counter()
+            batch = [prompt_ids[i] for i in distributed.shard(sampler.next(p.rollout_batch_size), rank, world)]
+            ids, mask, width = sample(roles, tokenizer, batch, sampling(p), p.forward_batch_size)      # 4.1 rollout
+            t1 = time.perf_counter()
+            r = score(roles, ids, mask, width, p.temperature, p.forward_batch_size, tokenizer.eos_token_id)  # 4.2
+            a = advantages(r, kl_ctl.value, p.kl_estimator, shift, scale, p.missing_eos_penalty,       # 4.3
+                           p.whiten_rewards, p.whiten_advantages, p.gamma, p.lam)
+            t2 = time.perf_counter()
+            stats = ppo_update(roles, optimizer, scheduler, r, a, update_spec(p), ptx)                  # 4.4
+            t3 = time.perf_counter()
+            logs = step_metrics(r, a, kl_ctl.value, scheduler.get_last_lr()[0]) | stats | {
+                "time/generate": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2, "time/step": t3 - t0,
+                "perf/generated_tokens_per_s": r.response_mask.sum().item() / max(t1 - t0, 1e-9)}
+            logs = distributed.mean_over_processes(logs, procs.device)  # every process logs and adapts the same
+            kl_ctl.update(logs["ppo/kl"], p.rollout_batch_size)                                          # 4.5
+            metrics.write(step + 1, logs)
+            if tb:
+                for k, v in logs.items():
+                    tb.add_scalar(k, v, step + 1)
+            bar.set_postfix(score=f"{logs['ppo/score']:.3f}", kl=f"{logs['ppo/kl']:.3f}")
+            stopping = stop.requested(procs.device) and step + 1 < p.steps  # agreed by every process
+            if (step + 1) % p.save_steps == 0 or step + 1 == p.steps or stopping:
+                rngs = distributed.gather_objects(rng_state())  # every process's random state, saved by the main one
+                if main:
+                    save_checkpoint(out / "checkpoints", step + 1, roles, optimizer, scheduler,
+                                    {"kl": kl_ctl.state_dict(), "sampler": sampler.state_dict(),
+                                     "reward_shift": shift, "reward_scale": scale, "config": asdict(p)}, rngs=rngs)
+                procs.wait_for_everyone()
+            if stopping:
+                if tb:
+                    tb.close()
+                if main:
+                    raise mark_preempted(out, "ppo", step + 1, stop.received)
+                raise Preempted("ppo", out, step + 1, stop.received or "a signal to another process")
+    finally:
+        stop.close()
     if tb:
         tb.close()
     if world > 1:

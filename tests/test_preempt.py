@@ -1,0 +1,122 @@
+"""A stage asked to stop (SIGTERM: preemption, scancel, kill; SIGUSR1: SLURM's time-limit warning) saves a
+checkpoint at the end of the current step, exits 75 and leaves PREEMPTED; running it again resumes."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import DEMO_CONFIG, ROOT
+from rlhf import cli
+from rlhf.preempt import EXIT_PREEMPTED, PREEMPTED, Preempted, StopSignal, mark_preempted
+from rlhf.runs import begin_stage, read_metrics
+
+
+# --- fast: the pieces ----------------------------------------------------------------------------------
+
+def test_stop_signal_records_instead_of_dying_and_restores_the_handlers():
+    before = signal.getsignal(signal.SIGUSR1)
+    with StopSignal() as stop:
+        assert not stop.requested()
+        os.kill(os.getpid(), signal.SIGUSR1)  # would end the process under the default handler
+        time.sleep(0.05)
+        assert stop.received == "SIGUSR1" and stop.requested()
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_preempted_stage_exits_75_with_its_message(tmp_path, capsys):
+    def run(cfg):
+        raise mark_preempted(tmp_path, "ppo", 7, "SIGTERM")
+
+    assert cli.stage_main("ppo", run, []) == EXIT_PREEMPTED == 75
+    assert "stopped on SIGTERM after saving the checkpoint of step 7" in capsys.readouterr().err
+    assert json.loads((tmp_path / PREEMPTED).read_text())["step"] == 7
+    begin_stage(tmp_path)  # the next run of the stage clears the marker
+    assert not (tmp_path / PREEMPTED).exists()
+    assert isinstance(mark_preempted(tmp_path, "sft", 1, None), Preempted)
+
+
+# --- slow: real stages, real signals ---------------------------------------------------------------------
+
+def start_stage(stage: str, run_dir: Path, overrides: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", f"stages.{stage}", "--config", str(DEMO_CONFIG), f"run_dir={run_dir}",
+           *overrides.split()]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def signal_after(proc: subprocess.Popen, metrics: Path, rows: int, sig: int, timeout: float = 300) -> None:
+    """Send `sig` once `metrics` has `rows` rows (training is under way, between two regular checkpoints)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(read_metrics(metrics)) >= rows:
+            proc.send_signal(sig)
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{metrics} did not reach {rows} rows (process ended: {proc.poll()})")
+
+
+PPO = ("ppo.steps=6 ppo.rollout_batch_size=16 ppo.num_minibatches=2 ppo.ppo_epochs=2 ppo.save_steps=100 "
+       "ppo.reward_norm_samples=16 ppo.eval_prompts_file=null")
+
+
+@pytest.mark.slow
+def test_sigterm_during_ppo_checkpoints_that_step_and_the_rerun_ends_as_an_uninterrupted_run(rm_run, tmp_path):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    for run in (straight, stopped):
+        for stage in ("sft", "rm"):
+            shutil.copytree(rm_run / stage, run / stage)
+    proc = start_stage("ppo", straight, PPO)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+
+    proc = start_stage("ppo", stopped, PPO)
+    signal_after(proc, stopped / "ppo" / "metrics.jsonl", 2, signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+    marker = json.loads((stopped / "ppo" / PREEMPTED).read_text())
+    assert marker["signal"] == "SIGTERM" and 2 <= marker["step"] < 6
+    # save_steps=100: the only checkpoint is the one the signal asked for, at the step it arrived
+    assert [p.name for p in (stopped / "ppo" / "checkpoints").iterdir()] == [f"checkpoint-{marker['step']}"]
+    assert not (stopped / "ppo" / "DONE").exists()
+    assert f"stopped on SIGTERM after saving the checkpoint of step {marker['step']}" in err
+
+    again = start_stage("ppo", stopped, PPO)
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err[-3000:]
+    assert f"resuming from {stopped / 'ppo' / 'checkpoints' / ('checkpoint-%d' % marker['step'])}" in out
+    assert (stopped / "ppo" / "DONE").exists() and not (stopped / "ppo" / PREEMPTED).exists()
+    a = load_file(str(straight / "ppo" / "policy" / "adapter_model.safetensors"))
+    b = load_file(str(stopped / "ppo" / "policy" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert [r["step"] for r in read_metrics(stopped / "ppo" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.slow
+def test_sigusr1_during_sft_checkpoints_the_current_step_and_the_rerun_resumes(demo_dir, tmp_path):
+    """The Trainer-based stages (SFT here, RM alike) stop through a TrainerCallback: checkpoint, exit 75."""
+    run = tmp_path / "run"
+    args = "sft.train.max_steps=120 sft.train.save_steps=1000 sft.train.logging_steps=5 sft.train.eval_steps=1000"
+    proc = start_stage("sft", run, args)
+    signal_after(proc, run / "sft" / "metrics.jsonl", 2, signal.SIGUSR1)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+    step = json.loads((run / "sft" / PREEMPTED).read_text())["step"]
+    assert 0 < step < 120
+    ckpt = run / "sft" / "checkpoints" / f"checkpoint-{step}"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["global_step"] == step
+    assert not (run / "sft" / "DONE").exists() and not (run / "sft" / "adapter_model.safetensors").exists()
+
+    again = start_stage("sft", run, args)
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err[-3000:]
+    assert f"resuming from {ckpt}" in out
+    assert (run / "sft" / "DONE").exists()
+    steps = [r["step"] for r in read_metrics(run / "sft" / "metrics.jsonl") if "train/loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 120
