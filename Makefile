@@ -37,6 +37,15 @@ STAGE      = $(if $(filter $(1),$(ACCELERATE_STAGES)),$(LAUNCH) -m,$(PY) -m) sta
 endif
 # --- end LAUNCHER=accelerate ------------------------------------------------------------------------------
 
+# --- LAUNCHER=slurm: the stages as sbatch jobs (rlhf/slurm.py, from the config's slurm: section) -----------
+#   make ppo LAUNCHER=slurm                         submits sft -> rm -> ppo (those not finished), afterok chain
+#   make all LAUNCHER=slurm                         ... up to eval, which writes the report
+#   make all LAUNCHER=slurm SLURM_FLAGS=--dry-run   prints the job scripts, submits nothing
+# make returns once the jobs are queued; `make report` / `make export` run here afterwards, as usual.
+SLURM_FLAGS ?=
+SUBMIT     = $(PY) -m rlhf.slurm --config $(CONFIG) --until $(1) $(SLURM_FLAGS) run_dir=$(RUN) $(ARGS)
+# --- end LAUNCHER=slurm -----------------------------------------------------------------------------------
+
 .PHONY: setup test test-fast bench data data-hh demo all sft rm ppo eval report export clean-sft clean-rm clean-ppo clean-eval clean
 
 setup: $(STAMP)
@@ -68,23 +77,30 @@ data-hh: data/hh-tiny/DONE
 data/hh-tiny/DONE: $(STAMP) rlhf/demo/hh_tiny.py data/hh/hh-harmless-sample.jsonl
 	$(PY) data/build_hh_tiny.py data/hh-tiny
 
+ifeq ($(LAUNCHER),slurm)
+sft rm ppo eval: $(STAMP) $(DATA_DEPS)
+	$(call SUBMIT,$@)
+
+demo all: $(STAMP) $(DATA_DEPS)
+	$(call SUBMIT,eval)
+else
 sft: $(RUN)/sft/DONE
+rm: $(RUN)/rm/DONE
+ppo: $(RUN)/ppo/DONE
+# Judge base, SFT and PPO on held-out prompts (RM, gold judge, KL, win rates): <run_dir>/eval/report.md
+eval: $(RUN)/eval/DONE
+# data -> SFT -> RM -> PPO -> eval -> report
+demo all: report
+endif
 
 $(RUN)/sft/DONE: $(STAMP) $(DATA_DEPS)
 	$(call STAGE,sft)
 
-rm: $(RUN)/rm/DONE
-
 $(RUN)/rm/DONE: $(RUN)/sft/DONE
 	$(call STAGE,rm)
 
-ppo: $(RUN)/ppo/DONE
-
 $(RUN)/ppo/DONE: $(RUN)/rm/DONE
 	$(call STAGE,ppo)
-
-# Judge base, SFT and PPO on held-out prompts (RM, gold judge, KL, win rates): <run_dir>/eval/report.md
-eval: $(RUN)/eval/DONE
 
 $(RUN)/eval/DONE: $(RUN)/ppo/DONE
 	$(call STAGE,eval)
@@ -96,9 +112,6 @@ report: $(RUN)/eval/DONE
 # A standalone HF model dir (base + SFT + PPO policy merged): <run_dir>/export-ppo/ (ARGS="stage=sft" for SFT)
 export: $(RUN)/ppo/DONE
 	$(call STAGE,export)
-
-# data -> SFT -> RM -> PPO -> eval -> report
-demo all: report
 
 clean-sft:
 	rm -f $(RUN)/sft/DONE

@@ -234,6 +234,47 @@ class EvalConfig:
     progress_bar: bool = True
 
 
+SLURM_STAGES = ("sft", "rm", "ppo", "eval")
+
+
+@dataclass
+class SlurmConfig:
+    """`make <stage> LAUNCHER=slurm`: one sbatch job per stage, chained with afterok (rlhf/slurm.py)."""
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str = "1-00:00:00"
+    """--time of each job (per stage: slurm.stages.<stage>.time)."""
+    nodes: int = 1
+    gpus_per_node: int = 0
+    """0: a CPU job. With N > 0 the job asks for N GPUs per node and runs N processes per node."""
+    processes_per_node: int | None = None
+    """Default: gpus_per_node, or 1 without GPUs. More than one process in all: `accelerate launch`."""
+    cpus_per_task: int | None = None
+    mem: str | None = None
+    """--mem of each node, e.g. 64G."""
+    job_name: str = "rlhf"
+    """Jobs are named <job_name>-<stage>."""
+    accelerate_config: str | None = None
+    """accelerate config for multi-process jobs (configs/accelerate/*.yaml); the machine count, rank and
+    main address come from SLURM."""
+    main_port: int = 29500
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run first in every job (module load ..., source .venv/bin/activate, export ...)."""
+    extra: list[str] = field(default_factory=list)
+    """More #SBATCH options, as on the sbatch command line: ["--constraint=a100", "--exclusive"]."""
+    python: str | None = None
+    """The interpreter on the compute nodes. Default: the one that submits (the repo's .venv)."""
+    requeue: bool = True
+    """Requeue the job after the time-limit warning (the stage checkpoints first, the new job resumes)."""
+    signal_grace_s: int = 300
+    """SIGUSR1 this many seconds before the time limit: the stage checkpoints and stops. 0: none."""
+    log_dir: str | None = None
+    """Job scripts, logs and jobs.json. Default: <run_dir>/slurm."""
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per-stage changes to the fields above, e.g. {ppo: {time: "12:00:00"}, eval: {gpus_per_node: 1}}."""
+
+
 @dataclass
 class PipelineConfig:
     run_dir: str = "runs/demo"
@@ -244,6 +285,7 @@ class PipelineConfig:
     ppo: PPOStageConfig = field(default_factory=PPOStageConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 def _top_level_keys() -> set[str]:

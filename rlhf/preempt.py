@@ -31,7 +31,7 @@ class Preempted(Exception):
 
     def __init__(self, stage: str, out_dir: Path, step: int, signal_name: str):
         self.stage, self.out_dir, self.step, self.signal_name = stage, Path(out_dir), step, signal_name
-        super().__init__(f"{stage}: stopped on {signal_name} after saving the checkpoint of step {step} "
+        super().__init__(f"stopped on {signal_name} after saving the checkpoint of step {step} "
                          f"in {self.out_dir / 'checkpoints'}; run the stage again to resume")
 
 

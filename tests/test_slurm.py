@@ -1,0 +1,243 @@
+"""LAUNCHER=slurm: job scripts rendered from the config, afterok chains, preemption and requeue.
+
+The fast tests render and chain with stand-in sbatch/squeue commands. The slow ones need a real cluster:
+the one-node cluster of scripts/slurm-local-cluster.sh, which the fixture sets up when run as root (as CI
+does) and otherwise skips with the reason."""
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import DEMO_CONFIG, ROOT, run_make
+from rlhf.config import ConfigError, load_config
+from rlhf.runs import read_metrics
+from rlhf.slurm import main as slurm_main
+from rlhf.slurm import plan, render, slurm_time, submit_chain
+
+SETUP = ROOT / "scripts" / "slurm-local-cluster.sh"
+
+
+def cfg_with(*overrides: str, run_dir: Path = Path("runs/x")):
+    return load_config(DEMO_CONFIG, [f"run_dir={run_dir}", *overrides])
+
+
+def script_of(tmp_path, stage="ppo", *overrides) -> str:
+    cfg = cfg_with(*overrides, run_dir=tmp_path / "run")
+    text = render(cfg, stage, tmp_path / "slurm" / "config.yaml", tmp_path / "slurm", ROOT, python="/venv/bin/python")
+    path = tmp_path / f"{stage}.sbatch"
+    path.write_text(text)
+    subprocess.run(["bash", "-n", str(path)], check=True)  # the rendered script is valid bash
+    return text
+
+
+# --- fast: rendering ----------------------------------------------------------------------------------------
+
+def test_job_script_carries_the_config_sbatch_options(tmp_path):
+    text = script_of(tmp_path, "ppo", "slurm.partition=gpu", "slurm.account=proj1", "slurm.time=2h",
+                     "slurm.gpus_per_node=1", "slurm.cpus_per_task=8", "slurm.mem=64G",
+                     "slurm.extra=[--constraint=a100,--exclusive]", "slurm.setup=[module load cuda]")
+    for line in ("#SBATCH --job-name=rlhf-ppo", "#SBATCH --partition=gpu", "#SBATCH --account=proj1",
+                 "#SBATCH --time=0-02:00:00", "#SBATCH --gpus-per-node=1", "#SBATCH --cpus-per-task=8",
+                 "#SBATCH --mem=64G", "#SBATCH --constraint=a100", "#SBATCH --exclusive", "#SBATCH --requeue",
+                 "#SBATCH --signal=B:USR1@300", "#SBATCH --open-mode=append", f"#SBATCH --chdir={ROOT}",
+                 f"#SBATCH --output={tmp_path / 'slurm' / 'ppo'}-%j.out", "module load cuda",
+                 f"exec /venv/bin/python -m stages.ppo --config {tmp_path / 'slurm' / 'config.yaml'}"):
+        assert line in text, line
+    assert "accelerate" not in text  # one process: the stage itself, no launcher
+
+
+def test_per_stage_settings_and_multi_node_accelerate_launch(tmp_path):
+    overrides = ("slurm.nodes=2", "slurm.gpus_per_node=4", "slurm.accelerate_config=configs/accelerate/ddp.yaml",
+                 "slurm.stages={ppo: {time: 12h, nodes: 1}}", "slurm.requeue=false", "slurm.signal_grace_s=0")
+    sft = script_of(tmp_path, "sft", *overrides)
+    assert "#SBATCH --nodes=2" in sft and "#SBATCH --time=1-00:00:00" in sft and "--no-requeue" in sft
+    assert "#SBATCH --signal" not in sft
+    for part in ("-m accelerate.commands.launch", f"--config_file {ROOT / 'configs/accelerate/ddp.yaml'}",
+                 "--num_machines 2", "--num_processes 8", '--machine_rank "$SLURM_NODEID"',
+                 '--main_process_ip "$MAIN_PROCESS_IP"', "--main_process_port 29500", "-m stages.sft"):
+        assert part in sft, part
+    ppo = script_of(tmp_path, "ppo", *overrides)
+    assert "#SBATCH --nodes=1" in ppo and "#SBATCH --time=0-12:00:00" in ppo and "--num_machines 1" in ppo
+
+
+def test_times_in_units_or_quoted_slurm_format_and_bare_numbers_refused(tmp_path):
+    assert slurm_time("2h", "t") == "0-02:00:00" and slurm_time("1d12h30m", "t") == "1-12:30:00"
+    assert slurm_time("4:00:00", "t") == "4:00:00" and slurm_time("2-00:00:00", "t") == "2-00:00:00"
+    with pytest.raises(ConfigError, match="ambiguous"):
+        slurm_time("7200", "slurm.time")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("slurm:\n  time: 2:00:00\n")  # YAML reads this as 7200 (seconds, base 60)
+    with pytest.raises(ConfigError, match=r"slurm.time: '7200' is ambiguous"):
+        render(load_config(bad), "sft", tmp_path / "c.yaml", tmp_path, ROOT)
+    with pytest.raises(ConfigError, match=r"slurm.stages.ppo.bogus: unknown key"):
+        script_of(tmp_path, "ppo", "slurm.stages={ppo: {bogus: 1}}")
+    with pytest.raises(ConfigError, match=r"slurm.stages: unknown stage"):
+        script_of(tmp_path, "ppo", "slurm.stages={pop: {time: 1h}}")
+
+
+# --- fast: chaining, with stand-ins for sbatch and squeue ------------------------------------------------------
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """sbatch that records its arguments and answers job ids 101, 102, ...; squeue that says PENDING for the
+    ids listed in queued.txt."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f"""#!/bin/bash
+n=$(( $(cat {tmp_path}/calls.txt 2>/dev/null | wc -l) + 101 ))
+echo "$@" >> {tmp_path}/calls.txt
+echo "$n;local"
+""")
+    (bin_dir / "squeue").write_text(f"""#!/bin/bash
+grep -qx "$3" {tmp_path}/queued.txt 2>/dev/null && echo PENDING
+exit 0
+""")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return tmp_path
+
+
+def test_chain_skips_finished_stages_and_links_the_rest_with_afterok(fake_slurm):
+    run = fake_slurm / "run"
+    (run / "sft").mkdir(parents=True)
+    (run / "sft" / "DONE").write_text("{}")
+    cfg = cfg_with(run_dir=run)
+    assert plan(cfg, "eval") == ["rm", "ppo", "eval"]
+    jobs = submit_chain(cfg, "eval")
+    assert [(j.stage, j.job_id, j.after) for j in jobs] == [("rm", "101", None), ("ppo", "102", "101"),
+                                                            ("eval", "103", "102")]
+    calls = (fake_slurm / "calls.txt").read_text().splitlines()
+    assert calls[0] == f"--parsable {run / 'slurm' / 'rm.sbatch'}"
+    assert calls[1] == f"--parsable --dependency=afterok:101 --kill-on-invalid-dep=yes {run / 'slurm' / 'ppo.sbatch'}"
+    assert [r["job_id"] for r in json.loads((run / "slurm" / "jobs.json").read_text())] == ["101", "102", "103"]
+    saved = load_config(run / "slurm" / "config.yaml")  # what every job reads
+    assert saved.run_dir == str(run)
+
+    # Submitting again while rm and ppo are still queued keeps those jobs and only adds what is missing.
+    (fake_slurm / "queued.txt").write_text("101\n102\n")
+    again = submit_chain(cfg, "eval")
+    assert [(j.stage, j.job_id, j.after) for j in again] == [("eval", "104", "102")]
+
+
+def test_relative_overrides_are_refused_for_a_chain_before_anything_is_submitted(fake_slurm, capsys):
+    run = fake_slurm / "run"
+    code = slurm_main(["--config", str(DEMO_CONFIG), "--until", "ppo", f"run_dir={run}", "lora.r=8"])
+    assert code == 2
+    assert "overrides ['lora.r=8'] are relative to a stage, but 3 stages are submitted" in capsys.readouterr().err
+    assert not (fake_slurm / "calls.txt").exists()
+    code = slurm_main(["--config", str(DEMO_CONFIG), "--until", "sft", f"run_dir={run}", "lora.r=8"])
+    assert code == 0 and load_config(run / "slurm" / "config.yaml").sft.lora.r == 8
+
+
+def test_make_all_launcher_slurm_dry_run_prints_the_chain_and_submits_nothing(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.run(run_make("all", run) + ["LAUNCHER=slurm", "SLURM_FLAGS=--dry-run"], cwd=ROOT,
+                          capture_output=True, text=True, check=True)
+    for stage in ("sft", "rm", "ppo", "eval"):
+        assert f"# ---- {run / 'slurm' / stage}.sbatch (not submitted: --dry-run) ----" in proc.stdout
+        assert f"-m stages.{stage} --config" in proc.stdout
+    assert not run.exists()
+
+
+# --- slow: a real one-node cluster --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    if subprocess.run([str(SETUP), "--check"], capture_output=True).returncode == 0:
+        return
+    if os.geteuid() != 0:
+        pytest.skip("no SLURM cluster answers and this is not root, so scripts/slurm-local-cluster.sh cannot set "
+                    "one up here (CI runs it as root)")
+    if not shutil.which("apt-get") and not shutil.which("slurmctld"):
+        pytest.skip("no apt-get to install slurmctld/slurmd/munge, and no SLURM installed")
+    proc = subprocess.run([str(SETUP)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"setting up the local SLURM cluster failed:\n{proc.stdout}\n{proc.stderr}"
+
+
+def job_state(job_id: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    return next((w.split("=", 1)[1] for w in out.split() if w.startswith("JobState=")), "GONE")
+
+
+def wait_for(predicate, what: str, timeout: float = 600, every: float = 0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def start_now_if_pending(job_id: str) -> None:
+    """A requeued job waits two minutes (SLURM's requeue delay) before it may start again: start it now."""
+    wait_for(lambda: job_state(job_id) == "PENDING", f"job {job_id} back in the queue", timeout=120)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, capture_output=True)
+
+
+def jobs_of(run: Path) -> dict[str, str]:
+    return {r["stage"]: r["job_id"] for r in json.loads((run / "slurm" / "jobs.json").read_text())}
+
+
+def checkpoints(stage_dir: Path) -> int:
+    ckpts = [int(p.name.split("-")[1]) for p in (stage_dir / "checkpoints").glob("checkpoint-*")
+             if (p / "state.json").exists()] if (stage_dir / "checkpoints").is_dir() else []
+    return max(ckpts, default=0)
+
+
+CHAIN = ("sft.train.max_steps=30 rm.train.max_steps=20 ppo.steps=40 ppo.rollout_batch_size=16 "
+         "ppo.num_minibatches=2 ppo.ppo_epochs=2 ppo.save_steps=1 ppo.reward_norm_samples=16 ppo.eval_samples=16 "
+         "slurm.cpus_per_task=2 slurm.time=30m")
+
+
+@pytest.mark.slow
+def test_demo_chain_on_a_real_cluster_survives_requeue_time_limit_signal_and_scancel(slurm_cluster, demo_dir,
+                                                                                       tmp_path):
+    """`make ppo LAUNCHER=slurm` submits SFT -> RM -> PPO with afterok; the PPO job is then
+    1. requeued by SLURM (`scontrol requeue`: SIGTERM, then back to the queue), as a preemption would;
+    2. sent SIGUSR1 as before its time limit: it checkpoints and requeues itself;
+    3. cancelled (`scancel`): it checkpoints and stops; `make ppo LAUNCHER=slurm` again submits PPO alone;
+    and every time it resumes from its checkpoint, to a complete run of 40 steps."""
+    run = tmp_path / "run"
+    make = run_make("ppo", run, args=CHAIN) + ["LAUNCHER=slurm"]
+    subprocess.run(make, cwd=ROOT, check=True, capture_output=True, text=True)
+    jobs = jobs_of(run)
+    assert list(jobs) == ["sft", "rm", "ppo"]
+    ppo, ppo_dir = jobs["ppo"], run / "ppo"
+
+    # 1. preempted and requeued by the scheduler
+    at = wait_for(lambda: checkpoints(ppo_dir) >= 3 and checkpoints(ppo_dir), "ppo checkpoint 3", timeout=900)
+    subprocess.run(["scontrol", "requeue", ppo], check=True, capture_output=True)
+    start_now_if_pending(ppo)
+    # 2. the time-limit warning: SIGUSR1 to the batch script, which passes it on and requeues the job
+    wait_for(lambda: checkpoints(ppo_dir) >= at + 8, "ppo to go on after the first requeue", timeout=600)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", ppo], check=True, capture_output=True)
+    start_now_if_pending(ppo)
+    # 3. cancelled: the stage checkpoints and stops; the user submits again
+    second = checkpoints(ppo_dir)
+    wait_for(lambda: checkpoints(ppo_dir) >= second + 8, "ppo to go on after the second requeue", timeout=600)
+    subprocess.run(["scancel", ppo], check=True, capture_output=True)
+    wait_for(lambda: job_state(ppo) in ("CANCELLED", "GONE") and (ppo_dir / "PREEMPTED").exists(),
+             "the cancelled ppo job to checkpoint and end", timeout=120)
+    assert not (ppo_dir / "DONE").exists()
+    resubmitted = subprocess.run(make, cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    assert "[slurm] ppo: job" in resubmitted and "[slurm] sft" not in resubmitted  # only the unfinished stage
+    last = jobs_of(run)["ppo"]
+    assert last != ppo
+    wait_for(lambda: job_state(last) in ("COMPLETED", "FAILED", "CANCELLED", "GONE"), "the last ppo job", timeout=900)
+
+    for stage in ("sft", "rm", "ppo"):
+        assert (run / stage / "DONE").exists(), (run / "slurm").glob(f"{stage}-*.out")
+    log = (run / "slurm" / f"ppo-{ppo}.out").read_text()
+    assert "restart 1" in log and "restart 2" in log, log[-3000:]
+    assert "SIGUSR1: asking the stage to checkpoint and stop" in log and "requeueing job" in log
+    assert log.count("[ppo] resuming from") == 2, log[-3000:]
+    assert "[ppo] resuming from" in (run / "slurm" / f"ppo-{last}.out").read_text()
+    assert [r["step"] for r in read_metrics(ppo_dir / "metrics.jsonl")] == list(range(1, 41))
+    assert json.loads((ppo_dir / "DONE").read_text())["steps"] == 40
