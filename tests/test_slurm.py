@@ -241,3 +241,30 @@ def test_demo_chain_on_a_real_cluster_survives_requeue_time_limit_signal_and_sca
     assert "[ppo] resuming from" in (run / "slurm" / f"ppo-{last}.out").read_text()
     assert [r["step"] for r in read_metrics(ppo_dir / "metrics.jsonl")] == list(range(1, 41))
     assert json.loads((ppo_dir / "DONE").read_text())["steps"] == 40
+
+
+@pytest.mark.slow
+def test_two_process_ppo_job_stops_together_on_the_time_limit_signal_and_resumes(slurm_cluster, rm_run, tmp_path):
+    """PPO as 2 processes under `accelerate launch` inside the job: the launcher ignores SIGUSR1, both stage
+    processes get it from the batch script, agree on the step, save one checkpoint, and the requeued job
+    resumes with 2 processes again."""
+    run = tmp_path / "run"
+    for stage in ("sft", "rm"):
+        shutil.copytree(rm_run / stage, run / stage)
+    args = ("ppo.steps=30 ppo.rollout_batch_size=16 ppo.num_minibatches=2 ppo.ppo_epochs=2 ppo.save_steps=100 "
+            "ppo.reward_norm_samples=16 ppo.eval_samples=16 slurm.processes_per_node=2 "
+            "slurm.accelerate_config=configs/accelerate/cpu-2proc.yaml")
+    subprocess.run(run_make("ppo", run, args=args) + ["LAUNCHER=slurm"], cwd=ROOT, check=True, capture_output=True)
+    job = jobs_of(run)["ppo"]
+    metrics = run / "ppo" / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and len(read_metrics(metrics)) >= 3, "3 ppo steps", timeout=600)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, capture_output=True)
+    start_now_if_pending(job)
+    wait_for(lambda: job_state(job) in ("COMPLETED", "FAILED", "CANCELLED", "GONE"), "the ppo job", timeout=900)
+
+    log = (run / "slurm" / f"ppo-{job}.out").read_text()
+    assert (run / "ppo" / "DONE").exists(), log[-3000:]
+    assert log.count("received SIGUSR1") == 2, log[-3000:]  # both processes
+    assert "restart 1" in log and "[ppo] resuming from" in log and "(8 per process, 2 processes)" in log
+    assert "2 processes hold identical trained weights" in log
+    assert [r["step"] for r in read_metrics(metrics)] == list(range(1, 31))
