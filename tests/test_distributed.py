@@ -225,3 +225,27 @@ def test_ppo_with_two_processes_splits_the_work_and_resumes_exactly(rm_run, tmp_
 
 def without_timings(row: dict) -> dict:
     return {k: v for k, v in row.items() if not k.startswith(("time/", "perf/"))}
+
+
+@pytest.mark.slow
+def test_eval_with_two_processes_answers_every_prompt_once_in_order(ppo_run, tmp_path):
+    """Each process answers its share of the prompts; the main one gathers them back in prompt order and writes
+    the same files as one process. Greedy answers do not depend on the split: they equal one process's."""
+    for stage in ("sft", "rm", "ppo"):
+        shutil.copytree(ppo_run / stage, tmp_path / "two" / stage, ignore=shutil.ignore_patterns("checkpoints"))
+    shutil.copytree(tmp_path / "two", tmp_path / "one")
+    args = "eval.samples=16 eval.samples_per_prompt=2 eval.checkpoints=[sft,ppo] eval.max_new_tokens=8"
+    one = subprocess.run(run_make("eval", tmp_path / "one", args=args), cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    make_two_processes("eval", tmp_path / "two", args)
+    out1, out2 = tmp_path / "one" / "eval", tmp_path / "two" / "eval"
+    assert files(out2) == files(out1) and (out2 / "DONE").is_file()
+    rows1, rows2 = ([json.loads(line) for line in (d / "samples.jsonl").read_text().splitlines()] for d in (out1, out2))
+    key = [(r["decoding"], r["checkpoint"], r["prompt_index"], r["prompt"]) for r in rows1]
+    assert [(r["decoding"], r["checkpoint"], r["prompt_index"], r["prompt"]) for r in rows2] == key
+    assert len(rows2) == 2 * 16 * 2 + 2 * 16  # sampled: 2 answers per prompt; greedy: 1, for sft and ppo
+    greedy = [(r["response"], round(r["reward"], 4)) for r in rows1 if r["decoding"] == "greedy"]
+    assert [(r["response"], round(r["reward"], 4)) for r in rows2 if r["decoding"] == "greedy"] == greedy
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (out1, out2))
+    assert m2["results"].keys() == m1["results"].keys() and m2["n_prompts"] == m1["n_prompts"] == 16
