@@ -52,7 +52,7 @@ def test_job_script_carries_the_config_sbatch_options(tmp_path):
 
 
 def test_per_stage_settings_and_multi_node_accelerate_launch(tmp_path):
-    overrides = ("slurm.nodes=2", "slurm.gpus_per_node=4", "slurm.accelerate_config=configs/accelerate/ddp.yaml",
+    overrides = ("slurm.time=1d", "slurm.nodes=2", "slurm.gpus_per_node=4", "slurm.accelerate_config=configs/accelerate/ddp.yaml",
                  "slurm.stages={ppo: {time: 12h, nodes: 1}}", "slurm.requeue=false", "slurm.signal_grace_s=0")
     sft = script_of(tmp_path, "sft", *overrides)
     assert "#SBATCH --nodes=2" in sft and "#SBATCH --time=1-00:00:00" in sft and "--no-requeue" in sft
@@ -176,8 +176,13 @@ def wait_for(predicate, what: str, timeout: float = 600, every: float = 0.2):
 
 
 def start_now_if_pending(job_id: str) -> None:
-    """A requeued job waits two minutes (SLURM's requeue delay) before it may start again: start it now."""
+    """A requeued job waits two minutes (SLURM's requeue delay) before it may start again: start it now, but
+    only once the node is free of its previous run and a few seconds later (slurmd refuses a credential
+    issued in the second it revoked the old one: "Job credential revoked")."""
     wait_for(lambda: job_state(job_id) == "PENDING", f"job {job_id} back in the queue", timeout=120)
+    wait_for(lambda: subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout.strip()
+             == "idle", "the node to be idle", timeout=120)
+    time.sleep(3)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, capture_output=True)
 
 
