@@ -69,13 +69,16 @@ class StopSignal:
         self.close()
 
 
-def mark_preempted(out_dir: str | Path, stage: str, step: int, signal_name: str | None) -> Preempted:
-    """Write `<out_dir>/PREEMPTED` (what stopped the stage, at which step) and return the exception to raise."""
+def mark_preempted(out_dir: str | Path, stage: str, step: int, signal_name: str | None,
+                   write: bool = True) -> Preempted:
+    """The exception to raise after a stop at `step`; with `write` (the main process) also `<out_dir>/PREEMPTED`
+    (what stopped the stage, at which step). No `signal_name`: the signal reached another process only."""
     name = signal_name or "a signal to another process"
-    record = {"stage": stage, "step": step, "signal": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    tmp = Path(out_dir) / (PREEMPTED + ".tmp")
-    tmp.write_text(json.dumps(record) + "\n")
-    tmp.replace(Path(out_dir) / PREEMPTED)
+    if write:
+        record = {"stage": stage, "step": step, "signal": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        tmp = Path(out_dir) / (PREEMPTED + ".tmp")
+        tmp.write_text(json.dumps(record) + "\n")
+        tmp.replace(Path(out_dir) / PREEMPTED)
     return Preempted(stage, Path(out_dir), step, name)
 
 
@@ -108,6 +111,4 @@ def train_or_preempt(trainer, resume: Path | None, stage: str, out: Path) -> Non
         return
     procs = distributed.state()
     procs.wait_for_everyone()  # every process has left train(); the checkpoint is complete
-    if procs.is_main_process:
-        raise mark_preempted(out, stage, callback.stopped_at, stop.received)
-    raise Preempted(stage, out, callback.stopped_at, stop.received or "a signal to another process")
+    raise mark_preempted(out, stage, callback.stopped_at, stop.received, write=procs.is_main_process)

@@ -19,6 +19,7 @@ import torch
 from transformers import TrainerCallback
 
 from rlhf.config import TrainSpec
+from rlhf.preempt import PREEMPTED
 
 DONE = "DONE"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -41,7 +42,7 @@ def begin_stage(out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / DONE).unlink(missing_ok=True)
-    (out / "PREEMPTED").unlink(missing_ok=True)  # rlhf.preempt's marker of a stopped earlier run
+    (out / PREEMPTED).unlink(missing_ok=True)  # the marker of an earlier run stopped by a signal
     return out
 
 

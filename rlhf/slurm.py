@@ -169,13 +169,10 @@ class Submitted:
     submitted: str
 
 
-def queued_jobs(log_dir: Path) -> dict[str, str]:
-    """Stages whose job from an earlier submission is still pending or running: stage -> job id."""
-    path = log_dir / "jobs.json"
-    if not path.is_file():
-        return {}
+def queued_jobs(history: list[dict]) -> dict[str, str]:
+    """Stages whose job from an earlier submission (`jobs.json`) is still pending or running: stage -> job id."""
     out = {}
-    for rec in json.loads(path.read_text()):
+    for rec in history:
         state = subprocess.run(["squeue", "-h", "-j", rec["job_id"], "-o", "%T"], capture_output=True, text=True)
         if state.returncode == 0 and state.stdout.strip() in ("PENDING", "RUNNING", "CONFIGURING", "REQUEUED",
                                                                "COMPLETING", "SUSPENDED", "REQUEUE_HOLD"):
@@ -210,8 +207,8 @@ def submit_chain(cfg: PipelineConfig, until: str, dry_run: bool = False, sbatch:
     tmp = config_file.with_suffix(".tmp")
     tmp.write_text(to_yaml(cfg))
     tmp.replace(config_file)
-    queued = queued_jobs(log_dir)
     history = json.loads((log_dir / "jobs.json").read_text()) if (log_dir / "jobs.json").is_file() else []
+    queued = queued_jobs(history)
     done, previous = [], None
     for s in stages:
         if s in queued:
@@ -253,15 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     top = {f.name for f in dataclasses.fields(PipelineConfig)}
     relative = [o for o in args.overrides if o.split("=", 1)[0].split(".")[0] not in top]
     try:
-        stages = plan(load_config(args.config, [o for o in args.overrides if o not in relative]), args.until)
+        cfg = load_config(args.config, [o for o in args.overrides if o not in relative])
+        stages = plan(cfg, args.until)
         if relative and len(stages) > 1:
             raise ConfigError(f"overrides {relative} are relative to a stage, but {len(stages)} stages are "
                               f"submitted ({', '.join(stages)}): write them in full, e.g. {stages[0]}.{relative[0]}")
-        cfg = load_config(args.config, args.overrides, stages[0] if len(stages) == 1 else None)
-        if not stages:
-            print(f"[slurm] nothing to submit: every stage up to {args.until} has finished in {cfg.run_dir}")
-            return 0
-        submit_chain(cfg, args.until, args.dry_run, args.sbatch)
+        if stages:
+            cfg = load_config(args.config, args.overrides, stages[0] if len(stages) == 1 else None)
+        submit_chain(cfg, args.until, args.dry_run, args.sbatch)  # says so when there is nothing to submit
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -33,7 +33,7 @@ from rlhf.ppo.state import load_checkpoint, rng_state, save_checkpoint
 from rlhf.ppo.update import UpdateSpec, check_batch_sizes, ppo_update
 from rlhf.ppo.ptx import ptx_batches
 from rlhf.progress import progress
-from rlhf.preempt import Preempted, StopSignal, mark_preempted
+from rlhf.preempt import StopSignal, mark_preempted
 from rlhf.runs import MetricsFile, begin_stage, finish_stage, require_done
 
 
@@ -178,9 +178,7 @@ def run(cfg: PipelineConfig) -> Path:
             if stopping:
                 if tb:
                     tb.close()
-                if main:
-                    raise mark_preempted(out, "ppo", step + 1, stop.received)
-                raise Preempted("ppo", out, step + 1, stop.received or "a signal to another process")
+                raise mark_preempted(out, "ppo", step + 1, stop.received, write=main)
     finally:
         stop.close()
     if tb:
