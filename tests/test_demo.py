@@ -49,6 +49,36 @@ def test_writer_makes_the_flaws_it_is_asked_for():
             assert flaw in task.flaws_of(request.text, answer), (request, flaw, answer)
 
 
+def test_answers_from_one_draft_differ_only_by_their_flaws():
+    rng = random.Random(0)
+    request = task.Request("list", 4, "trees")
+    draft = rng.sample(task.CATEGORIES["trees"], 12)
+    perfect = task.write_answer(rng, request, (), draft=draft)
+    assert perfect.split() == draft[:4]
+    for _ in range(20):
+        repeat = task.write_answer(rng, request, ("repeat",), draft=draft).split()
+        assert task.flaws_of(request.text, " ".join(repeat)) == ["repeat"]
+        assert len(set(repeat) & set(draft[:4])) == 3 and len(repeat) == 4  # a near miss: one item doubled
+        too_many = task.write_answer(rng, request, ("too_many",), draft=draft).split()
+        assert too_many[:4] == draft[:4]
+    off = task.write_answer(rng, request, ("off_topic",), draft=draft)
+    assert task.flaws_of(request.text, off) == ["off_topic"]  # another category's items, not the draft's
+
+
+def test_shared_draft_rankings_are_near_misses():
+    rows = make_datasets(BuildSpec(n_rank_prompts=200, shared_draft=True))["rm_rankings_train"]
+    independent = make_datasets(BuildSpec(n_rank_prompts=200, shared_draft=False))["rm_rankings_train"]
+
+    def shared_items(rows):  # mean share of the best answer's items found in the other answers
+        shares = []
+        for row in rows:
+            best = set(row["responses"][row["ranking"][0]].split())
+            for i in row["ranking"][1:]:
+                shares.append(len(best & set(row["responses"][i].split())) / len(best))
+        return sum(shares) / len(shares)
+    assert shared_items(rows) > 2 * shared_items(independent)  # measured: 0.43 vs 0.15
+
+
 def test_noisy_ranking_is_gold_order_without_noise():
     request = task.Request("list", 3, "fruits")
     answers = ["cat dog cow", "apple pear plum", "apple pear cat"]
@@ -72,7 +102,7 @@ def test_builder_is_deterministic_and_holds_requests_out():
 def test_built_rankings_are_valid_permutations(demo_dir):
     from rlhf.data import load_preferences
     pairs = load_preferences(str(demo_dir / "rm_rankings_train.jsonl"))
-    assert len(pairs) == 1500 * 6  # K = 4 -> 6 pairs per prompt
+    assert len(pairs) == BuildSpec().n_rank_prompts * 6  # K = 4 -> 6 pairs per prompt
     # Annotators are noisy but mostly agree with the gold judge.
     agree = sum(task.gold_score(p.prompt, p.chosen) >= task.gold_score(p.prompt, p.rejected) for p in pairs)
     assert 0.7 < agree / len(pairs) < 1.0
@@ -88,3 +118,26 @@ def test_base_model_loads_with_plain_transformers(demo_dir):
     ids = tok(text + " apple pear plum <|end|>")["input_ids"]
     assert tok.unk_token_id not in ids
     assert tok.decode(ids, skip_special_tokens=True) == "list 3 fruits apple pear plum"
+
+
+def test_base_model_knows_a_list_does_not_repeat(demo_dir):
+    """The base gives an item already listed a much lower probability than a new one of the category.
+
+    A base without this (pre-trained at lr 3e-3, sessions 1-4: both probabilities equal) left the RM
+    unable to tell "oak elm oak" from "oak elm ash" and the PPO policy repeating items."""
+    import torch
+    tok = AutoTokenizer.from_pretrained(demo_dir / "base")
+    model = AutoModelForCausalLM.from_pretrained(demo_dir / "base")
+    rng = random.Random(0)
+    seen, unseen = [], []
+    for _ in range(100):
+        category = rng.choice(list(task.CATEGORIES))
+        items = rng.sample(task.CATEGORIES[category], 12)
+        k = rng.randint(2, 6)
+        ids = tok(f"{category} : {' '.join(items[:k])}", return_tensors="pt").input_ids
+        with torch.no_grad():
+            p = model(ids).logits[0, -1].softmax(-1)
+        prob = {w: p[tok.convert_tokens_to_ids(w)].item() for w in items}
+        seen.append(sum(prob[w] for w in items[:k]) / k)
+        unseen.append(sum(prob[w] for w in items[k:]) / (12 - k))
+    assert sum(seen) < 0.5 * sum(unseen)

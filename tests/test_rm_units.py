@@ -64,12 +64,49 @@ def test_reward_trainer_loss_with_margin_and_centring(tmp_path):
     logits = t(2, 0, 1, 1).unsqueeze(-1)  # chosen rewards [2, 0], rejected [1, 1]
     trainer.model.forward = lambda **kw: type("Out", (), {"logits": logits})()
     trainer.model.train()
-    inputs = {"input_ids": torch.zeros(4, 2, dtype=torch.long), "attention_mask": torch.ones(4, 2, dtype=torch.long),
+    inputs = {"input_ids": torch.arange(8).view(4, 2), "attention_mask": torch.ones(4, 2, dtype=torch.long),
               "margin": t(0.5, 0.0)}
     loss = trainer.compute_loss(trainer.model, inputs)
     hand = (-math.log(1 / (1 + math.exp(-0.5))) - math.log(1 / (1 + math.exp(1)))) / 2 + 0.01 * (9 + 1) / 2
     assert loss.item() == pytest.approx(hand, rel=1e-6)
     assert trainer._metrics["train"]["accuracy"] == [0.5]
+
+
+def test_each_distinct_answer_runs_once_with_the_same_loss_and_gradients(tmp_path):
+    """A K = 3 ranking as its 3 pairs: 6 rows, 3 distinct answers; the grouped trainer runs 3 rows and
+    gets trl's loss and gradients."""
+    from rlhf.config import RMStageConfig, TrainSpec
+    from rlhf.rm import GroupedRewardTrainer, trainer_args
+    from trl import RewardTrainer
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8,
+                                                       num_hidden_layers=1, num_attention_heads=1, num_labels=1,
+                                                       pad_token_id=0))
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[PAD]": 0, "a": 1}, unk_token="a")),
+                                  pad_token="[PAD]", eos_token="a")
+    data = Dataset.from_list([{"chosen_ids": [1, 2], "rejected_ids": [3], "group": 0}])
+    a, b, c = [1, 2, 5], [1, 3, 0], [4, 6, 7]  # best, middle (padded), worst
+    inputs = {"input_ids": torch.tensor([a, a, b, b, c, c]), "attention_mask": (torch.tensor([a, a, b, b, c, c]) > 0).long()}
+    rows_seen, losses, grads = [], [], []
+    hook = model.register_forward_pre_hook(lambda m, args, kw: rows_seen.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    for cls in (RewardTrainer, GroupedRewardTrainer):
+        args = trainer_args(RMStageConfig(train=TrainSpec(batch_size=6)), tmp_path / cls.__name__, bf16=False)
+        trainer = cls(model=model, args=args, processing_class=tok, train_dataset=data, eval_dataset=data)
+        trainer.model.train()
+        model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, {k: v.clone() for k, v in inputs.items()})
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    hook.remove()
+    assert rows_seen == [6, 3]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
 def test_group_batches_keep_prompts_whole():

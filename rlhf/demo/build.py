@@ -31,9 +31,13 @@ class BuildSpec:
     n_sft_eval: int = 200
     p_perfect: float = 0.4
     """The demonstrator's share of perfect answers; the rest have one or two flaws."""
-    n_rank_prompts: int = 1500
+    n_rank_prompts: int = 3000
     k: int = 4
     """Answers ranked per prompt (InstructGPT used K = 4..9)."""
+    shared_draft: bool = True
+    """The K answers of a ranking come from one writer's draft and differ only by their flaws, as K samples
+    of one policy do: a repeated item is then told from its near miss ("oak elm oak" vs "oak elm ash").
+    Independent answers (False) differ in many ways at once and left the RM blind to single repeats."""
     n_pairs_eval: int = 400
     annotator_noise: float = 0.1
     """Gumbel noise scale on gold scores when annotators rank answers (0: perfect annotators)."""
@@ -42,7 +46,13 @@ class BuildSpec:
     held_out_fraction: float = 0.2
     """Share of the 200 distinct requests never seen in training (SFT, RM, PPO); eval uses only these."""
     n_pretrain: int = 12000
-    pretrain_epochs: int = 2
+    pretrain_epochs: int = 3
+    pretrain_lr: float = 5e-4
+    """At 3e-3 (sessions 1-4) the base never learned that a list does not repeat its items: it gave an item
+    already listed the same probability as a new one, so neither an RM nor a policy built on it could tell
+    "a b a" from "a b c" (NOTES: "Evaluation and report")."""
+    pretrain_list_max: int = 12
+    """Pre-training lists hold 2..this many items of a category (of 12): long lists make "no repeats" pay."""
     hidden_size: int = 192
     layers: int = 4
     heads: int = 4
@@ -68,11 +78,12 @@ def noisy_ranking(rng: random.Random, request: task.Request, answers: list[str],
     return sorted(range(len(answers)), key=perturbed, reverse=True)
 
 
-def distinct_answers(rng, request, k, p_perfect, tries=50):
-    """k different answers of mixed quality (equal answers make no preference)."""
+def distinct_answers(rng, request, k, p_perfect, tries=50, shared_draft=False):
+    """k different answers of mixed quality (equal answers make no preference); see BuildSpec.shared_draft."""
     answers = []
+    draft = rng.sample(task.CATEGORIES[request.category], len(task.CATEGORIES[request.category])) if shared_draft else None
     for _ in range(tries * k):
-        a = task.write_answer(rng, request, task.sample_flaws(rng, p_perfect))
+        a = task.write_answer(rng, request, task.sample_flaws(rng, p_perfect), draft=draft)
         if a not in answers:
             answers.append(a)
         if len(answers) == k:
@@ -95,7 +106,7 @@ def make_datasets(spec: BuildSpec) -> dict[str, list[dict]]:
         rows = []
         for _ in range(n):
             r = rng.choice(pool)
-            answers = distinct_answers(rng, r, spec.k, p_perfect=0.3)
+            answers = distinct_answers(rng, r, spec.k, p_perfect=0.3, shared_draft=spec.shared_draft)
             rows.append({"prompt": chat(r), "responses": answers,
                          "ranking": noisy_ranking(rng, r, answers, spec.annotator_noise)})
         return rows
@@ -125,7 +136,7 @@ def pretrain_corpus(spec: BuildSpec) -> list[str]:
     for _ in range(spec.n_pretrain):
         r = rng.choice(task.all_requests())
         if rng.random() < 0.6:
-            items = rng.sample(task.CATEGORIES[r.category], rng.randint(2, 8))
+            items = rng.sample(task.CATEGORIES[r.category], rng.randint(2, spec.pretrain_list_max))
             docs.append(f"{r.category} : {' '.join(items)}")
         else:
             answer = task.write_answer(rng, r, task.sample_flaws(rng, p_perfect=0.05))
@@ -166,7 +177,7 @@ def build_base_model(spec: BuildSpec, tokenizer, corpus: list[str], out_dir: Pat
         lambda b: tokenizer(b["text"]), batched=True, remove_columns=["text"])
     args = TrainingArguments(
         output_dir=str(out_dir / "_pretrain"), num_train_epochs=spec.pretrain_epochs, per_device_train_batch_size=64,
-        learning_rate=3e-3, warmup_steps=50, lr_scheduler_type="cosine", weight_decay=0.01, logging_steps=50,
+        learning_rate=spec.pretrain_lr, warmup_steps=50, lr_scheduler_type="cosine", weight_decay=0.01, logging_steps=50,
         save_strategy="no", report_to=[], seed=spec.seed, use_cpu=not torch.cuda.is_available(),
         disable_tqdm=True,
     )

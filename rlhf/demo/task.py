@@ -98,18 +98,26 @@ def flaws_of(prompt, response: str) -> list[str]:
     return found
 
 
-def write_answer(rng: random.Random, request: Request, flaws: tuple[str, ...] = ()) -> str:
-    """An answer to `request` with the given flaws (see FLAWS); no flaws gives a perfect answer."""
+def write_answer(rng: random.Random, request: Request, flaws: tuple[str, ...] = (),
+                 draft: list[str] | None = None) -> str:
+    """An answer to `request` with the given flaws (see FLAWS); no flaws gives a perfect answer.
+
+    `draft`: the category's items in the order this writer lists them (a shuffle of the category);
+    answers written from one draft differ only by their flaws. None: a fresh random choice of items.
+    """
     words = CATEGORIES[request.category]
     n = request.n
     if "too_few" in flaws and n > 1:
-        n -= rng.randint(1, min(2, n - 1))
+        n -= rng.randint(1, n - 1)  # down to one item: an RM that never saw "oak" for 5 trees scored it best
     if "too_many" in flaws:
         n += rng.randint(1, 3)
     if "off_topic" in flaws:
         other = rng.choice([c for c in CATEGORIES if c != request.category])
         words = CATEGORIES[other]
-    items = rng.sample(words, min(n, len(words)))
+    if draft is not None and "off_topic" not in flaws:
+        items = list(draft[:n])
+    else:
+        items = rng.sample(words, min(n, len(words)))
     if "intruder" in flaws:
         other = rng.choice([c for c in CATEGORIES if c != request.category])
         items[rng.randrange(len(items))] = rng.choice(CATEGORIES[other])
