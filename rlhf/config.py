@@ -117,6 +117,10 @@ class RMStageConfig:
     pair_tags: str | None = None
     """Optional "module:function" (prompt, response) -> list of tags (e.g. the flaws of an answer); the
     diagnostics report accuracy per tag of the rejected answer."""
+    ensemble: int = 1
+    """Reward models to train (seeds train.seed, train.seed + 1, ...), each a LoRA adapter and head on the
+    shared base; PPO and eval score with their mean. > 1 damps the quirks a single RM picks up by chance,
+    which PPO would otherwise exploit (member 0 in rm/, member i in rm/member-i/)."""
     lora: LoraSpec = field(default_factory=LoraSpec)
     train: TrainSpec = field(default_factory=lambda: TrainSpec(lr=1e-4))
 

@@ -7,6 +7,11 @@ Two views of the same weights:
 * for scoring (`RewardScorer`), the causal LM everybody shares, with the trained adapter loaded under the
   name "reward" and the head beside it. PPO and evaluation score through this one function, and a test
   shows it gives the training model's scores.
+
+An RM stage may train an ensemble (`rm.ensemble` > 1): member 0 in `<rm_dir>/`, member i in
+`<rm_dir>/member-i/`, each an adapter and a head trained with its own seed. `attach_reward` loads them all
+onto the shared model (adapters "reward", "reward-1", ...) and scores with their mean (`RewardEnsemble`):
+K reward models for the memory of K LoRA adapters, not K models.
 """
 
 from __future__ import annotations
@@ -71,47 +76,8 @@ def save_head(clf: PreTrainedModel, out_dir: str | Path) -> None:
     save_file({"weight": clf.score.weight.detach().float().cpu().contiguous()}, str(Path(out_dir) / HEAD_FILE))
 
 
-class RewardScorer:
-    """Scores sequences with the "reward" adapter of a shared PeftModel and the score head.
-
-    model: a PeftModel over the SFT causal LM (it may hold other adapters: policy, value).
-    """
-
-    def __init__(self, model: PeftModel, head: torch.nn.Linear, tokenizer):
-        self.model, self.head, self.tokenizer = model, head, tokenizer
-
-    @classmethod
-    def attach(cls, model: PreTrainedModel | PeftModel, rm_dir: str | Path, tokenizer) -> "RewardScorer":
-        """Load the RM stage's adapter into `model` as "reward" (wrapping it in a PeftModel if needed)."""
-        rm_dir = Path(rm_dir)
-        saved = LoraConfig.from_pretrained(str(rm_dir))
-        lora = LoraConfig(r=saved.r, lora_alpha=saved.lora_alpha, target_modules=saved.target_modules,
-                          lora_dropout=0.0, bias=saved.bias, use_rslora=saved.use_rslora, task_type="CAUSAL_LM")
-        if isinstance(model, PeftModel):
-            model.add_adapter(REWARD_ADAPTER, lora)
-        else:
-            model = PeftModel(model, lora, adapter_name=REWARD_ADAPTER)
-        weights = {k: v for k, v in load_file(str(rm_dir / "adapter_model.safetensors")).items() if ".score." not in k}
-        result = set_peft_model_state_dict(model, weights, adapter_name=REWARD_ADAPTER)
-        missing = [k for k in result.missing_keys if REWARD_ADAPTER in k and "lora_" in k]
-        if missing:
-            raise ValueError(f"{rm_dir}: reward adapter does not fit this model (missing {missing[:3]})")
-        model.set_requires_grad(REWARD_ADAPTER, requires_grad=False)  # the reward model is frozen from here on
-        weight = load_file(str(rm_dir / HEAD_FILE))["weight"]
-        head = torch.nn.Linear(weight.shape[1], 1, bias=False, device=model.device, dtype=model.dtype)
-        head.weight.data.copy_(weight)
-        head.requires_grad_(False)
-        return cls(model, head, tokenizer)
-
-    @torch.no_grad()
-    def score_ids(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) ids and bool mask (any padding side) -> (B,) rewards read at each row's last real token."""
-        with active_adapter(self.model, REWARD_ADAPTER):
-            hidden = backbone(self.model.get_base_model())(
-                input_ids=input_ids, attention_mask=mask.long(), position_ids=position_ids(mask), use_cache=False,
-            ).last_hidden_state
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        return self.head(hidden[rows, last_token_index(mask)]).squeeze(-1).float()
+class _ScoresText:
+    """`score` (prompts and texts -> rewards) for anything with `score_ids`, `tokenizer` and `model`."""
 
     def score(self, prompts: list, responses: list[str], batch_size: int = 32) -> torch.Tensor:
         """Rewards of (prompt, response) pairs: (N,) float tensor."""
@@ -123,3 +89,90 @@ class RewardScorer:
             ids, mask = left_pad(seqs, self.tokenizer.pad_token_id)
             out.append(self.score_ids(ids.to(device), mask.to(device)).cpu())
         return torch.cat(out) if out else torch.zeros(0)
+
+
+class RewardScorer(_ScoresText):
+    """Scores sequences with the "reward" adapter of a shared PeftModel and the score head.
+
+    model: a PeftModel over the SFT causal LM (it may hold other adapters: policy, value).
+    """
+
+    def __init__(self, model: PeftModel, head: torch.nn.Linear, tokenizer, name: str = REWARD_ADAPTER):
+        self.model, self.head, self.tokenizer, self.name = model, head, tokenizer, name
+
+    @classmethod
+    def attach(cls, model: PreTrainedModel | PeftModel, rm_dir: str | Path, tokenizer,
+               name: str = REWARD_ADAPTER) -> "RewardScorer":
+        """Load the RM stage's adapter into `model` as `name` (wrapping it in a PeftModel if needed)."""
+        rm_dir = Path(rm_dir)
+        saved = LoraConfig.from_pretrained(str(rm_dir))
+        lora = LoraConfig(r=saved.r, lora_alpha=saved.lora_alpha, target_modules=saved.target_modules,
+                          lora_dropout=0.0, bias=saved.bias, use_rslora=saved.use_rslora, task_type="CAUSAL_LM")
+        if isinstance(model, PeftModel):
+            model.add_adapter(name, lora)
+        else:
+            model = PeftModel(model, lora, adapter_name=name)
+        weights = {k: v for k, v in load_file(str(rm_dir / "adapter_model.safetensors")).items() if ".score." not in k}
+        result = set_peft_model_state_dict(model, weights, adapter_name=name)
+        missing = [k for k in result.missing_keys if f".{name}." in k and "lora_" in k]
+        if missing:
+            raise ValueError(f"{rm_dir}: reward adapter does not fit this model (missing {missing[:3]})")
+        model.set_requires_grad(name, requires_grad=False)  # the reward model is frozen from here on
+        weight = load_file(str(rm_dir / HEAD_FILE))["weight"]
+        head = torch.nn.Linear(weight.shape[1], 1, bias=False, device=model.device, dtype=model.dtype)
+        head.weight.data.copy_(weight)
+        head.requires_grad_(False)
+        return cls(model, head, tokenizer, name)
+
+    @torch.no_grad()
+    def score_ids(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids and bool mask (any padding side) -> (B,) rewards read at each row's last real token."""
+        with active_adapter(self.model, self.name):
+            hidden = backbone(self.model.get_base_model())(
+                input_ids=input_ids, attention_mask=mask.long(), position_ids=position_ids(mask), use_cache=False,
+            ).last_hidden_state
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        return self.head(hidden[rows, last_token_index(mask)]).squeeze(-1).float()
+
+
+def member_dirs(rm_dir: str | Path) -> list[Path]:
+    """The members of an RM stage's output: `rm_dir` itself, then `member-1`, `member-2`, ... in order.
+    Each extra member is written DONE last; one without it is an error, not a member to skip."""
+    rm_dir = Path(rm_dir)
+    extra = sorted((d for d in rm_dir.glob("member-*") if d.name[7:].isdigit()), key=lambda d: int(d.name[7:]))
+    for d in extra:
+        if not (d / "DONE").is_file():
+            raise FileNotFoundError(f"{d}: an unfinished reward-model ensemble member (no DONE): run `make rm` again")
+    return [rm_dir] + extra
+
+
+class RewardEnsemble(_ScoresText):
+    """The mean score of several reward models (adapters and heads) on one shared model.
+
+    Members trained alike on the same data agree on what the data teaches and disagree on what it leaves
+    open (on the demo, which item of a category they like: uncorrelated across seeds), and a policy
+    optimised against one member finds and exploits those accidents; the mean keeps the signal and shrinks
+    the accidents (Coste et al. 2024, "Reward model ensembles help mitigate overoptimization").
+    """
+
+    def __init__(self, members: list[RewardScorer]):
+        self.members = members
+        self.model, self.tokenizer = members[0].model, members[0].tokenizer
+        self.head, self.name = members[0].head, members[0].name  # what a value model copied from "the RM" starts from
+
+    @torch.no_grad()
+    def score_ids(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m.score_ids(input_ids, mask) for m in self.members]).mean(dim=0)
+
+    def member_scores(self, prompts: list, responses: list[str], batch_size: int = 32) -> torch.Tensor:
+        """(members, N) scores of each member, for diagnostics."""
+        return torch.stack([m.score(prompts, responses, batch_size) for m in self.members])
+
+
+def attach_reward(model: PreTrainedModel | PeftModel, rm_dir: str | Path, tokenizer) -> RewardScorer | RewardEnsemble:
+    """The RM stage's reward model on `model`: one scorer, or the mean of an ensemble's members."""
+    members = []
+    for i, d in enumerate(member_dirs(rm_dir)):
+        members.append(RewardScorer.attach(model, d, tokenizer, name=REWARD_ADAPTER if i == 0 else f"{REWARD_ADAPTER}-{i}"))
+        model = members[-1].model
+    return members[0] if len(members) == 1 else RewardEnsemble(members)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import gc
 import json
 import random
+import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,12 +28,12 @@ from trl import RewardConfig, RewardTrainer
 from rlhf import data as rdata
 from rlhf import distributed
 from rlhf import rm_diagnostics
-from rlhf.config import PipelineConfig, RMStageConfig, save_config
+from rlhf.config import ConfigError, PipelineConfig, RMStageConfig, TrainSpec, save_config
 from rlhf.models import load_sft_model, load_tokenizer, lora_config, resolve_dtype
 from rlhf.plugins import import_callable
-from rlhf.reward import HEAD_FILE, RewardScorer, build_reward_model, pair_ids, save_head
+from rlhf.reward import HEAD_FILE, RewardEnsemble, RewardScorer, attach_reward, build_reward_model, pair_ids, save_head
 from rlhf.preempt import train_or_preempt
-from rlhf.runs import (MetricsCallback, MetricsFile, begin_stage, checkpoint_step, finish_stage,
+from rlhf.runs import (MetricsCallback, MetricsFile, begin_stage, checkpoint_step, finish_stage, is_done,
                        last_complete_checkpoint, require_done, save_trained_adapter, trainer_kwargs)
 
 
@@ -148,9 +150,10 @@ class GroupedRewardTrainer(RewardTrainer):
         return self.accelerator.prepare(loader)
 
 
-def trainer_args(cfg: RMStageConfig, out: Path, bf16: bool) -> RewardConfig:
+def trainer_args(cfg: RMStageConfig, out: Path, bf16: bool, train: TrainSpec | None = None) -> RewardConfig:
+    """`train`: cfg.train with another seed (an ensemble member); None: cfg.train."""
     return RewardConfig(
-        **trainer_kwargs(cfg.train, out, bf16),
+        **trainer_kwargs(train or cfg.train, out, bf16),
         max_length=None,  # long pairs were dropped, and counted, by tokenize_pairs
         center_rewards_coefficient=cfg.center_rewards_coefficient or None,
     )
@@ -158,6 +161,8 @@ def trainer_args(cfg: RMStageConfig, out: Path, bf16: bool) -> RewardConfig:
 
 def run(cfg: PipelineConfig) -> Path:
     r = cfg.rm
+    if r.ensemble < 1:
+        raise ConfigError(f"rm.ensemble must be at least 1, got {r.ensemble}")
     sft_dir = require_done(Path(cfg.run_dir) / "sft", "sft")
     # under `accelerate launch` the Trainer runs DDP/FSDP/DeepSpeed; only the main process writes
     procs = distributed.state()
@@ -174,21 +179,65 @@ def run(cfg: PipelineConfig) -> Path:
     tagger = import_callable(r.pair_tags) if r.pair_tags else None
     print(f"[rm] {len(train_ds)} training pairs ({len(set(train_ds['group']))} prompts), {len(eval_ds)} held-out pairs")
 
-    # 2. the SFT model (base + SFT adapter merged), a classifier around its backbone, a LoRA adapter on it
+    # 2. each member of the ensemble (one by default): member 0 in rm/, member i in rm/member-i/
+    if main:
+        for stale in member_dirs_beyond(out, r.ensemble):  # from an earlier run with a larger rm.ensemble
+            print(f"[rm] removing {stale}: rm.ensemble is {r.ensemble} now")
+            shutil.rmtree(stale)
+    procs.wait_for_everyone()
+    step = 0
+    for i in range(r.ensemble):
+        member_out = out if i == 0 else out / f"member-{i}"
+        if i > 0 and is_done(member_out):
+            continue  # finished before a kill or a preemption
+        if r.ensemble > 1 and main:
+            print(f"[rm] ensemble member {i + 1} of {r.ensemble} (seed {r.train.seed + i}) -> {member_out}")
+        trained = train_member(cfg, sft_dir, tokenizer, train_ds, eval_ds, member_out, r.train.seed + i, procs)
+        step = trained if i == 0 else step  # member 0's steps number the rows of rm/metrics.jsonl
+        if i > 0 and main:
+            finish_stage(member_out, {"member": i, "seed": r.train.seed + i})
+        procs.wait_for_everyone()
+    if not main:
+        return out
+
+    # 3. diagnostics on held-out pairs, scored the way PPO and eval will score (shared base + reward adapter(s))
+    scorer = attach_reward(load_sft_model(cfg.model, sft_dir, tokenizer).to(procs.device), out, tokenizer)
+    diag = diagnose(scorer, held_out, tagger)
+    metrics = MetricsFile(out / "metrics.jsonl", resume_step=step)
+    metrics.write(step, {k: v for k, v in diag.items() if k.startswith("rm/")})
+    (out / "diagnostics.json").write_text(json.dumps(diag, indent=2) + "\n")
+    print(format_diagnostics(diag))
+    finish_stage(out, {k: v for k, v in diag.items() if k.startswith("rm/")})
+    return out
+
+
+def member_dirs_beyond(out: Path, n: int) -> list[Path]:
+    """member-i directories with i >= n (an ensemble of n has members 1..n-1 beside rm/ itself)."""
+    return [d for d in out.glob("member-*") if not d.name[7:].isdigit() or int(d.name[7:]) >= n]
+
+
+def train_member(cfg: PipelineConfig, sft_dir: Path, tokenizer, train_ds: Dataset, eval_ds: Dataset, out: Path,
+                 seed: int, procs) -> int:
+    """Train one reward model (adapter + head) with `seed` into `out`, resuming from out/checkpoints.
+    Returns the number of optimiser steps taken."""
+    r, main = cfg.rm, procs.is_main_process
+    out.mkdir(parents=True, exist_ok=True)
+    train_spec = replace(r.train, seed=seed)
+    # the SFT model (base + SFT adapter merged), a classifier around its backbone, a LoRA adapter on it
     sft_model = load_sft_model(cfg.model, sft_dir, tokenizer)
     if cfg.model.gradient_checkpointing:
         sft_model.gradient_checkpointing_enable()
-    clf = build_reward_model(sft_model, seed=r.train.seed)
+    clf = build_reward_model(sft_model, seed=seed)
     model = get_peft_model(clf, lora_config(r.lora, task_type="SEQ_CLS", modules_to_save=["score"]))
 
-    # 3. train, resuming from the last complete checkpoint
+    # train, resuming from the last complete checkpoint
     with procs.main_process_first():  # the main process removes a half-written checkpoint first
         resume = last_complete_checkpoint(out / "checkpoints")
     metrics = MetricsFile(out / "metrics.jsonl", resume_step=checkpoint_step(resume), enabled=main)
     bf16 = resolve_dtype(cfg.model.dtype) == torch.bfloat16
     trainer_cls = GroupedRewardTrainer if r.group_pairs else RewardTrainer
     trainer = trainer_cls(
-        model=model, args=trainer_args(r, out, bf16), processing_class=tokenizer,
+        model=model, args=trainer_args(r, out, bf16, train_spec), processing_class=tokenizer,
         train_dataset=train_ds if r.group_pairs else train_ds.remove_columns("group"),
         eval_dataset=eval_ds.remove_columns("group"),
         callbacks=[MetricsCallback(metrics)] + ([TensorBoardCallback(SummaryWriter(str(out / "tb")))] if main else []),
@@ -197,41 +246,39 @@ def run(cfg: PipelineConfig) -> Path:
         print(f"[rm] resuming from {resume}")
     train_or_preempt(trainer, resume, "rm", out)  # on SIGTERM/SIGUSR1: checkpoint, exit 75
 
-    # 4. save the adapter, the head and the tokenizer; the main process alone goes on to the diagnostics
+    # save the adapter, the head and the tokenizer
     save_trained_adapter(trainer, out)
     sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
     procs.wait_for_everyone()
-    if not main:
-        return out
-    if sharded:  # the gathered weights are in the saved adapter, not in this process's shard
-        adapter = load_file(str(out / "adapter_model.safetensors"))
-        save_file({"weight": adapter["base_model.model.score.weight"].float()}, str(out / HEAD_FILE))
-    else:
-        save_head(model.base_model.model, out)
-    tokenizer.save_pretrained(out)
+    if main:
+        if sharded:  # the gathered weights are in the saved adapter, not in this process's shard
+            adapter = load_file(str(out / "adapter_model.safetensors"))
+            save_file({"weight": adapter["base_model.model.score.weight"].float()}, str(out / HEAD_FILE))
+        else:
+            save_head(model.base_model.model, out)
+        tokenizer.save_pretrained(out)
     step = trainer.state.global_step
     del trainer, model, clf, sft_model
     gc.collect()
-
-    # 5. diagnostics on held-out pairs, scored the way PPO and eval will score (shared base + "reward" adapter)
-    scorer = RewardScorer.attach(load_sft_model(cfg.model, sft_dir, tokenizer).to(procs.device), out, tokenizer)
-    diag = diagnose(scorer, held_out, tagger)
-    metrics.write(step, {k: v for k, v in diag.items() if k.startswith("rm/")})
-    (out / "diagnostics.json").write_text(json.dumps(diag, indent=2) + "\n")
-    print(format_diagnostics(diag))
-    finish_stage(out, {k: v for k, v in diag.items() if k.startswith("rm/")})
-    return out
+    return step
 
 
 @torch.no_grad()
-def diagnose(scorer: RewardScorer, pairs: list[rdata.PreferencePair], tagger=None) -> dict:
+def diagnose(scorer: RewardScorer | RewardEnsemble, pairs: list[rdata.PreferencePair], tagger=None) -> dict:
     prompts = [p.prompt for p in pairs]
-    chosen = scorer.score(prompts, [p.chosen for p in pairs])
-    rejected = scorer.score(prompts, [p.rejected for p in pairs])
     length = lambda texts: torch.tensor([len(scorer.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts])  # noqa: E731
     tags = [list(tagger(p.prompt, p.rejected)) for p in pairs] if tagger else None
+    if isinstance(scorer, RewardEnsemble):  # each member's accuracy beside the ensemble's
+        chosen_m = scorer.member_scores(prompts, [p.chosen for p in pairs])
+        rejected_m = scorer.member_scores(prompts, [p.rejected for p in pairs])
+        chosen, rejected = chosen_m.mean(0), rejected_m.mean(0)
+        members = {"member_accuracy": (chosen_m > rejected_m).float().mean(1).tolist()}
+    else:
+        chosen = scorer.score(prompts, [p.chosen for p in pairs])
+        rejected = scorer.score(prompts, [p.rejected for p in pairs])
+        members = {}
     return rm_diagnostics.summarize(chosen, rejected, length([p.chosen for p in pairs]),
-                                    length([p.rejected for p in pairs]), tags)
+                                    length([p.rejected for p in pairs]), tags) | members
 
 
 def format_diagnostics(diag: dict) -> str:
@@ -239,6 +286,9 @@ def format_diagnostics(diag: dict) -> str:
              f"     accuracy {diag['rm/accuracy']:.3f}   mean margin {diag['rm/margin_mean']:.3f}   "
              f"reward mean {diag['rm/reward_mean']:.3f} std {diag['rm/reward_std']:.3f}",
              f"     calibration error (ECE) {diag['rm/ece']:.3f}   reward-length correlation {diag['rm/length_corr']:+.3f}"]
+    if "member_accuracy" in diag:
+        lines.append(f"     ensemble of {len(diag['member_accuracy'])}: the mean above; each member's accuracy "
+                     + " ".join(f"{a:.3f}" for a in diag["member_accuracy"]))
     for tag, row in diag.get("accuracy_by_tag", {}).items():
         lines.append(f"     rejected answer has {tag:<12} accuracy {row['accuracy']:.3f}  (n={row['n']})")
     return "\n".join(lines)

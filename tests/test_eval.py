@@ -198,3 +198,11 @@ def test_eval_judges_base_sft_ppo_and_an_exported_directory(ppo_run, tmp_path):
     shutil.rmtree(out / "plots")
     subprocess.run(run_make("report", run_dir), cwd=ROOT, check=True, capture_output=True)
     assert (out / "report.md").read_text() == text and (out / "plots" / "ppo_training.png").is_file()
+
+
+def test_report_names_a_reward_ensemble_and_its_members(tmp_path):
+    write_saved_run(tmp_path)
+    diag_path = tmp_path / "rm" / "diagnostics.json"
+    diag_path.write_text(json.dumps(json.loads(diag_path.read_text()) | {"member_accuracy": [0.95, 0.94, 0.96]}))
+    text = render(tmp_path).read_text()
+    assert "mean of an ensemble of 3 reward models, whose accuracies alone are 0.950, 0.940, 0.960" in text

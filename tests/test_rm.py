@@ -111,3 +111,80 @@ def test_bad_preference_file_stops_rm_before_the_model_loads(name, where, sft_ru
     code = stage_main("rm", rm.run, ["--config", str(DEMO_CONFIG), f"run_dir={tmp_path}", f"train_file={bad}"])
     assert code == 2
     assert f"{name}: {where}" in capsys.readouterr().err
+
+
+def test_reward_ensemble_scores_with_the_mean_of_its_members(rm_run, demo_dir, tmp_path):
+    """attach_reward loads rm/ and every rm/member-i/ as frozen adapters of one model and averages them."""
+    from safetensors.torch import load_file, save_file
+    from rlhf.reward import RewardEnsemble, attach_reward, member_dirs
+
+    rm = tmp_path / "rm"
+    shutil.copytree(rm_run / "rm", rm, ignore=shutil.ignore_patterns("checkpoints", "tb"))
+    for i, factor in ((1, 3.0), (2, -1.0)):  # members whose heads are multiples of member 0's
+        member = rm / f"member-{i}"
+        member.mkdir()
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copy(rm / name, member / name)
+        save_file({"weight": load_file(str(rm / "score_head.safetensors"))["weight"] * factor},
+                  str(member / "score_head.safetensors"))
+        (member / "DONE").write_text("{}\n")
+    (rm / "member-x").mkdir()  # not a member
+    (rm / "member-10").mkdir()  # a member killed before it finished: an error, not a member to skip
+    with pytest.raises(FileNotFoundError, match="member-10: .*make rm"):
+        member_dirs(rm)
+    (rm / "member-10").rmdir()
+    assert [d.name for d in member_dirs(rm)] == ["rm", "member-1", "member-2"]
+
+    tokenizer = load_tokenizer(str(rm_run / "sft"))
+    model_cfg = ModelConfig(name_or_path=str(demo_dir / "base"))
+    prompts, answers = ["list 3 fruits"] * 3, ["apple pear plum", "apple apple pear", "cat"]
+    single = RewardScorer.attach(load_sft_model(model_cfg, rm_run / "sft", tokenizer), rm_run / "rm", tokenizer)
+    expected = single.score(prompts, answers) * (1 + 3 - 1) / 3
+    ensemble = attach_reward(load_sft_model(model_cfg, rm_run / "sft", tokenizer), rm, tokenizer)
+    assert isinstance(ensemble, RewardEnsemble) and len(ensemble.members) == 3
+    assert set(ensemble.model.peft_config) == {"reward", "reward-1", "reward-2"}
+    assert torch.allclose(ensemble.score(prompts, answers), expected, atol=1e-5)
+    assert torch.allclose(ensemble.member_scores(prompts, answers)[1], 3 * single.score(prompts, answers), atol=1e-5)
+    assert not any(p.requires_grad for p in ensemble.model.parameters())
+    # a plain rm/ stays a single scorer
+    assert isinstance(attach_reward(load_sft_model(model_cfg, rm_run / "sft", tokenizer), rm_run / "rm", tokenizer),
+                      RewardScorer)
+
+
+def test_rm_ensemble_trains_each_member_with_its_own_seed_and_ppo_scores_with_all(rm_run, tmp_path):
+    from safetensors.torch import load_file
+    from rlhf.config import LoraSpec
+    from rlhf.ppo.roles import build_roles
+    from rlhf.reward import RewardEnsemble
+
+    run = tmp_path / "run"
+    shutil.copytree(rm_run / "sft", run / "sft")
+    proc = run_stage("rm", f"run_dir={run}", "ensemble=2", "train.max_steps=3", "train.eval_steps=100")
+    assert "ensemble member 2 of 2 (seed 1)" in proc.stdout
+    member = run / "rm" / "member-1"
+    for name in ("adapter_model.safetensors", "score_head.safetensors", "DONE"):
+        assert (member / name).is_file(), name
+    assert (run / "rm" / "DONE").is_file()
+    diag = json.loads((run / "rm" / "diagnostics.json").read_text())
+    assert len(diag["member_accuracy"]) == 2 and "ensemble of 2" in proc.stdout
+    heads = [load_file(str(d / "score_head.safetensors"))["weight"] for d in (run / "rm", member)]
+    assert not torch.equal(*heads)  # another seed, another member
+
+    tokenizer = load_tokenizer(str(run / "sft"))
+    cfg = ModelConfig(name_or_path=str(ROOT / "data" / "demo" / "base"))
+    roles = build_roles(load_sft_model(cfg, run / "sft", tokenizer), run / "rm", tokenizer, LoraSpec(r=4, alpha=8),
+                        value_from_reward=True)
+    assert isinstance(roles.scorer, RewardEnsemble)
+    trainable = {id(p) for p in roles.trainable_parameters()}
+    frozen = [p for n, p in roles.model.named_parameters() if ".reward" in n]
+    assert frozen and not any(id(p) in trainable or p.requires_grad for p in frozen)
+
+    # a rerun keeps the finished member (its DONE) and does not train it again
+    (run / "rm" / "DONE").unlink()
+    again = run_stage("rm", f"run_dir={run}", "ensemble=2", "train.max_steps=3", "train.eval_steps=100")
+    assert "ensemble member 2 of 2" not in again.stdout and (run / "rm" / "DONE").is_file()
+    # a smaller ensemble removes the members it no longer has: PPO must not score with them
+    (run / "rm" / "DONE").unlink()
+    single = run_stage("rm", f"run_dir={run}", "ensemble=1", "train.max_steps=3", "train.eval_steps=100")
+    assert f"removing {member}" in single.stdout and not member.exists()
+    assert "member_accuracy" not in json.loads((run / "rm" / "diagnostics.json").read_text())

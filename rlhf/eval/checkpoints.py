@@ -25,7 +25,7 @@ from rlhf import distributed
 from rlhf.config import ConfigError, PipelineConfig
 from rlhf.models import (active_adapter, disable_dropout, keep_requires_grad, load_causal_lm, load_sft_model,
                          load_tokenizer, resolve_dtype)
-from rlhf.reward import RewardScorer
+from rlhf.reward import attach_reward
 from rlhf.runs import require_done
 
 STAGES = ("base", "sft", "ppo")
@@ -87,7 +87,7 @@ class Hub:
     def __init__(self, cfg: PipelineConfig, sft_dir: Path, tokenizer, rm_dir: Path | None,
                  adapters: list[Checkpoint]):
         model = load_sft_model(cfg.model, sft_dir, tokenizer).to(device()).eval()
-        self.scorer = RewardScorer.attach(model, rm_dir, tokenizer) if rm_dir else None
+        self.scorer = attach_reward(model, rm_dir, tokenizer) if rm_dir else None
         model = self.scorer.model if self.scorer else model
         for ckpt in adapters:
             if isinstance(model, PeftModel):

@@ -174,6 +174,9 @@ def rm_section(d: dict | None, plot: Path | None) -> str:
     lines = ["## Reward model (held-out pairs)", "",
              f"Accuracy **{d['rm/accuracy']:.3f}** on {d['rm/n_pairs']} pairs, mean margin {d['rm/margin_mean']:.2f}, "
              f"expected calibration error {d['rm/ece']:.3f}, reward–length correlation {d['rm/length_corr']:.2f}."]
+    if d.get("member_accuracy"):
+        lines[-1] += (f" The reward is the mean of an ensemble of {len(d['member_accuracy'])} reward models, whose "
+                      f"accuracies alone are {', '.join(f'{a:.3f}' for a in d['member_accuracy'])}.")
     tags = d.get("accuracy_by_tag")
     if tags:
         lines += ["", "| rejected answer's flaw | pairs | accuracy |", "|---|---|---|"]

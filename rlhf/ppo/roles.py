@@ -3,7 +3,8 @@
     policy    = SFT ⊕ adapter "policy"   trainable; LoRA's B starts at 0, so the policy starts as exactly SFT
     reference = SFT with adapters off    exact, and costs no memory
     value     = SFT ⊕ adapter "value" + value head   trainable; may start as a copy of the reward model
-    reward    = SFT ⊕ adapter "reward" + score head  frozen, loaded from the RM stage
+    reward    = SFT ⊕ adapter "reward" + score head  frozen, loaded from the RM stage (an ensemble: adapters
+                                                   "reward", "reward-1", ... and the mean of their scores)
 
 Peers keep four models (policy, reference, value, reward): four copies of the base weights. Here the base
 is held once, and each role adds only its LoRA matrices (and a hidden_size-long head).
@@ -23,7 +24,7 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
 from rlhf.config import LoraSpec
 from rlhf.models import active_adapter, keep_requires_grad, lora_config
-from rlhf.reward import REWARD_ADAPTER, RewardScorer, backbone, position_ids
+from rlhf.reward import REWARD_ADAPTER, RewardEnsemble, RewardScorer, attach_reward, backbone, position_ids
 
 POLICY, VALUE = "policy", "value"
 
@@ -34,7 +35,7 @@ class Roles:
 
     model: PeftModel
     value_head: torch.nn.Linear
-    scorer: RewardScorer
+    scorer: RewardScorer | RewardEnsemble
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """Exactly the policy adapter, the value adapter and the value head: what the optimiser holds."""
@@ -44,13 +45,14 @@ class Roles:
 
 def build_roles(sft_model, rm_dir: str | Path, tokenizer, lora: LoraSpec, value_from_reward: bool) -> Roles:
     """Attach the reward adapter (frozen), a fresh policy adapter and a value adapter to the SFT model."""
-    scorer = RewardScorer.attach(sft_model, rm_dir, tokenizer)
+    scorer = attach_reward(sft_model, rm_dir, tokenizer)
     model = scorer.model
     policy_cfg = lora_config(lora)
     policy_cfg.lora_dropout = 0.0  # dropout would make the first ratio differ from 1
     model.add_adapter(POLICY, policy_cfg)
     if value_from_reward:
-        # InstructGPT and N+ start the value function from the reward model: same adapter, same head.
+        # InstructGPT and N+ start the value function from the reward model: same adapter, same head
+        # (of an ensemble, member 0's).
         model.add_adapter(VALUE, copy.deepcopy(model.peft_config[REWARD_ADAPTER]))
         reward_weights = get_peft_model_state_dict(model, adapter_name=REWARD_ADAPTER)
         set_peft_model_state_dict(model, reward_weights, adapter_name=VALUE)
