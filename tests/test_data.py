@@ -77,6 +77,8 @@ BAD_FILES = [
     ("ranking_wrong_length.jsonl", load_preferences, 3, "ranking", "wrong length"),
     ("ranking_too_few.jsonl", load_preferences, 2, "responses", "at least 2"),
     ("margin_not_number.jsonl", load_preferences, 3, "margin", "expected a number"),
+    ("ranking_scores_disagree.jsonl", load_preferences, 2, "scores", "ranked below response 1 but scored higher"),
+    ("ranking_scores_wrong_length.jsonl", load_preferences, 2, "scores", "wrong length: 2 scores for 3 responses"),
     ("hh_no_final_assistant.jsonl", load_preferences, 2, "chosen", "no final"),
     ("hh_prompt_mismatch.jsonl", load_preferences, 2, "rejected", "does not share the prompt of 'chosen'"),
     ("mixed_formats.jsonl", load_preferences, 3, "completion", "but the file is in"),
@@ -387,3 +389,25 @@ def test_sft_on_preference_data_takes_the_preferred_answer(tmp_path):
     assert [(e.prompt, e.completion) for e in examples] == [(p.prompt, p.chosen) for p in pairs]
     path = write_jsonl(tmp_path / "rank.jsonl", [{"prompt": "q", "responses": ["a", "b", "c"], "ranking": [2, 0, 1]}])
     assert [(e.prompt, e.completion) for e in load_sft(path)] == [("q", "c")]
+
+
+def test_hh_split_keeps_every_row_once_and_is_reproducible(tmp_path):
+    """make data-hh splits the sample by row: 40 test rows that no stage of configs/hh-sample.yaml trains on."""
+    from rlhf.demo.hh_tiny import HH_SAMPLE, split_sample
+    train, test = split_sample(tmp_path)
+    rows = HH_SAMPLE.read_text().splitlines()
+    a, b = train.read_text().splitlines(), test.read_text().splitlines()
+    assert len(b) == 40 and sorted(a + b) == sorted(rows) and not set(a) & set(b)
+    (tmp_path / "again").mkdir()
+    assert split_sample(tmp_path / "again")[1].read_text() == test.read_text()
+
+
+def test_ranking_scores_become_pair_margins(tmp_path):
+    """K-way rows may rate each answer (UltraFeedback-style): a pair's margin is the difference of ratings."""
+    path = tmp_path / "rated.jsonl"
+    path.write_text(json.dumps({"prompt": "Pick a pet.", "responses": ["A rock.", "A cat.", "A dog."],
+                                "ranking": [1, 2, 0], "scores": [0.5, 4, 3]}) + "\n")
+    pairs = load_preferences(str(path))
+    assert [(p.chosen, p.rejected, p.margin) for p in pairs] == [
+        ("A cat.", "A dog.", 1.0), ("A cat.", "A rock.", 3.5), ("A dog.", "A rock.", 2.5)]
+    assert {p.group for p in pairs} == {0}

@@ -72,7 +72,7 @@ def test_hh_sample_runs_from_a_config_alone(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "sft" / "DONE").exists() and (tmp_path / "rm" / "DONE").exists()
     diag = json.loads((tmp_path / "rm" / "diagnostics.json").read_text())
-    assert diag["rm/n_pairs"] == 39  # 10 % of the 399 valid prompts, held out whole
+    assert diag["rm/n_pairs"] == 40  # data/hh-tiny/hh_test.jsonl, split from the sample by `make data-hh`
     assert "accuracy" in proc.stdout and "calibration error" in proc.stdout
 
 
@@ -188,3 +188,19 @@ def test_rm_ensemble_trains_each_member_with_its_own_seed_and_ppo_scores_with_al
     single = run_stage("rm", f"run_dir={run}", "ensemble=1", "train.max_steps=3", "train.eval_steps=100")
     assert f"removing {member}" in single.stdout and not member.exists()
     assert "member_accuracy" not in json.loads((run / "rm" / "diagnostics.json").read_text())
+
+
+def test_hh_sample_runs_every_stage_from_a_config_alone(tmp_path):
+    """`make all` with configs/hh-sample.yaml: SFT, RM, PPO on HH prompts, eval on held-out HH prompts, report."""
+    subprocess.run(["make", "data-hh", "-o", ".venv/.installed", f"PY={os.sys.executable}"], cwd=ROOT, check=True,
+                   capture_output=True)
+    args = "sft.train.max_steps=4 rm.train.max_steps=4 ppo.steps=2 ppo.eval_samples=4 eval.samples=6"
+    proc = subprocess.run(run_make("all", tmp_path, ROOT / "configs" / "hh-sample.yaml", args),
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[ppo] 360 prompts" in proc.stdout  # the HH training prompts, not the demo's
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["prompts_file"] == "data/hh-tiny/hh_test.jsonl" and metrics["n_prompts"] == 6
+    ppo = metrics["results"]["sample"]["ppo"]
+    assert 0 <= ppo["reward_win_rate"] <= 1 and "gold_win_rate" not in ppo  # HH has no gold judge
+    assert "No gold judge is configured" in (tmp_path / "eval" / "report.md").read_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from itertools import combinations
 
 from rlhf.data import fields
@@ -45,19 +46,40 @@ def transcript_pair(row: dict) -> Pair:
 
 
 def ranking_pairs(row: dict) -> list[Pair]:
-    """{"prompt", "responses": [K], "ranking": [best..worst indices]} -> every (better, worse) pair.
+    """{"prompt", "responses": [K], "ranking": [best..worst indices][, "scores": [K ratings]]} -> every
+    (better, worse) pair; with scores (an annotator's rating of each answer, higher is better, as in
+    UltraFeedback) a pair's margin is the difference of its two ratings.
 
     Order: for ranking [r0, r1, r2] the pairs are (r0, r1), (r0, r2), (r1, r2).
     """
     prompt = fields.prompt(fields.get(row, "prompt"))
     texts = responses(fields.get(row, "responses"))
     order = ranking(fields.get(row, "ranking"), len(texts))
+    rated = scores(row.get("scores"), order)
     out = []
     for better, worse in combinations(order, 2):
         if texts[better].strip() == texts[worse].strip():
             raise RowError("responses", f"responses {better} and {worse} are identical")
-        out.append((prompt, texts[better], texts[worse], None))
+        out.append((prompt, texts[better], texts[worse], None if rated is None else rated[better] - rated[worse]))
     return out
+
+
+def scores(value, order: list[int]) -> list[float] | None:
+    """Optional ratings of the K responses: K finite numbers that do not rise along the ranking."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise RowError("scores", f"expected a list of {len(order)} numbers, got {fields.kind(value)}")
+    if len(value) != len(order):
+        raise RowError("scores", f"wrong length: {len(value)} scores for {len(order)} responses")
+    for i, v in enumerate(value):
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise RowError("scores", f"entry {i} is not a finite number: {v!r}")
+    for better, worse in zip(order, order[1:]):
+        if value[better] < value[worse]:
+            raise RowError("scores", f"response {worse} is ranked below response {better} but scored higher "
+                                     f"({value[worse]} > {value[better]})")
+    return [float(v) for v in value]
 
 
 def responses(value) -> list[str]:
