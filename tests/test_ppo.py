@@ -114,3 +114,21 @@ def test_export_round_trip_plain_transformers_generates_the_same_tokens(ppo_run,
     plain_tok = AutoTokenizer.from_pretrained(out)
     plain = AutoModelForCausalLM.from_pretrained(out)
     assert generate_texts(plain, plain_tok, prompts, greedy) == generate_texts(adapter_model, tok, prompts, greedy)
+
+
+def test_gold_reward_diagnostic_scores_rollouts_with_the_judge(rm_run, tmp_path):
+    """scripts/ppo_gold_reward.py: PPO's scores are 10 x the gold judge (the ceiling of a perfect RM)."""
+    import sys
+    from conftest import DEMO_CONFIG
+
+    run = tmp_path / "run"
+    for stage in ("sft", "rm"):
+        shutil.copytree(rm_run / stage, run / stage, ignore=shutil.ignore_patterns("checkpoints"))
+    proc = subprocess.run([sys.executable, "scripts/ppo_gold_reward.py", "--config", str(DEMO_CONFIG),
+                           f"run_dir={run}", "steps=1", "rollout_batch_size=8", "num_minibatches=2",
+                           "reward_norm_samples=16", "eval_samples=8"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((run / "ppo" / "eval.json").read_text())
+    assert result["eval/reward_policy"] == pytest.approx(10 * result["eval/gold_policy"], abs=1e-4)
+    assert result["eval/reward_sft"] == pytest.approx(10 * result["eval/gold_sft"], abs=1e-4)
