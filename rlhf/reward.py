@@ -135,11 +135,25 @@ class RewardScorer(_ScoresText):
         return self.head(hidden[rows, last_token_index(mask)]).squeeze(-1).float()
 
 
+MEMBER_PREFIX = "member-"
+
+
+def member_dir(rm_dir: str | Path, i: int) -> Path:
+    """Where ensemble member i lives: member 0 is `rm_dir` itself, member i > 0 `rm_dir/member-i`."""
+    return Path(rm_dir) if i == 0 else Path(rm_dir) / f"{MEMBER_PREFIX}{i}"
+
+
+def member_index(path: Path) -> int | None:
+    """i for a `member-i` directory, None for any other name."""
+    suffix = path.name.removeprefix(MEMBER_PREFIX)
+    return int(suffix) if path.name.startswith(MEMBER_PREFIX) and suffix.isdigit() else None
+
+
 def member_dirs(rm_dir: str | Path) -> list[Path]:
     """The members of an RM stage's output: `rm_dir` itself, then `member-1`, `member-2`, ... in order.
     Each extra member is written DONE last; one without it is an error, not a member to skip."""
     rm_dir = Path(rm_dir)
-    extra = sorted((d for d in rm_dir.glob("member-*") if d.name[7:].isdigit()), key=lambda d: int(d.name[7:]))
+    extra = sorted((d for d in rm_dir.glob(f"{MEMBER_PREFIX}*") if member_index(d) is not None), key=member_index)
     for d in extra:
         if not (d / "DONE").is_file():
             raise FileNotFoundError(f"{d}: an unfinished reward-model ensemble member (no DONE): run `make rm` again")
@@ -149,10 +163,11 @@ def member_dirs(rm_dir: str | Path) -> list[Path]:
 class RewardEnsemble(_ScoresText):
     """The mean score of several reward models (adapters and heads) on one shared model.
 
-    Members trained alike on the same data agree on what the data teaches and disagree on what it leaves
-    open (on the demo, which item of a category they like: uncorrelated across seeds), and a policy
-    optimised against one member finds and exploits those accidents; the mean keeps the signal and shrinks
-    the accidents (Coste et al. 2024, "Reward model ensembles help mitigate overoptimization").
+    Members trained alike on the same data agree on what the data teaches and differ, in part, on what it
+    leaves open, and a policy optimised against one member finds and exploits those accidents; the mean
+    keeps the signal and shrinks the part of the accidents that differs (Coste et al. 2024, "Reward model
+    ensembles help mitigate overoptimization"). On the demo, members of different seeds like mostly the
+    same items (that comes from the shared SFT model), so three members shrank the item effect by a third.
     """
 
     def __init__(self, members: list[RewardScorer]):

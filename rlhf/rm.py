@@ -31,7 +31,8 @@ from rlhf import rm_diagnostics
 from rlhf.config import ConfigError, PipelineConfig, RMStageConfig, TrainSpec, save_config
 from rlhf.models import load_sft_model, load_tokenizer, lora_config, resolve_dtype
 from rlhf.plugins import import_callable
-from rlhf.reward import HEAD_FILE, RewardEnsemble, RewardScorer, attach_reward, build_reward_model, pair_ids, save_head
+from rlhf.reward import (HEAD_FILE, MEMBER_PREFIX, RewardEnsemble, RewardScorer, attach_reward, build_reward_model,
+                         member_dir, member_index, pair_ids, save_head)
 from rlhf.preempt import train_or_preempt
 from rlhf.runs import (MetricsCallback, MetricsFile, begin_stage, checkpoint_step, finish_stage, is_done,
                        last_complete_checkpoint, require_done, save_trained_adapter, trainer_kwargs)
@@ -187,7 +188,7 @@ def run(cfg: PipelineConfig) -> Path:
     procs.wait_for_everyone()
     step = 0
     for i in range(r.ensemble):
-        member_out = out if i == 0 else out / f"member-{i}"
+        member_out = member_dir(out, i)
         if i > 0 and is_done(member_out):
             continue  # finished before a kill or a preemption
         if r.ensemble > 1 and main:
@@ -213,7 +214,7 @@ def run(cfg: PipelineConfig) -> Path:
 
 def member_dirs_beyond(out: Path, n: int) -> list[Path]:
     """member-i directories with i >= n (an ensemble of n has members 1..n-1 beside rm/ itself)."""
-    return [d for d in out.glob("member-*") if not d.name[7:].isdigit() or int(d.name[7:]) >= n]
+    return [d for d in out.glob(f"{MEMBER_PREFIX}*") if member_index(d) is None or member_index(d) >= n]
 
 
 def train_member(cfg: PipelineConfig, sft_dir: Path, tokenizer, train_ds: Dataset, eval_ds: Dataset, out: Path,
