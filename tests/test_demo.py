@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf.demo import task
-from rlhf.demo.build import BuildSpec, make_datasets, noisy_ranking
+from rlhf.demo.build import BuildSpec, make_datasets, noisy_ranking, pretrain_corpus
 
 P = [{"role": "user", "content": "list 3 fruits"}]
 
@@ -121,23 +121,45 @@ def test_base_model_loads_with_plain_transformers(demo_dir):
 
 
 def test_base_model_knows_a_list_does_not_repeat(demo_dir):
-    """The base gives an item already listed a much lower probability than a new one of the category.
+    """The base gives an item already listed a much lower probability than a new one of the category, in a
+    list and in a chat answer.
 
     A base without this (pre-trained at lr 3e-3, sessions 1-4: both probabilities equal) left the RM
-    unable to tell "oak elm oak" from "oak elm ash" and the PPO policy repeating items."""
+    unable to tell "oak elm oak" from "oak elm ash" and the PPO policy repeating items; one that knew it in
+    lists only (sessions 5-6: P(listed) / P(new) 0.29 in a list, 0.77 after a chat prompt) gave an SFT model that repeated
+    more than its demonstrations and a PPO policy that kept the repeats."""
     import torch
     tok = AutoTokenizer.from_pretrained(demo_dir / "base")
     model = AutoModelForCausalLM.from_pretrained(demo_dir / "base")
-    rng = random.Random(0)
-    seen, unseen = [], []
-    for _ in range(100):
-        category = rng.choice(list(task.CATEGORIES))
-        items = rng.sample(task.CATEGORIES[category], 12)
-        k = rng.randint(2, 6)
-        ids = tok(f"{category} : {' '.join(items[:k])}", return_tensors="pt").input_ids
-        with torch.no_grad():
-            p = model(ids).logits[0, -1].softmax(-1)
-        prob = {w: p[tok.convert_tokens_to_ids(w)].item() for w in items}
-        seen.append(sum(prob[w] for w in items[:k]) / k)
-        unseen.append(sum(prob[w] for w in items[k:]) / (12 - k))
-    assert sum(seen) < 0.5 * sum(unseen)
+    for layout, bound in (("list", 0.15), ("chat", 0.25)):  # this base: 0.07, 0.13
+        rng = random.Random(0)
+        seen, unseen = [], []
+        for _ in range(100):
+            category = rng.choice(list(task.CATEGORIES))
+            items = rng.sample(task.CATEGORIES[category], 12)
+            k = rng.randint(2, 5)
+            listed = " ".join(items[:k])
+            text = (f"{category} : {listed}" if layout == "list"
+                    else f"<|user|> list {k + 1} {category} <|assistant|> {listed}")
+            ids = tok(text, return_tensors="pt").input_ids
+            with torch.no_grad():
+                p = model(ids).logits[0, -1].softmax(-1)
+            prob = {w: p[tok.convert_tokens_to_ids(w)].item() for w in items}
+            seen.append(sum(prob[w] for w in items[:k]) / k)
+            unseen.append(sum(prob[w] for w in items[k:]) / (12 - k))
+        assert sum(seen) < bound * sum(unseen), layout
+
+
+def test_pretraining_dialogues_do_not_repeat_items_unless_asked():
+    """The base learns from its dialogues whether a chat answer repeats items (BuildSpec.pretrain_chat_repeats);
+    the other flaws of the dialogues' poor answers stay."""
+    def dialogue_flaws(spec):
+        found = []
+        for doc in pretrain_corpus(spec):
+            if doc.startswith("<|user|>"):
+                prompt, answer = doc.removeprefix("<|user|> ").removesuffix(" <|end|>").split(" <|assistant|> ")
+                found += task.flaws_of(prompt, answer)
+        return set(found)
+
+    assert dialogue_flaws(BuildSpec(n_pretrain=600)) == {"intruder", "too_few", "too_many", "off_topic"}
+    assert "repeat" in dialogue_flaws(BuildSpec(n_pretrain=600, pretrain_chat_repeats=True))
