@@ -127,6 +127,34 @@ def test_report_without_metrics_says_to_run_eval(tmp_path):
     assert proc.returncode == 2 and "make eval" in proc.stderr
 
 
+def test_adapter_checkpoints_from_other_sft_weights_are_refused(tmp_path):
+    """Adapters go over this run's SFT model: an SFT adapter (over the base) or another run's PPO policy
+    (over that run's SFT model) would be judged on weights it was not trained over."""
+    def run(name, sft_weights):
+        d = tmp_path / name
+        (d / "sft").mkdir(parents=True)
+        (d / "sft" / "DONE").write_text("ok\n")
+        (d / "sft" / "adapter_model.safetensors").write_bytes(sft_weights)
+        (d / "sft" / "adapter_config.json").write_text("{}")
+        (d / "ppo" / "checkpoints" / "step-10" / "policy").mkdir(parents=True)
+        (d / "ppo" / "checkpoints" / "step-10" / "policy" / "adapter_config.json").write_text("{}")
+        return d
+
+    here, other, twin = run("here", b"sft A"), run("other", b"sft B"), run("twin", b"sft A")
+    ckpt = "ppo/checkpoints/step-10/policy"
+    with pytest.raises(ConfigError, match="trained over the SFT model of .*other"):
+        parse_checkpoints([f"p={other / ckpt}"], here)
+    with pytest.raises(ConfigError, match="is an SFT adapter"):
+        parse_checkpoints([f"s={here / 'sft'}"], here)
+    with pytest.raises(ConfigError, match="is an SFT adapter"):
+        parse_checkpoints([f"s={other / 'sft'}"], here)
+    # the same SFT weights (a copied run), this run's own checkpoints, and adapters outside any run load
+    (tmp_path / "loose").mkdir()
+    (tmp_path / "loose" / "adapter_config.json").write_text("{}")
+    kinds = parse_checkpoints([f"t={twin / ckpt}", f"h={here / ckpt}", str(tmp_path / "loose")], here)
+    assert [c.kind for c in kinds] == ["adapter"] * 3
+
+
 def test_checkpoint_and_eval_config_errors_name_the_key(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="neither base, sft, ppo nor a directory"):

@@ -13,6 +13,7 @@ one at a time, while their answers are generated.
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from rlhf.config import ConfigError, PipelineConfig
 from rlhf.models import (active_adapter, disable_dropout, keep_requires_grad, load_causal_lm, load_sft_model,
                          load_tokenizer, resolve_dtype)
 from rlhf.reward import attach_reward
-from rlhf.runs import require_done
+from rlhf.runs import is_done, require_done
 
 STAGES = ("base", "sft", "ppo")
 
@@ -54,6 +55,7 @@ def parse_checkpoints(entries: list[str], run_dir: Path) -> list[Checkpoint]:
             raise ConfigError(f"eval.checkpoints: {entry!r} is neither base, sft, ppo nor a directory")
         if (path / "adapter_config.json").is_file():
             kind = "adapter"
+            _check_adapter_run(entry, path, run_dir)
         elif (path / "config.json").is_file():
             kind = "model"
         else:
@@ -66,6 +68,31 @@ def parse_checkpoints(entries: list[str], run_dir: Path) -> list[Checkpoint]:
     if not out:
         raise ConfigError("eval.checkpoints is empty")
     return out
+
+
+def _check_adapter_run(entry: str, path: Path, run_dir: Path) -> None:
+    """An adapter checkpoint goes over this run's SFT weights: refuse one that a pipeline trained over others.
+
+    An SFT adapter is over the base model, and another run's PPO policy over that run's SFT model; stacked on
+    this run's SFT model either would answer as no trained model does. Adapters from outside a run are not
+    checked."""
+    path = path.resolve()
+    run = next((d for d in list(path.parents)[:4] if is_done(d / "sft")), None)
+    if run is None:
+        return
+    if path.is_relative_to(run / "sft"):
+        raise ConfigError(f"eval.checkpoints: {entry!r} is an SFT adapter, trained over the base model, and "
+                          f"would be stacked on this run's SFT model: name `sft` for this run's SFT model, or "
+                          f"judge that run with run_dir={run}")
+    if run != run_dir.resolve() and _adapter_digest(run / "sft") != _adapter_digest(run_dir / "sft"):
+        raise ConfigError(f"eval.checkpoints: {entry!r} was trained over the SFT model of {run}, not over this "
+                          f"run's ({run_dir / 'sft'}): judge it with run_dir={run}, or `make export` it and name "
+                          f"the exported directory")
+
+
+def _adapter_digest(stage_dir: Path) -> str | None:
+    weights = stage_dir / "adapter_model.safetensors"
+    return hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
 
 
 def _stage_checkpoint(stage: str, run_dir: Path) -> Checkpoint:
