@@ -13,7 +13,6 @@ one at a time, while their answers are generated.
 
 from __future__ import annotations
 
-import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,15 +83,15 @@ def _check_adapter_run(entry: str, path: Path, run_dir: Path) -> None:
         raise ConfigError(f"eval.checkpoints: {entry!r} is an SFT adapter, trained over the base model, and "
                           f"would be stacked on this run's SFT model: name `sft` for this run's SFT model, or "
                           f"judge that run with run_dir={run}")
-    if run != run_dir.resolve() and _adapter_digest(run / "sft") != _adapter_digest(run_dir / "sft"):
+    if run != run_dir.resolve() and _sft_weights(run) != _sft_weights(run_dir):
         raise ConfigError(f"eval.checkpoints: {entry!r} was trained over the SFT model of {run}, not over this "
                           f"run's ({run_dir / 'sft'}): judge it with run_dir={run}, or `make export` it and name "
                           f"the exported directory")
 
 
-def _adapter_digest(stage_dir: Path) -> str | None:
-    weights = stage_dir / "adapter_model.safetensors"
-    return hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
+def _sft_weights(run: Path) -> bytes | None:
+    weights = run / "sft" / "adapter_model.safetensors"
+    return weights.read_bytes() if weights.is_file() else None
 
 
 def _stage_checkpoint(stage: str, run_dir: Path) -> Checkpoint:
