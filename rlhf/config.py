@@ -146,6 +146,7 @@ class PPOStageConfig:
     max_new_tokens: int = 16
     temperature: float = 0.7
     top_k: int = 0
+    """Must stay 0 (and top_p 1.0): PPO's log-probs describe the untruncated distribution at temperature."""
     top_p: float = 1.0
     missing_eos_penalty: float | None = None
     """Replace the score of responses that never emit EOS by this value (N+ uses -1). None: off."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from peft import PeftModel
 
+from rlhf.chat import stop_token_ids
 from rlhf.config import PipelineConfig
 from rlhf.models import load_sft_model, load_tokenizer, resolve_dtype
 from rlhf.runs import finish_stage, require_done
@@ -40,7 +41,8 @@ def run(cfg: PipelineConfig) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    # every token an answer ends at (end of turn, EOS, the family's own list): a server stops where PPO did
+    model.generation_config.eos_token_id = stop_token_ids(tokenizer, model.generation_config)
     model.to(resolve_dtype(model_cfg.dtype)).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)

@@ -1,22 +1,24 @@
-"""Prompt encoding and batched sampling with the HF `generate` (KV cache, left padding)."""
+"""Prompt encoding and batched sampling with the HF `generate` (KV cache, left padding).
+
+What is sampled is decided here and nowhere else: softmax(logits / temperature) (optionally top-k / top-p,
+never in PPO), stopping at the chat format's stop tokens (`rlhf.chat`). A checkpoint's own
+`generation_config.json` (repetition penalties, n-gram bans, its favourite top_p, min_new_tokens, ...) is
+ignored: transformers merges every field we leave unset from it, so `generate` runs against a bare config.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from peft import PeftModel
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from rlhf.chat import encode_prompt, stop_token_ids  # noqa: F401 (encode_prompt: re-exported)
 from rlhf.ppo.core import truncate_after_eos
 from rlhf.progress import progress
-
-
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt) -> list[int]:
-    """Token ids of a prompt: chat messages through the chat template (with the generation prompt),
-    raw text as is. The same encoding the SFT trainer used for training."""
-    if isinstance(prompt, list):
-        return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
-    return tokenizer(prompt)["input_ids"]
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,11 +43,10 @@ class SamplingSpec:
     top_p: float = 1.0
     do_sample: bool = True
 
-    def generation_config(self, tokenizer) -> GenerationConfig:
-        """Every knob explicit: a model's own generation_config (top_k=50, repetition penalties...) must not
-        change what PPO samples behind its back."""
+    def generation_config(self, tokenizer, stop_ids: Sequence[int]) -> GenerationConfig:
+        """Every knob explicit (and `generate` runs without the model's own config: `bare_generation_config`)."""
         kwargs = dict(max_new_tokens=self.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                      eos_token_id=tokenizer.eos_token_id, do_sample=self.do_sample, use_cache=True)
+                      eos_token_id=list(stop_ids), do_sample=self.do_sample, use_cache=True)
         if self.do_sample:
             kwargs.update(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
         else:
@@ -53,25 +54,53 @@ class SamplingSpec:
         return GenerationConfig(**kwargs)
 
 
+def model_stop_ids(model, tokenizer) -> list[int]:
+    """The stop tokens of `model` (a PeftModel or any HF causal LM) with `tokenizer`: see rlhf.chat."""
+    return stop_token_ids(tokenizer, getattr(_hf_model(model), "generation_config", None))
+
+
+def _hf_model(model):
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+@contextmanager
+def bare_generation_config(model):
+    """Run `generate` with a blank `model.generation_config`: transformers fills every field the config we
+    pass leaves unset from the model's own (repetition_penalty, no_repeat_ngram_size, suppress_tokens...),
+    and any of them would make the samples differ from softmax(logits / T), the distribution PPO's
+    log-probs describe."""
+    hf = _hf_model(model)
+    saved = hf.generation_config
+    hf.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        hf.generation_config = saved
+
+
 @torch.no_grad()
-def generate_ids(model, tokenizer, prompts: list[list[int]], spec: SamplingSpec,
-                 batch_size: int = 64, desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+def generate_ids(model, tokenizer, prompts: list[list[int]], spec: SamplingSpec, batch_size: int = 64,
+                 desc: str | None = None, stop_ids: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Sample one response per prompt (token ids). Returns (ids, mask, P): (B, P + R) token ids of the
-    left-padded prompts followed by the responses, their bool mask (False on padding and after EOS), and
-    the prompt width P. Responses are cut after their first EOS. `desc`: show a progress bar over batches."""
+    left-padded prompts followed by the responses, their bool mask (False on padding and after the stop
+    token), and the prompt width P. Responses are cut after their first stop token (`stop_ids`, default
+    `model_stop_ids`: the chat format's end of turn, EOS, the model's EOS ids). `desc`: a progress bar."""
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
-    config = spec.generation_config(tokenizer)
+    stop_ids = list(stop_ids) if stop_ids is not None else model_stop_ids(model, tokenizer)
+    config = spec.generation_config(tokenizer, stop_ids)
     chunks = []
-    for start in progress(range(0, len(prompts), batch_size), desc=desc or "generate", enabled=desc is not None):
-        ids, mask = left_pad(prompts[start:start + batch_size], tokenizer.pad_token_id, width)
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.long().to(device), generation_config=config)
-        chunks.append((ids, mask, out[:, width:].cpu()))
+    with bare_generation_config(model):
+        for start in progress(range(0, len(prompts), batch_size), desc=desc or "generate", enabled=desc is not None):
+            ids, mask = left_pad(prompts[start:start + batch_size], tokenizer.pad_token_id, width)
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.long().to(device),
+                                 generation_config=config)
+            chunks.append((ids, mask, out[:, width:].cpu()))
     resp_width = max(c[2].shape[1] for c in chunks)
     all_ids, all_mask = [], []
     for ids, mask, resp in chunks:
         resp = torch.nn.functional.pad(resp, (0, resp_width - resp.shape[1]), value=tokenizer.pad_token_id)
-        resp, resp_mask = truncate_after_eos(resp, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        resp, resp_mask = truncate_after_eos(resp, stop_ids, tokenizer.pad_token_id)
         all_ids.append(torch.cat([ids, resp], dim=1))
         all_mask.append(torch.cat([mask, resp_mask], dim=1))
     return torch.cat(all_ids).to(device), torch.cat(all_mask).to(device), width

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 
+from rlhf.chat import end_of_turn_id
 from rlhf.config import LoraSpec, ModelConfig
 
 # For tokenizers that ship without a chat template (base models): the Anthropic HH layout, so that
@@ -31,24 +33,36 @@ PAD_TOKEN = "<|pad|>"
 
 
 def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """The tokenizer, made fit for RLHF: a pad token distinct from EOS and a chat template.
+    """The tokenizer, made fit for RLHF: a chat template and a pad token distinct from the tokens that end
+    an answer (EOS and the chat format's end of turn, `rlhf.chat`).
 
-    Pad must differ from EOS: reward models pool at the last non-pad token, so with pad == EOS the
+    Pad must differ from them: reward models pool at the last non-pad token, so with pad == EOS the
     reward would be read at the token before EOS. Padding is left-sided for generation; trainers that
     need right padding set it themselves.
     """
     tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     if tok.eos_token is None:
         raise ValueError(f"tokenizer of {name_or_path} has no EOS token; responses could never end")
-    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
-        if tok.unk_token is not None and tok.unk_token_id != tok.eos_token_id:
+    if not tok.chat_template:
+        tok.chat_template = HH_CHAT_TEMPLATE
+    ends = {tok.eos_token_id, end_of_turn_id(tok), *family_eos_ids(name_or_path, revision)}
+    if tok.pad_token is None or tok.pad_token_id in ends:
+        if tok.unk_token is not None and tok.unk_token_id not in ends:
             tok.pad_token = tok.unk_token
         else:
             tok.add_special_tokens({"pad_token": PAD_TOKEN})
-    if not tok.chat_template:
-        tok.chat_template = HH_CHAT_TEMPLATE
     tok.padding_side = "left"
     return tok
+
+
+def family_eos_ids(name_or_path: str, revision: str | None = None) -> list[int]:
+    """The EOS ids of the checkpoint's own generation_config.json (Qwen2.5-Instruct lists `<|endoftext|>`,
+    its pad token, beside `<|im_end|>`); none when it has no such file."""
+    try:
+        ids = GenerationConfig.from_pretrained(name_or_path, revision=revision).eos_token_id
+    except (OSError, ValueError):
+        return []
+    return [ids] if isinstance(ids, int) else list(ids or [])
 
 
 def resolve_dtype(name: str) -> torch.dtype:

@@ -23,7 +23,8 @@ from peft import LoraConfig, PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
-from rlhf.generation import encode_prompt, left_pad
+from rlhf.chat import answer_ids, encode_prompt
+from rlhf.generation import left_pad
 from rlhf.models import active_adapter
 
 HEAD_FILE = "score_head.safetensors"
@@ -64,12 +65,14 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
 
 
 def pair_ids(tokenizer, prompt, response: str) -> list[int]:
-    """The tokens a reward is computed on: the prompt as the policy sees it, the answer, then EOS.
+    """The tokens a reward is computed on: the prompt as the policy sees it, the answer, then the token that
+    ends an answer (a chat model's end of turn, e.g. `<|im_end|>`; EOS after a plain-text prompt).
 
-    This is exactly what a PPO rollout produces (prompt ids + sampled ids ending in EOS), so the reward model
-    is trained on the sequences it will score.
+    This is exactly what a PPO rollout produces (prompt ids + sampled ids ending in that token, where
+    sampling stops), so the reward model is trained on the sequences it will score, read at that token.
     """
-    return encode_prompt(tokenizer, prompt) + tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    return prompt_ids + answer_ids(tokenizer, prompt, response, prompt_ids)
 
 
 def save_head(clf: PreTrainedModel, out_dir: str | Path) -> None:

@@ -303,3 +303,18 @@ def test_kl_controller_state_round_trip_and_fixed():
     g = FixedKLController(1.0)
     g.load_state_dict(f.state_dict())
     assert g.value == 0.05
+
+
+def test_truncate_after_any_stop_token():
+    """Chat models end a turn with their own token (<|eot_id|>, <|im_end|>) and also stop at EOS: the
+    first of any stop id ends the answer, and `ended` counts every one of them."""
+    eos, eot, pad = 2, 9, 0
+    tokens = torch.tensor([[5, 9, 7, 8],    # end of turn
+                           [5, 2, 9, 8],    # EOS first
+                           [5, 6, 7, 8]])   # neither
+    out, mask = truncate_after_eos(tokens, [eot, eos], pad)
+    assert out.tolist() == [[5, 9, 0, 0], [5, 2, 0, 0], [5, 6, 7, 8]]
+    assert first_eos_mask(tokens, [eot, eos])[1].tolist() == [T_, T_, F_]
+    assert first_eos_mask(tokens, eos)[1].tolist() == [F_, T_, F_]  # EOS alone misses the end of turn
+    with pytest.raises(ValueError, match="pad_id"):
+        truncate_after_eos(tokens, [eot, eos], eot)

@@ -14,6 +14,8 @@ Sources: Schulman et al. 2017 (PPO), Schulman et al. 2016 (GAE), Ziegler et al. 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 Tensor = torch.Tensor
@@ -110,29 +112,38 @@ def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
 
 # ------------------------------------------------------------------------------------ stop token, rewards
 
-def first_eos_mask(tokens: Tensor, eos_id: int) -> tuple[Tensor, Tensor]:
+def _stop_set(stop_ids: int | Sequence[int], like: Tensor) -> Tensor:
+    ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)
+    if not ids:
+        raise ValueError("no stop token id given")
+    return torch.tensor(ids, dtype=like.dtype, device=like.device)
+
+
+def first_eos_mask(tokens: Tensor, stop_ids: int | Sequence[int]) -> tuple[Tensor, Tensor]:
     """(B, T) sampled tokens -> (mask (B, T) bool, ended (B,) bool).
 
-    mask is True up to and including the first EOS of each row (the whole row when there is none);
-    ended says whether the row holds an EOS at all.
+    `stop_ids`: the token(s) that end an answer (EOS, and a chat model's end-of-turn tokens, e.g. Llama-3's
+    `<|eot_id|>` or ChatML's `<|im_end|>`). mask is True up to and including the first stop token of each
+    row (the whole row when there is none); ended says whether the row holds a stop token at all.
     """
-    is_eos = tokens == eos_id
-    # eos_before[t] counts the EOS strictly before t: a token is kept while none has been seen yet
+    is_eos = torch.isin(tokens, _stop_set(stop_ids, tokens))
+    # eos_before[t] counts the stop tokens strictly before t: a token is kept while none has been seen yet
     eos_before = is_eos.long().cumsum(dim=1) - is_eos.long()
     return eos_before == 0, is_eos.any(dim=1)
 
 
-def truncate_after_eos(tokens: Tensor, eos_id: int, pad_id: int) -> tuple[Tensor, Tensor]:
-    """(B, T) sampled tokens -> (tokens (B, T), mask (B, T) bool): everything after the first EOS becomes
-    `pad_id` and is masked out (checklist 5). The EOS itself stays a real token: the reward model reads
-    its score there. Rows are right-padded, so valid tokens are a prefix of each row (what `gae` needs).
+def truncate_after_eos(tokens: Tensor, stop_ids: int | Sequence[int], pad_id: int) -> tuple[Tensor, Tensor]:
+    """(B, T) sampled tokens -> (tokens (B, T), mask (B, T) bool): everything after the first stop token
+    becomes `pad_id` and is masked out (checklist 5). The stop token itself stays a real token: the reward
+    model reads its score there. Rows are right-padded, so valid tokens are a prefix of each row (what
+    `gae` needs).
 
-    `ended` (rows that hold an EOS) comes from `first_eos_mask`.
+    `ended` (rows that hold a stop token) comes from `first_eos_mask`.
     """
-    if pad_id == eos_id:
+    if pad_id in _stop_set(stop_ids, tokens).tolist():
         # the RM pools at the last real token; with pad == EOS that is ambiguous (checklist 4)
-        raise ValueError(f"pad_id must differ from eos_id (both {eos_id})")
-    mask, _ = first_eos_mask(tokens, eos_id)
+        raise ValueError(f"pad_id must differ from the stop token ids ({pad_id} is one of them)")
+    mask, _ = first_eos_mask(tokens, stop_ids)
     return torch.where(mask, tokens, torch.full_like(tokens, pad_id)), mask
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from rlhf.eval.stats import bootstrap_interval
-from rlhf.generation import SamplingSpec, decode_responses, encode_prompt, generate_ids
+from rlhf.generation import SamplingSpec, decode_responses, encode_prompt, generate_ids, model_stop_ids
 from rlhf.models import keep_requires_grad
 from rlhf.ppo import core
 from rlhf.ppo.roles import Roles
@@ -23,7 +23,7 @@ def sample_and_score(roles: Roles, tokenizer, prompt_ids, spec: SamplingSpec, ba
     else:
         with keep_requires_grad(roles.model), roles.model.disable_adapter():
             ids, mask, width = generate_ids(roles.model, tokenizer, prompt_ids, spec, batch_size)
-    r = score(roles, ids, mask, width, spec.temperature, batch_size, tokenizer.eos_token_id)
+    r = score(roles, ids, mask, width, spec.temperature, batch_size, model_stop_ids(roles.model, tokenizer))
     kl = core.masked_sum(r.logprobs - r.ref_logprobs, r.response_mask, dim=1)
     return decode_responses(tokenizer, ids, mask, width), r.scores, kl, r.response_mask.sum(1)
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 
 from rlhf import data as rdata
-from rlhf.generation import encode_prompt
+from rlhf.chat import answer_ids, encode_prompt
 
 
 def ptx_batches(p, tokenizer, device: torch.device | str | None = None, rank: int = 0,
@@ -22,7 +22,7 @@ def ptx_batches(p, tokenizer, device: torch.device | str | None = None, rank: in
     rows = []
     for e in examples:
         prompt = encode_prompt(tokenizer, e.prompt)
-        answer = tokenizer(e.completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        answer = answer_ids(tokenizer, e.prompt, e.completion, prompt)
         rows.append((prompt + answer, [False] * len(prompt) + [True] * len(answer)))
     rng = random.Random(p.seed)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -93,8 +93,9 @@ def sample(roles: Roles, tokenizer, prompts: list[list[int]], spec: SamplingSpec
 
 @torch.no_grad()
 def score(roles: Roles, ids: torch.Tensor, mask: torch.Tensor, prompt_width: int, temperature: float,
-          batch_size: int, eos_id: int) -> Rollout:
-    """Phase 2: policy and reference log-probs, values and reward-model scores, in no-grad batches."""
+          batch_size: int, stop_ids: int | list[int]) -> Rollout:
+    """Phase 2: policy and reference log-probs, values and reward-model scores, in no-grad batches.
+    `stop_ids`: the tokens sampling stopped at (`generation.model_stop_ids`): a row holding one has ended."""
     parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref": [], "values": [], "scores": []}
     for rows in torch.arange(ids.shape[0]).split(batch_size):
         i, m = ids[rows], mask[rows]
@@ -102,7 +103,7 @@ def score(roles: Roles, ids: torch.Tensor, mask: torch.Tensor, prompt_width: int
         parts["ref"].append(response_logprobs(reference_logits(roles, i, m), i, prompt_width, temperature))
         parts["values"].append(values(roles, i, m)[:, prompt_width - 1:-1])
         parts["scores"].append(roles.scorer.score_ids(i, m))
-    _, ended = core.first_eos_mask(ids[:, prompt_width:], eos_id)
+    _, ended = core.first_eos_mask(ids[:, prompt_width:], stop_ids)
     cat = {k: torch.cat(v) for k, v in parts.items()}
     return Rollout(ids=ids, mask=mask, prompt_width=prompt_width, logprobs=cat["logprobs"],
                    ref_logprobs=cat["ref"], values=cat["values"], scores=cat["scores"], ended=ended)

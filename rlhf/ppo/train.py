@@ -21,7 +21,8 @@ from transformers import get_scheduler
 from rlhf import data as rdata
 from rlhf import distributed
 from rlhf.config import ConfigError, PipelineConfig, PPOStageConfig, save_config
-from rlhf.generation import SamplingSpec, encode_prompt
+from rlhf.chat import describe
+from rlhf.generation import SamplingSpec, encode_prompt, model_stop_ids
 from rlhf.models import load_sft_model, load_tokenizer
 from rlhf.plugins import import_callable
 from rlhf.ppo import core
@@ -72,9 +73,20 @@ def reward_normalisation(roles, tokenizer, prompt_ids, p: PPOStageConfig, rank: 
     return scores.mean().item(), max(scores.std().item(), 1e-6)
 
 
+def check_sampling(p: PPOStageConfig) -> None:
+    """PPO's log-probs are those of softmax(logits / temperature) over the whole vocabulary; top-k or top-p
+    sampling draws from a truncated distribution, so the ratio and the KL would describe a policy that is
+    not the one sampled. Refused rather than silently biased."""
+    if p.top_k != 0 or p.top_p != 1.0:
+        raise ConfigError(f"ppo.top_k={p.top_k}, ppo.top_p={p.top_p}: PPO samples from the full distribution at "
+                          f"ppo.temperature (its log-probs must be those of the sampling distribution); "
+                          f"set ppo.top_k=0 and ppo.top_p=1.0 (eval.top_k/top_p may differ)")
+
+
 def run(cfg: PipelineConfig) -> Path:
     p = cfg.ppo
     run_dir = Path(cfg.run_dir)
+    check_sampling(p)
     sft_dir, rm_dir = require_done(run_dir / "sft", "sft"), require_done(run_dir / "rm", "rm")
     # Several processes (accelerate launch): rollout_batch_size is global, each process samples its share.
     procs = distributed.state()
@@ -106,6 +118,9 @@ def run(cfg: PipelineConfig) -> Path:
     torch.manual_seed(p.seed)
     sft_model = load_sft_model(cfg.model, sft_dir, tokenizer).to(procs.device)
     roles = build_roles(sft_model, rm_dir, tokenizer, p.lora, p.value_from_reward)
+    stops = model_stop_ids(roles.model, tokenizer)  # what sampling stops at; a response holding one has ended
+    if main:
+        print(f"[ppo] answers end at {describe(tokenizer, stops)}")
     distributed.broadcast_parameters(roles.trainable_parameters())  # same start everywhere
     if world > 1:
         torch.manual_seed(distributed.rank_seed(p.seed, rank))      # but each process samples differently
@@ -151,7 +166,7 @@ def run(cfg: PipelineConfig) -> Path:
             batch = [prompt_ids[i] for i in distributed.shard(sampler.next(p.rollout_batch_size), rank, world)]
             ids, mask, width = sample(roles, tokenizer, batch, sampling(p), p.forward_batch_size)      # 4.1 rollout
             t1 = time.perf_counter()
-            r = score(roles, ids, mask, width, p.temperature, p.forward_batch_size, tokenizer.eos_token_id)  # 4.2
+            r = score(roles, ids, mask, width, p.temperature, p.forward_batch_size, stops)                   # 4.2
             a = advantages(r, kl_ctl.value, p.kl_estimator, shift, scale, p.missing_eos_penalty,       # 4.3
                            p.whiten_rewards, p.whiten_advantages, p.gamma, p.lam)
             t2 = time.perf_counter()
