@@ -120,3 +120,35 @@ def test_make_force_reruns_only_the_stage_named(tmp_path):
     assert "stages" not in plain
     forced = subprocess.run(make + ["FORCE=1"], cwd=root, capture_output=True, text=True, check=True, env=env).stdout
     assert forced.strip().splitlines() == [f"python -m stages.rm --config configs/demo.yaml run_dir={tmp_path}  --force"]
+
+
+def test_disk_full_while_saving_keeps_the_last_complete_checkpoint_and_says_so(tmp_path, monkeypatch, capsys):
+    """PPO writes a checkpoint into .tmp-checkpoint-N and renames it when complete: ENOSPC in the middle of
+    the save leaves checkpoint-N-1 the one a rerun resumes from, and the stage prints one line."""
+    import errno
+
+    import torch
+
+    from rlhf.ppo import state as ppo_state
+
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.AdamW([weight])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    monkeypatch.setattr(ppo_state, "adapter_state", lambda roles: {"w": weight.detach().clone()})
+    ckpts = tmp_path / "ppo" / "checkpoints"
+    ppo_state.save_checkpoint(ckpts, 1, None, optimizer, scheduler, {"note": "step 1"})
+
+    def disk_full(obj, path, *args, **kwargs):
+        Path(path).write_bytes(b"half")  # part of the file made it to disk
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(ppo_state.torch, "save", disk_full)
+    run = lambda cfg: ppo_state.save_checkpoint(ckpts, 2, None, optimizer, scheduler, {"note": "step 2"})  # noqa: E731
+    assert cli.stage_main("ppo", run, [f"run_dir={tmp_path}"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: the disk is full" in err and "optimizer.pt" in err and "resumes" in err
+    monkeypatch.undo()
+    monkeypatch.setattr(ppo_state, "load_adapter_state", lambda roles, state: None)
+    restored = ppo_state.load_checkpoint(ckpts, None, optimizer, scheduler)
+    assert restored["note"] == "step 1" and restored["path"].endswith("checkpoint-1")
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-1"]  # the half-written save is gone
