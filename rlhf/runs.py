@@ -115,6 +115,7 @@ def swap_in(out: Path, final: Path) -> None:
         final.rename(old)
     out.rename(final)  # between the two renames only <stage>.rerun holds the finished run
     remove(old)
+    print(f"[rlhf] the finished rerun replaced {final}")
 
 
 def recover_swap(final: Path) -> None:
