@@ -125,7 +125,8 @@ def test_missing_split_of_a_dataset_names_the_split(monkeypatch, tmp_path):
     monkeypatch.setattr(datasets, "load_dataset", lambda name, split=None: real("json", data_files={"train": path},
                                                                                    split=split))
     assert len(load_prompts("org/prompts", split="train")) == 1
-    with pytest.raises(DataError, match=r"^org/prompts: has no split 'tset': Unknown split \"tset\"\. Should be one of \['train'\]"):
+    expected = r"^org/prompts: has no split 'tset': Unknown split \"tset\"\. Should be one of \['train'\]"
+    with pytest.raises(DataError, match=expected):
         load_prompts("org/prompts", split="tset")
 
 

@@ -45,8 +45,8 @@ def test_a_chat_template_that_fails_to_render_is_one_line(tmp_path):
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0, "</s>": 1}, unk_token="[UNK]")),
-                                  unk_token="[UNK]", eos_token="</s>")
+    core = Tokenizer(models.WordLevel({"[UNK]": 0, "</s>": 1}, unk_token="[UNK]"))
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", eos_token="</s>")
     tok.chat_template = (BAD / "chat_template_fails.jinja").read_text()
     base = model_dir(tmp_path / "base")
     tok.save_pretrained(base)

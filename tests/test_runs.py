@@ -119,7 +119,8 @@ def test_make_force_reruns_only_the_stage_named(tmp_path):
     plain = subprocess.run(make, cwd=root, capture_output=True, text=True, check=True, env=env).stdout
     assert "stages" not in plain
     forced = subprocess.run(make + ["FORCE=1"], cwd=root, capture_output=True, text=True, check=True, env=env).stdout
-    assert forced.strip().splitlines() == [f"python -m stages.rm --config configs/demo.yaml run_dir={tmp_path}  --force"]
+    expected = f"python -m stages.rm --config configs/demo.yaml run_dir={tmp_path}  --force"
+    assert forced.strip().splitlines() == [expected]
 
 
 def test_disk_full_while_saving_keeps_the_last_complete_checkpoint_and_says_so(tmp_path, monkeypatch, capsys):
