@@ -3,7 +3,8 @@
 #   make demo            build the embedded demo and run the pipeline on it
 #   make sft             one stage; CONFIG=configs/<x>.yaml ARGS="key=value ..." to configure
 # Stage targets are real files (<run_dir>/<stage>/DONE): a finished stage is not run again;
-# `make clean-sft` (or deleting the DONE file) forces it.
+# `make rm FORCE=1` trains it again (its outputs are replaced once the new run has finished);
+# `make clean-rm` removes it.
 
 PYTHON     ?= python3
 VENV       ?= .venv
@@ -20,7 +21,11 @@ RUN        ?= $(or $(shell awk '/^run_dir:/{print $$2; exit}' $(CONFIG) 2>/dev/n
 # Configs of the shipped examples need what `make data` / `make data-hh` build; other configs bring their own.
 DATA_DEPS  := $(if $(findstring demo,$(notdir $(CONFIG))),data/demo/DONE)$(if $(findstring hh-sample,$(notdir $(CONFIG))),data/hh-tiny/DONE)
 STAMP      := $(VENV)/.installed
-STAGE      = $(PY) -m stages.$(1) --config $(CONFIG) run_dir=$(RUN) $(ARGS)
+# FORCE=1: run the stage named on the command line again although it has finished (--force); the stages
+# before it still run only when unfinished.
+FORCE      ?=
+forced     = $(if $(FORCE),$(filter $(1),$(MAKECMDGOALS)))
+STAGE      = $(PY) -m stages.$(1) --config $(CONFIG) run_dir=$(RUN) $(ARGS)$(if $(call forced,$(1)), --force)
 
 # --- LAUNCHER=accelerate: the stages as several processes, through `accelerate launch` --------------------
 #   make ppo LAUNCHER=accelerate ACCELERATE_CONFIG=configs/accelerate/ddp.yaml NPROC=4
@@ -33,7 +38,7 @@ ACCELERATE_CONFIG ?=
 NPROC      ?=
 ACCELERATE_STAGES := sft rm ppo eval
 LAUNCH     = $(PY) -m accelerate.commands.launch $(if $(ACCELERATE_CONFIG),--config_file $(ACCELERATE_CONFIG)) $(if $(NPROC),--num_processes $(NPROC))
-STAGE      = $(if $(filter $(1),$(ACCELERATE_STAGES)),$(LAUNCH) -m,$(PY) -m) stages.$(1) --config $(CONFIG) run_dir=$(RUN) $(ARGS)
+STAGE      = $(if $(filter $(1),$(ACCELERATE_STAGES)),$(LAUNCH) -m,$(PY) -m) stages.$(1) --config $(CONFIG) run_dir=$(RUN) $(ARGS)$(if $(call forced,$(1)), --force)
 endif
 # --- end LAUNCHER=accelerate ------------------------------------------------------------------------------
 
@@ -46,7 +51,7 @@ SLURM_FLAGS ?=
 SUBMIT     = $(PY) -m rlhf.slurm --config $(CONFIG) --until $(1) $(SLURM_FLAGS) run_dir=$(RUN) $(ARGS)
 # --- end LAUNCHER=slurm -----------------------------------------------------------------------------------
 
-.PHONY: setup test test-fast bench data data-hh demo all sft rm ppo eval report export clean-sft clean-rm clean-ppo clean-eval clean
+.PHONY: force-rerun setup test test-fast bench data data-hh demo all sft rm ppo eval report export clean-sft clean-rm clean-ppo clean-eval clean
 
 setup: $(STAMP)
 
@@ -93,17 +98,19 @@ eval: $(RUN)/eval/DONE
 demo all: report
 endif
 
-$(RUN)/sft/DONE: $(STAMP) $(DATA_DEPS)
+$(RUN)/sft/DONE: $(STAMP) $(DATA_DEPS) $(if $(call forced,sft),force-rerun)
 	$(call STAGE,sft)
 
-$(RUN)/rm/DONE: $(RUN)/sft/DONE
+$(RUN)/rm/DONE: $(RUN)/sft/DONE $(if $(call forced,rm),force-rerun)
 	$(call STAGE,rm)
 
-$(RUN)/ppo/DONE: $(RUN)/rm/DONE
+$(RUN)/ppo/DONE: $(RUN)/rm/DONE $(if $(call forced,ppo),force-rerun)
 	$(call STAGE,ppo)
 
-$(RUN)/eval/DONE: $(RUN)/ppo/DONE
+$(RUN)/eval/DONE: $(RUN)/ppo/DONE $(if $(call forced,eval),force-rerun)
 	$(call STAGE,eval)
+
+force-rerun: ;
 
 # Redraw the report and its plots from the saved metrics (no model is loaded)
 report: $(RUN)/eval/DONE
@@ -113,17 +120,18 @@ report: $(RUN)/eval/DONE
 export: $(RUN)/ppo/DONE
 	$(call STAGE,export)
 
+# Remove a stage's outputs (checkpoints included: the next run starts from scratch, not from the last checkpoint)
 clean-sft:
-	rm -f $(RUN)/sft/DONE
+	rm -rf $(RUN)/sft $(RUN)/sft.rerun
 
 clean-rm:
-	rm -f $(RUN)/rm/DONE
+	rm -rf $(RUN)/rm $(RUN)/rm.rerun
 
 clean-ppo:
-	rm -f $(RUN)/ppo/DONE
+	rm -rf $(RUN)/ppo $(RUN)/ppo.rerun
 
 clean-eval:
-	rm -f $(RUN)/eval/DONE
+	rm -rf $(RUN)/eval $(RUN)/eval.rerun
 
 clean:
 	rm -rf $(RUN)

@@ -1,35 +1,54 @@
-"""The command line every stage shares: `python -m stages.<stage> --config FILE [key=value ...]`."""
+"""The command line every stage shares: `python -m stages.<stage> --config FILE [--force] [key=value ...]`."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Callable
 
 from rlhf.config import ConfigError, PipelineConfig, load_config, to_yaml
 from rlhf.data import DataError
 from rlhf.preempt import EXIT_PREEMPTED, Preempted
+from rlhf.runs import StageFinished
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-def stage_main(stage: str, run: Callable[[PipelineConfig], object], argv: list[str] | None = None) -> int:
+def stage_main(stage: str, run: Callable[[PipelineConfig], object], argv: list[str] | None = None,
+               check: Callable[[PipelineConfig], object] | None = None) -> int:
+    """check: validates the config, data files and model path before `run` touches the stage directory."""
     parser = argparse.ArgumentParser(
         prog=f"python -m stages.{stage}",
         description=f"Run the {stage} stage. Overrides are key=value; keys relative to the '{stage}' section "
                     f"(e.g. lora.r=8) or absolute (e.g. model.dtype=bfloat16, {stage}.train.lr=1e-4).")
     parser.add_argument("--config", default=None, help="YAML config (see configs/); defaults apply without one")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--force", action="store_true",
+                        help="train the stage again although it has finished; its outputs are replaced only "
+                             "once the new run has finished (same as force=true)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # `make <stage> ARGS="--force lr=1e-4"` puts flags anywhere
     try:
-        cfg = load_config(args.config, args.overrides, stage=stage)
+        cfg = load_config(args.config, args.overrides + (["force=true"] if args.force else []), stage=stage)
         if args.print_config:
             print(to_yaml(cfg))
             return 0
+        if check is not None:
+            check(cfg)
         run(cfg)
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        # Input errors: one clear message, no traceback.
+    except (ConfigError, DataError, FileNotFoundError, StageFinished) as e:
+        # Input errors, and a finished stage started again: one clear message, no traceback.
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        # Checkpoints are complete or ignored (runs.last_complete_checkpoint), and a finished stage is replaced
+        # only by a finished rerun, so the fix is to make room and run the stage again.
+        print(f"error: the disk is full ({e.filename or e}); free some space and run the {stage} stage again: "
+              f"it resumes from its last complete checkpoint", file=sys.stderr)
+        return 1
     except Preempted as e:
         # A signal (SLURM preemption or time limit, scancel, kill): the checkpoint is saved; a rerun resumes.
         print(f"[{stage}] {e}", file=sys.stderr)

@@ -284,6 +284,9 @@ class SlurmConfig:
 class PipelineConfig:
     run_dir: str = "runs/demo"
     """Every stage writes to <run_dir>/<stage>/."""
+    force: bool = False
+    """Train a stage again although it has finished (`--force`): into <run_dir>/<stage>.rerun/, which replaces
+    <stage>/ only once it has finished. Without it a finished stage refuses to start."""
     model: ModelConfig = field(default_factory=ModelConfig)
     sft: SFTStageConfig = field(default_factory=SFTStageConfig)
     rm: RMStageConfig = field(default_factory=RMStageConfig)

@@ -168,7 +168,7 @@ def run(cfg: PipelineConfig) -> Path:
     # under `accelerate launch` the Trainer runs DDP/FSDP/DeepSpeed; only the main process writes
     procs = distributed.state()
     main = procs.is_main_process
-    out = begin_stage(Path(cfg.run_dir) / "rm")
+    out = begin_stage(Path(cfg.run_dir) / "rm", cfg.force)
     if main:
         save_config(cfg, out)
 

@@ -1,8 +1,15 @@
 """Stage output directories: completion marker, checkpoints that survive a kill, metrics files.
 
-A stage directory `<run_dir>/<stage>/` is valid only while it holds `DONE`, written last. A stage removes
-`DONE` when it starts, so a run that dies leaves no marker and `make` runs the stage again, which
-resumes from the last *complete* checkpoint under `checkpoints/`.
+A stage directory `<run_dir>/<stage>/` is valid only while it holds `DONE`, written last. A run that dies
+leaves no marker, and the next run of the stage resumes from the last *complete* checkpoint under
+`checkpoints/`.
+
+A finished stage is never lost (begin_stage / finish_stage):
+* started again without `force`, it refuses (StageFinished), touching nothing;
+* with `force` it trains from scratch into `<stage>.rerun/` (a killed rerun resumes there) and swaps that
+  in for `<stage>/` only once it has finished: a failed or interrupted rerun leaves the old outputs as they were;
+* a finished sft, rm or ppo stage moves the later stages built on its previous outputs aside, to
+  `<stage>.stale/`, so that `make` (which reruns a stage whose DONE is missing) trains them again.
 """
 
 from __future__ import annotations
@@ -38,20 +45,91 @@ def peak_memory() -> dict[str, float]:
     return out
 
 
-def begin_stage(out_dir: str | Path) -> Path:
+# The pipeline's stages in order: a finished stage invalidates the ones after it.
+STAGES = ("sft", "rm", "ppo", "eval")
+RERUN, STALE = ".rerun", ".stale"
+
+
+class StageFinished(Exception):
+    """The stage directory holds a finished run and `force` was not given; nothing was touched."""
+
+
+def begin_stage(out_dir: str | Path, force: bool = False) -> Path:
+    """The directory the stage writes to: `out_dir` itself, or `<out_dir>.rerun` when `out_dir` has finished
+    and `force` is set (finish_stage swaps it in). Raises StageFinished if it has finished and `force` is not."""
     out = Path(out_dir)
+    recover_swap(out)
+    if is_done(out):
+        if not force:
+            name = out.name
+            raise StageFinished(f"{out} holds a finished {name} stage ({out / DONE}); to train it again, "
+                                f"add --force (the finished outputs stay until the new run finishes) "
+                                f"or run `make clean-{name}` first")
+        out = out.with_name(out.name + RERUN)
     out.mkdir(parents=True, exist_ok=True)
-    (out / DONE).unlink(missing_ok=True)
     (out / PREEMPTED).unlink(missing_ok=True)  # the marker of an earlier run stopped by a signal
     return out
 
 
 def finish_stage(out_dir: str | Path, summary: dict) -> None:
-    """Write the marker last, with a one-line summary of the outcome, the process's wall time and peak memory."""
-    tmp = Path(out_dir) / (DONE + ".tmp")
+    """Write the marker last, with a one-line summary of the outcome, the process's wall time and peak memory.
+
+    For a pipeline stage (<run_dir>/<stage> or its .rerun directory) the later stages are moved aside first
+    (they were built on the previous outputs), then a rerun directory replaces the finished one."""
+    out = Path(out_dir)
+    final = out.with_name(out.name[:-len(RERUN)]) if out.name.endswith(RERUN) else out
+    if final.name in STAGES:
+        for later in STAGES[STAGES.index(final.name) + 1:]:
+            move_aside(final.parent / later)
+    tmp = out / (DONE + ".tmp")
     perf = {"perf/wall_s": time.time() - _STARTED, **peak_memory()}
     tmp.write_text(json.dumps({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **summary, **perf}) + "\n")
-    tmp.replace(Path(out_dir) / DONE)
+    tmp.replace(out / DONE)
+    if final.name in STAGES:
+        swap_in(out, final)
+
+
+def move_aside(stage_dir: Path) -> None:
+    """`<stage>` -> `<stage>.stale` (replacing an older one), so that the stage runs again from scratch; a
+    rerun of it in progress goes too."""
+    remove(stage_dir.with_name(stage_dir.name + RERUN))
+    if not stage_dir.exists() and not stage_dir.is_symlink():
+        return
+    stale = stage_dir.with_name(stage_dir.name + STALE)
+    remove(stale)
+    stage_dir.rename(stale)
+    print(f"[rlhf] {stage_dir} was built on the previous outputs of an earlier stage: moved to {stale}",
+          file=sys.stderr)
+
+
+def swap_in(out: Path, final: Path) -> None:
+    """Make the finished `out` the stage directory `final`: a rerun directory replaces the old one; a stage
+    finished in place drops a leftover rerun directory (it was started from outputs that are gone now)."""
+    rerun = final.with_name(final.name + RERUN)
+    if out == final:
+        remove(rerun)
+        return
+    old = final.with_name(final.name + ".replaced")
+    remove(old)
+    if final.exists() or final.is_symlink():
+        final.rename(old)
+    out.rename(final)  # between the two renames only <stage>.rerun holds the finished run
+    remove(old)
+    print(f"[rlhf] the finished rerun replaced {final}")
+
+
+def recover_swap(final: Path) -> None:
+    """A kill between swap_in's two renames leaves the finished run in `<stage>.rerun` only: move it in."""
+    rerun = final.with_name(final.name + RERUN)
+    if not final.exists() and is_done(rerun):
+        rerun.rename(final)
+
+
+def remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
 
 
 def is_done(out_dir: str | Path) -> bool:
@@ -60,6 +138,7 @@ def is_done(out_dir: str | Path) -> bool:
 
 def require_done(out_dir: str | Path, stage: str) -> Path:
     out = Path(out_dir)
+    recover_swap(out)
     if not is_done(out):
         raise FileNotFoundError(f"{out} has no finished {stage} stage (no {DONE} marker): run `make {stage}` first")
     return out

@@ -2,8 +2,8 @@
 
 import sys
 
-from rlhf import export
+from rlhf import preflight, export
 from rlhf.cli import stage_main
 
 if __name__ == "__main__":
-    sys.exit(stage_main("export", export.run))
+    sys.exit(stage_main("export", export.run, check=preflight.check_export))

@@ -2,8 +2,8 @@
 
 import sys
 
-from rlhf import rm
+from rlhf import preflight, rm
 from rlhf.cli import stage_main
 
 if __name__ == "__main__":
-    sys.exit(stage_main("rm", rm.run))
+    sys.exit(stage_main("rm", rm.run, check=preflight.check_rm))

@@ -2,8 +2,8 @@
 
 import sys
 
-from rlhf import sft
+from rlhf import preflight, sft
 from rlhf.cli import stage_main
 
 if __name__ == "__main__":
-    sys.exit(stage_main("sft", sft.run))
+    sys.exit(stage_main("sft", sft.run, check=preflight.check_sft))

@@ -87,6 +87,49 @@ BAD_FILES = [
 ]
 
 
+# Files bad as a whole: (file, what reads it, the one line expected, from the start of the message)
+BAD_WHOLE_FILES = [
+    ("not_utf8.jsonl", load_sft, "not_utf8.jsonl: line 2, byte offset 50: not UTF-8 text (byte 0xe9: "
+                                 "invalid continuation byte); save the file as UTF-8"),
+    ("not_utf8.csv", load_sft, "not_utf8.csv: line 3, byte offset 32: not UTF-8 text (byte 0xef: "
+                               "invalid continuation byte); save the file as UTF-8"),
+]
+
+
+@pytest.mark.parametrize("name, read, message", BAD_WHOLE_FILES, ids=[b[0] for b in BAD_WHOLE_FILES])
+def test_bad_whole_file_gives_one_line_naming_file_line_and_byte(name, read, message):
+    with pytest.raises(DataError) as info:
+        read(str(BAD / name))
+    assert str(info.value) == str(BAD / name) + ": " + message.split(": ", 1)[1]
+
+
+def test_unreadable_file_gives_one_line(monkeypatch):
+    real_open = Path.open
+
+    def no_permission(self, *args, **kwargs):
+        if self.name == "missing_field.jsonl":
+            raise PermissionError(13, "Permission denied")
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", no_permission)
+    with pytest.raises(DataError, match=r"^\S*missing_field\.jsonl: cannot read the file: Permission denied$"):
+        load_preferences(str(BAD / "missing_field.jsonl"))
+
+
+def test_missing_split_of_a_dataset_names_the_split(monkeypatch, tmp_path):
+    """datasets' own error for a split that does not exist (a local json dataset stands in for the hub)."""
+    import datasets
+
+    real = datasets.load_dataset
+    path = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "a"}])
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split=None: real("json", data_files={"train": path},
+                                                                                   split=split))
+    assert len(load_prompts("org/prompts", split="train")) == 1
+    expected = r"^org/prompts: has no split 'tset': Unknown split \"tset\"\. Should be one of \['train'\]"
+    with pytest.raises(DataError, match=expected):
+        load_prompts("org/prompts", split="tset")
+
+
 @pytest.mark.parametrize("name, read, row, field, words", BAD_FILES, ids=[b[0] for b in BAD_FILES])
 def test_bad_file_names_file_row_and_field(name, read, row, field, words):
     with pytest.raises(DataError) as info:

@@ -8,6 +8,7 @@ formats; that is formats.py's job.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -57,6 +58,11 @@ def looks_like_path(source: str) -> bool:
 
 def read_file(path: Path, name: str) -> tuple[list[Row], list[Problem]]:
     """Dispatch on the file extension."""
+    try:
+        with path.open("rb") as f:
+            f.read(1)
+    except OSError as e:  # permissions, a dangling mount, ...
+        raise DataError(f"{name}: cannot read the file: {e.strerror or e}") from None
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return read_jsonl(path, name)
@@ -72,8 +78,8 @@ def read_file(path: Path, name: str) -> tuple[list[Row], list[Problem]]:
 def read_jsonl(path: Path, name: str) -> tuple[list[Row], list[Problem]]:
     """One JSON object per line; blank lines are skipped but still counted."""
     rows, problems = [], []
-    # utf-8-sig: files saved by some editors start with a BOM, which json.loads rejects.
-    with path.open(encoding="utf-8-sig") as f:
+    # newline=None: \r\n and \r end lines as they do in open()'s text mode
+    with io.StringIO(read_text(path, name), newline=None) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -90,7 +96,7 @@ def read_jsonl(path: Path, name: str) -> tuple[list[Row], list[Problem]]:
 def read_json(path: Path, name: str) -> tuple[list[Row], list[Problem]]:
     """A JSON list of objects, or ``{"data": [...]}``."""
     try:
-        value = json.loads(path.read_text(encoding="utf-8-sig"))
+        value = json.loads(read_text(path, name))
     except json.JSONDecodeError as e:
         raise DataError(f"{name}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
     if isinstance(value, dict) and isinstance(value.get("data"), list):
@@ -101,6 +107,19 @@ def read_json(path: Path, name: str) -> tuple[list[Row], list[Problem]]:
     for number, item in enumerate(value, 1):
         keep_object(rows, problems, name, number, item)
     return rows, problems
+
+
+def read_text(path: Path, name: str) -> str:
+    """The file as text; a DataError naming the line and byte offset of the first byte that is not UTF-8.
+    utf-8-sig: files saved by some editors start with a BOM, which json.loads rejects."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        offset = e.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        line = data.count(b"\n", 0, offset) + 1
+        raise DataError(f"{name}: line {line}, byte offset {offset}: not UTF-8 text (byte 0x{data[offset]:02x}: "
+                        f"{e.reason}); save the file as UTF-8") from None
 
 
 def keep_object(rows: list[Row], problems: list[Problem], name: str, number: int, value) -> None:
@@ -125,6 +144,7 @@ def read_csv(path: Path, name: str) -> list[dict]:
     """CSV rows with numbers parsed (so a margin column is numeric) and empty cells as None."""
     import pandas as pd  # lazy: pandas is slow to import and only CSV needs it
 
+    read_text(path, name)  # a clear message for a file that is not UTF-8 (pandas' names no row)
     try:
         records = pd.read_csv(path).to_dict(orient="records")
     except Exception as e:  # pandas raises ParserError, UnicodeDecodeError, EmptyDataError...
@@ -144,6 +164,8 @@ def read_hub(name: str, split: str) -> tuple[str, list[Row], list[Problem]]:
     try:
         dataset = datasets.load_dataset(name, split=split)
     except Exception as e:  # offline, unknown name, unknown split, auth...
+        if "Unknown split" in str(e):  # datasets: 'Unknown split "x". Should be one of [...]'
+            raise DataError(f"{name}: has no split '{split}': {e}") from None
         raise DataError(f"{name}: not a local file, and loading it from the hub failed: {e}") from e
     return f"{name}[{split}]", numbered(dict(r) for r in dataset), []
 

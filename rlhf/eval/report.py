@@ -24,10 +24,11 @@ from rlhf.runs import read_metrics
 PLOTS = "plots"
 
 
-def render(run_dir: str | Path) -> Path:
-    """Write `<run_dir>/eval/report.md` and `<run_dir>/eval/plots/*.png`; returns the report's path."""
+def render(run_dir: str | Path, eval_dir: str | Path | None = None) -> Path:
+    """Write `<run_dir>/eval/report.md` and `<run_dir>/eval/plots/*.png`; returns the report's path.
+    eval_dir: the evaluation's directory when it is not <run_dir>/eval (a rerun, in eval.rerun/)."""
     run_dir = Path(run_dir)
-    out = run_dir / "eval"
+    out = Path(eval_dir) if eval_dir else run_dir / "eval"
     metrics_file = out / "metrics.json"
     if not metrics_file.is_file():
         raise FileNotFoundError(f"{metrics_file} not found: run `make eval` first")

@@ -90,7 +90,7 @@ def run(cfg: PipelineConfig) -> Path:
     prompts = [x.prompt for x in examples]
     judge = import_callable(e.judge) if e.judge else None
     state = distributed.state()  # PartialState; on a CPU-only machine it must be asked for the CPU to form a group
-    out = begin_stage(run_dir / "eval")
+    out = begin_stage(run_dir / "eval", cfg.force)
     if state.is_main_process:
         save_config(cfg, out)
     print(f"[eval] {len(prompts)} prompts; checkpoints {', '.join(c.name for c in checkpoints)}; "
@@ -140,7 +140,7 @@ def run(cfg: PipelineConfig) -> Path:
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    report = render(run_dir)
+    report = render(run_dir, out)
     print(format_results(metrics))
     print(f"[eval] report: {report}")
     finish_stage(out, {"n_prompts": len(prompts), **headline(metrics)})

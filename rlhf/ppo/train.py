@@ -99,7 +99,7 @@ def run(cfg: PipelineConfig) -> Path:
         if world == 1:
             raise
         raise ConfigError(f"{e} (per process: {p.rollout_batch_size} rollouts / {world} processes)") from None
-    out = begin_stage(run_dir / "ppo")
+    out = begin_stage(run_dir / "ppo", cfg.force)
     if main:
         save_config(cfg, out)
 

@@ -1,0 +1,102 @@
+"""Every bad input is one line before anything loads or any stage directory changes (rlhf/preflight.py)."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from rlhf import cli, preflight, rm  # noqa: E402
+from rlhf.config import ConfigError, load_config  # noqa: E402
+
+BAD = Path(__file__).parent / "data_bad"
+
+
+def model_dir(path: Path, adapter: bool = False) -> Path:
+    path.mkdir(parents=True)
+    (path / ("adapter_config.json" if adapter else "config.json")).write_text("{}")
+    return path
+
+
+@pytest.mark.parametrize("name, message", [
+    ("./models/qwen", "model.name_or_path='./models/qwen': no such directory"),
+    ("runs/x/sft", "model.name_or_path='runs/x/sft': no such directory"),
+    ("Qwen/Qwen 2.5", "model.name_or_path='Qwen/Qwen 2.5' is neither a local directory nor a valid hub id"),
+    ("nobody-has/this-model-17", "no local directory of that name, and the hub model is not in the local cache"),
+])
+def test_a_bad_model_path_is_one_line(name, message, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError) as info:
+        preflight.check_model_path(name)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_model_path_directories(tmp_path):
+    preflight.check_model_path(str(model_dir(tmp_path / "base")))
+    with pytest.raises(ConfigError, match="is a LoRA adapter directory, not a model"):
+        preflight.check_model_path(str(model_dir(tmp_path / "sft", adapter=True)))
+    with pytest.raises(ConfigError, match="a directory without a model in it"):
+        preflight.check_model_path(str(tmp_path))
+
+
+def test_a_chat_template_that_fails_to_render_is_one_line(tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({"[UNK]": 0, "</s>": 1}, unk_token="[UNK]"))
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", eos_token="</s>")
+    tok.chat_template = (BAD / "chat_template_fails.jinja").read_text()
+    base = model_dir(tmp_path / "base")
+    tok.save_pretrained(base)
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"prompt": [{"role": "user", "content": "hi"}], "completion": "hello"}) + "\n")
+    cfg = load_config(None, [f"model.name_or_path={base}", f"train_file={data}", "eval_file=null"], stage="sft")
+    with pytest.raises(ConfigError) as info:
+        preflight.check_sft(cfg)
+    assert str(info.value) == (f"the chat template of {base} fails to render {data} row 1: TemplateError: "
+                               f"the first message must be a system message")
+
+
+# --- the case of issue 17: a finished RM stage, run again with a file that is not UTF-8 ---
+
+def finished_run(tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    (run / "sft").mkdir(parents=True)
+    (run / "sft" / "DONE").write_text("{}\n")
+    (run / "rm").mkdir()
+    (run / "rm" / "adapter_model.safetensors").write_bytes(b"trained reward model")
+    (run / "rm" / "DONE").write_text('{"rm/accuracy": 0.8}\n')
+    return run
+
+
+def rm_main(run: Path, tmp_path: Path, *args: str) -> int:
+    argv = [f"run_dir={run}", f"model.name_or_path={model_dir(tmp_path / 'base')}", *args]
+    return cli.stage_main("rm", rm.run, argv, check=preflight.check_rm)
+
+
+def files(d: Path) -> dict:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]], ids=["plain", "force"])
+def test_bad_file_on_a_finished_stage_changes_nothing_and_names_the_file(force, tmp_path, capsys):
+    run = finished_run(tmp_path)
+    before = files(run)
+    assert rm_main(run, tmp_path, f"train_file={BAD / 'not_utf8.jsonl'}", *force) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not_utf8.jsonl: line 2, byte offset 50: not UTF-8 text" in err
+    assert files(run) == before and sorted(p.name for p in run.iterdir()) == ["rm", "sft"]
+
+
+def test_good_inputs_on_a_finished_stage_refuse_without_force(tmp_path, capsys):
+    run = finished_run(tmp_path)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(2)))
+    before = files(run)
+    assert rm_main(run, tmp_path, f"train_file={data}", "eval_file=null") == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {run / 'rm'} holds a finished rm stage ({run / 'rm' / 'DONE'}); to train it again, add "
+                   f"--force (the finished outputs stay until the new run finishes) or run `make clean-rm` first\n")
+    assert files(run) == before
