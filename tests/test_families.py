@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -21,13 +20,15 @@ import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rlhf import preflight
 from rlhf.chat import answer_ids, encode_prompt, end_of_turn_id
 from rlhf.cli import stage_main
 from rlhf.demo.families import FAMILIES, build_family
 from rlhf.eval.run import run as eval_run
 from rlhf.export import run as export_run
 from rlhf.generation import SamplingSpec, generate_ids, model_stop_ids
-from rlhf.models import load_sft_model, load_tokenizer
+from rlhf.config import ModelConfig, load_config
+from rlhf.models import load_causal_lm, load_sft_model, load_tokenizer
 from rlhf.ppo.train import run as ppo_run
 from rlhf.reward import pair_ids
 from rlhf.rm import run as rm_run
@@ -65,6 +66,9 @@ RENDERED = {
 HOSTILE = {"do_sample": True, "temperature": 0.3, "top_k": 3, "top_p": 0.5, "repetition_penalty": 2.0,
            "no_repeat_ngram_size": 2, "min_new_tokens": 6, "typical_p": 0.5, "bad_words_ids": [[5], [7]],
            "max_new_tokens": 3}
+CHECKS = {"sft": preflight.check_sft, "rm": preflight.check_rm, "ppo": preflight.check_ppo,
+          "export": preflight.check_export}
+PRETRAIN_STEPS = 150
 SLICES = {"sft_train.jsonl": 512, "sft_eval.jsonl": 32, "rm_rankings_train.jsonl": 64, "rm_pairs_eval.jsonl": 32,
           "prompts_train.jsonl": 64, "prompts_eval.jsonl": 16}
 
@@ -92,6 +96,13 @@ def corpus(data: Path) -> list[str]:
             texts += [v for k in ("completion", "chosen", "rejected") if isinstance(v := row.get(k), str)]
             texts += row.get("responses", [])
     return texts
+
+
+def conversations(data: Path) -> list[list[dict]]:
+    """The SFT slice as whole chats: what the stand-in is pre-trained on, so that, like a real checkpoint,
+    it already writes its own format and ends its turns (a random one would never stop)."""
+    rows = [json.loads(line) for line in (data / "sft_train.jsonl").read_text().splitlines()]
+    return [r["prompt"] + [{"role": "assistant", "content": r["completion"]}] for r in rows]
 
 
 def family_config(data: Path, model_dir: Path, run_dir: Path) -> dict:
@@ -123,7 +134,8 @@ def family_run(request, family_data, tmp_path_factory) -> dict:
     """The whole pipeline on one family's stand-in, each stage run by its entry point from the config file."""
     name = request.param
     root = tmp_path_factory.mktemp(name)
-    model_dir = build_family(name, root / "model", corpus(family_data))
+    model_dir = build_family(name, root / "model", corpus(family_data), conversations(family_data),
+                             pretrain_steps=PRETRAIN_STEPS)
     hostile_model = root / "hostile-model"  # the same checkpoint with a hostile generation_config.json
     shutil.copytree(model_dir, hostile_model)
     _make_hostile(hostile_model)
@@ -131,12 +143,10 @@ def family_run(request, family_data, tmp_path_factory) -> dict:
     config = root / "config.yaml"
     config.write_text(yaml.safe_dump(family_config(family_data, hostile_model, run_dir)))
     for stage, run in (("sft", sft_run), ("rm", rm_run), ("ppo", ppo_run), ("export", export_run)):
-        t = time.time()
-        assert stage_main(stage, run, ["--config", str(config)]) == 0, f"{name}: {stage} failed"
-        print(f"TIMING {name} {stage} {time.time() - t:.1f}s")
+        assert stage_main(stage, run, ["--config", str(config)], check=CHECKS[stage]) == 0, f"{name}: {stage} failed"
     shutil.copytree(run_dir / "export-ppo", run_dir / "hostile")
     _make_hostile(run_dir / "hostile")
-    assert stage_main("eval", eval_run, ["--config", str(config)]) == 0, f"{name}: eval failed"
+    assert stage_main("eval", eval_run, ["--config", str(config)], check=preflight.check_eval) == 0, f"{name}: eval"
     return {"name": name, "family": FAMILIES[name], "run": run_dir, "model": model_dir, "hostile": hostile_model,
             "config": config}
 
@@ -169,8 +179,7 @@ def test_prompts_and_answers_render_as_the_family_writes_them(family_run):
 
 def test_pad_is_no_stop_token(family_run):
     tok = load_tokenizer(str(family_run["run"] / "sft"))
-    model = AutoModelForCausalLM.from_pretrained(str(family_run["model"]))
-    stops = model_stop_ids(model, tok)
+    stops = model_stop_ids(load_causal_lm(ModelConfig(name_or_path=str(family_run["model"])), tok), tok)
     assert tok.pad_token_id not in stops and tok.pad_token_id != tok.eos_token_id
     assert end_of_turn_id(tok) == stops[0]
 
@@ -194,7 +203,6 @@ def test_rollouts_end_at_the_turn_end_where_the_reward_is_read(family_run):
 
 
 def load_sft_model_with_policy(family_run):
-    from rlhf.config import load_config
     cfg = load_config(family_run["config"])
     tok = load_tokenizer(str(family_run["run"] / "sft"))
     model = load_sft_model(cfg.model, family_run["run"] / "sft", tok)
@@ -213,7 +221,7 @@ def test_a_hostile_generation_config_changes_nothing_sampled(family_run):
     tok = load_tokenizer(str(family_run["model"]))
     out = []
     for model_dir in (family_run["model"], family_run["hostile"]):
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+        model = load_causal_lm(ModelConfig(name_or_path=str(model_dir)), tok)
         torch.manual_seed(3)
         out.append(generate_ids(model, tok, [encode_prompt(tok, PROMPT)] * 8, SamplingSpec(max_new_tokens=12))[0])
     assert torch.equal(out[0], out[1])

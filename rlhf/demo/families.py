@@ -30,6 +30,8 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
+from rlhf.models import HH_CHAT_TEMPLATE
+
 # The pre-tokenizer split of Llama-3 and Qwen2 (tiktoken-style: digits in threes, newlines kept apart).
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -193,12 +195,42 @@ def build_model(family: Family, tok: PreTrainedTokenizerFast, seed: int = 0):
     return model
 
 
-def build_family(name: str, out_dir: str | Path, texts: list[str], seed: int = 0) -> Path:
-    """Write the stand-in of family `name` to `out_dir` (a model directory, loaded as any checkpoint is)."""
+def pretrain(model, tok: PreTrainedTokenizerFast, conversations: list[list[dict]], steps: int, seed: int = 0,
+             batch_size: int = 32, lr: float = 3e-3) -> list[float]:
+    """Full training on whole conversations rendered by the chat template (the HH layout without one), so
+    the stand-in, like a real checkpoint, already writes its own format and ends its turns. Returns losses."""
+    template = tok.chat_template or HH_CHAT_TEMPLATE
+    seqs = [tok.apply_chat_template(c, chat_template=template, tokenize=True, return_dict=True)["input_ids"]
+            for c in conversations]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        rows = [seqs[i] for i in torch.randint(len(seqs), (batch_size,), generator=gen).tolist()]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def build_family(name: str, out_dir: str | Path, texts: list[str], conversations: list[list[dict]] = (),
+                 pretrain_steps: int = 0, seed: int = 0) -> Path:
+    """Write the stand-in of family `name` to `out_dir` (a model directory, loaded as any checkpoint is):
+    random weights, or pre-trained for `pretrain_steps` on `conversations` (chat messages)."""
     family = FAMILIES[name]
     out = Path(out_dir)
     tok = build_tokenizer(family, texts)
     model = build_model(family, tok, seed)
+    if pretrain_steps:
+        pretrain(model, tok, list(conversations), pretrain_steps, seed)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     (out / "family.json").write_text(json.dumps({"family": name, "checkpoint": family.checkpoint}) + "\n")
