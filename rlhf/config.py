@@ -161,6 +161,12 @@ class PPOStageConfig:
     """Shift and scale RM scores so the SFT policy's answers have mean 0 and std 1 (measured before the
     first update on reward_norm_samples prompts), as InstructGPT and N+ do."""
     reward_norm_samples: int = 256
+    ensemble_objective: str = "mean"
+    """With rm.ensemble > 1, what PPO maximises (Coste et al. 2024): mean of the members, min (worst case), or
+    mean_minus_std (mean - ensemble_std_coef x std over members: uncertainty-weighted). Evaluation always
+    reports the mean, so runs with different objectives compare. No effect with one reward model."""
+    ensemble_std_coef: float = 1.0
+    """lambda of mean_minus_std, in the RM's score units (before ppo.normalize_reward)."""
     whiten_rewards: bool = False
     gamma: float = 1.0
     lam: float = 0.95
