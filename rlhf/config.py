@@ -95,6 +95,19 @@ class SFTStageConfig:
 
 
 @dataclass
+class EarlyStoppingSpec:
+    """Keep the reward model's best checkpoint on the held-out pairs, and stop when it stops improving."""
+
+    enabled: bool = True
+    """Evaluate at each epoch (or every train.eval_steps), checkpoint at each evaluation (train.save_steps is
+    then ignored), reload the best at the end; train.epochs becomes the maximum."""
+    patience: int = 2
+    """Stop after this many evaluations without improvement; 0: train to the maximum, still keep the best."""
+    metric: str = "accuracy"
+    """accuracy (held-out pairwise accuracy, ties broken by the lower held-out loss) or loss."""
+
+
+@dataclass
 class RMStageConfig:
     train_file: str = "data/demo/rm_rankings_train.jsonl"
     """Preferences: pairwise prompt/chosen/rejected, Anthropic HH transcripts, or K-way rankings."""
@@ -121,8 +134,11 @@ class RMStageConfig:
     """Reward models to train (seeds train.seed, train.seed + 1, ...), each a LoRA adapter and head on the
     shared base; PPO and eval score with their mean. > 1 damps the quirks a single RM picks up by chance,
     which PPO would otherwise exploit (member 0 in rm/, member i in rm/member-i/)."""
+    early_stopping: EarlyStoppingSpec = field(default_factory=EarlyStoppingSpec)
     lora: LoraSpec = field(default_factory=LoraSpec)
-    train: TrainSpec = field(default_factory=lambda: TrainSpec(lr=1e-4))
+    train: TrainSpec = field(default_factory=lambda: TrainSpec(lr=1e-4, epochs=8))
+    """train.epochs is the most epochs; with early_stopping the best held-out checkpoint is kept (1 epoch left a
+    new small task's RM at 0.64 held-out accuracy, 8 reached 0.78: issue 14)."""
 
 
 @dataclass
