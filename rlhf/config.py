@@ -108,6 +108,20 @@ class EarlyStoppingSpec:
 
 
 @dataclass
+class RMProbeSpec:
+    """Reward-hacking probes: held-out chosen answers damaged in ways that make an answer worse for any task
+    (a repeated span, cut in the middle, empty, words shuffled, another prompt's answer), scored against the
+    intact answer by the scorer PPO uses. An RM that prefers the damaged answer will teach PPO to damage."""
+
+    enabled: bool = True
+    samples: int = 200
+    """Distinct held-out (prompt, chosen answer) pairs to damage; 0: all."""
+    seed: int = 0
+    warn_win_rate: float = 0.25
+    """Warn when the RM prefers a kind of damaged answer to the intact one more often than this."""
+
+
+@dataclass
 class RMStageConfig:
     train_file: str = "data/demo/rm_rankings_train.jsonl"
     """Preferences: pairwise prompt/chosen/rejected, Anthropic HH transcripts, or K-way rankings."""
@@ -134,6 +148,9 @@ class RMStageConfig:
     """Reward models to train (seeds train.seed, train.seed + 1, ...), each a LoRA adapter and head on the
     shared base; PPO and eval score with their mean. > 1 damps the quirks a single RM picks up by chance,
     which PPO would otherwise exploit (member 0 in rm/, member i in rm/member-i/)."""
+    warn_accuracy: float = 0.65
+    """Warn (stderr, diagnostics.json) when the held-out accuracy is below this: PPO will exploit a weak RM."""
+    probes: RMProbeSpec = field(default_factory=RMProbeSpec)
     early_stopping: EarlyStoppingSpec = field(default_factory=EarlyStoppingSpec)
     lora: LoraSpec = field(default_factory=LoraSpec)
     train: TrainSpec = field(default_factory=lambda: TrainSpec(lr=1e-4, epochs=8))

@@ -27,7 +27,7 @@ from trl import RewardConfig, RewardTrainer
 
 from rlhf import data as rdata
 from rlhf import distributed
-from rlhf import rm_diagnostics
+from rlhf import rm_diagnostics, rm_probes
 from rlhf.rm_selection import METRICS, best_checkpoint_args, describe_selection, selection_callbacks
 from rlhf.config import ConfigError, PipelineConfig, RMStageConfig, TrainSpec, save_config
 from rlhf.models import load_sft_model, load_tokenizer, lora_config, resolve_dtype
@@ -214,10 +214,17 @@ def run(cfg: PipelineConfig) -> Path:
     # 3. diagnostics on held-out pairs, scored the way PPO and eval will score (shared base + reward adapter(s))
     scorer = attach_reward(load_sft_model(cfg.model, sft_dir, tokenizer).to(procs.device), out, tokenizer)
     diag = diagnose(scorer, held_out, tagger) | selection
+    if r.probes.enabled:  # damaged answers scored against intact ones, by the scorer PPO will use
+        diag["probes"] = rm_probes.run_probes(scorer, *rm_probes.intact_answers(held_out, r.probes.samples,
+                                                                                r.probes.seed), r.probes.seed)
+    diag["warnings"] = rm_diagnostics.weak_rm_warnings(diag["rm/accuracy"], diag.get("probes", {}), r.warn_accuracy,
+                                                       r.probes.warn_win_rate)
     metrics = MetricsFile(out / "metrics.jsonl", resume_step=step)
     metrics.write(step, {k: v for k, v in diag.items() if k.startswith("rm/")})
     (out / "diagnostics.json").write_text(json.dumps(diag, indent=2) + "\n")
     print(format_diagnostics(diag))
+    for warning in diag["warnings"]:  # before PPO spends hours exploiting it
+        print(f"[rm] WARNING: {warning}", file=sys.stderr)
     finish_stage(out, {k: v for k, v in diag.items() if k.startswith("rm/") or k == "selection"})
     return out
 
@@ -309,4 +316,9 @@ def format_diagnostics(diag: dict) -> str:
                      + " ".join(f"{a:.3f}" for a in diag["member_accuracy"]))
     for tag, row in diag.get("accuracy_by_tag", {}).items():
         lines.append(f"     rejected answer has {tag:<12} accuracy {row['accuracy']:.3f}  (n={row['n']})")
+    if diag.get("probes"):
+        lines.append("     reward-hacking probes (the RM should prefer the intact answer):")
+    for name, row in diag.get("probes", {}).items():
+        lines.append(f"     damaged by {name:<12} wins {row['win_rate']:.3f}  mean margin {row['margin_mean']:+.3f}  "
+                     f"(n={row['n']})")
     return "\n".join(lines)
