@@ -99,8 +99,8 @@ class EarlyStoppingSpec:
     """Keep the reward model's best checkpoint on the held-out pairs, and stop when it stops improving."""
 
     enabled: bool = True
-    """Evaluate at each epoch (or every train.eval_steps), checkpoint at each evaluation (train.save_steps is
-    then ignored), reload the best at the end; train.epochs becomes the maximum."""
+    """Evaluate on the held-out pairs and checkpoint together, at each epoch or every min(train.eval_steps,
+    train.save_steps) steps of those set; reload the best checkpoint at the end; train.epochs becomes the maximum."""
     patience: int = 2
     """Stop after this many evaluations without improvement; 0: train to the maximum, still keep the best."""
     metric: str = "accuracy"

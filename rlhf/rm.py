@@ -156,7 +156,7 @@ def trainer_args(cfg: RMStageConfig, out: Path, bf16: bool, train: TrainSpec | N
     """`train`: cfg.train with another seed (an ensemble member); None: cfg.train."""
     kwargs = trainer_kwargs(train or cfg.train, out, bf16)
     if cfg.early_stopping.enabled:
-        kwargs |= best_checkpoint_args(cfg.early_stopping.metric, cfg.train.eval_steps)
+        kwargs |= best_checkpoint_args(cfg.early_stopping.metric, cfg.train.eval_steps, cfg.train.save_steps)
     return RewardConfig(
         **kwargs,
         max_length=None,  # long pairs were dropped, and counted, by tokenize_pairs

@@ -1,8 +1,8 @@
 """Which reward-model checkpoint to keep: the best on the held-out pairs, with early stopping.
 
 The Trainer does the work (`load_best_model_at_end`, `metric_for_best_model`, `EarlyStoppingCallback`): the RM
-stage evaluates on its held-out pairs at each epoch (or every train.eval_steps), writes a checkpoint at each
-evaluation, stops after `patience` evaluations without improvement and reloads the best checkpoint before the
+stage evaluates on its held-out pairs at each epoch (or every train.eval_steps / save_steps), writes a
+checkpoint at each evaluation, stops after `patience` evaluations without improvement and reloads the best checkpoint before the
 adapter is saved. Its state (best metric, best checkpoint, patience counter) lives in the checkpoints'
 trainer_state.json, so a preempted run resumes with it. This module adds the tie-break and the summary.
 """
@@ -30,10 +30,14 @@ class SelectionScore(TrainerCallback):
             metrics[SELECTION] = selection_score(metrics["eval_accuracy"], metrics["eval_loss"])
 
 
-def best_checkpoint_args(metric: str, eval_steps: int) -> dict:
-    """TrainingArguments that keep the best checkpoint: one checkpoint at every evaluation (the Trainer can
-    only reload a step it saved), the best by `metric` reloaded when training ends."""
-    return dict(save_strategy="steps" if eval_steps else "epoch", save_steps=eval_steps or 500,
+def best_checkpoint_args(metric: str, eval_steps: int, save_steps: int) -> dict:
+    """TrainingArguments that keep the best checkpoint, the best by `metric` reloaded when training ends.
+
+    The Trainer can only reload a step it saved, so evaluation and checkpoint go together: every
+    min(eval_steps, save_steps) steps of those set (> 0), else at each epoch."""
+    every = min([n for n in (eval_steps, save_steps) if n > 0], default=0)
+    strategy = "steps" if every else "epoch"
+    return dict(eval_strategy=strategy, save_strategy=strategy, eval_steps=every or None, save_steps=every or 500,
                 load_best_model_at_end=True, metric_for_best_model=SELECTION if metric == "accuracy" else "eval_loss",
                 greater_is_better=metric == "accuracy")
 

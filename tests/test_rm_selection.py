@@ -1,12 +1,19 @@
 """Best-checkpoint selection of the RM stage on hand-made numbers."""
 
-from rlhf.rm_selection import describe_selection, selection_score
+from rlhf.rm_selection import best_checkpoint_args, describe_selection, selection_score
 
 
 def test_selection_prefers_accuracy_then_lower_loss():
     assert selection_score(0.81, 0.9) > selection_score(0.80, 0.1)
     assert selection_score(0.80, 0.3) > selection_score(0.80, 0.4)
     assert selection_score(0.8000000001, 0.4) < selection_score(0.80, 0.3)  # float noise in accuracy is a tie
+
+
+def test_evaluation_and_checkpoint_go_together():
+    assert best_checkpoint_args("accuracy", 0, 0)["save_strategy"] == "epoch"
+    steps = best_checkpoint_args("loss", 100, 20)  # a kill-safe checkpoint every 20 steps is evaluated too
+    assert (steps["eval_steps"], steps["save_steps"], steps["metric_for_best_model"]) == (20, 20, "eval_loss")
+    assert best_checkpoint_args("accuracy", 30, 0)["save_steps"] == 30
 
 
 def _evals(*rows):
