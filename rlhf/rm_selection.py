@@ -56,6 +56,8 @@ def describe_selection(log_history: list[dict], best_step: int | None, max_epoch
     evals = [row for row in log_history if "eval_loss" in row]
     if not evals:
         return {"selection": "no held-out evaluation during training: the last step was kept"}
+    if best_step is None:
+        return {"selection": "kept the last step (rm.early_stopping is off)"}
     best = next((row for row in evals if row["step"] == best_step), evals[-1])
     last, since = evals[-1], sum(row["step"] > best["step"] for row in evals)
     out = {"rm/best_step": best["step"], "rm/best_epoch": best["epoch"], "rm/best_eval_loss": best["eval_loss"],

@@ -30,6 +30,7 @@ def test_describe_selection_says_what_was_kept_and_why():
     last = describe_selection(_evals((0.7, 0.6), (0.8, 0.5)), 20, 2, False, 2)
     assert last["rm/best_epoch"] == 2 and "still improving at the last evaluation" in last["selection"]
     assert "no held-out evaluation" in describe_selection([{"loss": 1.0}], None, 2, False, 2)["selection"]
+    assert "early_stopping is off" in describe_selection(_evals((0.7, 0.6)), None, 2, False, 2)["selection"]
 
 
 def test_rm_trainer_stops_early_and_restores_the_best_checkpoint(tmp_path):
