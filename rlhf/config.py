@@ -119,6 +119,9 @@ class RMProbeSpec:
     seed: int = 0
     warn_win_rate: float = 0.25
     """Warn when the RM prefers a kind of damaged answer to the intact one more often than this."""
+    no_warning: list[str] = field(default_factory=list)
+    """Probes that are no damage for this task, reported but never warned about: e.g. [shuffle] where the order
+    of words does not matter (the demo's lists)."""
 
 
 @dataclass

@@ -171,6 +171,10 @@ def run(cfg: PipelineConfig) -> Path:
     if r.early_stopping.metric not in METRICS or r.early_stopping.patience < 0:
         raise ConfigError(f"rm.early_stopping: metric must be one of {', '.join(METRICS)} and patience >= 0, got "
                           f"{r.early_stopping.metric!r} and {r.early_stopping.patience}")
+    unknown = set(r.probes.no_warning) - set(rm_probes.PROBES)
+    if unknown:
+        raise ConfigError(f"rm.probes.no_warning: unknown probe(s) {sorted(unknown)}; the probes are "
+                          f"{', '.join(rm_probes.PROBES)}")
     sft_dir = require_done(Path(cfg.run_dir) / "sft", "sft")
     # under `accelerate launch` the Trainer runs DDP/FSDP/DeepSpeed; only the main process writes
     procs = distributed.state()
@@ -217,7 +221,8 @@ def run(cfg: PipelineConfig) -> Path:
     if r.probes.enabled:  # damaged answers scored against intact ones, by the scorer PPO will use
         diag["probes"] = rm_probes.run_probes(scorer, *rm_probes.intact_answers(held_out, r.probes.samples,
                                                                                 r.probes.seed), r.probes.seed)
-    diag["warnings"] = rm_diagnostics.weak_rm_warnings(diag["rm/accuracy"], diag.get("probes", {}), r.warn_accuracy,
+    warned = {k: v for k, v in diag.get("probes", {}).items() if k not in r.probes.no_warning}
+    diag["warnings"] = rm_diagnostics.weak_rm_warnings(diag["rm/accuracy"], warned, r.warn_accuracy,
                                                        r.probes.warn_win_rate)
     metrics = MetricsFile(out / "metrics.jsonl", resume_step=step)
     metrics.write(step, {k: v for k, v in diag.items() if k.startswith("rm/")})

@@ -67,9 +67,12 @@ def describe_selection(log_history: list[dict], best_step: int | None, max_epoch
         out["rm/best_eval_accuracy"] = accuracy
     what = f"held-out accuracy {accuracy:.3f}, loss {best['eval_loss']:.3f}" if accuracy is not None \
         else f"held-out loss {best['eval_loss']:.3f}"
-    text = f"kept the best checkpoint ({what}) at epoch {best['epoch']:g} (step {best['step']}) of at most {max_epochs:g} epochs"
+    text = (f"kept the best checkpoint ({what}) at epoch {round(best['epoch'], 2):g} (step {best['step']}) of at most "
+            f"{max_epochs:g} epochs")
     if stopped_early:
-        text += f"; stopped at epoch {last['epoch']:g} after {since} evaluations without improvement (patience {patience})"
+        text += f"; stopped at epoch {round(last['epoch'], 2):g} after {since} evaluations without improvement (patience {patience})"
+    elif len(evals) == 1:
+        text += " (the only evaluation)"
     elif since == 0:
         text += "; still improving at the last evaluation: a larger rm.train.epochs may help"
     else:

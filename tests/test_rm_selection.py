@@ -29,6 +29,8 @@ def test_describe_selection_says_what_was_kept_and_why():
                                     "improvement (patience 2)")
     last = describe_selection(_evals((0.7, 0.6), (0.8, 0.5)), 20, 2, False, 2)
     assert last["rm/best_epoch"] == 2 and "still improving at the last evaluation" in last["selection"]
+    assert describe_selection([{"eval_loss": 0.6, "eval_accuracy": 0.7, "epoch": 0.053333, "step": 40}], 40, 2, False,
+                              2)["selection"].endswith("at epoch 0.05 (step 40) of at most 2 epochs (the only evaluation)")
     assert "no held-out evaluation" in describe_selection([{"loss": 1.0}], None, 2, False, 2)["selection"]
     assert "early_stopping is off" in describe_selection(_evals((0.7, 0.6)), None, 2, False, 2)["selection"]
 
