@@ -95,6 +95,36 @@ class SFTStageConfig:
 
 
 @dataclass
+class EarlyStoppingSpec:
+    """Keep the reward model's best checkpoint on the held-out pairs, and stop when it stops improving."""
+
+    enabled: bool = True
+    """Evaluate on the held-out pairs and checkpoint together, at each epoch or every min(train.eval_steps,
+    train.save_steps) steps of those set; reload the best checkpoint at the end; train.epochs becomes the maximum."""
+    patience: int = 2
+    """Stop after this many evaluations without improvement; 0: train to the maximum, still keep the best."""
+    metric: str = "accuracy"
+    """accuracy (held-out pairwise accuracy, ties broken by the lower held-out loss) or loss."""
+
+
+@dataclass
+class RMProbeSpec:
+    """Reward-hacking probes: held-out chosen answers damaged in ways that make an answer worse for any task
+    (a repeated span, cut in the middle, empty, words shuffled, another prompt's answer), scored against the
+    intact answer by the scorer PPO uses. An RM that prefers the damaged answer will teach PPO to damage."""
+
+    enabled: bool = True
+    samples: int = 200
+    """Distinct held-out (prompt, chosen answer) pairs to damage; 0: all."""
+    seed: int = 0
+    warn_win_rate: float = 0.25
+    """Warn when the RM prefers a kind of damaged answer to the intact one more often than this."""
+    no_warning: list[str] = field(default_factory=list)
+    """Probes that are no damage for this task, reported but never warned about: e.g. [shuffle] where the order
+    of words does not matter (the demo's lists)."""
+
+
+@dataclass
 class RMStageConfig:
     train_file: str = "data/demo/rm_rankings_train.jsonl"
     """Preferences: pairwise prompt/chosen/rejected, Anthropic HH transcripts, or K-way rankings."""
@@ -121,8 +151,14 @@ class RMStageConfig:
     """Reward models to train (seeds train.seed, train.seed + 1, ...), each a LoRA adapter and head on the
     shared base; PPO and eval score with their mean. > 1 damps the quirks a single RM picks up by chance,
     which PPO would otherwise exploit (member 0 in rm/, member i in rm/member-i/)."""
+    warn_accuracy: float = 0.65
+    """Warn (stderr, diagnostics.json) when the held-out accuracy is below this: PPO will exploit a weak RM."""
+    probes: RMProbeSpec = field(default_factory=RMProbeSpec)
+    early_stopping: EarlyStoppingSpec = field(default_factory=EarlyStoppingSpec)
     lora: LoraSpec = field(default_factory=LoraSpec)
-    train: TrainSpec = field(default_factory=lambda: TrainSpec(lr=1e-4))
+    train: TrainSpec = field(default_factory=lambda: TrainSpec(lr=1e-4, epochs=8))
+    """train.epochs is the most epochs; with early_stopping the best held-out checkpoint is kept (1 epoch left a
+    new small task's RM at 0.64 held-out accuracy, 8 reached 0.78: issue 14)."""
 
 
 @dataclass
@@ -162,6 +198,12 @@ class PPOStageConfig:
     """Shift and scale RM scores so the SFT policy's answers have mean 0 and std 1 (measured before the
     first update on reward_norm_samples prompts), as InstructGPT and N+ do."""
     reward_norm_samples: int = 256
+    ensemble_objective: str = "mean"
+    """With rm.ensemble > 1, what PPO maximises (Coste et al. 2024): mean of the members, min (worst case), or
+    mean_minus_std (mean - ensemble_std_coef x std over members: uncertainty-weighted). Evaluation always
+    reports the mean, so runs with different objectives compare. No effect with one reward model."""
+    ensemble_std_coef: float = 1.0
+    """lambda of mean_minus_std, in the RM's score units (before ppo.normalize_reward)."""
     whiten_rewards: bool = False
     gamma: float = 1.0
     lam: float = 0.95

@@ -10,8 +10,9 @@ Two views of the same weights:
 
 An RM stage may train an ensemble (`rm.ensemble` > 1): member 0 in `<rm_dir>/`, member i in
 `<rm_dir>/member-i/`, each an adapter and a head trained with its own seed. `attach_reward` loads them all
-onto the shared model (adapters "reward", "reward-1", ...) and scores with their mean (`RewardEnsemble`):
-K reward models for the memory of K LoRA adapters, not K models.
+onto the shared model (adapters "reward", "reward-1", ...) and scores with their mean (`RewardEnsemble`), or,
+for PPO, with an uncertainty-aware objective (`combine`): K reward models for the memory of K LoRA adapters,
+not K models.
 """
 
 from __future__ import annotations
@@ -163,8 +164,28 @@ def member_dirs(rm_dir: str | Path) -> list[Path]:
     return [rm_dir] + extra
 
 
+ENSEMBLE_OBJECTIVES = ("mean", "min", "mean_minus_std")
+
+
+def combine(scores: torch.Tensor, objective: str = "mean", std_coef: float = 0.0) -> torch.Tensor:
+    """(M, B) scores of M ensemble members -> (B,) one score per sequence.
+
+    mean: the members' mean. min: the worst case over members (WCO). mean_minus_std: mean - std_coef x std over
+    members (UWO, the population std), which penalises answers the members disagree on: where the policy has left
+    the data the RMs agree on (Coste et al. 2024, "Reward model ensembles help mitigate overoptimization").
+    """
+    if objective == "mean":
+        return scores.mean(dim=0)
+    if objective == "min":
+        return scores.min(dim=0).values
+    if objective == "mean_minus_std":
+        return scores.mean(dim=0) - std_coef * scores.std(dim=0, correction=0)
+    raise ValueError(f"unknown ensemble objective {objective!r}: use one of {', '.join(ENSEMBLE_OBJECTIVES)}")
+
+
 class RewardEnsemble(_ScoresText):
-    """The mean score of several reward models (adapters and heads) on one shared model.
+    """The combined score of several reward models (adapters and heads) on one shared model: their mean, or
+    another `combine` objective (PPO may optimise the worst case or mean - k x std instead).
 
     Members trained alike on the same data agree on what the data teaches and differ, in part, on what it
     leaves open, and a policy optimised against one member finds and exploits those accidents; the mean
@@ -173,14 +194,20 @@ class RewardEnsemble(_ScoresText):
     same items (that comes from the shared SFT model), so three members shrank the item effect by a third.
     """
 
-    def __init__(self, members: list[RewardScorer]):
-        self.members = members
+    def __init__(self, members: list[RewardScorer], objective: str = "mean", std_coef: float = 0.0):
+        if objective not in ENSEMBLE_OBJECTIVES:
+            raise ValueError(f"unknown ensemble objective {objective!r}: use one of {', '.join(ENSEMBLE_OBJECTIVES)}")
+        self.members, self.objective, self.std_coef = members, objective, std_coef
         self.model, self.tokenizer = members[0].model, members[0].tokenizer
         self.head, self.name = members[0].head, members[0].name  # what a value model copied from "the RM" starts from
 
+    def with_objective(self, objective: str, std_coef: float = 0.0) -> "RewardEnsemble":
+        """The same members (no copy), combined with another objective."""
+        return RewardEnsemble(self.members, objective, std_coef)
+
     @torch.no_grad()
     def score_ids(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m.score_ids(input_ids, mask) for m in self.members]).mean(dim=0)
+        return combine(torch.stack([m.score_ids(input_ids, mask) for m in self.members]), self.objective, self.std_coef)
 
     def member_scores(self, prompts: list, responses: list[str], batch_size: int = 32) -> torch.Tensor:
         """(members, N) scores of each member, for diagnostics."""

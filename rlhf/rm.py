@@ -27,7 +27,8 @@ from trl import RewardConfig, RewardTrainer
 
 from rlhf import data as rdata
 from rlhf import distributed
-from rlhf import rm_diagnostics
+from rlhf import rm_diagnostics, rm_probes
+from rlhf.rm_selection import METRICS, best_checkpoint_args, describe_selection, selection_callbacks
 from rlhf.config import ConfigError, PipelineConfig, RMStageConfig, TrainSpec, save_config
 from rlhf.models import load_sft_model, load_tokenizer, lora_config, resolve_dtype
 from rlhf.plugins import import_callable
@@ -153,8 +154,11 @@ class GroupedRewardTrainer(RewardTrainer):
 
 def trainer_args(cfg: RMStageConfig, out: Path, bf16: bool, train: TrainSpec | None = None) -> RewardConfig:
     """`train`: cfg.train with another seed (an ensemble member); None: cfg.train."""
+    kwargs = trainer_kwargs(train or cfg.train, out, bf16)
+    if cfg.early_stopping.enabled:
+        kwargs |= best_checkpoint_args(cfg.early_stopping.metric, cfg.train.eval_steps, cfg.train.save_steps)
     return RewardConfig(
-        **trainer_kwargs(train or cfg.train, out, bf16),
+        **kwargs,
         max_length=None,  # long pairs were dropped, and counted, by tokenize_pairs
         center_rewards_coefficient=cfg.center_rewards_coefficient or None,
     )
@@ -164,6 +168,13 @@ def run(cfg: PipelineConfig) -> Path:
     r = cfg.rm
     if r.ensemble < 1:
         raise ConfigError(f"rm.ensemble must be at least 1, got {r.ensemble}")
+    if r.early_stopping.metric not in METRICS or r.early_stopping.patience < 0:
+        raise ConfigError(f"rm.early_stopping: metric must be one of {', '.join(METRICS)} and patience >= 0, got "
+                          f"{r.early_stopping.metric!r} and {r.early_stopping.patience}")
+    unknown = set(r.probes.no_warning) - set(rm_probes.PROBES)
+    if unknown:
+        raise ConfigError(f"rm.probes.no_warning: unknown probe(s) {sorted(unknown)}; the probes are "
+                          f"{', '.join(rm_probes.PROBES)}")
     sft_dir = require_done(Path(cfg.run_dir) / "sft", "sft")
     # under `accelerate launch` the Trainer runs DDP/FSDP/DeepSpeed; only the main process writes
     procs = distributed.state()
@@ -186,29 +197,40 @@ def run(cfg: PipelineConfig) -> Path:
             print(f"[rm] removing {stale}: rm.ensemble is {r.ensemble} now")
             shutil.rmtree(stale)
     procs.wait_for_everyone()
-    step = 0
+    step, selection = 0, {}
     for i in range(r.ensemble):
         member_out = member_dir(out, i)
         if i > 0 and is_done(member_out):
             continue  # finished before a kill or a preemption
         if r.ensemble > 1 and main:
             print(f"[rm] ensemble member {i + 1} of {r.ensemble} (seed {r.train.seed + i}) -> {member_out}")
-        trained = train_member(cfg, sft_dir, tokenizer, train_ds, eval_ds, member_out, r.train.seed + i, procs)
-        step = trained if i == 0 else step  # member 0's steps number the rows of rm/metrics.jsonl
-        if i > 0 and main:
-            finish_stage(member_out, {"member": i, "seed": r.train.seed + i})
+        trained, chosen = train_member(cfg, sft_dir, tokenizer, train_ds, eval_ds, member_out, r.train.seed + i, procs)
+        if main:
+            print(f"[rm] {chosen['selection']}")
+        if i == 0:  # member 0's steps number the rows of rm/metrics.jsonl
+            step, selection = trained, chosen
+        elif main:
+            finish_stage(member_out, {"member": i, "seed": r.train.seed + i} | chosen)
         procs.wait_for_everyone()
     if not main:
         return out
 
     # 3. diagnostics on held-out pairs, scored the way PPO and eval will score (shared base + reward adapter(s))
     scorer = attach_reward(load_sft_model(cfg.model, sft_dir, tokenizer).to(procs.device), out, tokenizer)
-    diag = diagnose(scorer, held_out, tagger)
+    diag = diagnose(scorer, held_out, tagger) | selection
+    if r.probes.enabled:  # damaged answers scored against intact ones, by the scorer PPO will use
+        diag["probes"] = rm_probes.run_probes(scorer, *rm_probes.intact_answers(held_out, r.probes.samples,
+                                                                                r.probes.seed), r.probes.seed)
+    warned = {k: v for k, v in diag.get("probes", {}).items() if k not in r.probes.no_warning}
+    diag["warnings"] = rm_diagnostics.weak_rm_warnings(diag["rm/accuracy"], warned, r.warn_accuracy,
+                                                       r.probes.warn_win_rate)
     metrics = MetricsFile(out / "metrics.jsonl", resume_step=step)
     metrics.write(step, {k: v for k, v in diag.items() if k.startswith("rm/")})
     (out / "diagnostics.json").write_text(json.dumps(diag, indent=2) + "\n")
     print(format_diagnostics(diag))
-    finish_stage(out, {k: v for k, v in diag.items() if k.startswith("rm/")})
+    for warning in diag["warnings"]:  # before PPO spends hours exploiting it
+        print(f"[rm] WARNING: {warning}", file=sys.stderr)
+    finish_stage(out, {k: v for k, v in diag.items() if k.startswith("rm/") or k == "selection"})
     return out
 
 
@@ -218,9 +240,10 @@ def member_dirs_beyond(out: Path, n: int) -> list[Path]:
 
 
 def train_member(cfg: PipelineConfig, sft_dir: Path, tokenizer, train_ds: Dataset, eval_ds: Dataset, out: Path,
-                 seed: int, procs) -> int:
-    """Train one reward model (adapter + head) with `seed` into `out`, resuming from out/checkpoints.
-    Returns the number of optimiser steps taken."""
+                 seed: int, procs) -> tuple[int, dict]:
+    """Train one reward model (adapter + head) with `seed` into `out`, resuming from out/checkpoints; with
+    rm.early_stopping, the best checkpoint on the held-out pairs is the one saved.
+    Returns the number of optimiser steps taken and what was kept (describe_selection)."""
     r, main = cfg.rm, procs.is_main_process
     out.mkdir(parents=True, exist_ok=True)
     train_spec = replace(r.train, seed=seed)
@@ -241,7 +264,8 @@ def train_member(cfg: PipelineConfig, sft_dir: Path, tokenizer, train_ds: Datase
         model=model, args=trainer_args(r, out, bf16, train_spec), processing_class=tokenizer,
         train_dataset=train_ds if r.group_pairs else train_ds.remove_columns("group"),
         eval_dataset=eval_ds.remove_columns("group"),
-        callbacks=[MetricsCallback(metrics)] + ([TensorBoardCallback(SummaryWriter(str(out / "tb")))] if main else []),
+        callbacks=[MetricsCallback(metrics)] + ([TensorBoardCallback(SummaryWriter(str(out / "tb")))] if main else [])
+        + (selection_callbacks(r.early_stopping.patience) if r.early_stopping.enabled else []),
     )
     if resume and main:
         print(f"[rm] resuming from {resume}")
@@ -258,10 +282,13 @@ def train_member(cfg: PipelineConfig, sft_dir: Path, tokenizer, train_ds: Datase
         else:
             save_head(model.base_model.model, out)
         tokenizer.save_pretrained(out)
-    step = trainer.state.global_step
+    state = trainer.state
+    chosen = describe_selection(state.log_history, state.best_global_step if r.early_stopping.enabled else None,
+                                trainer.args.num_train_epochs, state.global_step < state.max_steps,
+                                r.early_stopping.patience)
     del trainer, model, clf, sft_model
     gc.collect()
-    return step
+    return state.global_step, chosen
 
 
 @torch.no_grad()
@@ -287,9 +314,16 @@ def format_diagnostics(diag: dict) -> str:
              f"     accuracy {diag['rm/accuracy']:.3f}   mean margin {diag['rm/margin_mean']:.3f}   "
              f"reward mean {diag['rm/reward_mean']:.3f} std {diag['rm/reward_std']:.3f}",
              f"     calibration error (ECE) {diag['rm/ece']:.3f}   reward-length correlation {diag['rm/length_corr']:+.3f}"]
+    if "selection" in diag:
+        lines.append(f"     {diag['selection']}")
     if "member_accuracy" in diag:
         lines.append(f"     ensemble of {len(diag['member_accuracy'])}: the mean above; each member's accuracy "
                      + " ".join(f"{a:.3f}" for a in diag["member_accuracy"]))
     for tag, row in diag.get("accuracy_by_tag", {}).items():
         lines.append(f"     rejected answer has {tag:<12} accuracy {row['accuracy']:.3f}  (n={row['n']})")
+    if diag.get("probes"):
+        lines.append("     reward-hacking probes (the RM should prefer the intact answer):")
+    for name, row in diag.get("probes", {}).items():
+        lines.append(f"     damaged by {name:<12} wins {row['win_rate']:.3f}  mean margin {row['margin_mean']:+.3f}  "
+                     f"(n={row['n']})")
     return "\n".join(lines)

@@ -75,3 +75,24 @@ def summarize(chosen: torch.Tensor, rejected: torch.Tensor, len_chosen: torch.Te
     if tags is not None:
         out["accuracy_by_tag"] = accuracy_by_tag(chosen, rejected, tags)
     return out
+
+
+def damaged_wins(intact: torch.Tensor, damaged: torch.Tensor) -> dict:
+    """A reward-hacking probe's row: how often the damaged answer scores above the intact one (ties half) and
+    the mean of damaged - intact (> 0: the RM prefers the damage on average)."""
+    return {"n": len(intact), "win_rate": pairwise_accuracy(damaged, intact),
+            "margin_mean": (damaged - intact).mean().item()}
+
+
+def weak_rm_warnings(accuracy: float, probes: dict[str, dict], min_accuracy: float, max_win_rate: float) -> list[str]:
+    """One line per sign that PPO will exploit this RM: low held-out accuracy, or a probe whose damaged answer
+    wins too often."""
+    out = []
+    if accuracy < min_accuracy:
+        out.append(f"held-out accuracy {accuracy:.3f} is below rm.warn_accuracy={min_accuracy}: PPO will optimise "
+                   f"the RM's errors (more or cleaner preference data, more epochs, a larger RM)")
+    for name, row in probes.items():
+        if row["win_rate"] > max_win_rate:
+            out.append(f"the RM prefers a '{name}' damaged answer to the intact one in {row['win_rate']:.0%} of "
+                       f"{row['n']} held-out answers (> rm.probes.warn_win_rate={max_win_rate}): PPO can learn it")
+    return out

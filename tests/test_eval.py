@@ -234,3 +234,16 @@ def test_report_names_a_reward_ensemble_and_its_members(tmp_path):
     diag_path.write_text(json.dumps(json.loads(diag_path.read_text()) | {"member_accuracy": [0.95, 0.94, 0.96]}))
     text = render(tmp_path).read_text()
     assert "mean of an ensemble of 3 reward models, whose accuracies alone are 0.950, 0.940, 0.960" in text
+
+
+def test_report_shows_the_rm_probes_selection_and_warnings(tmp_path):
+    write_saved_run(tmp_path)
+    diag_path = tmp_path / "rm" / "diagnostics.json"
+    extra = {"probes": {"repeat": {"n": 50, "win_rate": 0.4, "margin_mean": 0.12}},
+             "warnings": ["the RM prefers a 'repeat' damaged answer"],
+             "selection": "kept the best checkpoint (held-out accuracy 0.830, loss 0.400) at epoch 3 (step 30) of at most 8 epochs"}
+    diag_path.write_text(json.dumps(json.loads(diag_path.read_text()) | extra))
+    text = render(tmp_path).read_text()
+    assert "| repeat | 50 | 0.400 | +0.12 |" in text
+    assert "**Warning:** the RM prefers a 'repeat' damaged answer." in text
+    assert "Training kept the best checkpoint (held-out accuracy 0.830" in text

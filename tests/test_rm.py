@@ -31,6 +31,9 @@ def test_rm_on_demo_is_accurate_and_reports_diagnostics(rm_run):
     assert diag["rm/margin_mean"] > 0 and 0 <= diag["rm/ece"] < 0.5
     assert -1 <= diag["rm/length_corr"] <= 1
     assert {"intruder", "repeat", "off_topic", "too_few", "too_many"} <= set(diag["accuracy_by_tag"])
+    assert set(diag["probes"]) == {"repeat", "truncate", "empty", "shuffle", "other_prompt"}
+    assert all(row["n"] > 0 and 0 <= row["win_rate"] <= 1 for row in diag["probes"].values())
+    assert isinstance(diag["warnings"], list) and "kept the best checkpoint" in diag["selection"]
     assert json.loads((out / "DONE").read_text())["rm/accuracy"] == diag["rm/accuracy"]
 
 

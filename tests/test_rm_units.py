@@ -146,3 +146,32 @@ def test_pooling_index_and_positions_under_left_and_right_padding():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     assert last_token_index(mask).tolist() == [4, 2, 4]
     assert position_ids(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2], [0, 1, 2, 3, 4]]
+
+
+def test_ensemble_objectives_by_hand():
+    from rlhf.reward import combine
+    # 3 members x 2 answers: answer 0 the members agree on (1, 1, 1); answer 1 they do not (0, 3, 6)
+    scores = t(1, 0, 1, 3, 1, 6).reshape(3, 2)
+    assert combine(scores, "mean").tolist() == [1.0, 3.0]
+    assert combine(scores, "min").tolist() == [1.0, 0.0]
+    # population std of (0, 3, 6) = sqrt(6); of (1, 1, 1) = 0
+    assert torch.allclose(combine(scores, "mean_minus_std", 0.5), t(1.0, 3 - 0.5 * math.sqrt(6)))
+    assert combine(t(2, 5).reshape(1, 2), "mean_minus_std", 1.0).tolist() == [2.0, 5.0]  # one member: its score
+    with pytest.raises(ValueError, match="unknown ensemble objective 'max'"):
+        combine(scores, "max")
+
+
+def test_ensemble_scores_with_its_objective():
+    from types import SimpleNamespace
+    from rlhf.reward import RewardEnsemble
+
+    def member(*rewards):
+        return SimpleNamespace(model=None, tokenizer=None, head=None, name="reward",
+                               score_ids=lambda ids, mask: t(*rewards))
+    ensemble = RewardEnsemble([member(1, 0), member(1, 3), member(1, 6)])
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    assert ensemble.score_ids(ids, ids.bool()).tolist() == [1.0, 3.0]
+    worst = ensemble.with_objective("min")
+    assert worst.members is ensemble.members and worst.score_ids(ids, ids.bool()).tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="unknown ensemble objective"):
+        ensemble.with_objective("median")

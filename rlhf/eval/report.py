@@ -182,10 +182,25 @@ def rm_section(d: dict | None, plot: Path | None) -> str:
     if tags:
         lines += ["", "| rejected answer's flaw | pairs | accuracy |", "|---|---|---|"]
         lines += [f"| {tag} | {v['n']} | {v['accuracy']:.3f} |" for tag, v in tags.items()]
+    if d.get("selection"):
+        lines += ["", f"Training {d['selection']}."]
+    lines += probes_table(d)
     lines.append("")
     if plot:
         lines += [f"![Reward model calibration]({PLOTS}/{plot.name})", ""]
     return "\n".join(lines)
+
+
+def probes_table(d: dict) -> list[str]:
+    """The reward-hacking probes of the RM diagnostics and its warnings (lines of markdown)."""
+    lines = []
+    if d.get("probes"):
+        lines += ["", "Reward-hacking probes: held-out chosen answers damaged in ways that make any answer worse; "
+                  "a reward model that prefers the damaged answer teaches PPO to damage its answers.", "",
+                  "| damage | answers | damaged preferred | mean margin (damaged − intact) |", "|---|---|---|---|"]
+        lines += [f"| {name} | {v['n']} | {v['win_rate']:.3f} | {v['margin_mean']:+.2f} |" for name, v in d["probes"].items()]
+    lines += [""] + [f"**Warning:** {w}." for w in d["warnings"]] if d.get("warnings") else []
+    return lines
 
 
 def samples_section(samples: list[dict], m: dict) -> str:

@@ -34,6 +34,7 @@ from rlhf.ppo.state import load_checkpoint, rng_state, save_checkpoint
 from rlhf.ppo.update import UpdateSpec, check_batch_sizes, ppo_update
 from rlhf.ppo.ptx import ptx_batches
 from rlhf.progress import progress
+from rlhf.reward import ENSEMBLE_OBJECTIVES, RewardEnsemble
 from rlhf.preempt import StopSignal, mark_preempted
 from rlhf.runs import MetricsFile, begin_stage, finish_stage, require_done
 
@@ -99,6 +100,9 @@ def run(cfg: PipelineConfig) -> Path:
         if world == 1:
             raise
         raise ConfigError(f"{e} (per process: {p.rollout_batch_size} rollouts / {world} processes)") from None
+    if p.ensemble_objective not in ENSEMBLE_OBJECTIVES:
+        raise ConfigError(f"ppo.ensemble_objective must be one of {', '.join(ENSEMBLE_OBJECTIVES)}, "
+                          f"got {p.ensemble_objective!r}")
     out = begin_stage(run_dir / "ppo", cfg.force)
     if main:
         save_config(cfg, out)
@@ -121,6 +125,11 @@ def run(cfg: PipelineConfig) -> Path:
     stops = model_stop_ids(roles.model, tokenizer)  # what sampling stops at; a response holding one has ended
     if main:
         print(f"[ppo] answers end at {describe(tokenizer, stops)}")
+    if isinstance(roles.scorer, RewardEnsemble):  # PPO maximises the ensemble objective; eval reports the mean
+        roles.scorer = roles.scorer.with_objective(p.ensemble_objective, p.ensemble_std_coef)
+        if main:
+            print(f"[ppo] reward: {p.ensemble_objective} of {len(roles.scorer.members)} reward models"
+                  + (f" (std coef {p.ensemble_std_coef})" if p.ensemble_objective == "mean_minus_std" else ""))
     distributed.broadcast_parameters(roles.trainable_parameters())  # same start everywhere
     if world > 1:
         torch.manual_seed(distributed.rank_seed(p.seed, rank))      # but each process samples differently
