@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from rlhf.config import ConfigError, PipelineConfig, load_config, to_yaml
 from rlhf.data import DataError
+from rlhf.ppo.state import UnsafeCheckpointError
 from rlhf.preempt import EXIT_PREEMPTED, Preempted
 
 
@@ -26,7 +27,7 @@ def stage_main(stage: str, run: Callable[[PipelineConfig], object], argv: list[s
             print(to_yaml(cfg))
             return 0
         run(cfg)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError, UnsafeCheckpointError) as e:
         # Input errors: one clear message, no traceback.
         print(f"error: {e}", file=sys.stderr)
         return 2
