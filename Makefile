@@ -40,7 +40,7 @@ endif
 # --- LAUNCHER=slurm: the stages as sbatch jobs (rlhf/slurm.py, from the config's slurm: section) -----------
 #   make ppo LAUNCHER=slurm                         submits sft -> rm -> ppo (those not finished), afterok chain
 #   make all LAUNCHER=slurm                         ... up to eval, which writes the report
-#   make all LAUNCHER=slurm SLURM_FLAGS=--dry-run   prints the job scripts, submits nothing
+#   make all LAUNCHER=slurm SLURM_FLAGS=--dry-run   prints the job scripts and the sbatch lines (afterok chain), submits nothing
 # make returns once the jobs are queued; `make report` / `make export` run here afterwards, as usual.
 SLURM_FLAGS ?=
 SUBMIT     = $(PY) -m rlhf.slurm --config $(CONFIG) --until $(1) $(SLURM_FLAGS) run_dir=$(RUN) $(ARGS)
