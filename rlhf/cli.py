@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from rlhf.compat import CompatError, check as check_libraries
 from rlhf.config import ConfigError, PipelineConfig, load_config, to_yaml
 from rlhf.data import DataError
 from rlhf.ppo.state import UnsafeCheckpointError
@@ -26,8 +27,9 @@ def stage_main(stage: str, run: Callable[[PipelineConfig], object], argv: list[s
         if args.print_config:
             print(to_yaml(cfg))
             return 0
+        check_libraries()  # trl/transformers internals we rely on, before anything loads
         run(cfg)
-    except (ConfigError, DataError, FileNotFoundError, UnsafeCheckpointError) as e:
+    except (ConfigError, DataError, FileNotFoundError, UnsafeCheckpointError, CompatError) as e:
         # Input errors: one clear message, no traceback.
         print(f"error: {e}", file=sys.stderr)
         return 2
