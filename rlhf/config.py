@@ -201,6 +201,13 @@ class ExportConfig:
     """None: <run_dir>/export-<stage>."""
     dtype: str | None = None
     """Save in this dtype (float32, bfloat16, float16); None: model.dtype."""
+    license: str | None = None
+    """The model card's `license` (a hub licence id, e.g. apache-2.0, llama3.1); None: "other". It must respect
+    the base model's licence."""
+    push_to_hub: str | None = None
+    """A hub repo id (user/name): upload the exported directory there (needs a token). None: nothing is uploaded."""
+    private: bool = True
+    """Create the hub repo private (when push_to_hub creates it)."""
 
 
 @dataclass
