@@ -290,6 +290,9 @@ class SlurmConfig:
 class PipelineConfig:
     run_dir: str = "runs/demo"
     """Every stage writes to <run_dir>/<stage>/."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers of every stage: tensorboard (into <stage>/tb/), wandb, or any other the HF Trainer
+    supports (rlhf/tracking.py); e.g. [tensorboard, wandb]. metrics.jsonl is always written."""
     model: ModelConfig = field(default_factory=ModelConfig)
     sft: SFTStageConfig = field(default_factory=SFTStageConfig)
     rm: RMStageConfig = field(default_factory=RMStageConfig)
@@ -331,7 +334,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), stage
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(qualify_overrides(list(overrides), stage)))
     except OmegaConfBaseException as e:
         raise ConfigError(f"command-line override: {_explain(e)}") from None
-    return OmegaConf.to_object(cfg)
+    cfg = OmegaConf.to_object(cfg)
+    from rlhf.tracking import check_report_to  # here: it imports transformers, which config files do not need
+
+    check_report_to(cfg.report_to)
+    return cfg
 
 
 def _explain(e: OmegaConfBaseException) -> str:
