@@ -63,7 +63,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup-latest:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_SPEC) $(TORCH_PIP_ARGS)
-	$(PY) -m pip install -q --upgrade --upgrade-strategy eager -e '.[test]'
+	$(PY) -m pip install -q --upgrade --upgrade-strategy eager -e '.[test]' '$(TORCH_SPEC)'  # torch stays TORCH_SPEC
 	touch $(STAMP)
 
 lock:
