@@ -14,6 +14,7 @@ import yaml
 
 from rlhf.config import PipelineConfig, to_yaml
 
+UNSET_LICENCE = " (not set: `export.license`; it must respect the base model's licence)"
 _EVAL_COLUMNS = (("reward_mean", "RM score"), ("reward_win_rate", "RM win rate"), ("gold_mean", "gold"),
                  ("gold_win_rate", "gold win rate"), ("kl_mean", "KL"), ("length_mean", "length"))
 
@@ -92,9 +93,8 @@ def card(cfg: PipelineConfig, stage: str) -> str:
              f"`{cfg.model.name_or_path}`" + (f" (revision `{cfg.model.revision}`)" if cfg.model.revision else "")
              + f" fine-tuned by {what} with the rlhf pipeline; the LoRA adapters are merged into the base, so it "
              "loads with `AutoModelForCausalLM.from_pretrained` alone.", "",
-             f"Licence: `{meta['license']}`" + ("" if cfg.export.license else
-                                                " (not set: `export.license`; it must respect the base model's licence)")
-             + ".", "", "## Data", ""]
+             f"Licence: `{meta['license']}`" + ("" if cfg.export.license else UNSET_LICENCE) + ".", "",
+             "## Data", ""]
     lines += [f"- {kind}: `{path}`" for kind, path in data_files(cfg, stage)] + ["", "## Training", ""]
     lines += [f"- {line}" for line in key_settings(cfg, stage)] + [""]
     lines += eval_section(Path(cfg.run_dir))

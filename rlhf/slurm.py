@@ -220,8 +220,8 @@ def submit_chain(cfg: PipelineConfig, until: str, dry_run: bool = False, sbatch:
     if dry_run:
         for s in stages:
             print(f"# ---- {log_dir / s}.sbatch (not submitted: --dry-run) ----\n{scripts[s]}", file=out)
-        print(f"# ---- the sbatch commands, in order (not submitted: --dry-run) ----\n{dry_run_chain(stages, log_dir, sbatch)}",
-              file=out)
+        print("# ---- the sbatch commands, in order (not submitted: --dry-run) ----", file=out)
+        print(dry_run_chain(stages, log_dir, sbatch), file=out)
         return []
 
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="YAML config (see configs/)")
     parser.add_argument("--until", default="eval", choices=SLURM_STAGES,
                         help="the last stage to submit; the unfinished ones before it are submitted too")
-    parser.add_argument("--dry-run", action="store_true", help="print the job scripts and the sbatch command lines, submit nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the job scripts and the sbatch command lines; submit nothing")
     parser.add_argument("--sbatch", default="sbatch", help="the sbatch command (default: sbatch)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="absolute keys (sft.lora.r=8); relative ones (lora.r=8) only when one stage is submitted")
