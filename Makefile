@@ -1,5 +1,6 @@
 # rlhf: SFT -> reward model -> PPO on one LoRA-adapted base.
-#   make test            create .venv if missing, run the test suite
+#   make test            create .venv if missing (exact versions: constraints.txt), run the test suite
+#   make setup-latest    the newest releases instead; `make lock` then records them in constraints.txt
 #   make demo            build the embedded demo and run the pipeline on it
 #   make sft             one stage; CONFIG=configs/<x>.yaml ARGS="key=value ..." to configure
 # Stage targets are real files (<run_dir>/<stage>/DONE): a finished stage is not run again;
@@ -45,22 +46,35 @@ endif
 # --- LAUNCHER=slurm: the stages as sbatch jobs (rlhf/slurm.py, from the config's slurm: section) -----------
 #   make ppo LAUNCHER=slurm                         submits sft -> rm -> ppo (those not finished), afterok chain
 #   make all LAUNCHER=slurm                         ... up to eval, which writes the report
-#   make all LAUNCHER=slurm SLURM_FLAGS=--dry-run   prints the job scripts, submits nothing
+#   make all LAUNCHER=slurm SLURM_FLAGS=--dry-run   prints the job scripts and the sbatch lines (afterok chain), submits nothing
 # make returns once the jobs are queued; `make report` / `make export` run here afterwards, as usual.
 SLURM_FLAGS ?=
 SUBMIT     = $(PY) -m rlhf.slurm --config $(CONFIG) --until $(1) $(SLURM_FLAGS) run_dir=$(RUN) $(ARGS)
 # --- end LAUNCHER=slurm -----------------------------------------------------------------------------------
 
-.PHONY: force-rerun setup test test-fast bench data data-hh demo all sft rm ppo eval report export clean-sft clean-rm clean-ppo clean-eval clean
+.PHONY: force-rerun setup setup-latest lock test test-fast bench data data-hh demo all sft rm ppo eval report export clean-sft clean-rm clean-ppo clean-eval clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The exact versions CI passed with are in constraints.txt (torch aside: TORCH_SPEC pins it, installed first).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC) $(TORCH_PIP_ARGS)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
+
+# Try the newest releases: `make setup-latest test`, then `make lock` records them in constraints.txt.
+setup-latest:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_SPEC) $(TORCH_PIP_ARGS)
+	$(PY) -m pip install -q --upgrade --upgrade-strategy eager -e '.[test]' '$(TORCH_SPEC)'  # torch stays TORCH_SPEC
+	touch $(STAMP)
+
+lock:
+	{ echo "# Exact versions for \`make setup\` (pip install -c constraints.txt). Written by \`make lock\` from the venv;"; \
+	  echo "# torch is pinned by the Makefile's TORCH_SPEC instead (CPU or CUDA build)."; \
+	  $(PY) -m pip freeze --exclude-editable | grep -viE '^(torch|rlhf)==' ; } > constraints.txt
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -7,8 +7,10 @@ import errno
 import sys
 from collections.abc import Callable
 
+from rlhf.compat import CompatError, check as check_libraries
 from rlhf.config import ConfigError, PipelineConfig, load_config, to_yaml
 from rlhf.data import DataError
+from rlhf.ppo.state import UnsafeCheckpointError
 from rlhf.preempt import EXIT_PREEMPTED, Preempted
 from rlhf.runs import StageFinished
 
@@ -34,10 +36,11 @@ def stage_main(stage: str, run: Callable[[PipelineConfig], object], argv: list[s
         if args.print_config:
             print(to_yaml(cfg))
             return 0
+        check_libraries()  # trl/transformers internals we rely on, before anything loads
         if check is not None:
             check(cfg)
         run(cfg)
-    except (ConfigError, DataError, FileNotFoundError, StageFinished) as e:
+    except (ConfigError, DataError, FileNotFoundError, StageFinished, UnsafeCheckpointError, CompatError) as e:
         # Input errors, and a finished stage started again: one clear message, no traceback.
         print(f"error: {e}", file=sys.stderr)
         return 2

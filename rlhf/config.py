@@ -244,6 +244,13 @@ class ExportConfig:
     """None: <run_dir>/export-<stage>."""
     dtype: str | None = None
     """Save in this dtype (float32, bfloat16, float16); None: model.dtype."""
+    license: str | None = None
+    """The model card's `license` (a hub licence id, e.g. apache-2.0, llama3.1); None: "other". It must respect
+    the base model's licence."""
+    push_to_hub: str | None = None
+    """A hub repo id (user/name): upload the exported directory there (needs a token). None: nothing is uploaded."""
+    private: bool = True
+    """Create the hub repo private (when push_to_hub creates it)."""
 
 
 @dataclass
@@ -329,6 +336,9 @@ class PipelineConfig:
     force: bool = False
     """Train a stage again although it has finished (`--force`): into <run_dir>/<stage>.rerun/, which replaces
     <stage>/ only once it has finished. Without it a finished stage refuses to start."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers of every stage: tensorboard (into <stage>/tb/), wandb, or any other the HF Trainer
+    supports (rlhf/tracking.py); e.g. [tensorboard, wandb]. metrics.jsonl is always written."""
     model: ModelConfig = field(default_factory=ModelConfig)
     sft: SFTStageConfig = field(default_factory=SFTStageConfig)
     rm: RMStageConfig = field(default_factory=RMStageConfig)
@@ -370,7 +380,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), stage
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(qualify_overrides(list(overrides), stage)))
     except OmegaConfBaseException as e:
         raise ConfigError(f"command-line override: {_explain(e)}") from None
-    return OmegaConf.to_object(cfg)
+    cfg = OmegaConf.to_object(cfg)
+    from rlhf.tracking import check_report_to  # here: it imports transformers, which config files do not need
+
+    check_report_to(cfg.report_to)
+    return cfg
 
 
 def _explain(e: OmegaConfBaseException) -> str:

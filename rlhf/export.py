@@ -2,7 +2,8 @@
 
 The result loads with plain `transformers` (`AutoModelForCausalLM.from_pretrained(dir)`) and serves in vLLM
 or any other runtime that reads HF checkpoints; this package is not needed to use it. The tokenizer is
-saved beside it, with the pad token and chat template the pipeline trained with.
+saved beside it, with the pad token and chat template the pipeline trained with, and a model card
+(`README.md`, rlhf/model_card.py). With `export.push_to_hub: user/name` the directory is then uploaded.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from peft import PeftModel
 
 from rlhf.chat import stop_token_ids
 from rlhf.config import PipelineConfig
+from rlhf.model_card import card, push_to_hub
 from rlhf.models import load_sft_model, load_tokenizer, resolve_dtype
 from rlhf.runs import finish_stage, require_done
 
@@ -45,8 +47,13 @@ def run(cfg: PipelineConfig) -> Path:
     model.generation_config.eos_token_id = stop_token_ids(tokenizer, model.generation_config)
     model.to(resolve_dtype(model_cfg.dtype)).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    (tmp / "README.md").write_text(card(cfg, e.stage))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     finish_stage(out, {"stage": e.stage, "parameters": sum(p.numel() for p in model.parameters())})
     print(f"[export] {e.stage} model merged into {out} (loads with AutoModelForCausalLM.from_pretrained)")
+
+    # 3. optionally, the hub
+    if e.push_to_hub:
+        print(f"[export] pushed to {push_to_hub(out, e.push_to_hub, e.private)}")
     return out

@@ -21,8 +21,6 @@ from datasets import Dataset
 from peft import get_peft_model
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
-from torch.utils.tensorboard import SummaryWriter
-from transformers.integrations import TensorBoardCallback
 from trl import RewardConfig, RewardTrainer
 
 from rlhf import data as rdata
@@ -35,6 +33,7 @@ from rlhf.plugins import import_callable
 from rlhf.reward import (HEAD_FILE, MEMBER_PREFIX, RewardEnsemble, RewardScorer, attach_reward, build_reward_model,
                          member_dir, member_index, pair_ids, save_head)
 from rlhf.preempt import train_or_preempt
+from rlhf.tracking import trainer_callbacks
 from rlhf.runs import (MetricsCallback, MetricsFile, begin_stage, checkpoint_step, finish_stage, is_done,
                        last_complete_checkpoint, require_done, save_trained_adapter, trainer_kwargs)
 
@@ -152,9 +151,10 @@ class GroupedRewardTrainer(RewardTrainer):
         return self.accelerator.prepare(loader)
 
 
-def trainer_args(cfg: RMStageConfig, out: Path, bf16: bool, train: TrainSpec | None = None) -> RewardConfig:
+def trainer_args(cfg: RMStageConfig, out: Path, bf16: bool, train: TrainSpec | None = None,
+                 report_to: list[str] = ()) -> RewardConfig:
     """`train`: cfg.train with another seed (an ensemble member); None: cfg.train."""
-    kwargs = trainer_kwargs(train or cfg.train, out, bf16)
+    kwargs = trainer_kwargs(train or cfg.train, out, bf16, report_to)
     if cfg.early_stopping.enabled:
         kwargs |= best_checkpoint_args(cfg.early_stopping.metric, cfg.train.eval_steps, cfg.train.save_steps)
     return RewardConfig(
@@ -261,10 +261,10 @@ def train_member(cfg: PipelineConfig, sft_dir: Path, tokenizer, train_ds: Datase
     bf16 = resolve_dtype(cfg.model.dtype) == torch.bfloat16
     trainer_cls = GroupedRewardTrainer if r.group_pairs else RewardTrainer
     trainer = trainer_cls(
-        model=model, args=trainer_args(r, out, bf16, train_spec), processing_class=tokenizer,
+        model=model, args=trainer_args(r, out, bf16, train_spec, cfg.report_to), processing_class=tokenizer,
         train_dataset=train_ds if r.group_pairs else train_ds.remove_columns("group"),
         eval_dataset=eval_ds.remove_columns("group"),
-        callbacks=[MetricsCallback(metrics)] + ([TensorBoardCallback(SummaryWriter(str(out / "tb")))] if main else [])
+        callbacks=[MetricsCallback(metrics)] + trainer_callbacks(cfg.report_to, out, main)
         + (selection_callbacks(r.early_stopping.patience) if r.early_stopping.enabled else []),
     )
     if resume and main:

@@ -27,6 +27,7 @@ from transformers import TrainerCallback
 
 from rlhf.config import TrainSpec
 from rlhf.preempt import PREEMPTED
+from rlhf.tracking import run_name, trainer_report_to
 
 DONE = "DONE"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -242,8 +243,9 @@ def save_trained_adapter(trainer, out: Path) -> None:
         trainer.model.save_pretrained(out)
 
 
-def trainer_kwargs(train: TrainSpec, out: Path, bf16: bool) -> dict:
-    """TrainingArguments shared by the Trainer-based stages: schedule, logging, checkpoints in out/checkpoints."""
+def trainer_kwargs(train: TrainSpec, out: Path, bf16: bool, report_to: list[str] = ()) -> dict:
+    """TrainingArguments shared by the Trainer-based stages: schedule, logging, checkpoints in out/checkpoints.
+    report_to: the config's trackers (TensorBoard is our own callback, rlhf/tracking.py)."""
     return dict(
         output_dir=str(Path(out) / "checkpoints"),
         learning_rate=train.lr, num_train_epochs=train.epochs, max_steps=train.max_steps,
@@ -253,7 +255,7 @@ def trainer_kwargs(train: TrainSpec, out: Path, bf16: bool) -> dict:
         logging_steps=train.logging_steps, seed=train.seed, save_total_limit=train.save_total_limit,
         eval_strategy="steps" if train.eval_steps else "epoch", eval_steps=train.eval_steps or None,
         save_strategy="steps" if train.save_steps else "epoch", save_steps=train.save_steps or 500,
-        report_to=[],  # TensorBoard goes through our own callback, into out/tb
+        report_to=trainer_report_to(list(report_to)), run_name=run_name(out),
         disable_tqdm=not (train.progress_bar and sys.stderr.isatty()),  # no bars in CI or SLURM logs
         bf16=bf16, use_cpu=not torch.cuda.is_available(),
     )

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from torch.utils.tensorboard import SummaryWriter
-from transformers.integrations import TensorBoardCallback
 from trl import SFTConfig, SFTTrainer
 
 from rlhf import data as rdata
@@ -21,6 +19,7 @@ from rlhf import distributed
 from rlhf.config import PipelineConfig, SFTStageConfig, save_config
 from rlhf.models import load_causal_lm, load_tokenizer, lora_config, resolve_dtype
 from rlhf.preempt import train_or_preempt
+from rlhf.tracking import trainer_callbacks
 from rlhf.runs import (MetricsCallback, MetricsFile, begin_stage, checkpoint_step, finish_stage,
                        last_complete_checkpoint, read_metrics, save_trained_adapter, trainer_kwargs)
 
@@ -52,9 +51,9 @@ def to_dataset(examples: list[rdata.SFTExample]) -> Dataset:
     return Dataset.from_list(rows)
 
 
-def trainer_args(s: SFTStageConfig, out: Path, bf16: bool) -> SFTConfig:
+def trainer_args(s: SFTStageConfig, out: Path, bf16: bool, report_to: list[str] = ()) -> SFTConfig:
     return SFTConfig(
-        **trainer_kwargs(s.train, out, bf16),
+        **trainer_kwargs(s.train, out, bf16, report_to),
         eval_on_start=True,  # the untrained adapter's held-out loss: the baseline SFT must beat
         max_length=s.max_length, completion_only_loss=True, packing=False,
     )
@@ -83,10 +82,10 @@ def run(cfg: PipelineConfig) -> Path:
         resume = last_complete_checkpoint(out / "checkpoints")
     metrics = MetricsFile(out / "metrics.jsonl", resume_step=checkpoint_step(resume), enabled=main)
     trainer = SFTTrainer(
-        model=model, args=trainer_args(s, out, bf16), processing_class=tokenizer,
+        model=model, args=trainer_args(s, out, bf16, cfg.report_to), processing_class=tokenizer,
         train_dataset=to_dataset(train), eval_dataset=to_dataset(held_out),
         peft_config=lora_config(s.lora),
-        callbacks=[MetricsCallback(metrics)] + ([TensorBoardCallback(SummaryWriter(str(out / "tb")))] if main else []),
+        callbacks=[MetricsCallback(metrics)] + trainer_callbacks(cfg.report_to, out, main),
     )
 
     # 3. train, resuming from the last complete checkpoint if a previous run died

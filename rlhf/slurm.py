@@ -188,6 +188,25 @@ def plan(cfg: PipelineConfig, until: str) -> list[str]:
     return [s for s in upto if not is_done(Path(cfg.run_dir) / s)]
 
 
+def sbatch_command(sbatch: str, after: str | None) -> list[str]:
+    """sbatch's arguments for one job of the chain; `after`: the job id it waits for (afterok), if any."""
+    cmd = [sbatch, "--parsable"]
+    if after:
+        cmd += [f"--dependency=afterok:{after}", "--kill-on-invalid-dep=yes"]
+    return cmd
+
+
+def dry_run_chain(stages: list[str], log_dir: Path, sbatch: str = "sbatch") -> str:
+    """The submissions as shell lines, each job id kept in a variable ($SFT_JOB, ...) the next one waits for."""
+    lines, previous = [], None
+    for s in stages:
+        var = f"{s.upper()}_JOB"
+        cmd = sbatch_command(sbatch, f"${previous}" if previous else None) + [str(log_dir / f"{s}.sbatch")]
+        lines.append(f"{var}=$({' '.join(c if c.startswith('--') else shlex.quote(c) for c in cmd)})")
+        previous = var
+    return "\n".join(lines)
+
+
 def submit_chain(cfg: PipelineConfig, until: str, dry_run: bool = False, sbatch: str = "sbatch",
                  out=sys.stdout) -> list[Submitted]:
     log_dir = Path(cfg.slurm.log_dir or Path(cfg.run_dir) / "slurm").absolute()
@@ -201,6 +220,8 @@ def submit_chain(cfg: PipelineConfig, until: str, dry_run: bool = False, sbatch:
     if dry_run:
         for s in stages:
             print(f"# ---- {log_dir / s}.sbatch (not submitted: --dry-run) ----\n{scripts[s]}", file=out)
+        print("# ---- the sbatch commands, in order (not submitted: --dry-run) ----", file=out)
+        print(dry_run_chain(stages, log_dir, sbatch), file=out)
         return []
 
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -217,9 +238,7 @@ def submit_chain(cfg: PipelineConfig, until: str, dry_run: bool = False, sbatch:
             continue
         script = log_dir / f"{s}.sbatch"
         script.write_text(scripts[s])
-        cmd = [sbatch, "--parsable"]
-        if previous:
-            cmd += [f"--dependency=afterok:{previous}", "--kill-on-invalid-dep=yes"]
+        cmd = sbatch_command(sbatch, previous)
         result = subprocess.run(cmd + [str(script)], capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"sbatch failed for the {s} stage ({' '.join(cmd)} {script}):\n{result.stderr.strip()}")
@@ -242,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="YAML config (see configs/)")
     parser.add_argument("--until", default="eval", choices=SLURM_STAGES,
                         help="the last stage to submit; the unfinished ones before it are submitted too")
-    parser.add_argument("--dry-run", action="store_true", help="print the job scripts, submit nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the job scripts and the sbatch command lines; submit nothing")
     parser.add_argument("--sbatch", default="sbatch", help="the sbatch command (default: sbatch)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="absolute keys (sft.lora.r=8); relative ones (lora.r=8) only when one stage is submitted")

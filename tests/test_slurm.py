@@ -142,6 +142,14 @@ def test_make_all_launcher_slurm_dry_run_prints_the_chain_and_submits_nothing(tm
     for stage in ("sft", "rm", "ppo", "eval"):
         assert f"# ---- {run / 'slurm' / stage}.sbatch (not submitted: --dry-run) ----" in proc.stdout
         assert f"-m stages.{stage} --config" in proc.stdout
+    # then the chain it would submit, in order, each job waiting for the previous one
+    chain = proc.stdout.split("# ---- the sbatch commands, in order (not submitted: --dry-run) ----\n")[1].splitlines()
+    slurm_dir = run / "slurm"
+    assert chain[:4] == [
+        f"SFT_JOB=$(sbatch --parsable {slurm_dir}/sft.sbatch)",
+        f"RM_JOB=$(sbatch --parsable --dependency=afterok:$SFT_JOB --kill-on-invalid-dep=yes {slurm_dir}/rm.sbatch)",
+        f"PPO_JOB=$(sbatch --parsable --dependency=afterok:$RM_JOB --kill-on-invalid-dep=yes {slurm_dir}/ppo.sbatch)",
+        f"EVAL_JOB=$(sbatch --parsable --dependency=afterok:$PPO_JOB --kill-on-invalid-dep=yes {slurm_dir}/eval.sbatch)"]
     assert not run.exists()
 
 

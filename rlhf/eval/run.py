@@ -12,6 +12,7 @@ scores), `report.md` with `plots/` (rlhf.eval.report), `config.yaml` and `DONE`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from rlhf.ppo import core
 from rlhf.ppo.rollout import response_logprobs
 from rlhf.reward import position_ids
 from rlhf.runs import begin_stage, finish_stage, is_done, require_done
+from rlhf.tracking import Trackers
 
 DECODINGS = ("sample", "greedy")
 
@@ -139,6 +141,9 @@ def run(cfg: PipelineConfig) -> Path:
         "results": results,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    trackers = Trackers(cfg.report_to, out, config=dataclasses.asdict(cfg), stage="eval")
+    trackers.log(headline(metrics), step=0)  # the summary figures, in TensorBoard (eval/tb/) and report_to
+    trackers.close()
     (out / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     report = render(run_dir, out)
     print(format_results(metrics))

@@ -2,12 +2,18 @@
 
 A checkpoint is written into a temporary directory and renamed to `checkpoint-<step>` only when complete,
 so a kill mid-save never leaves a checkpoint that looks valid; `state.json` is also written last.
+
+Nothing in a checkpoint is code: the adapters are safetensors, the run state JSON, and `optimizer.pt` (optimiser,
+scheduler and random states: tensors, numbers, lists, tuples, dicts) is read with `torch.load(weights_only=True)`,
+which refuses pickled objects, so a tampered checkpoint on a shared filesystem cannot run code on resume.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -18,6 +24,22 @@ from rlhf.ppo.roles import Roles, adapter_state, load_adapter_state
 from rlhf.runs import last_complete_checkpoint
 
 STATE = "state.json"
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds something other than plain tensors and containers (possibly code)."""
+
+
+def load_plain(path: Path) -> dict:
+    """torch.load restricted to tensors and plain containers; anything else is refused with one clear line."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"a pickled {found.group(1)}" if found else "a pickled object"
+        raise UnsafeCheckpointError(
+            f"{path} holds {what}, not only tensors and numbers: refusing to load it (it could run code). "
+            f"Delete {path.parent} to resume from the previous checkpoint, or the checkpoints to start over.") from None
 
 
 def rng_state() -> dict:
@@ -65,8 +87,8 @@ def load_checkpoint(ckpt_dir: Path, roles: Roles, optimizer, scheduler, rank: in
     ckpt = last_complete_checkpoint(ckpt_dir, marker=STATE)
     if ckpt is None:
         return None
+    rest = load_plain(ckpt / "optimizer.pt")  # first: a refused checkpoint changes nothing
     load_adapter_state(roles, load_file(str(ckpt / "adapters.safetensors")))
-    rest = torch.load(ckpt / "optimizer.pt", weights_only=False)
     optimizer.load_state_dict(rest["optimizer"])
     scheduler.load_state_dict(rest["scheduler"])
     rngs = rest.get("rng_per_process", [rest["rng"]])

@@ -2,7 +2,8 @@
 
 Output `<run_dir>/ppo/`: `policy/` and `value/` adapters (PEFT format; they apply to the SFT model, i.e.
 the base with the SFT adapter merged), `value/value_head.safetensors`, the tokenizer, `config.yaml`,
-`metrics.jsonl`, `tb/`, `checkpoints/`, `eval.json` (policy vs SFT on held-out prompts) and `DONE`.
+`metrics.jsonl`, `tb/` (and the other `report_to` trackers), `checkpoints/`, `eval.json` (policy vs SFT on
+held-out prompts) and `DONE`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from torch.utils.tensorboard import SummaryWriter
 from transformers import get_scheduler
 
 from rlhf import data as rdata
@@ -37,6 +37,7 @@ from rlhf.progress import progress
 from rlhf.reward import ENSEMBLE_OBJECTIVES, RewardEnsemble
 from rlhf.preempt import StopSignal, mark_preempted
 from rlhf.runs import MetricsFile, begin_stage, finish_stage, require_done
+from rlhf.tracking import Trackers
 
 
 def sampling(p: PPOStageConfig) -> SamplingSpec:
@@ -164,7 +165,7 @@ def run(cfg: PipelineConfig) -> Path:
         if main:
             print(f"[ppo] reward normalisation from the SFT policy: shift {shift:.3f}, scale {scale:.3f}")
     metrics = MetricsFile(out / "metrics.jsonl", resume_step=start, enabled=main)
-    tb = SummaryWriter(str(out / "tb")) if main else None
+    trackers = Trackers(cfg.report_to, out, config=asdict(cfg), enabled=main, stage="ppo")  # tb/ and report_to
 
     # 4. the PPO loop: rollout -> score -> advantages -> PPO epochs
     bar = progress(range(start, p.steps), initial=start, total=p.steps, desc="ppo", enabled=p.progress_bar and main)
@@ -187,9 +188,7 @@ def run(cfg: PipelineConfig) -> Path:
             logs = distributed.mean_over_processes(logs, procs.device)  # every process logs and adapts the same
             kl_ctl.update(logs["ppo/kl"], p.rollout_batch_size)                                          # 4.5
             metrics.write(step + 1, logs)
-            if tb:
-                for k, v in logs.items():
-                    tb.add_scalar(k, v, step + 1)
+            trackers.log(logs, step + 1)
             bar.set_postfix(score=f"{logs['ppo/score']:.3f}", kl=f"{logs['ppo/kl']:.3f}")
             stopping = stop.requested(procs.device) and step + 1 < p.steps  # agreed by every process
             if (step + 1) % p.save_steps == 0 or step + 1 == p.steps or stopping:
@@ -200,13 +199,11 @@ def run(cfg: PipelineConfig) -> Path:
                                      "reward_shift": shift, "reward_scale": scale, "config": asdict(p)}, rngs=rngs)
                 procs.wait_for_everyone()
             if stopping:
-                if tb:
-                    tb.close()
+                trackers.close()
                 raise mark_preempted(out, "ppo", step + 1, stop.received, write=main)
     finally:
         stop.close()
-    if tb:
-        tb.close()
+    trackers.close()
     if world > 1:
         fp = distributed.check_in_sync(roles.trainable_parameters(), "trained weights")
         if main:

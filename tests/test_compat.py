@@ -1,0 +1,38 @@
+"""The trl/transformers internals rlhf relies on are checked before a stage runs, with one clear message."""
+
+import transformers
+
+from rlhf import compat
+from rlhf.cli import stage_main
+
+
+def test_installed_libraries_have_every_attribute_we_rely_on():
+    assert [n.attr for n in compat.NEEDED if not n.present()] == []
+    compat.check()
+
+
+def test_a_missing_private_attribute_stops_the_stage_with_one_line_naming_the_supported_versions(monkeypatch,
+                                                                                                 capsys):
+    monkeypatch.delattr(transformers.Trainer, "_remove_unused_columns")
+    ran = []
+    assert stage_main("rm", ran.append, []) == 2
+    assert ran == []  # nothing loaded
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert err.startswith(f"error: transformers {transformers.__version__} has no Trainer._remove_unused_columns "
+                          "(used by rlhf/rm.py")
+    assert "rlhf supports transformers >=5.23,<5.25, trl >=1.16,<1.17" in err and "constraints.txt" in err
+
+
+def test_an_instance_attribute_set_in_init_counts_as_present_and_its_absence_is_caught():
+    class Old:
+        def __init__(self):
+            self.other = 1
+
+    class New(Old):
+        def __init__(self):
+            super().__init__()
+            self._train_batch_size = 8
+
+    assert compat._set_in_init(New) >= {"_train_batch_size", "other"}
+    assert "_train_batch_size" not in compat._set_in_init(Old)
