@@ -30,3 +30,28 @@ def test_ptx_share_smaller_than_a_batch_is_a_clear_error_not_an_endless_loop(tmp
     assert all(next(batches)[0].shape[0] == 3 for _ in range(3))
     with pytest.raises(ConfigError, match=r"demo\.jsonl: 2 demonstrations .*ppo\.ptx_batch_size=3"):
         ptx_batches(p, tok, "cpu", rank=1, world=2)  # raised at the call, before any batch is asked for
+
+
+def test_only_lora_parameters_of_policy_and_value_are_trainable_even_with_modules_named_so(tmp_path, tok):
+    """A base model with modules literally named `value` and `policy` (some architectures name attention
+    projections so): their base weights stay frozen; exactly the LoRA parameters of the two adapters train."""
+    from peft import PeftModel
+    from rlhf.models import lora_config
+    from rlhf.ppo.roles import POLICY, VALUE, Roles, set_trainable
+    from tiny import LORA, tiny_llama
+
+    base = tiny_llama(len(tok))
+    base.model.value = torch.nn.Linear(32, 32)   # all-linear wraps them in LoRA too: `value.base_layer.weight`
+    base.model.layers[0].policy = torch.nn.Linear(32, 32)
+    model = PeftModel(base, lora_config(LORA), adapter_name="reward")
+    for name in (POLICY, VALUE):
+        model.add_adapter(name, lora_config(LORA))
+    set_trainable(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    lora = {n for n in dict(model.named_parameters()) if any(f"{k}.{a}." in n for k in ("lora_A", "lora_B")
+                                                              for a in (POLICY, VALUE))}
+    assert trainable == lora and "base_model.model.model.value.lora_A.value.weight" in trainable
+    head = torch.nn.Linear(32, 1)
+    params = Roles(model=model, value_head=head, scorer=None).trainable_parameters()
+    assert {id(p) for p in params} == {id(p) for n, p in model.named_parameters() if n in lora} | \
+        {id(p) for p in head.parameters()}

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
 
 from rlhf.config import LoraSpec
 from rlhf.models import active_adapter, keep_requires_grad, lora_config
@@ -39,7 +40,7 @@ class Roles:
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """Exactly the policy adapter, the value adapter and the value head: what the optimiser holds."""
-        lora = [p for n, p in self.model.named_parameters() if f".{POLICY}." in n or f".{VALUE}." in n]
+        lora = [p for n, p in self.model.named_parameters() if is_adapter_parameter(n, (POLICY, VALUE))]
         return lora + list(self.value_head.parameters())
 
 
@@ -80,7 +81,15 @@ def calibrate_value_head(roles: Roles, shift: float, scale: float) -> None:
 def set_trainable(model: PeftModel) -> None:
     """requires_grad: True for the policy and value adapters, False for everything else (base, reward)."""
     for name, p in model.named_parameters():
-        p.requires_grad_(f".{POLICY}." in name or f".{VALUE}." in name)
+        p.requires_grad_(is_adapter_parameter(name, (POLICY, VALUE)))
+
+
+def is_adapter_parameter(name: str, adapters: tuple[str, ...]) -> bool:
+    """True for a LoRA parameter of one of `adapters`: peft names them `<module>.lora_A.<adapter>.weight`,
+    `lora_B.<adapter>.weight`, `lora_embedding_A.<adapter>`, `lora_magnitude_vector.<adapter>.weight`.
+    Matching `.value.` alone would also take the base weights of any module named `value` or `policy`."""
+    parts = name.split(".")
+    return any(kind in LoraLayer.adapter_layer_names and adapter in adapters for kind, adapter in zip(parts, parts[1:]))
 
 
 def policy_logits(roles: Roles, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -122,7 +131,7 @@ def load_adapter_state(roles: Roles, state: dict[str, torch.Tensor]) -> None:
     for name in (POLICY, VALUE):
         part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
         result = set_peft_model_state_dict(roles.model, part, adapter_name=name)
-        missing = [k for k in result.missing_keys if f".{name}." in k and "lora_" in k]
+        missing = [k for k in result.missing_keys if is_adapter_parameter(k, (name,))]
         if missing:
             raise ValueError(f"checkpoint lacks {name} adapter weights, e.g. {missing[:2]}")
     roles.value_head.weight.data.copy_(state["value_head.weight"])
