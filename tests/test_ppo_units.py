@@ -55,3 +55,40 @@ def test_only_lora_parameters_of_policy_and_value_are_trainable_even_with_module
     params = Roles(model=model, value_head=head, scorer=None).trainable_parameters()
     assert {id(p) for p in params} == {id(p) for n, p in model.named_parameters() if n in lora} | \
         {id(p) for p in head.parameters()}
+
+
+def test_value_head_learns_on_a_bf16_base(tmp_path, tok):
+    """On a bf16 base the value and reward heads keep float32 weights and compute in float32: AdamW at lr 3e-4
+    moves a bias near 1.5 (a bf16 bias there cannot move by less than 0.004: the update was lost whole)."""
+    from rlhf.ppo.roles import calibrate_value_head, values
+    from tiny import tiny_roles
+
+    roles = tiny_roles(tmp_path, tok, dtype=torch.bfloat16)
+    assert next(roles.model.get_base_model().parameters()).dtype == torch.bfloat16
+    assert roles.value_head.weight.dtype == roles.scorer.head.weight.dtype == torch.float32
+    calibrate_value_head(roles, shift=-1.5, scale=1.0)  # bias 1.5, as a reward shift puts it
+    ids = torch.randint(3, len(tok), (4, 10))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    assert values(roles, ids, mask).dtype == roles.scorer.score_ids(ids, mask).dtype == torch.float32
+    optimizer = torch.optim.AdamW(roles.trainable_parameters(), lr=3e-4)
+    bias = roles.value_head.bias.detach().clone()
+    for _ in range(3):
+        optimizer.zero_grad()
+        values(roles, ids, mask).square().mean().backward()  # pulls the values (~1.5) toward 0
+        optimizer.step()
+    assert (roles.value_head.bias.detach() - bias).item() == pytest.approx(-3 * 3e-4, rel=0.1)
+
+
+def test_reward_classifier_head_is_float32_on_a_bf16_backbone(tok):
+    """The RM stage's classifier (trl's RewardTrainer calls `self.score(hidden)`): a float32 head, float32 logits,
+    gradients into the head, also under a bf16 autocast (the Trainer's bf16=True)."""
+    from rlhf.reward import build_reward_model
+    from tiny import tiny_llama
+
+    clf = build_reward_model(tiny_llama(len(tok), torch.bfloat16, pad_token_id=tok.pad_token_id), seed=0)
+    ids = torch.randint(3, len(tok), (2, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = clf(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert clf.score.weight.dtype == logits.dtype == torch.float32
+    logits.sum().backward()
+    assert clf.score.weight.grad.dtype == torch.float32 and clf.score.weight.grad.abs().sum() > 0

@@ -25,7 +25,8 @@ from peft.tuners.lora import LoraLayer
 
 from rlhf.config import LoraSpec
 from rlhf.models import active_adapter, keep_requires_grad, lora_config
-from rlhf.reward import REWARD_ADAPTER, RewardEnsemble, RewardScorer, attach_reward, backbone, position_ids
+from rlhf.reward import (REWARD_ADAPTER, RewardEnsemble, RewardScorer, ScalarHead, attach_reward, backbone,
+                         position_ids)
 
 POLICY, VALUE = "policy", "value"
 
@@ -35,7 +36,7 @@ class Roles:
     """The shared model and the two heads. `model` holds the adapters policy, value and reward."""
 
     model: PeftModel
-    value_head: torch.nn.Linear
+    value_head: ScalarHead  # float32 whatever the base's dtype
     scorer: RewardScorer | RewardEnsemble
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -57,11 +58,11 @@ def build_roles(sft_model, rm_dir: str | Path, tokenizer, lora: LoraSpec, value_
         model.add_adapter(VALUE, copy.deepcopy(model.peft_config[REWARD_ADAPTER]))
         reward_weights = get_peft_model_state_dict(model, adapter_name=REWARD_ADAPTER)
         set_peft_model_state_dict(model, reward_weights, adapter_name=VALUE)
-        head = torch.nn.Linear(scorer.head.in_features, 1, device=model.device, dtype=scorer.head.weight.dtype)
+        head = ScalarHead(scorer.head.in_features, device=model.device)
         head.weight.data.copy_(scorer.head.weight.data)
     else:
         model.add_adapter(VALUE, lora_config(lora))
-        head = torch.nn.Linear(scorer.head.in_features, 1, device=model.device, dtype=scorer.head.weight.dtype)
+        head = ScalarHead(scorer.head.in_features, device=model.device)
         torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
     set_trainable(model)
@@ -111,7 +112,7 @@ def values(roles: Roles, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         hidden = backbone(roles.model.get_base_model())(
             input_ids=ids, attention_mask=mask.long(), position_ids=position_ids(mask), use_cache=False,
         ).last_hidden_state
-    return roles.value_head(hidden).squeeze(-1).float()
+    return roles.value_head(hidden).squeeze(-1)  # float32 (ScalarHead), on a bf16 base too
 
 
 def _lm_logits(model: PeftModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
