@@ -123,6 +123,12 @@ def _zero_dropout_fields(fields: dict) -> None:
             fields[name] = 0.0
 
 
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each layer's activations during backward instead of keeping them (model.gradient_checkpointing).
+    Non-reentrant: it backpropagates into LoRA weights on a frozen base without inputs that require grad."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def lora_config(spec: LoraSpec, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None) -> LoraConfig:
     targets = spec.target_modules
     return LoraConfig(

@@ -92,3 +92,78 @@ def test_reward_classifier_head_is_float32_on_a_bf16_backbone(tok):
     assert clf.score.weight.dtype == logits.dtype == torch.float32
     logits.sum().backward()
     assert clf.score.weight.grad.dtype == torch.float32 and clf.score.weight.grad.abs().sum() > 0
+
+
+def tiny_rollout(roles, tok, seed=0):
+    """A hand-made rollout of 3 rows on a tiny model: left-padded prompts (P = 5), right-padded responses
+    (R = 4), old log-probs and values a little off the current ones, random advantages and returns."""
+    from rlhf.ppo.roles import policy_logits, values
+    from rlhf.ppo.rollout import Advantages, Rollout, response_logprobs
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, len(tok), (3, 9), generator=g)
+    mask = torch.tensor([[1] * 9, [0, 0] + [1] * 7, [0, 1, 1, 1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    ids = torch.where(mask, ids, tok.pad_token_id)
+    with torch.no_grad():
+        old = response_logprobs(policy_logits(roles, ids, mask), ids, 5, 0.7)
+        v = values(roles, ids, mask)[:, 4:-1]
+    noise = lambda: 0.1 * torch.randn(3, 4, generator=g)  # noqa: E731
+    r = Rollout(ids=ids, mask=mask, prompt_width=5, logprobs=old + noise(), ref_logprobs=old, values=v + noise(),
+                scores=torch.zeros(3), ended=torch.ones(3, dtype=torch.bool))
+    z = torch.zeros(3, 4)
+    return r, Advantages(kl=z, non_score=z, rewards=z, advantages=torch.randn(3, 4, generator=g),
+                         returns=v + torch.randn(3, 4, generator=g), scores=torch.zeros(3))
+
+
+@pytest.fixture()
+def roles32(tmp_path, tok):
+    from tiny import randomize_lora_b, tiny_roles
+    roles = tiny_roles(tmp_path, tok)
+    randomize_lora_b(roles.model, seed=2)  # policy != reference, and gradients reach every LoRA A
+    return roles
+
+
+def test_logits_of_the_response_positions_only_give_the_full_logits_log_probs(roles32, tok):
+    """policy/reference logits with keep = R + 1 (transformers' logits_to_keep): the LM head runs on the last
+    R + 1 positions only, and the response log-probs are those of the full (B, T, V) logits."""
+    from rlhf.ppo.roles import policy_logits, reference_logits
+    from rlhf.ppo.rollout import response_logprobs, response_width
+
+    r, _ = tiny_rollout(roles32, tok)
+    keep = response_width(r.ids, r.prompt_width)
+    with torch.no_grad():
+        for logits in (policy_logits, reference_logits):
+            full, kept = logits(roles32, r.ids, r.mask), logits(roles32, r.ids, r.mask, keep)
+            assert full.shape[1] == 9 and kept.shape[1] == keep == 5
+            assert torch.allclose(response_logprobs(kept, r.ids, 5, 0.7), response_logprobs(full, r.ids, 5, 0.7),
+                                  atol=1e-6, rtol=0)
+
+
+def test_gradient_checkpointing_gives_the_same_policy_and_value_gradients(roles32, tok):
+    """With activation checkpointing the forward is recomputed during backward: the policy loss's backward must
+    run under the policy adapter and the value loss's under the value adapter, or the gradients change."""
+    from rlhf.models import enable_activation_checkpointing
+    from rlhf.ppo.update import UpdateSpec, checkpointing_mode, micro_backward
+
+    r, a = tiny_rollout(roles32, tok)
+    spec = UpdateSpec(1, 1, 1, clip_range=0.2, clip_range_value=0.2, vf_coef=0.1, max_grad_norm=1.0, temperature=0.7)
+    params = roles32.trainable_parameters()
+    calls, mlp = [], roles32.model.get_base_model().model.layers[0].mlp
+    forward = mlp.forward  # counted on the instance: module hooks do not run again in the recompute
+    mlp.forward = lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs)
+
+    def gradients():
+        calls.clear()
+        for p in params:
+            p.grad = None
+        with checkpointing_mode(roles32.model):
+            micro_backward(roles32, r, a, torch.arange(3), spec, scale=1.0)
+        return [p.grad.clone() for p in params]
+
+    plain = gradients()
+    assert len(calls) == 2 and all(g.abs().sum() > 0 for g in plain)  # policy and value forwards
+    enable_activation_checkpointing(roles32.model.get_base_model())
+    checkpointed = gradients()
+    assert len(calls) == 4  # each forward recomputed in backward
+    assert all(torch.allclose(p, c, atol=1e-6, rtol=1e-5) for p, c in zip(plain, checkpointed))
+    assert not any(m.training for m in roles32.model.get_base_model().modules())  # eval mode again after the update

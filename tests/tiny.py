@@ -15,11 +15,11 @@ LORA = LoraSpec(r=4, alpha=8)
 
 
 def tiny_llama(vocab_size: int, dtype: torch.dtype = torch.float32, seed: int = 0, **config) -> LlamaForCausalLM:
-    """A 2-layer Llama with hidden size 32, in `dtype`, dropout off (as load_causal_lm leaves it)."""
+    """A 2-layer Llama with hidden size 32, in `dtype`, in eval mode with dropout off (as load_causal_lm leaves it)."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **config)
-    model = LlamaForCausalLM(cfg).to(dtype)
+    model = LlamaForCausalLM(cfg).to(dtype).eval()  # as from_pretrained leaves it
     disable_dropout(model)
     return model
 

@@ -16,6 +16,7 @@ position ids from the mask, so a left-padded prompt sees the positions it would 
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +62,9 @@ def build_roles(sft_model, rm_dir: str | Path, tokenizer, lora: LoraSpec, value_
         head = ScalarHead(scorer.head.in_features, device=model.device)
         head.weight.data.copy_(scorer.head.weight.data)
     else:
-        model.add_adapter(VALUE, lora_config(lora))
+        value_cfg = lora_config(lora)
+        value_cfg.lora_dropout = 0.0  # as the policy's; the model is in train mode during checkpointed updates
+        model.add_adapter(VALUE, value_cfg)
         head = ScalarHead(scorer.head.in_features, device=model.device)
         torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
@@ -93,17 +96,17 @@ def is_adapter_parameter(name: str, adapters: tuple[str, ...]) -> bool:
     return any(kind in LoraLayer.adapter_layer_names and adapter in adapters for kind, adapter in zip(parts, parts[1:]))
 
 
-def policy_logits(roles: Roles, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, V) logits of the policy (adapter "policy")."""
+def policy_logits(roles: Roles, ids: torch.Tensor, mask: torch.Tensor, keep: int = 0) -> torch.Tensor:
+    """(B, T, V) logits of the policy (adapter "policy"); (B, keep, V), the last `keep` positions, if keep > 0."""
     with active_adapter(roles.model, POLICY):
-        return _lm_logits(roles.model, ids, mask)
+        return _lm_logits(roles.model, ids, mask, keep)
 
 
 @torch.no_grad()
-def reference_logits(roles: Roles, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, V) logits of the reference: the SFT model, every adapter disabled."""
+def reference_logits(roles: Roles, ids: torch.Tensor, mask: torch.Tensor, keep: int = 0) -> torch.Tensor:
+    """(B, T, V) logits of the reference: the SFT model, every adapter disabled; (B, keep, V) if keep > 0."""
     with keep_requires_grad(roles.model), roles.model.disable_adapter():
-        return _lm_logits(roles.model, ids, mask)
+        return _lm_logits(roles.model, ids, mask, keep)
 
 
 def values(roles: Roles, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -115,8 +118,17 @@ def values(roles: Roles, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return roles.value_head(hidden).squeeze(-1)  # float32 (ScalarHead), on a bf16 base too
 
 
-def _lm_logits(model: PeftModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids, attention_mask=mask.long(), position_ids=position_ids(mask), use_cache=False).logits
+def _lm_logits(model: PeftModel, ids: torch.Tensor, mask: torch.Tensor, keep: int = 0) -> torch.Tensor:
+    # logits_to_keep: the LM head runs on the last `keep` positions only. (B, T, V) logits are the largest
+    # tensor of a step on long prompts (V ~ 150k); PPO needs only the R + 1 positions that predict a response.
+    kwargs = {"logits_to_keep": keep} if keep and _takes_logits_to_keep(model) else {}
+    logits = model(input_ids=ids, attention_mask=mask.long(), position_ids=position_ids(mask), use_cache=False,
+                   **kwargs).logits
+    return logits[:, -keep:] if keep else logits
+
+
+def _takes_logits_to_keep(model: PeftModel) -> bool:
+    return "logits_to_keep" in inspect.signature(model.get_base_model().forward).parameters
 
 
 def adapter_state(roles: Roles) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ from rlhf import data as rdata
 from rlhf import distributed
 from rlhf.config import ConfigError, PipelineConfig, PPOStageConfig, save_config
 from rlhf.generation import SamplingSpec, encode_prompt
-from rlhf.models import load_sft_model, load_tokenizer
+from rlhf.models import enable_activation_checkpointing, load_sft_model, load_tokenizer
 from rlhf.plugins import import_callable
 from rlhf.ppo import core
 from rlhf.ppo.evaluate import compare_with_sft
@@ -105,6 +105,8 @@ def run(cfg: PipelineConfig) -> Path:
     # 2. one SFT model, four roles: policy, reference (adapters off), value, reward
     torch.manual_seed(p.seed)
     sft_model = load_sft_model(cfg.model, sft_dir, tokenizer).to(procs.device)
+    if cfg.model.gradient_checkpointing:  # recompute activations in backward; each role's under its own adapter
+        enable_activation_checkpointing(sft_model)
     roles = build_roles(sft_model, rm_dir, tokenizer, p.lora, p.value_from_reward)
     distributed.broadcast_parameters(roles.trainable_parameters())  # same start everywhere
     if world > 1:
