@@ -167,3 +167,9 @@ def test_gradient_checkpointing_gives_the_same_policy_and_value_gradients(roles3
     assert len(calls) == 4  # each forward recomputed in backward
     assert all(torch.allclose(p, c, atol=1e-6, rtol=1e-5) for p, c in zip(plain, checkpointed))
     assert not any(m.training for m in roles32.model.get_base_model().modules())  # eval mode again after the update
+
+
+def test_unknown_reward_norm_is_a_config_error(tmp_path):
+    from conftest import run_stage
+    proc = run_stage("ppo", f"run_dir={tmp_path}", "ppo.reward_norm=std", check=False)
+    assert proc.returncode == 2 and "ppo.reward_norm must be one of shift_scale, shift, none" in proc.stderr

@@ -62,19 +62,23 @@ def load_prompt_ids(source: str, split: str, p: PPOStageConfig, tokenizer) -> tu
 @torch.no_grad()
 def reward_normalisation(roles, tokenizer, prompt_ids, p: PPOStageConfig, rank: int = 0,
                          world: int = 1) -> tuple[float, float]:
-    """Mean and std of RM scores of the SFT policy's own answers (the policy is SFT before any update).
-    With several processes each samples a share of the prompts; the statistics are over all the scores."""
+    """(shift, scale) of p.reward_norm (core.reward_normalisation) from RM scores of the SFT policy's own answers
+    (the policy is SFT before any update). With several processes each samples a share of the prompts; the
+    statistics are over all the scores."""
+    if p.reward_norm == "none":
+        return 0.0, 1.0
     mine = distributed.shard(prompt_ids[:p.reward_norm_samples], rank, world)
     ids, mask, _ = sample(roles, tokenizer, mine, sampling(p), p.forward_batch_size)
     scores = torch.cat([roles.scorer.score_ids(ids[rows], mask[rows])
                         for rows in torch.arange(ids.shape[0]).split(p.forward_batch_size)])
-    scores = distributed.gather_tensor(scores)
-    return scores.mean().item(), max(scores.std().item(), 1e-6)
+    return core.reward_normalisation(distributed.gather_tensor(scores), p.reward_norm)
 
 
 def run(cfg: PipelineConfig) -> Path:
     p = cfg.ppo
     run_dir = Path(cfg.run_dir)
+    if p.reward_norm not in core.REWARD_NORMS:
+        raise ConfigError(f"ppo.reward_norm must be one of {', '.join(core.REWARD_NORMS)}, not {p.reward_norm!r}")
     sft_dir, rm_dir = require_done(run_dir / "sft", "sft"), require_done(run_dir / "rm", "rm")
     # Several processes (accelerate launch): rollout_batch_size is global, each process samples its share.
     procs = distributed.state()
@@ -134,8 +138,7 @@ def run(cfg: PipelineConfig) -> Path:
         sampler.load_state_dict(state["sampler"])
         shift, scale, start = state["reward_shift"], state["reward_scale"], state["step"]
     else:
-        shift, scale = (reward_normalisation(roles, tokenizer, prompt_ids, p, rank, world) if p.normalize_reward
-                        else (0.0, 1.0))
+        shift, scale = reward_normalisation(roles, tokenizer, prompt_ids, p, rank, world)
         if p.value_from_reward:
             calibrate_value_head(roles, shift, scale)
         start = 0
