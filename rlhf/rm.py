@@ -34,8 +34,8 @@ from rlhf.plugins import import_callable
 from rlhf.reward import (HEAD_FILE, MEMBER_PREFIX, RewardEnsemble, RewardScorer, attach_reward, build_reward_model,
                          member_dir, member_index, pair_ids, save_head)
 from rlhf.preempt import train_or_preempt
-from rlhf.runs import (MetricsCallback, MetricsFile, begin_stage, checkpoint_step, finish_stage, is_done,
-                       last_complete_checkpoint, require_done, save_trained_adapter, trainer_kwargs)
+from rlhf.runs import (FiniteLogsCallback, MetricsCallback, MetricsFile, begin_stage, checkpoint_step, finish_stage,
+                       is_done, last_complete_checkpoint, require_done, save_trained_adapter, trainer_kwargs)
 
 
 def load_rm_data(cfg: RMStageConfig, tokenizer) -> tuple[list[rdata.PreferencePair], list[rdata.PreferencePair]]:
@@ -241,7 +241,8 @@ def train_member(cfg: PipelineConfig, sft_dir: Path, tokenizer, train_ds: Datase
         model=model, args=trainer_args(r, out, bf16, train_spec), processing_class=tokenizer,
         train_dataset=train_ds if r.group_pairs else train_ds.remove_columns("group"),
         eval_dataset=eval_ds.remove_columns("group"),
-        callbacks=[MetricsCallback(metrics)] + ([TensorBoardCallback(SummaryWriter(str(out / "tb")))] if main else []),
+        callbacks=[FiniteLogsCallback("rm"), MetricsCallback(metrics)]
+        + ([TensorBoardCallback(SummaryWriter(str(out / "tb")))] if main else []),
     )
     if resume and main:
         print(f"[rm] resuming from {resume}")

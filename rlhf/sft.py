@@ -21,7 +21,7 @@ from rlhf import distributed
 from rlhf.config import PipelineConfig, SFTStageConfig, save_config
 from rlhf.models import load_causal_lm, load_tokenizer, lora_config, resolve_dtype
 from rlhf.preempt import train_or_preempt
-from rlhf.runs import (MetricsCallback, MetricsFile, begin_stage, checkpoint_step, finish_stage,
+from rlhf.runs import (FiniteLogsCallback, MetricsCallback, MetricsFile, begin_stage, checkpoint_step, finish_stage,
                        last_complete_checkpoint, read_metrics, save_trained_adapter, trainer_kwargs)
 
 
@@ -86,7 +86,8 @@ def run(cfg: PipelineConfig) -> Path:
         model=model, args=trainer_args(s, out, bf16), processing_class=tokenizer,
         train_dataset=to_dataset(train), eval_dataset=to_dataset(held_out),
         peft_config=lora_config(s.lora),
-        callbacks=[MetricsCallback(metrics)] + ([TensorBoardCallback(SummaryWriter(str(out / "tb")))] if main else []),
+        callbacks=[FiniteLogsCallback("sft"), MetricsCallback(metrics)]
+        + ([TensorBoardCallback(SummaryWriter(str(out / "tb")))] if main else []),
     )
 
     # 3. train, resuming from the last complete checkpoint if a previous run died

@@ -173,3 +173,19 @@ def test_unknown_reward_norm_is_a_config_error(tmp_path):
     from conftest import run_stage
     proc = run_stage("ppo", f"run_dir={tmp_path}", "ppo.reward_norm=std", check=False)
     assert proc.returncode == 2 and "ppo.reward_norm must be one of shift_scale, shift, none" in proc.stderr
+
+
+def test_a_nan_loss_stops_the_update_before_the_optimizer_step(roles32, tok):
+    from rlhf.ppo.rollout import Advantages
+    from rlhf.ppo.update import UpdateSpec, ppo_update
+
+    r, a = tiny_rollout(roles32, tok)
+    a = Advantages(**{**a.__dict__, "advantages": torch.full_like(a.advantages, float("nan"))})
+    params = roles32.trainable_parameters()
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    spec = UpdateSpec(1, 1, 1, clip_range=0.2, clip_range_value=0.2, vf_coef=0.1, max_grad_norm=1.0, temperature=0.7)
+    with pytest.raises(FloatingPointError, match=r"^ppo step 3: ppo/policy_loss is nan$"):
+        ppo_update(roles32, optimizer, scheduler, r, a, spec, where="ppo step 3")
+    assert all(torch.equal(b, p) for b, p in zip(before, params))

@@ -34,7 +34,7 @@ from rlhf.ppo.update import UpdateSpec, check_batch_sizes, ppo_update
 from rlhf.ppo.ptx import ptx_batches
 from rlhf.progress import progress
 from rlhf.preempt import StopSignal, mark_preempted
-from rlhf.runs import MetricsFile, begin_stage, finish_stage, require_done
+from rlhf.runs import MetricsFile, begin_stage, check_finite, finish_stage, require_done
 
 
 def sampling(p: PPOStageConfig) -> SamplingSpec:
@@ -139,6 +139,7 @@ def run(cfg: PipelineConfig) -> Path:
         shift, scale, start = state["reward_shift"], state["reward_scale"], state["step"]
     else:
         shift, scale = reward_normalisation(roles, tokenizer, prompt_ids, p, rank, world)
+        check_finite({"ppo/reward_shift": shift, "ppo/reward_scale": scale}, "ppo reward normalisation")
         if p.value_from_reward:
             calibrate_value_head(roles, shift, scale)
         start = 0
@@ -159,8 +160,9 @@ def run(cfg: PipelineConfig) -> Path:
             r = score(roles, ids, mask, width, p.temperature, p.forward_batch_size, tokenizer.eos_token_id)  # 4.2
             a = advantages(r, kl_ctl.value, p.kl_estimator, shift, scale, p.missing_eos_penalty,       # 4.3
                            p.whiten_rewards, p.whiten_advantages, p.gamma, p.lam)
+            check_rollout(r, a, f"ppo step {step + 1}")  # a nan score or KL stops the run before any update
             t2 = time.perf_counter()
-            stats = ppo_update(roles, optimizer, scheduler, r, a, update_spec(p), ptx)                  # 4.4
+            stats = ppo_update(roles, optimizer, scheduler, r, a, update_spec(p), ptx, f"ppo step {step + 1}")  # 4.4
             t3 = time.perf_counter()
             logs = step_metrics(r, a, kl_ctl.value, scheduler.get_last_lr()[0]) | stats | {
                 "time/generate": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2, "time/step": t3 - t0,
@@ -212,6 +214,14 @@ def run(cfg: PipelineConfig) -> Path:
     finish_stage(out, summary)
     procs.wait_for_everyone()
     return out
+
+
+def check_rollout(r, a, where: str) -> None:
+    """FloatingPointError if a rollout's scores, values, log-probs or per-token KL hold a nan or inf (on
+    valid tokens): "<where>: ppo/score is nan"."""
+    mask = r.response_mask
+    check_finite({"ppo/score": r.scores, "ppo/values": r.values[mask], "ppo/logprobs": r.logprobs[mask],
+                  "ppo/ref_logprobs": r.ref_logprobs[mask], "ppo/kl": a.kl[mask]}, where)
 
 
 def step_metrics(r, a, kl_coef: float, lr: float) -> dict[str, float]:

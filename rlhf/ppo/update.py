@@ -16,6 +16,7 @@ from rlhf import distributed
 from rlhf.ppo import core
 from rlhf.models import active_adapter
 from rlhf.ppo.roles import POLICY, VALUE, Roles, policy_logits, values
+from rlhf.runs import check_finite
 from rlhf.ppo.rollout import Advantages, Rollout, response_logits, response_logprobs, response_width
 
 
@@ -44,13 +45,15 @@ def check_batch_sizes(rollout_batch_size: int, num_minibatches: int, grad_accum:
 
 
 def ppo_update(roles: Roles, optimizer: torch.optim.Optimizer, scheduler, r: Rollout, a: Advantages,
-               spec: UpdateSpec, ptx_batches=None) -> dict[str, float]:
+               spec: UpdateSpec, ptx_batches=None, where: str = "ppo update") -> dict[str, float]:
     """Run the PPO epochs on one rollout batch; returns the mean of each statistic over all micro-batches.
 
     ptx_batches: optional iterator of (ids, mask, labels_mask) demonstration batches for PPO-ptx.
+    A nan or inf loss or gradient norm raises FloatingPointError ("<where>: ppo/value_loss is nan") before
+    the optimiser step that would spread it into the weights.
     """
     with checkpointing_mode(roles.model):
-        return _ppo_epochs(roles, optimizer, scheduler, r, a, spec, ptx_batches)
+        return _ppo_epochs(roles, optimizer, scheduler, r, a, spec, ptx_batches, where)
 
 
 @contextmanager
@@ -68,7 +71,8 @@ def checkpointing_mode(model):
         base.train(was_training)
 
 
-def _ppo_epochs(roles: Roles, optimizer, scheduler, r: Rollout, a: Advantages, spec: UpdateSpec, ptx_batches):
+def _ppo_epochs(roles: Roles, optimizer, scheduler, r: Rollout, a: Advantages, spec: UpdateSpec, ptx_batches,
+                where: str):
     n = r.ids.shape[0]
     minibatch = n // spec.num_minibatches
     params = roles.trainable_parameters()
@@ -80,6 +84,7 @@ def _ppo_epochs(roles: Roles, optimizer, scheduler, r: Rollout, a: Advantages, s
             optimizer.zero_grad(set_to_none=True)
             for micro in order[start:start + minibatch].chunk(spec.grad_accum):
                 micro_stats = micro_backward(roles, r, a, micro, spec, scale=1.0 / spec.grad_accum)
+                check_finite({k: micro_stats[k] for k in ("ppo/policy_loss", "ppo/value_loss")}, where)
                 for k, v in micro_stats.items():
                     stats[k].append(v)
             if spec.ptx_coef > 0 and ptx_batches is not None:
@@ -87,8 +92,10 @@ def _ppo_epochs(roles: Roles, optimizer, scheduler, r: Rollout, a: Advantages, s
                     ptx = ptx_loss(roles, *next(ptx_batches))
                     (spec.ptx_coef * ptx).backward()
                 stats["ppo/ptx_loss"].append(ptx.item())
+                check_finite({"ppo/ptx_loss": ptx}, where)
             distributed.average_gradients(params)  # several processes: the mean gradient (no-op alone)
             stats["ppo/grad_norm"].append(torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm).item())
+            check_finite({"ppo/grad_norm": stats["ppo/grad_norm"][-1]}, where)
             optimizer.step()
             scheduler.step()
             steps += 1
