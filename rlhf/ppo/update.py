@@ -16,8 +16,8 @@ from rlhf import distributed
 from rlhf.ppo import core
 from rlhf.models import active_adapter
 from rlhf.ppo.roles import POLICY, VALUE, Roles, policy_logits, values
-from rlhf.runs import check_finite
 from rlhf.ppo.rollout import Advantages, Rollout, response_logits, response_logprobs, response_width
+from rlhf.runs import check_finite
 
 
 @dataclass(frozen=True)
