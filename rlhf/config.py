@@ -185,7 +185,14 @@ class PPOStageConfig:
     """Must stay 0 (and top_p 1.0): PPO's log-probs describe the untruncated distribution at temperature."""
     top_p: float = 1.0
     missing_eos_penalty: float | None = None
-    """Replace the score of responses that never emit EOS by this value (N+ uses -1). None: off."""
+    """Replace the (normalised) score of responses that never emit EOS within max_new_tokens by this constant.
+    None (default): off. N+ uses -1, i.e. one SFT std below SFT's mean under reward_norm=shift_scale: the RM
+    was trained on answers that end in EOS, so a truncated answer is scored at a token it never learned to
+    read, and PPO may exploit that; the constant teaches the policy to finish instead. It is off by default
+    because it only helps when SFT's answers mostly end within the budget (N+: 53 tokens for TL;DR
+    summaries): with a short max_new_tokens on long-answer data (16 tokens on HH) nearly every answer gets
+    the same constant, the score carries no signal, and PPO only learns to stop early. Check ppo/eos_rate
+    at step 1; when it is high (> ~0.9), -1 is the N+ choice."""
     # rewards
     kl_coef: float = 0.05
     kl_estimator: str = "k1"
@@ -194,9 +201,11 @@ class PPOStageConfig:
     target_kl: float = 6.0
     """Adaptive controller target: KL summed over a response (Ziegler et al. 2019)."""
     kl_horizon: int = 10000
-    normalize_reward: bool = True
-    """Shift and scale RM scores so the SFT policy's answers have mean 0 and std 1 (measured before the
-    first update on reward_norm_samples prompts), as InstructGPT and N+ do."""
+    reward_norm: str = "shift_scale"
+    """How RM scores become rewards, from the SFT policy's answers on reward_norm_samples prompts (measured
+    before the first update): shift_scale (default) subtracts their mean and divides by their std (mean 0,
+    std 1, whatever the RM's units); shift only subtracts the mean, as InstructGPT and N+ do (a bias so SFT's
+    answers score 0 on average, the RM's own scale kept); none uses raw scores."""
     reward_norm_samples: int = 256
     ensemble_objective: str = "mean"
     """With rm.ensemble > 1, what PPO maximises (Coste et al. 2024): mean of the members, min (worst case), or

@@ -106,11 +106,41 @@ def fit_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
                 emb.weight[old:] = emb.weight[:old].mean(dim=0, keepdim=True)
 
 
+# Config fields and module attributes that hold a dropout probability: GPT-2's resid_pdrop/embd_pdrop/attn_pdrop,
+# Llama's and Qwen's attention_dropout, BERT-style hidden_dropout_prob, summary_first_dropout, layerdrop, ...
+DROPOUT_SUFFIXES = ("dropout", "pdrop", "dropout_prob", "dropout_rate", "layerdrop")
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Dropout off everywhere: PPO's ratio must be exactly 1 before the first update (N+ details)."""
+    """Dropout off everywhere: PPO's ratio must be exactly 1 before the first update (N+ details).
+
+    Not only `nn.Dropout` modules: many attention classes keep their probability as a plain float read at
+    forward time (Llama's `self.attention_dropout`, passed to SDPA), and the config keeps the probabilities a
+    model built from it (the reward classifier, an export) would use. All three are zeroed.
+    """
+    configs = [getattr(model, "config", None)]
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        _zero_dropout_fields(module.__dict__)
+        configs.append(getattr(module, "config", None))
+    for config in {id(c): c for c in configs if c is not None}.values():
+        _zero_dropout_fields(config.__dict__)
+        for sub in config.__dict__.values():  # composite models: text_config, vision_config, ...
+            if hasattr(sub, "to_dict") and hasattr(sub, "__dict__"):
+                _zero_dropout_fields(sub.__dict__)
+
+
+def _zero_dropout_fields(fields: dict) -> None:
+    for name, value in fields.items():
+        if name.endswith(DROPOUT_SUFFIXES) and isinstance(value, float) and value > 0:
+            fields[name] = 0.0
+
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each layer's activations during backward instead of keeping them (model.gradient_checkpointing).
+    Non-reentrant: it backpropagates into LoRA weights on a frozen base without inputs that require grad."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def lora_config(spec: LoraSpec, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None) -> LoraConfig:

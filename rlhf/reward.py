@@ -37,10 +37,28 @@ def backbone(model: PreTrainedModel) -> torch.nn.Module:
     return getattr(model, model.base_model_prefix)
 
 
+class ScalarHead(torch.nn.Linear):
+    """hidden (..., H) -> (..., 1) float32: a reward or value head, with float32 weights and float32 maths
+    whatever the backbone's dtype.
+
+    On a bf16 base a bf16 head loses what it learns: AdamW without an fp32 master copy rounds an update of
+    lr 3e-4 on a weight near 1 to nothing (bf16 keeps 8 bits), and a scalar read in bf16 has ~3 significant
+    digits. Its state dict is a Linear's (`weight`, `bias`), so saved heads load either way.
+    """
+
+    def __init__(self, in_features: int, bias: bool = True, device=None):
+        super().__init__(in_features, 1, bias=bias, device=device, dtype=torch.float32)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):  # a bf16 autocast (Trainer bf16=True) would cast back
+            return super().forward(hidden.float())
+
+
 def build_reward_model(sft_model: PreTrainedModel, seed: int) -> PreTrainedModel:
     """A sequence classifier (num_labels=1) around the SFT model's own backbone: no weights are copied.
 
-    The classifier is built on the meta device (no memory), then given the SFT backbone and a fresh head.
+    The classifier is built on the meta device (no memory), then given the SFT backbone and a fresh float32
+    head (`ScalarHead`: the classifier calls `self.score(hidden)`, and the head upcasts the hidden states).
     """
     config = sft_model.config
     config.num_labels = 1
@@ -48,7 +66,7 @@ def build_reward_model(sft_model: PreTrainedModel, seed: int) -> PreTrainedModel
         clf = AutoModelForSequenceClassification.from_config(config, dtype=sft_model.dtype)
     setattr(clf, clf.base_model_prefix, backbone(sft_model))
     torch.manual_seed(seed)
-    head = torch.nn.Linear(config.hidden_size, 1, bias=False, dtype=sft_model.dtype, device=sft_model.device)
+    head = ScalarHead(config.hidden_size, bias=False, device=sft_model.device)
     torch.nn.init.normal_(head.weight, std=1.0 / (config.hidden_size + 1) ** 0.5)
     clf.score = head
     return clf
@@ -101,7 +119,7 @@ class RewardScorer(_ScoresText):
     model: a PeftModel over the SFT causal LM (it may hold other adapters: policy, value).
     """
 
-    def __init__(self, model: PeftModel, head: torch.nn.Linear, tokenizer, name: str = REWARD_ADAPTER):
+    def __init__(self, model: PeftModel, head: ScalarHead, tokenizer, name: str = REWARD_ADAPTER):
         self.model, self.head, self.tokenizer, self.name = model, head, tokenizer, name
 
     @classmethod
@@ -123,7 +141,7 @@ class RewardScorer(_ScoresText):
             raise ValueError(f"{rm_dir}: reward adapter does not fit this model (missing {missing[:3]})")
         model.set_requires_grad(name, requires_grad=False)  # the reward model is frozen from here on
         weight = load_file(str(rm_dir / HEAD_FILE))["weight"]
-        head = torch.nn.Linear(weight.shape[1], 1, bias=False, device=model.device, dtype=model.dtype)
+        head = ScalarHead(weight.shape[1], bias=False, device=model.device)
         head.weight.data.copy_(weight)
         head.requires_grad_(False)
         return cls(model, head, tokenizer, name)
@@ -136,7 +154,7 @@ class RewardScorer(_ScoresText):
                 input_ids=input_ids, attention_mask=mask.long(), position_ids=position_ids(mask), use_cache=False,
             ).last_hidden_state
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        return self.head(hidden[rows, last_token_index(mask)]).squeeze(-1).float()
+        return self.head(hidden[rows, last_token_index(mask)]).squeeze(-1)
 
 
 MEMBER_PREFIX = "member-"

@@ -34,8 +34,8 @@ from rlhf.reward import (HEAD_FILE, MEMBER_PREFIX, RewardEnsemble, RewardScorer,
                          member_dir, member_index, pair_ids, save_head)
 from rlhf.preempt import train_or_preempt
 from rlhf.tracking import trainer_callbacks
-from rlhf.runs import (MetricsCallback, MetricsFile, begin_stage, checkpoint_step, finish_stage, is_done,
-                       last_complete_checkpoint, require_done, save_trained_adapter, trainer_kwargs)
+from rlhf.runs import (FiniteLogsCallback, MetricsCallback, MetricsFile, begin_stage, checkpoint_step, finish_stage,
+                       is_done, last_complete_checkpoint, require_done, save_trained_adapter, trainer_kwargs)
 
 
 def load_rm_data(cfg: RMStageConfig, tokenizer) -> tuple[list[rdata.PreferencePair], list[rdata.PreferencePair]]:
@@ -264,7 +264,7 @@ def train_member(cfg: PipelineConfig, sft_dir: Path, tokenizer, train_ds: Datase
         model=model, args=trainer_args(r, out, bf16, train_spec, cfg.report_to), processing_class=tokenizer,
         train_dataset=train_ds if r.group_pairs else train_ds.remove_columns("group"),
         eval_dataset=eval_ds.remove_columns("group"),
-        callbacks=[MetricsCallback(metrics)] + trainer_callbacks(cfg.report_to, out, main)
+        callbacks=[FiniteLogsCallback("rm"), MetricsCallback(metrics)] + trainer_callbacks(cfg.report_to, out, main)
         + (selection_callbacks(r.early_stopping.patience) if r.early_stopping.enabled else []),
     )
     if resume and main:

@@ -175,10 +175,41 @@ def checkpoint_step(ckpt: Path | None) -> int:
     return int(_CKPT.match(ckpt.name).group(1)) if ckpt else 0
 
 
+def check_finite(values: dict, where: str) -> None:
+    """Raise FloatingPointError naming the first quantity that holds a nan or an inf: "<where>: <name> is nan".
+    values: numbers or tensors (checked element by element). A non-finite loss, reward or gradient norm means
+    the weights are (or are about to be) garbage: the run stops before anything is saved."""
+    for name, value in values.items():
+        x = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+        bad = x[~torch.isfinite(x)]
+        if bad.numel():
+            raise FloatingPointError(f"{where}: {name} is {bad.flatten()[0].item()}")
+
+
+class FiniteLogsCallback(TrainerCallback):
+    """Stops a Trainer stage (SFT, RM) at the first log whose loss or gradient norm is nan or inf, naming the
+    step and the quantity; the stage then saves no adapter and writes no DONE."""
+
+    KEYS = ("loss", "grad_norm", "eval_loss")
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        check_finite(namespaced({k: logs[k] for k in self.KEYS if k in logs}), f"{self.stage} step {state.global_step}")
+
+
 class MetricsFile:
     """Append-only `metrics.jsonl`: one JSON object per line, `{"step": N, "<ns>/<name>": value, ...}`.
 
+    Numbers must be finite: a nan or inf raises FloatingPointError (a silently dropped value hid diverged
+    runs), except the statistics in MAY_BE_UNDEFINED, which are nan by definition on some batches and are
+    left out of that row. Non-numbers (strings) are left out.
+
     enabled=False (every process but the main one under `accelerate launch`): touches nothing, writes nothing."""
+
+    MAY_BE_UNDEFINED = frozenset({"ppo/explained_variance"})  # nan when the returns do not vary (core.py)
 
     def __init__(self, path: str | Path, resume_step: int = 0, enabled: bool = True):
         self.path, self.enabled = Path(path), enabled
@@ -195,7 +226,9 @@ class MetricsFile:
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
-        clean = {k: v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        numbers = {k: v for k, v in values.items() if isinstance(v, (int, float))}
+        check_finite({k: v for k, v in numbers.items() if k not in self.MAY_BE_UNDEFINED}, f"{self.path} step {step}")
+        clean = {k: v for k, v in numbers.items() if math.isfinite(v)}
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **clean}) + "\n")
 

@@ -20,7 +20,7 @@ from rlhf.config import PipelineConfig, SFTStageConfig, save_config
 from rlhf.models import load_causal_lm, load_tokenizer, lora_config, resolve_dtype
 from rlhf.preempt import train_or_preempt
 from rlhf.tracking import trainer_callbacks
-from rlhf.runs import (MetricsCallback, MetricsFile, begin_stage, checkpoint_step, finish_stage,
+from rlhf.runs import (FiniteLogsCallback, MetricsCallback, MetricsFile, begin_stage, checkpoint_step, finish_stage,
                        last_complete_checkpoint, read_metrics, save_trained_adapter, trainer_kwargs)
 
 
@@ -85,7 +85,7 @@ def run(cfg: PipelineConfig) -> Path:
         model=model, args=trainer_args(s, out, bf16, cfg.report_to), processing_class=tokenizer,
         train_dataset=to_dataset(train), eval_dataset=to_dataset(held_out),
         peft_config=lora_config(s.lora),
-        callbacks=[MetricsCallback(metrics)] + trainer_callbacks(cfg.report_to, out, main),
+        callbacks=[FiniteLogsCallback("sft"), MetricsCallback(metrics)] + trainer_callbacks(cfg.report_to, out, main),
     )
 
     # 3. train, resuming from the last complete checkpoint if a previous run died

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -63,9 +64,42 @@ def test_saved_config_reloads_identically(tmp_path):
     assert load_config(path) == cfg
 
 
-def test_shipped_configs_load():
-    for path in (ROOT / "configs").glob("*.yaml"):
-        load_config(path)
+def leaves(tree, prefix=""):
+    """{"a.b": value} for every leaf of a nested dict."""
+    out = {}
+    for k, v in tree.items():
+        out |= leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_mean_what_they_say_and_fit_together(path, tmp_path):
+    """Every value a shipped config sets arrives in the typed config unchanged; its sizes, dtype, plug-ins and
+    checkpoint names are ones the stages accept; and it saves and reloads to the same config."""
+    import dataclasses
+    import yaml
+    from omegaconf import OmegaConf
+    from rlhf.models import resolve_dtype
+    from rlhf.plugins import import_callable
+    from rlhf.ppo.update import check_batch_sizes
+
+    cfg = load_config(path)
+    loaded = leaves(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    written = leaves(yaml.safe_load(path.read_text()))
+    assert written and {k: loaded[k] for k in written} == written
+    assert cfg.run_dir != PipelineConfig().run_dir or path.name == "demo.yaml"  # examples do not share a run dir
+    resolve_dtype(cfg.model.dtype)
+    p = cfg.ppo
+    check_batch_sizes(p.rollout_batch_size, p.num_minibatches, p.grad_accum)
+    assert p.ptx_coef == 0 or p.ptx_file
+    for spec in (p.judge, cfg.eval.judge, cfg.rm.pair_tags):
+        assert spec is None or callable(import_callable(spec))
+    assert cfg.eval.baseline in cfg.eval.checkpoints
+    data_dir = str(Path(cfg.model.name_or_path).parent)  # the directory `make data` / `make data-hh` builds
+    files = [cfg.sft.train_file, cfg.sft.eval_file, cfg.rm.train_file, cfg.rm.eval_file, p.prompts_file,
+             p.eval_prompts_file, cfg.eval.prompts_file]
+    assert all(f is None or f.startswith(data_dir + "/") for f in files), (data_dir, files)
+    assert dataclasses.asdict(load_config(save_config(cfg, tmp_path))) == dataclasses.asdict(cfg)
 
 
 def cli(*args):

@@ -1,8 +1,9 @@
 """Tokenizer fixes (pad != EOS, chat template) and deterministic embedding growth."""
 
+import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from rlhf.config import ModelConfig
 from rlhf.models import HH_CHAT_TEMPLATE, PAD_TOKEN, load_causal_lm, load_tokenizer
@@ -55,7 +56,23 @@ def test_hh_template_for_tokenizers_without_one(tmp_path):
     assert render_prompt(tok, chat) == prompt
 
 
-def test_dropout_is_off(demo_dir):
-    tok = load_tokenizer(str(demo_dir / "base"))
-    model = load_causal_lm(ModelConfig(name_or_path=str(demo_dir / "base")), tok)
-    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_dropout_is_off(tmp_path, family):
+    """Models that really have dropout (GPT-2's nn.Dropout modules, Llama's attention_dropout float read by
+    the attention function) give identical outputs twice in train mode once loaded, and configs say 0."""
+    save_tiny(tmp_path, pad_is_eos=False, with_unk=True)
+    torch.manual_seed(0)
+    if family == "gpt2":
+        config = GPT2Config(vocab_size=6, n_embd=16, n_layer=1, n_head=2, n_positions=16,
+                            resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+        GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    else:
+        config = LlamaConfig(vocab_size=6, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=2, attention_dropout=0.5)
+        LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tok = load_tokenizer(str(tmp_path))
+    model = load_causal_lm(ModelConfig(name_or_path=str(tmp_path), attn_implementation="eager"), tok).train()
+    ids = torch.tensor([[0, 2, 3, 4, 5, 2, 3]])
+    assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+    fields = {k: v for k, v in model.config.to_dict().items() if k.endswith(("dropout", "pdrop"))}
+    assert fields and all(v == 0.0 for v in fields.values()), fields

@@ -132,6 +132,18 @@ def test_missing_eos_penalty_replaces_score():
     assert out.tolist() == [0.5, -1.0, -1.0]
 
 
+def test_reward_normalisation_modes_by_hand():
+    """Scores 1, 3, 5 (mean 3, std 2): shift_scale -> (3, 2); shift only, as InstructGPT and N+ -> (3, 1)."""
+    from rlhf.ppo.core import reward_normalisation
+    scores = torch.tensor([1.0, 3.0, 5.0])
+    assert reward_normalisation(scores, "shift_scale") == (3.0, 2.0)
+    assert reward_normalisation(scores, "shift") == (3.0, 1.0)
+    assert reward_normalisation(scores, "none") == (0.0, 1.0)
+    assert reward_normalisation(torch.full((3,), 2.0), "shift_scale") == (2.0, 1e-6)  # all alike: no 0 division
+    with pytest.raises(ValueError, match="shift_scale, shift, none"):
+        reward_normalisation(scores, "std")
+
+
 def test_truncate_after_eos():
     eos, pad = 2, 0
     tokens = torch.tensor([[5, 2, 7, 8],    # EOS in the middle

@@ -181,6 +181,26 @@ def per_token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) 
     return rewards, non_score
 
 
+REWARD_NORMS = ("shift_scale", "shift", "none")
+
+
+def reward_normalisation(scores: Tensor, mode: str) -> tuple[float, float]:
+    """(N,) RM scores of the SFT policy's own answers -> (shift, scale); PPO's rewards are (score - shift) / scale.
+
+    shift_scale  (mean, std): SFT's answers score mean 0 and std 1, whatever the RM's units;
+    shift        (mean, 1): a bias only, so SFT's answers score mean 0 and the RM's spread is kept, as InstructGPT
+                 and N+ do (N+ adds the bias to the RM's head; neither divides by a std);
+    none         (0, 1): raw RM scores.
+    The std is floored at 1e-6 (an RM that scores every answer alike would otherwise divide by 0).
+    """
+    if mode not in REWARD_NORMS:
+        raise ValueError(f"reward normalisation must be one of {', '.join(REWARD_NORMS)}, not {mode!r}")
+    if mode == "none":
+        return 0.0, 1.0
+    mean = scores.float().mean().item()
+    return (mean, max(scores.float().std().item(), 1e-6)) if mode == "shift_scale" else (mean, 1.0)
+
+
 # -------------------------------------------------------------------------------------------------- GAE
 
 def _check_prefix(mask: Tensor) -> None:

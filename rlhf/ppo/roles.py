@@ -16,15 +16,18 @@ position ids from the mask, so a left-padded prompt sees the positions it would 
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
 
 from rlhf.config import LoraSpec
 from rlhf.models import active_adapter, keep_requires_grad, lora_config
-from rlhf.reward import REWARD_ADAPTER, RewardEnsemble, RewardScorer, attach_reward, backbone, position_ids
+from rlhf.reward import (REWARD_ADAPTER, RewardEnsemble, RewardScorer, ScalarHead, attach_reward, backbone,
+                         position_ids)
 
 POLICY, VALUE = "policy", "value"
 
@@ -34,12 +37,12 @@ class Roles:
     """The shared model and the two heads. `model` holds the adapters policy, value and reward."""
 
     model: PeftModel
-    value_head: torch.nn.Linear
+    value_head: ScalarHead  # float32 whatever the base's dtype
     scorer: RewardScorer | RewardEnsemble
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """Exactly the policy adapter, the value adapter and the value head: what the optimiser holds."""
-        lora = [p for n, p in self.model.named_parameters() if f".{POLICY}." in n or f".{VALUE}." in n]
+        lora = [p for n, p in self.model.named_parameters() if is_adapter_parameter(n, (POLICY, VALUE))]
         return lora + list(self.value_head.parameters())
 
 
@@ -56,11 +59,13 @@ def build_roles(sft_model, rm_dir: str | Path, tokenizer, lora: LoraSpec, value_
         model.add_adapter(VALUE, copy.deepcopy(model.peft_config[REWARD_ADAPTER]))
         reward_weights = get_peft_model_state_dict(model, adapter_name=REWARD_ADAPTER)
         set_peft_model_state_dict(model, reward_weights, adapter_name=VALUE)
-        head = torch.nn.Linear(scorer.head.in_features, 1, device=model.device, dtype=scorer.head.weight.dtype)
+        head = ScalarHead(scorer.head.in_features, device=model.device)
         head.weight.data.copy_(scorer.head.weight.data)
     else:
-        model.add_adapter(VALUE, lora_config(lora))
-        head = torch.nn.Linear(scorer.head.in_features, 1, device=model.device, dtype=scorer.head.weight.dtype)
+        value_cfg = lora_config(lora)
+        value_cfg.lora_dropout = 0.0  # as the policy's; the model is in train mode during checkpointed updates
+        model.add_adapter(VALUE, value_cfg)
+        head = ScalarHead(scorer.head.in_features, device=model.device)
         torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
     set_trainable(model)
@@ -80,20 +85,28 @@ def calibrate_value_head(roles: Roles, shift: float, scale: float) -> None:
 def set_trainable(model: PeftModel) -> None:
     """requires_grad: True for the policy and value adapters, False for everything else (base, reward)."""
     for name, p in model.named_parameters():
-        p.requires_grad_(f".{POLICY}." in name or f".{VALUE}." in name)
+        p.requires_grad_(is_adapter_parameter(name, (POLICY, VALUE)))
 
 
-def policy_logits(roles: Roles, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, V) logits of the policy (adapter "policy")."""
+def is_adapter_parameter(name: str, adapters: tuple[str, ...]) -> bool:
+    """True for a LoRA parameter of one of `adapters`: peft names them `<module>.lora_A.<adapter>.weight`,
+    `lora_B.<adapter>.weight`, `lora_embedding_A.<adapter>`, `lora_magnitude_vector.<adapter>.weight`.
+    Matching `.value.` alone would also take the base weights of any module named `value` or `policy`."""
+    parts = name.split(".")
+    return any(kind in LoraLayer.adapter_layer_names and adapter in adapters for kind, adapter in zip(parts, parts[1:]))
+
+
+def policy_logits(roles: Roles, ids: torch.Tensor, mask: torch.Tensor, keep: int = 0) -> torch.Tensor:
+    """(B, T, V) logits of the policy (adapter "policy"); (B, keep, V), the last `keep` positions, if keep > 0."""
     with active_adapter(roles.model, POLICY):
-        return _lm_logits(roles.model, ids, mask)
+        return _lm_logits(roles.model, ids, mask, keep)
 
 
 @torch.no_grad()
-def reference_logits(roles: Roles, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, V) logits of the reference: the SFT model, every adapter disabled."""
+def reference_logits(roles: Roles, ids: torch.Tensor, mask: torch.Tensor, keep: int = 0) -> torch.Tensor:
+    """(B, T, V) logits of the reference: the SFT model, every adapter disabled; (B, keep, V) if keep > 0."""
     with keep_requires_grad(roles.model), roles.model.disable_adapter():
-        return _lm_logits(roles.model, ids, mask)
+        return _lm_logits(roles.model, ids, mask, keep)
 
 
 def values(roles: Roles, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -102,11 +115,20 @@ def values(roles: Roles, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         hidden = backbone(roles.model.get_base_model())(
             input_ids=ids, attention_mask=mask.long(), position_ids=position_ids(mask), use_cache=False,
         ).last_hidden_state
-    return roles.value_head(hidden).squeeze(-1).float()
+    return roles.value_head(hidden).squeeze(-1)  # float32 (ScalarHead), on a bf16 base too
 
 
-def _lm_logits(model: PeftModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids, attention_mask=mask.long(), position_ids=position_ids(mask), use_cache=False).logits
+def _lm_logits(model: PeftModel, ids: torch.Tensor, mask: torch.Tensor, keep: int = 0) -> torch.Tensor:
+    # logits_to_keep: the LM head runs on the last `keep` positions only. (B, T, V) logits are the largest
+    # tensor of a step on long prompts (V ~ 150k); PPO needs only the R + 1 positions that predict a response.
+    kwargs = {"logits_to_keep": keep} if keep and _takes_logits_to_keep(model) else {}
+    logits = model(input_ids=ids, attention_mask=mask.long(), position_ids=position_ids(mask), use_cache=False,
+                   **kwargs).logits
+    return logits[:, -keep:] if keep else logits
+
+
+def _takes_logits_to_keep(model: PeftModel) -> bool:
+    return "logits_to_keep" in inspect.signature(model.get_base_model().forward).parameters
 
 
 def adapter_state(roles: Roles) -> dict[str, torch.Tensor]:
@@ -122,7 +144,7 @@ def load_adapter_state(roles: Roles, state: dict[str, torch.Tensor]) -> None:
     for name in (POLICY, VALUE):
         part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
         result = set_peft_model_state_dict(roles.model, part, adapter_name=name)
-        missing = [k for k in result.missing_keys if f".{name}." in k and "lora_" in k]
+        missing = [k for k in result.missing_keys if is_adapter_parameter(k, (name,))]
         if missing:
             raise ValueError(f"checkpoint lacks {name} adapter weights, e.g. {missing[:2]}")
     roles.value_head.weight.data.copy_(state["value_head.weight"])

@@ -79,9 +79,25 @@ class PromptSampler:
         self.epoch, self.pos = state["epoch"], state["pos"]
 
 
+def response_width(ids: torch.Tensor, prompt_width: int) -> int:
+    """R + 1: how many final positions' logits PPO needs (`logits_to_keep`). The logits at P - 1 .. P + R - 2
+    predict the R response tokens: the last R + 1 positions but the final one (prompts are left-padded,
+    responses right-padded, so these are the same positions in every row)."""
+    return ids.shape[1] - prompt_width + 1
+
+
+def response_logits(logits: torch.Tensor, ids: torch.Tensor, prompt_width: int) -> torch.Tensor:
+    """(B, P + R, V) logits of the full sequences, or (B, R + 1, V) of the last R + 1 positions only ->
+    (B, R, V) the logits that predict the response tokens."""
+    keep = response_width(ids, prompt_width)
+    if logits.shape[1] not in (ids.shape[1], keep):
+        raise ValueError(f"logits of {logits.shape[1]} positions: expected {ids.shape[1]} (all) or {keep} (R + 1)")
+    return logits[:, -keep:-1]
+
+
 def response_logprobs(logits: torch.Tensor, ids: torch.Tensor, prompt_width: int, temperature: float) -> torch.Tensor:
-    """(B, P + R, V) logits of the full sequences -> (B, R) log-probs of the response tokens at `temperature`."""
-    return core.logprobs_from_logits(logits[:, prompt_width - 1:-1], ids[:, prompt_width:], temperature)
+    """(B, P + R, V) or (B, R + 1, V) logits -> (B, R) log-probs of the response tokens at `temperature`."""
+    return core.logprobs_from_logits(response_logits(logits, ids, prompt_width), ids[:, prompt_width:], temperature)
 
 
 @torch.no_grad()
@@ -99,8 +115,9 @@ def score(roles: Roles, ids: torch.Tensor, mask: torch.Tensor, prompt_width: int
     parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref": [], "values": [], "scores": []}
     for rows in torch.arange(ids.shape[0]).split(batch_size):
         i, m = ids[rows], mask[rows]
-        parts["logprobs"].append(response_logprobs(policy_logits(roles, i, m), i, prompt_width, temperature))
-        parts["ref"].append(response_logprobs(reference_logits(roles, i, m), i, prompt_width, temperature))
+        keep = response_width(i, prompt_width)  # logits of the response positions only
+        parts["logprobs"].append(response_logprobs(policy_logits(roles, i, m, keep), i, prompt_width, temperature))
+        parts["ref"].append(response_logprobs(reference_logits(roles, i, m, keep), i, prompt_width, temperature))
         parts["values"].append(values(roles, i, m)[:, prompt_width - 1:-1])
         parts["scores"].append(roles.scorer.score_ids(i, m))
     _, ended = core.first_eos_mask(ids[:, prompt_width:], stop_ids)

@@ -23,7 +23,7 @@ from rlhf import distributed
 from rlhf.config import ConfigError, PipelineConfig, PPOStageConfig, save_config
 from rlhf.chat import describe
 from rlhf.generation import SamplingSpec, encode_prompt, model_stop_ids
-from rlhf.models import load_sft_model, load_tokenizer
+from rlhf.models import enable_activation_checkpointing, load_sft_model, load_tokenizer
 from rlhf.plugins import import_callable
 from rlhf.ppo import core
 from rlhf.ppo.evaluate import compare_with_sft
@@ -36,7 +36,7 @@ from rlhf.ppo.ptx import ptx_batches
 from rlhf.progress import progress
 from rlhf.reward import ENSEMBLE_OBJECTIVES, RewardEnsemble
 from rlhf.preempt import StopSignal, mark_preempted
-from rlhf.runs import MetricsFile, begin_stage, finish_stage, require_done
+from rlhf.runs import MetricsFile, begin_stage, check_finite, finish_stage, require_done
 from rlhf.tracking import Trackers
 
 
@@ -65,14 +65,16 @@ def load_prompt_ids(source: str, split: str, p: PPOStageConfig, tokenizer) -> tu
 @torch.no_grad()
 def reward_normalisation(roles, tokenizer, prompt_ids, p: PPOStageConfig, rank: int = 0,
                          world: int = 1) -> tuple[float, float]:
-    """Mean and std of RM scores of the SFT policy's own answers (the policy is SFT before any update).
-    With several processes each samples a share of the prompts; the statistics are over all the scores."""
+    """(shift, scale) of p.reward_norm (core.reward_normalisation) from RM scores of the SFT policy's own answers
+    (the policy is SFT before any update). With several processes each samples a share of the prompts; the
+    statistics are over all the scores."""
+    if p.reward_norm == "none":
+        return 0.0, 1.0
     mine = distributed.shard(prompt_ids[:p.reward_norm_samples], rank, world)
     ids, mask, _ = sample(roles, tokenizer, mine, sampling(p), p.forward_batch_size)
     scores = torch.cat([roles.scorer.score_ids(ids[rows], mask[rows])
                         for rows in torch.arange(ids.shape[0]).split(p.forward_batch_size)])
-    scores = distributed.gather_tensor(scores)
-    return scores.mean().item(), max(scores.std().item(), 1e-6)
+    return core.reward_normalisation(distributed.gather_tensor(scores), p.reward_norm)
 
 
 def check_sampling(p: PPOStageConfig) -> None:
@@ -89,6 +91,8 @@ def run(cfg: PipelineConfig) -> Path:
     p = cfg.ppo
     run_dir = Path(cfg.run_dir)
     check_sampling(p)
+    if p.reward_norm not in core.REWARD_NORMS:
+        raise ConfigError(f"ppo.reward_norm must be one of {', '.join(core.REWARD_NORMS)}, not {p.reward_norm!r}")
     sft_dir, rm_dir = require_done(run_dir / "sft", "sft"), require_done(run_dir / "rm", "rm")
     # Several processes (accelerate launch): rollout_batch_size is global, each process samples its share.
     procs = distributed.state()
@@ -122,6 +126,8 @@ def run(cfg: PipelineConfig) -> Path:
     # 2. one SFT model, four roles: policy, reference (adapters off), value, reward
     torch.manual_seed(p.seed)
     sft_model = load_sft_model(cfg.model, sft_dir, tokenizer).to(procs.device)
+    if cfg.model.gradient_checkpointing:  # recompute activations in backward; each role's under its own adapter
+        enable_activation_checkpointing(sft_model)
     roles = build_roles(sft_model, rm_dir, tokenizer, p.lora, p.value_from_reward)
     stops = model_stop_ids(roles.model, tokenizer)  # what sampling stops at; a response holding one has ended
     if main:
@@ -157,8 +163,8 @@ def run(cfg: PipelineConfig) -> Path:
         sampler.load_state_dict(state["sampler"])
         shift, scale, start = state["reward_shift"], state["reward_scale"], state["step"]
     else:
-        shift, scale = (reward_normalisation(roles, tokenizer, prompt_ids, p, rank, world) if p.normalize_reward
-                        else (0.0, 1.0))
+        shift, scale = reward_normalisation(roles, tokenizer, prompt_ids, p, rank, world)
+        check_finite({"ppo/reward_shift": shift, "ppo/reward_scale": scale}, "ppo reward normalisation")
         if p.value_from_reward:
             calibrate_value_head(roles, shift, scale)
         start = 0
@@ -179,8 +185,9 @@ def run(cfg: PipelineConfig) -> Path:
             r = score(roles, ids, mask, width, p.temperature, p.forward_batch_size, stops)                   # 4.2
             a = advantages(r, kl_ctl.value, p.kl_estimator, shift, scale, p.missing_eos_penalty,       # 4.3
                            p.whiten_rewards, p.whiten_advantages, p.gamma, p.lam)
+            check_rollout(r, a, f"ppo step {step + 1}")  # a nan score or KL stops the run before any update
             t2 = time.perf_counter()
-            stats = ppo_update(roles, optimizer, scheduler, r, a, update_spec(p), ptx)                  # 4.4
+            stats = ppo_update(roles, optimizer, scheduler, r, a, update_spec(p), ptx, f"ppo step {step + 1}")  # 4.4
             t3 = time.perf_counter()
             logs = step_metrics(r, a, kl_ctl.value, scheduler.get_last_lr()[0]) | stats | {
                 "time/generate": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2, "time/step": t3 - t0,
@@ -228,6 +235,14 @@ def run(cfg: PipelineConfig) -> Path:
     finish_stage(out, summary)
     procs.wait_for_everyone()
     return out
+
+
+def check_rollout(r, a, where: str) -> None:
+    """FloatingPointError if a rollout's scores, values, log-probs or per-token KL hold a nan or inf (on
+    valid tokens): "<where>: ppo/score is nan"."""
+    mask = r.response_mask
+    check_finite({"ppo/score": r.scores, "ppo/values": r.values[mask], "ppo/logprobs": r.logprobs[mask],
+                  "ppo/ref_logprobs": r.ref_logprobs[mask], "ppo/kl": a.kl[mask]}, where)
 
 
 def step_metrics(r, a, kl_coef: float, lr: float) -> dict[str, float]:

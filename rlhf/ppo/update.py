@@ -7,14 +7,17 @@ minibatch into micro-batches but never adds steps (a peer gets this wrong when t
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from rlhf import distributed
 from rlhf.ppo import core
-from rlhf.ppo.roles import Roles, policy_logits, values
-from rlhf.ppo.rollout import Advantages, Rollout, response_logprobs
+from rlhf.models import active_adapter
+from rlhf.ppo.roles import POLICY, VALUE, Roles, policy_logits, values
+from rlhf.ppo.rollout import Advantages, Rollout, response_logits, response_logprobs, response_width
+from rlhf.runs import check_finite
 
 
 @dataclass(frozen=True)
@@ -42,11 +45,34 @@ def check_batch_sizes(rollout_batch_size: int, num_minibatches: int, grad_accum:
 
 
 def ppo_update(roles: Roles, optimizer: torch.optim.Optimizer, scheduler, r: Rollout, a: Advantages,
-               spec: UpdateSpec, ptx_batches=None) -> dict[str, float]:
+               spec: UpdateSpec, ptx_batches=None, where: str = "ppo update") -> dict[str, float]:
     """Run the PPO epochs on one rollout batch; returns the mean of each statistic over all micro-batches.
 
     ptx_batches: optional iterator of (ids, mask, labels_mask) demonstration batches for PPO-ptx.
+    A nan or inf loss or gradient norm raises FloatingPointError ("<where>: ppo/value_loss is nan") before
+    the optimiser step that would spread it into the weights.
     """
+    with checkpointing_mode(roles.model):
+        return _ppo_epochs(roles, optimizer, scheduler, r, a, spec, ptx_batches, where)
+
+
+@contextmanager
+def checkpointing_mode(model):
+    """Train mode for the update when activation checkpointing is on: transformers recomputes activations only
+    in train mode. Everywhere else (and without checkpointing) the model stays in eval mode; dropout is off in
+    every role (disable_dropout, LoRA dropout 0), so the mode changes nothing but the checkpointing."""
+    base = model.get_base_model()  # the modules that run (the PeftModel wrapper's own flag means nothing)
+    was_training = base.training
+    if base.is_activation_checkpointing:
+        base.train()
+    try:
+        yield
+    finally:
+        base.train(was_training)
+
+
+def _ppo_epochs(roles: Roles, optimizer, scheduler, r: Rollout, a: Advantages, spec: UpdateSpec, ptx_batches,
+                where: str):
     n = r.ids.shape[0]
     minibatch = n // spec.num_minibatches
     params = roles.trainable_parameters()
@@ -58,14 +84,18 @@ def ppo_update(roles: Roles, optimizer: torch.optim.Optimizer, scheduler, r: Rol
             optimizer.zero_grad(set_to_none=True)
             for micro in order[start:start + minibatch].chunk(spec.grad_accum):
                 micro_stats = micro_backward(roles, r, a, micro, spec, scale=1.0 / spec.grad_accum)
+                check_finite({k: micro_stats[k] for k in ("ppo/policy_loss", "ppo/value_loss")}, where)
                 for k, v in micro_stats.items():
                     stats[k].append(v)
             if spec.ptx_coef > 0 and ptx_batches is not None:
-                ptx = ptx_loss(roles, *next(ptx_batches))
-                (spec.ptx_coef * ptx).backward()
+                with active_adapter(roles.model, POLICY):  # backward recomputes under the policy (checkpointing)
+                    ptx = ptx_loss(roles, *next(ptx_batches))
+                    (spec.ptx_coef * ptx).backward()
                 stats["ppo/ptx_loss"].append(ptx.item())
+                check_finite({"ppo/ptx_loss": ptx}, where)
             distributed.average_gradients(params)  # several processes: the mean gradient (no-op alone)
             stats["ppo/grad_norm"].append(torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm).item())
+            check_finite({"ppo/grad_norm": stats["ppo/grad_norm"][-1]}, where)
             optimizer.step()
             scheduler.step()
             steps += 1
@@ -78,12 +108,12 @@ def policy_loss(roles: Roles, r: Rollout, a: Advantages, rows: torch.Tensor, spe
     """Clipped policy loss on some rows of the rollout, and its statistics."""
     ids, mask = r.rows(rows)
     resp_mask = mask[:, r.prompt_width:]
-    logits = policy_logits(roles, ids, mask)
+    logits = policy_logits(roles, ids, mask, keep=response_width(ids, r.prompt_width))  # response positions only
     logprobs = response_logprobs(logits, ids, r.prompt_width, spec.temperature)
     loss, pg = core.clipped_policy_loss(logprobs, r.logprobs[rows], a.advantages[rows], resp_mask, spec.clip_range)
     with torch.no_grad():
-        entropy = core.masked_mean(core.entropy_from_logits(logits[:, r.prompt_width - 1:-1], spec.temperature),
-                                   resp_mask)
+        entropy = core.masked_mean(core.entropy_from_logits(response_logits(logits, ids, r.prompt_width),
+                                                            spec.temperature), resp_mask)
     return loss, {"ppo/policy_loss": loss.item(), "ppo/entropy": entropy.item(), "ppo/clipfrac": float(pg["clipfrac"]),
                   "ppo/approx_kl": float(pg["approx_kl"]), "ppo/ratio": float(pg["ratio_mean"])}
 
@@ -99,11 +129,16 @@ def value_loss(roles: Roles, r: Rollout, a: Advantages, rows: torch.Tensor, spec
 
 def micro_backward(roles: Roles, r: Rollout, a: Advantages, rows: torch.Tensor, spec: UpdateSpec, scale: float):
     """Gradients of (policy loss + vf_coef x value loss) x scale on some rows. The two losses use different
-    adapters and share no graph, so each is backpropagated at once: only one graph is alive at a time."""
-    pg_loss, stats = policy_loss(roles, r, a, rows, spec)
-    (scale * pg_loss).backward()
-    vf_loss, vf_stats = value_loss(roles, r, a, rows, spec)
-    (scale * spec.vf_coef * vf_loss).backward()
+    adapters and share no graph, so each is backpropagated at once: only one graph is alive at a time.
+
+    Each backward runs with its own adapter active: with activation checkpointing the forward is recomputed
+    during backward, and peft reads the active adapter then, not at the first forward."""
+    with active_adapter(roles.model, POLICY):
+        pg_loss, stats = policy_loss(roles, r, a, rows, spec)
+        (scale * pg_loss).backward()
+    with active_adapter(roles.model, VALUE):
+        vf_loss, vf_stats = value_loss(roles, r, a, rows, spec)
+        (scale * spec.vf_coef * vf_loss).backward()
     return stats | vf_stats
 
 

@@ -1,0 +1,191 @@
+"""PPO pieces on tiny models built in the test (fast): PPO-ptx batches, trainable parameters, logits of
+the response positions only, gradient checkpointing, bf16 heads, non-finite checks."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rlhf.config import ConfigError
+from rlhf.models import load_tokenizer
+from rlhf.ppo.ptx import ptx_batches
+
+
+@pytest.fixture(scope="module")
+def tok(demo_dir):
+    return load_tokenizer(str(demo_dir / "base"))
+
+
+def demonstrations(path, n):
+    path.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": "list 2 fruits"}],
+                                        "completion": "apple pear"}) + "\n" for _ in range(n)))
+    return str(path)
+
+
+def test_ptx_share_smaller_than_a_batch_is_a_clear_error_not_an_endless_loop(tmp_path, tok):
+    p = SimpleNamespace(ptx_file=demonstrations(tmp_path / "demo.jsonl", 5), ptx_batch_size=3, seed=0,
+                        skip_invalid=False)
+    batches = ptx_batches(p, tok, "cpu", rank=0, world=2)  # 3 of 5 demonstrations: one batch per pass
+    assert all(next(batches)[0].shape[0] == 3 for _ in range(3))
+    with pytest.raises(ConfigError, match=r"demo\.jsonl: 2 demonstrations .*ppo\.ptx_batch_size=3"):
+        ptx_batches(p, tok, "cpu", rank=1, world=2)  # raised at the call, before any batch is asked for
+
+
+def test_only_lora_parameters_of_policy_and_value_are_trainable_even_with_modules_named_so(tmp_path, tok):
+    """A base model with modules literally named `value` and `policy` (some architectures name attention
+    projections so): their base weights stay frozen; exactly the LoRA parameters of the two adapters train."""
+    from peft import PeftModel
+    from rlhf.models import lora_config
+    from rlhf.ppo.roles import POLICY, VALUE, Roles, set_trainable
+    from tiny import LORA, tiny_llama
+
+    base = tiny_llama(len(tok))
+    base.model.value = torch.nn.Linear(32, 32)   # all-linear wraps them in LoRA too: `value.base_layer.weight`
+    base.model.layers[0].policy = torch.nn.Linear(32, 32)
+    model = PeftModel(base, lora_config(LORA), adapter_name="reward")
+    for name in (POLICY, VALUE):
+        model.add_adapter(name, lora_config(LORA))
+    set_trainable(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    lora = {n for n in dict(model.named_parameters()) if any(f"{k}.{a}." in n for k in ("lora_A", "lora_B")
+                                                              for a in (POLICY, VALUE))}
+    assert trainable == lora and "base_model.model.model.value.lora_A.value.weight" in trainable
+    head = torch.nn.Linear(32, 1)
+    params = Roles(model=model, value_head=head, scorer=None).trainable_parameters()
+    assert {id(p) for p in params} == {id(p) for n, p in model.named_parameters() if n in lora} | \
+        {id(p) for p in head.parameters()}
+
+
+def test_value_head_learns_on_a_bf16_base(tmp_path, tok):
+    """On a bf16 base the value and reward heads keep float32 weights and compute in float32: AdamW at lr 3e-4
+    moves a bias near 1.5 (a bf16 bias there cannot move by less than 0.004: the update was lost whole)."""
+    from rlhf.ppo.roles import calibrate_value_head, values
+    from tiny import tiny_roles
+
+    roles = tiny_roles(tmp_path, tok, dtype=torch.bfloat16)
+    assert next(roles.model.get_base_model().parameters()).dtype == torch.bfloat16
+    assert roles.value_head.weight.dtype == roles.scorer.head.weight.dtype == torch.float32
+    calibrate_value_head(roles, shift=-1.5, scale=1.0)  # bias 1.5, as a reward shift puts it
+    ids = torch.randint(3, len(tok), (4, 10))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    assert values(roles, ids, mask).dtype == roles.scorer.score_ids(ids, mask).dtype == torch.float32
+    optimizer = torch.optim.AdamW(roles.trainable_parameters(), lr=3e-4)
+    bias = roles.value_head.bias.detach().clone()
+    for _ in range(3):
+        optimizer.zero_grad()
+        values(roles, ids, mask).square().mean().backward()  # pulls the values (~1.5) toward 0
+        optimizer.step()
+    assert (roles.value_head.bias.detach() - bias).item() == pytest.approx(-3 * 3e-4, rel=0.1)
+
+
+def test_reward_classifier_head_is_float32_on_a_bf16_backbone(tok):
+    """The RM stage's classifier (trl's RewardTrainer calls `self.score(hidden)`): a float32 head, float32 logits,
+    gradients into the head, also under a bf16 autocast (the Trainer's bf16=True)."""
+    from rlhf.reward import build_reward_model
+    from tiny import tiny_llama
+
+    clf = build_reward_model(tiny_llama(len(tok), torch.bfloat16, pad_token_id=tok.pad_token_id), seed=0)
+    ids = torch.randint(3, len(tok), (2, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = clf(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert clf.score.weight.dtype == logits.dtype == torch.float32
+    logits.sum().backward()
+    assert clf.score.weight.grad.dtype == torch.float32 and clf.score.weight.grad.abs().sum() > 0
+
+
+def tiny_rollout(roles, tok, seed=0):
+    """A hand-made rollout of 3 rows on a tiny model: left-padded prompts (P = 5), right-padded responses
+    (R = 4), old log-probs and values a little off the current ones, random advantages and returns."""
+    from rlhf.ppo.roles import policy_logits, values
+    from rlhf.ppo.rollout import Advantages, Rollout, response_logprobs
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, len(tok), (3, 9), generator=g)
+    mask = torch.tensor([[1] * 9, [0, 0] + [1] * 7, [0, 1, 1, 1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    ids = torch.where(mask, ids, tok.pad_token_id)
+    with torch.no_grad():
+        old = response_logprobs(policy_logits(roles, ids, mask), ids, 5, 0.7)
+        v = values(roles, ids, mask)[:, 4:-1]
+    noise = lambda: 0.1 * torch.randn(3, 4, generator=g)  # noqa: E731
+    r = Rollout(ids=ids, mask=mask, prompt_width=5, logprobs=old + noise(), ref_logprobs=old, values=v + noise(),
+                scores=torch.zeros(3), ended=torch.ones(3, dtype=torch.bool))
+    z = torch.zeros(3, 4)
+    return r, Advantages(kl=z, non_score=z, rewards=z, advantages=torch.randn(3, 4, generator=g),
+                         returns=v + torch.randn(3, 4, generator=g), scores=torch.zeros(3))
+
+
+@pytest.fixture()
+def roles32(tmp_path, tok):
+    from tiny import randomize_lora_b, tiny_roles
+    roles = tiny_roles(tmp_path, tok)
+    randomize_lora_b(roles.model, seed=2)  # policy != reference, and gradients reach every LoRA A
+    return roles
+
+
+def test_logits_of_the_response_positions_only_give_the_full_logits_log_probs(roles32, tok):
+    """policy/reference logits with keep = R + 1 (transformers' logits_to_keep): the LM head runs on the last
+    R + 1 positions only, and the response log-probs are those of the full (B, T, V) logits."""
+    from rlhf.ppo.roles import policy_logits, reference_logits
+    from rlhf.ppo.rollout import response_logprobs, response_width
+
+    r, _ = tiny_rollout(roles32, tok)
+    keep = response_width(r.ids, r.prompt_width)
+    with torch.no_grad():
+        for logits in (policy_logits, reference_logits):
+            full, kept = logits(roles32, r.ids, r.mask), logits(roles32, r.ids, r.mask, keep)
+            assert full.shape[1] == 9 and kept.shape[1] == keep == 5
+            assert torch.allclose(response_logprobs(kept, r.ids, 5, 0.7), response_logprobs(full, r.ids, 5, 0.7),
+                                  atol=1e-6, rtol=0)
+
+
+def test_gradient_checkpointing_gives_the_same_policy_and_value_gradients(roles32, tok):
+    """With activation checkpointing the forward is recomputed during backward: the policy loss's backward must
+    run under the policy adapter and the value loss's under the value adapter, or the gradients change."""
+    from rlhf.models import enable_activation_checkpointing
+    from rlhf.ppo.update import UpdateSpec, checkpointing_mode, micro_backward
+
+    r, a = tiny_rollout(roles32, tok)
+    spec = UpdateSpec(1, 1, 1, clip_range=0.2, clip_range_value=0.2, vf_coef=0.1, max_grad_norm=1.0, temperature=0.7)
+    params = roles32.trainable_parameters()
+    calls, mlp = [], roles32.model.get_base_model().model.layers[0].mlp
+    forward = mlp.forward  # counted on the instance: module hooks do not run again in the recompute
+    mlp.forward = lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs)
+
+    def gradients():
+        calls.clear()
+        for p in params:
+            p.grad = None
+        with checkpointing_mode(roles32.model):
+            micro_backward(roles32, r, a, torch.arange(3), spec, scale=1.0)
+        return [p.grad.clone() for p in params]
+
+    plain = gradients()
+    assert len(calls) == 2 and all(g.abs().sum() > 0 for g in plain)  # policy and value forwards
+    enable_activation_checkpointing(roles32.model.get_base_model())
+    checkpointed = gradients()
+    assert len(calls) == 4  # each forward recomputed in backward
+    assert all(torch.allclose(p, c, atol=1e-6, rtol=1e-5) for p, c in zip(plain, checkpointed))
+    assert not any(m.training for m in roles32.model.get_base_model().modules())  # eval mode again after the update
+
+
+def test_unknown_reward_norm_is_a_config_error(tmp_path):
+    from conftest import run_stage
+    proc = run_stage("ppo", f"run_dir={tmp_path}", "ppo.reward_norm=std", check=False)
+    assert proc.returncode == 2 and "ppo.reward_norm must be one of shift_scale, shift, none" in proc.stderr
+
+
+def test_a_nan_loss_stops_the_update_before_the_optimizer_step(roles32, tok):
+    from rlhf.ppo.rollout import Advantages
+    from rlhf.ppo.update import UpdateSpec, ppo_update
+
+    r, a = tiny_rollout(roles32, tok)
+    a = Advantages(**{**a.__dict__, "advantages": torch.full_like(a.advantages, float("nan"))})
+    params = roles32.trainable_parameters()
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    spec = UpdateSpec(1, 1, 1, clip_range=0.2, clip_range_value=0.2, vf_coef=0.1, max_grad_norm=1.0, temperature=0.7)
+    with pytest.raises(FloatingPointError, match=r"^ppo step 3: ppo/policy_loss is nan$"):
+        ppo_update(roles32, optimizer, scheduler, r, a, spec, where="ppo step 3")
+    assert all(torch.equal(b, p) for b, p in zip(before, params))
