@@ -77,9 +77,15 @@ _EOT_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _find_end_of_turn(tokenizer: PreTrainedTokenizerBase) -> int:
     if not tokenizer.chat_template:
         return tokenizer.eos_token_id
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": _MARK}], tokenize=False)
-    if _MARK not in text:
+    turn = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": _MARK}]
+    text = None
+    for chat in (turn, [{"role": "system", "content": "Hi"}] + turn):  # some templates insist on a system turn
+        try:
+            text = tokenizer.apply_chat_template(chat, tokenize=False)
+            break
+        except Exception:  # noqa: BLE001 - jinja's TemplateError or the template's own raise_exception
+            continue
+    if text is None or _MARK not in text:  # a template that renders no chat: preflight reports it on the data
         return tokenizer.eos_token_id
     after = tokenizer(text.split(_MARK, 1)[1], add_special_tokens=False)["input_ids"]
     specials = special_ids(tokenizer)
