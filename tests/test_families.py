@@ -236,3 +236,7 @@ def test_the_export_loads_with_plain_transformers_and_answers_as_the_adapter(fam
     adapter = load_sft_model_with_policy(family_run)
     with torch.no_grad():
         torch.testing.assert_close(export(input_ids=ids).logits, adapter(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    rows = [json.loads(line) for line in (run / "eval" / "samples.jsonl").read_text().splitlines()]
+    greedy = {c: [r["response"] for r in rows if r["checkpoint"] == c and r["decoding"] == "greedy"]
+              for c in ("ppo", "export")}
+    assert greedy["ppo"] == greedy["export"]  # make eval: the export answers as the adapter does
