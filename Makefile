@@ -17,8 +17,8 @@ TORCH_PIP_ARGS ?=
 CONFIG     ?= configs/demo.yaml
 ARGS       ?=
 PYTEST_ARGS ?=
-# The run directory is the config's top-level run_dir (override: make sft RUN=runs/other).
-RUN        ?= $(or $(shell awk '/^run_dir:/{print $$2; exit}' $(CONFIG) 2>/dev/null),runs/default)
+# The run directory: a run_dir=... in ARGS, else the config's top-level run_dir (or make sft RUN=runs/other).
+RUN        ?= $(or $(lastword $(patsubst run_dir=%,%,$(filter run_dir=%,$(ARGS)))),$(shell awk '/^run_dir:/{print $$2; exit}' $(CONFIG) 2>/dev/null),runs/default)
 # Configs of the shipped examples need what `make data` / `make data-hh` build; other configs bring their own.
 DATA_DEPS  := $(if $(findstring demo,$(notdir $(CONFIG))),data/demo/DONE)$(if $(findstring hh-sample,$(notdir $(CONFIG))),data/hh-tiny/DONE)
 STAMP      := $(VENV)/.installed

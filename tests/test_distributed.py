@@ -249,3 +249,17 @@ def test_eval_with_two_processes_answers_every_prompt_once_in_order(ppo_run, tmp
     assert [(r["response"], round(r["reward"], 4)) for r in rows2 if r["decoding"] == "greedy"] == greedy
     m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (out1, out2))
     assert m2["results"].keys() == m1["results"].keys() and m2["n_prompts"] == m1["n_prompts"] == 16
+
+
+def test_makefile_run_dir_in_args_is_the_directory_make_checks():
+    """`make sft ARGS="run_dir=x"` used to check the config's run_dir for DONE and write to x."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    cmd = ["make", "-n", "--no-print-directory", "-o", ".venv/.installed", "-o", "data/demo/DONE", "sft", "PY=python",
+           "ARGS=lora.r=8 run_dir=/tmp/elsewhere"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True, env=env).stdout
+    assert out.strip().splitlines()[-1] == ("python -m stages.sft --config configs/demo.yaml run_dir=/tmp/elsewhere "
+                                             "lora.r=8 run_dir=/tmp/elsewhere")
+    shown = subprocess.run(["make", "-p", "-n", "--no-print-directory", "-o", ".venv/.installed", "-o",
+                            "data/demo/DONE", "sft", "PY=python", "ARGS=run_dir=/tmp/elsewhere"],
+                           cwd=ROOT, capture_output=True, text=True, env=env).stdout
+    assert "/tmp/elsewhere/sft/DONE:" in shown
