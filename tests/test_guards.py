@@ -25,12 +25,21 @@ def test_repeated_ngram_fraction_by_hand():
     assert dg.repeated_ngram_fraction("the the the".split(), 1) == pytest.approx(2 / 3)  # works on words too
 
 
+def test_repeated_transitions_by_hand():
+    assert dg.repeated_transitions(LIST) == 0.0                          # a healthy list, however long
+    assert dg.repeated_transitions(LIST[:-2] + [1, 6, 1, 8, 2, 0]) == 0.0
+    assert dg.repeated_transitions(COLLAPSED) == pytest.approx(2 / 6)    # (X ,) and (, X) come back
+    assert dg.repeated_transitions("happy birthday Bob Bob !".split()) == pytest.approx(1 / 4)  # doubled word
+    assert dg.repeated_transitions([4, 4, 4]) == 1.0
+    assert dg.repeated_transitions([4]) == 0.0 and dg.repeated_transitions([]) == 0.0
+
+
 def test_top_token_share_and_dominated():
     assert dg.top_token_share([9, 9, 9, 1]) == 0.75 and dg.top_token_share([]) == 0.0
     assert dg.answer_stats([9, 9, 9, 1])["dominated"] == 1.0
     assert dg.answer_stats([9, 9, 1, 2])["dominated"] == 0.0   # exactly half is not more than half
     assert dg.answer_stats([9, 9, 9])["dominated"] == 0.0      # too short to say
-    assert dg.answer_stats(COLLAPSED) == {"length": 7.0, "distinct": 4.0, "repeat": pytest.approx(3 / 7),
+    assert dg.answer_stats(COLLAPSED) == {"length": 7.0, "distinct": 4.0, "repeat": pytest.approx(2 / 6),
                                           "dominated": 0.0}
 
 
@@ -39,7 +48,7 @@ def test_summary_and_distinct_answers():
     assert s["distinct_answers"] == 0.75
     assert s["length"] == pytest.approx((7 + 7 + 7 + 4) / 4)
     assert s["dominated"] == 0.25
-    assert s["repeat"] == pytest.approx((3 / 7 + 3 / 7 + 1 / 7 + 3 / 4) / 4)
+    assert s["repeat"] == pytest.approx((2 / 6 + 2 / 6 + 0 + 3 / 3) / 4)
     assert dg.per_answer([LIST, [9, 9, 9, 9]])["dominated"] == [0.0, 1.0]
     assert dg.summary([])["distinct_answers"] == 0.0
 

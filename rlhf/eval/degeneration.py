@@ -8,13 +8,14 @@ it while greedy answers show it (issue 14).
 Per answer:
   length        tokens in the answer;
   distinct      distinct tokens in it;
-  repeat        seq-rep-n with n = 1: 1 - distinct / length, the share of tokens that repeat an earlier one
-                (Welleck et al. 2019, "Neural text degeneration with unlikelihood training", use n = 4 on long
-                text; answers of a dozen tokens need n = 1: "X, X." has no repeated bigram);
+  repeat        the share of the answer's token transitions that repeat: the bigram (previous, this) was
+                seen before in the answer, or the token doubles the previous one. "a, b, c." scores 0 however
+                long the list, "X, X, X." 0.4, "Bob Bob" 1.0. Plain seq-rep-n (Welleck et al. 2019, "Neural
+                text degeneration with unlikelihood training"; `repeated_ngram_fraction`) either counts the
+                commas of a healthy list (n = 1) or misses a doubled word (n >= 2);
   dominated     1.0 when one token makes up more than half of an answer of at least 4 tokens.
 `repeat` is the degeneration measure the PPO guards and the report compare, always against the SFT
-(baseline) model's own value: punctuation and function words repeat in healthy answers too, so only a rise
-means something.
+(baseline) model's own value: some repeats are healthy in any task, so only a rise means something.
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ from collections import Counter
 from collections.abc import Hashable, Sequence
 
 DEGENERATION_MARGIN = 0.1
-"""A rise of the mean `repeat` over the baseline's above this flags degeneration (PPO's default guard, the
-report's warning). One repeated item in a 10-token answer adds ~0.1 to that answer; the mean rises by 0.1
-when, e.g., every answer repeats one more token than the baseline's."""
+"""A rise of the mean `repeat` (or of the dominated share) over the baseline's above this flags degeneration
+(PPO's default guard, the report's warning): e.g. a quarter of the answers turning into "X, X, X." (0.4)."""
 
 DOMINATED_MIN_LENGTH = 4
 
@@ -36,6 +36,15 @@ def repeated_ngram_fraction(tokens: Sequence[Hashable], n: int = 1) -> float:
     return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
+def repeated_transitions(tokens: Sequence[Hashable]) -> float:
+    """`repeat` above: repeated transitions / transitions (len - 1) of one answer; 0.0 below 2 tokens."""
+    seen, repeats = set(), 0
+    for prev, tok in zip(tokens, tokens[1:]):
+        repeats += (prev, tok) in seen or prev == tok
+        seen.add((prev, tok))
+    return repeats / (len(tokens) - 1) if len(tokens) > 1 else 0.0
+
+
 def top_token_share(tokens: Sequence[Hashable]) -> float:
     """The share of the answer taken by its most frequent token; 0.0 for an empty answer."""
     return Counter(tokens).most_common(1)[0][1] / len(tokens) if tokens else 0.0
@@ -44,7 +53,7 @@ def top_token_share(tokens: Sequence[Hashable]) -> float:
 def answer_stats(tokens: Sequence[Hashable]) -> dict[str, float]:
     """The per-answer measures above, for one answer."""
     return {"length": float(len(tokens)), "distinct": float(len(set(tokens))),
-            "repeat": repeated_ngram_fraction(tokens, 1),
+            "repeat": repeated_transitions(tokens),
             "dominated": float(len(tokens) >= DOMINATED_MIN_LENGTH and top_token_share(tokens) > 0.5)}
 
 
