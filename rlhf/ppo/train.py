@@ -193,7 +193,7 @@ def run(cfg: PipelineConfig) -> Path:
     stop = StopSignal()  # SIGTERM/SIGUSR1: checkpoint at the end of the step, exit 75 (rlhf/preempt.py)
     try:
         for step in bar:
-            if guards.stop_reason:  # resumed from the checkpoint a guard's stop wrote
+            if guards.stop_reason:  # a guard stopped the run (last step, or in the checkpoint resumed from)
                 break
             t0 = time.perf_counter()
             batch = [prompt_ids[i] for i in distributed.shard(sampler.next(p.rollout_batch_size), rank, world)]
