@@ -31,8 +31,13 @@ def test_20_ppo_raises_rm_and_gold_scores_at_a_small_kl(ppo_run):
     assert e["eval/reward_policy"] > e["eval/reward_sft"] and e["eval/reward_win_rate"] > 0.6
     assert e["eval/gold_policy"] > e["eval/gold_sft"] + 0.03  # the gold judge agrees, not only the RM
     assert 0 < e["eval/kl"] < 5
-    rows = read_metrics(out / "metrics.jsonl")
+    monitor = read_metrics(out / "metrics.jsonl")
+    rows = [r for r in monitor if "ppo/kl" in r]
     assert [r["step"] for r in rows] == list(range(1, 101))
+    # the held-out monitor at step 0 (SFT) and every 10 steps; the demo never reaches a guard
+    assert [r["step"] for r in monitor if "monitor/greedy/repeat" in r] == list(range(0, 101, 10))
+    done = json.loads((out / "DONE").read_text())
+    assert not done["stopped_early"] and done["kept_step"] == 100 and done["steps_run"] == 100
     first, last = rows[:10], rows[-10:]
     assert sum(r["ppo/score"] for r in last) > sum(r["ppo/score"] for r in first)
     assert all(abs(r["ppo/kl"]) < 5 for r in rows) and rows[0]["ppo/kl"] == 0.0
