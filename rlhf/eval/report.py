@@ -176,7 +176,8 @@ def ppo_section(rows: list[dict], done: dict | None, plot: Path | None, monitor:
         lines += ["", f"Wall time {done['perf/wall_s']:.0f} s, peak memory {done.get('perf/peak_rss_mb', 0):.0f} MB RSS"
                       + (f", {done['perf/peak_cuda_mb']:.0f} MB CUDA" if "perf/peak_cuda_mb" in done else "") + "."]
     if done and "kept_reason" in done:
-        lines += ["", f"Policy kept: step {done['kept_step']} of {done.get('steps_run', '?')} run; {done['kept_reason']}."]
+        lines += ["", f"Policy kept: step {done['kept_step']} of {done.get('steps_run', '?')} run; "
+                      f"{done['kept_reason']}."]
     lines.append("")
     if plot:
         lines += [f"![PPO training]({PLOTS}/{plot.name})", ""]
