@@ -236,6 +236,23 @@ class PPOStageConfig:
     """PPO-ptx (InstructGPT): add ptx_coef x the SFT loss on demonstrations to every optimiser step."""
     ptx_file: str | None = None
     ptx_batch_size: int = 8
+    # over-optimisation guards (rlhf/ppo/monitor.py, rlhf/ppo/guards.py; README "PPO")
+    monitor_every: int = 10
+    """Every N steps (and at step 0, the SFT policy) the policy answers the first monitor_prompts held-out
+    prompts (eval_prompts_file), sampled and greedy with a fixed seed: RM score, KL, degeneration, logged as
+    monitor/... 0: off (then no degeneration stop and no keep_best)."""
+    monitor_prompts: int = 32
+    kl_budget: float | None = 6.0
+    """Stop when the rollout KL (ppo/kl, nats summed over an answer) exceeds this for guard_patience
+    consecutive steps. 6 = target_kl (Ziegler et al. 2019); the demo stays under 2. None or 0: no budget."""
+    degeneration_margin: float | None = 0.1
+    """Stop when the greedy monitor answers' repeat (share of tokens repeating an earlier one) exceeds the SFT
+    policy's by more than this at guard_patience consecutive monitor points. None: no such stop."""
+    guard_patience: int = 3
+    keep_best: str = "none"
+    """Which policy policy/ holds: none (the last, as trained), monitor_reward (the monitor point with the best
+    RM score of sampled answers, SFT at step 0 included) or monitor_reward_guarded (the same among points
+    within the KL budget and the degeneration margin)."""
     # bookkeeping
     save_steps: int = 10
     seed: int = 0

@@ -204,7 +204,7 @@ def test_ppo_with_two_processes_splits_the_work_and_resumes_exactly(rm_run, tmp_
     assert {"policy", "value", "eval.json", "metrics.jsonl", "tb", "config.yaml", "DONE"} <= files(out)
     assert len(list((out / "tb").iterdir())) == 1
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]  # 0: the held-out monitor on the SFT policy
     rest = torch.load(out / "checkpoints" / "checkpoint-4" / "optimizer.pt", weights_only=False)
     rngs = rest["rng_per_process"]
     assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])  # each process samples its own

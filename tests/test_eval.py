@@ -247,3 +247,34 @@ def test_report_shows_the_rm_probes_selection_and_warnings(tmp_path):
     assert "| repeat | 50 | 0.400 | +0.12 |" in text
     assert "**Warning:** the RM prefers a 'repeat' damaged answer." in text
     assert "Training kept the best checkpoint (held-out accuracy 0.830" in text
+
+
+def test_report_warns_at_the_top_shows_degeneration_and_the_ppo_monitor(tmp_path):
+    """A PPO checkpoint worse than SFT by the gold judge, whose greedy answers degenerate: both said in the
+    first lines; degeneration columns per checkpoint and decoding; the monitor curves and the kept step."""
+    write_saved_run(tmp_path)
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    ppo = m["results"]["sample"]["ppo"]
+    ppo |= {"gold_win_rate": 0.39, "gold_win_rate_low": 0.35, "gold_win_rate_high": 0.43}
+    degen = {"repeat_mean": 0.05, "repeat_std": 0.1, "dominated_mean": 0.0, "distinct_answers": 1.0}
+    m["results"]["greedy"] = {"sft": {**m["results"]["sample"]["sft"], **degen},
+                              "ppo": {**ppo, **degen, "repeat_mean": 0.4, "distinct_answers": 0.2,
+                                      "gold_win_rate_high": 0.6}}
+    for name in ("sft", "ppo"):
+        m["results"]["sample"][name] |= degen
+    (tmp_path / "eval" / "metrics.json").write_text(json.dumps(m))
+    rows = [{"step": s, "monitor/sample/reward": s / 10, "monitor/greedy/reward": s / 9, "monitor/sample/kl": s / 20,
+             "monitor/sample/repeat": 0.05, "monitor/greedy/repeat": 0.05 + s / 100, "monitor/sample/length": 8,
+             "monitor/greedy/length": 8} for s in (0, 10, 20)]
+    with open(tmp_path / "ppo" / "metrics.jsonl", "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "ppo" / "DONE").write_text(json.dumps({"steps_run": 20, "kept_step": 10,
+                                                        "kept_reason": "kept the policy of step 10: why"}))
+    text = render(tmp_path).read_text()
+    head = text.splitlines()[:6]
+    assert any("**Warning:** **ppo** is worse than **sft** by the gold judge (sample answers" in h for h in head)
+    assert any("**ppo**: greedy answers degenerate: repeat 0.400 vs 0.050" in h for h in head)
+    assert "| repeat | dominated | distinct answers |" in text and "| 0.400 ± 0.100 | 0.00 | 0.20 |" in text
+    assert "Policy kept: step 10 of 20 run; kept the policy of step 10: why." in text
+    assert (tmp_path / "eval" / "plots" / "ppo_monitor.png").read_bytes()[:8] == PNG
+    assert "(plots/ppo_monitor.png)" in text

@@ -31,8 +31,13 @@ def test_20_ppo_raises_rm_and_gold_scores_at_a_small_kl(ppo_run):
     assert e["eval/reward_policy"] > e["eval/reward_sft"] and e["eval/reward_win_rate"] > 0.6
     assert e["eval/gold_policy"] > e["eval/gold_sft"] + 0.03  # the gold judge agrees, not only the RM
     assert 0 < e["eval/kl"] < 5
-    rows = read_metrics(out / "metrics.jsonl")
+    monitor = read_metrics(out / "metrics.jsonl")
+    rows = [r for r in monitor if "ppo/kl" in r]
     assert [r["step"] for r in rows] == list(range(1, 101))
+    # the held-out monitor at step 0 (SFT) and every 10 steps; the demo never reaches a guard
+    assert [r["step"] for r in monitor if "monitor/greedy/repeat" in r] == list(range(0, 101, 10))
+    done = json.loads((out / "DONE").read_text())
+    assert not done["stopped_early"] and done["kept_step"] == 100 and done["steps_run"] == 100
     first, last = rows[:10], rows[-10:]
     assert sum(r["ppo/score"] for r in last) > sum(r["ppo/score"] for r in first)
     assert all(abs(r["ppo/kl"]) < 5 for r in rows) and rows[0]["ppo/kl"] == 0.0
@@ -132,3 +137,25 @@ def test_gold_reward_diagnostic_scores_rollouts_with_the_judge(rm_run, tmp_path)
     result = json.loads((run / "ppo" / "eval.json").read_text())
     assert result["eval/reward_policy"] == pytest.approx(10 * result["eval/gold_policy"], abs=1e-4)
     assert result["eval/reward_sft"] == pytest.approx(10 * result["eval/gold_sft"], abs=1e-4)
+
+
+def test_guards_stop_on_the_kl_budget_and_keep_the_best_monitored_policy(rm_run, tmp_path):
+    """A KL budget no policy can keep (k3 KL is > 0 once the policy moves) stops the run after guard_patience
+    steps; the monitor ran at step 0 and every step; policy/ is the kept monitor point's, and DONE says why."""
+    for stage in ("sft", "rm"):
+        shutil.copytree(rm_run / stage, tmp_path / stage)
+    run_stage("ppo", f"run_dir={tmp_path}", "ppo.steps=6", "ppo.rollout_batch_size=16", "ppo.num_minibatches=2",
+              "ppo.reward_norm_samples=16", "ppo.eval_samples=8", "ppo.monitor_every=1", "ppo.monitor_prompts=8",
+              "ppo.kl_estimator=k3", "ppo.kl_budget=1e-9", "ppo.guard_patience=2",
+              "ppo.keep_best=monitor_reward_guarded")
+    done = json.loads((tmp_path / "ppo" / "DONE").read_text())
+    rows = read_metrics(tmp_path / "ppo" / "metrics.jsonl")
+    # step 1 samples from the SFT policy itself (KL exactly 0): steps 2 and 3 exceed the budget
+    assert done["stopped_early"] and done["steps_run"] == 3 and "ppo.kl_budget" in done["kept_reason"]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert all("monitor/greedy/repeat" in r and "monitor/sample/kl" in r for r in rows)
+    assert rows[0]["monitor/sample/kl"] == pytest.approx(0.0, abs=1e-5)  # step 0 is the SFT policy
+    assert done["kept_step"] in (0, 1)  # the only points within the budget
+    kept = load_file(str(tmp_path / "ppo" / "best" / f"step-{done['kept_step']}.safetensors"))
+    saved = load_file(str(tmp_path / "ppo" / "policy" / "adapter_model.safetensors"))
+    assert saved and all(torch.equal(value, kept[f"{POLICY}.{key}"]) for key, value in saved.items())

@@ -4,8 +4,8 @@ Rendered only from files the stages saved, so `make report` redraws it at any ti
 
     eval/metrics.json      the evaluation summary (required)
     eval/samples.jsonl     every answer with its scores (distributions, sample table)
-    ppo/metrics.jsonl      PPO's per-step statistics (reward and KL curves)
-    ppo/DONE               PPO's wall time
+    ppo/metrics.jsonl      PPO's per-step statistics (reward and KL curves, held-out monitor curves)
+    ppo/DONE               PPO's wall time, the kept step and why
     rm/diagnostics.json    the reward model's held-out accuracy and calibration
     sft/metrics.jsonl      SFT's loss curves
 
@@ -19,6 +19,7 @@ import json
 import os
 from pathlib import Path
 
+from rlhf.eval.flags import flags
 from rlhf.runs import read_metrics
 
 PLOTS = "plots"
@@ -42,6 +43,7 @@ def render(run_dir: str | Path, eval_dir: str | Path | None = None) -> Path:
     (out / PLOTS).mkdir(parents=True, exist_ok=True)
     plots = {
         "ppo": plot_ppo(ppo, out / PLOTS / "ppo_training.png") if ppo else None,
+        "monitor": plot_monitor(ppo, out / PLOTS / "ppo_monitor.png") if ppo else None,
         "distributions": plot_distributions(samples, metrics, out / PLOTS / "score_distributions.png") if samples else None,
         "rm": plot_rm(rm, out / PLOTS / "rm_calibration.png") if rm else None,
         "sft": plot_sft(sft, out / PLOTS / "sft_loss.png") if sft else None,
@@ -50,7 +52,7 @@ def render(run_dir: str | Path, eval_dir: str | Path | None = None) -> Path:
         summary_section(metrics),
         results_section(metrics),
         _figure("Scores of each checkpoint's answers", plots["distributions"]),
-        ppo_section(ppo, ppo_done, plots["ppo"]),
+        ppo_section(ppo, ppo_done, plots["ppo"], plots["monitor"]),
         rm_section(rm, plots["rm"]),
         _figure("SFT loss", plots["sft"], "## SFT"),
         samples_section(samples, metrics),
@@ -87,6 +89,7 @@ def summary_section(m: dict) -> str:
     rows = m["results"][decoding]
     base = m["baseline"]
     lines = [f"# Evaluation report: `{m['run_dir']}`", "",
+             *[f"> **Warning:** {line}" for line in flags(m)], *([""] if flags(m) else []),
              f"{m['n_prompts']} held-out prompts from `{m['prompts_file']}`; every checkpoint answers them with the "
              f"same seed ({per_prompt(m, decoding)} per prompt in {decoding} decoding). Win rates are over **{base}**, "
              f"answer j against the baseline's answer j, ties counting half, averaged per prompt, with 95 % "
@@ -121,7 +124,8 @@ def results_section(m: dict) -> str:
         lines += [f"### {decoding} ({how}, at most {spec.get('max_new_tokens', '?')} new tokens, "
                   f"{per_prompt(m, decoding)} per prompt)", ""]
         cols = [("reward_mean", "RM score"), ("reward_win_rate", "RM win rate"), ("gold_mean", "gold score"),
-                ("gold_win_rate", "gold win rate"), ("kl_mean", "KL to SFT"), ("length_mean", "length")]
+                ("gold_win_rate", "gold win rate"), ("kl_mean", "KL to SFT"), ("length_mean", "length"),
+                ("repeat_mean", "repeat"), ("dominated_mean", "dominated"), ("distinct_answers", "distinct answers")]
         cols = [(k, label) for k, label in cols if any(k in r for r in rows.values())]
         lines.append("| checkpoint | " + " | ".join(label for _, label in cols) + " |")
         lines.append("|---" * (len(cols) + 1) + "|")
@@ -132,6 +136,8 @@ def results_section(m: dict) -> str:
                     cells.append(_rate(row, key[:-len("_win_rate")]) if key in row else "(baseline)")
                 elif key == "length_mean":
                     cells.append(f"{row[key]:.1f}")
+                elif key in ("dominated_mean", "distinct_answers") and key in row:
+                    cells.append(f"{row[key]:.2f}")
                 elif key in row:
                     std = row.get(key.replace("_mean", "_std"))
                     cells.append(f"{row[key]:.3f}" + (f" ± {std:.3f}" if std is not None else ""))
@@ -139,12 +145,18 @@ def results_section(m: dict) -> str:
                     cells.append("")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+    if any("repeat_mean" in r for rows in m["results"].values() for r in rows.values()):
+        lines += ["Degeneration, from each answer's tokens (rlhf/eval/degeneration.py): *repeat* is the share of "
+                  "token transitions that repeat one seen before in the answer (or double the previous token), "
+                  "*dominated* the share of answers one token makes more than half of, *distinct answers* the "
+                  "share of answers no other answer equals. Compare with the baseline: a rise is the sign.", ""]
     return "\n".join(lines)
 
 
-def ppo_section(rows: list[dict], done: dict | None, plot: Path | None) -> str:
+def ppo_section(rows: list[dict], done: dict | None, plot: Path | None, monitor: Path | None = None) -> str:
     if not rows:
         return ""
+    rows = [r for r in rows if "ppo/kl" in r] or rows  # step 0: the monitor's SFT baseline only
     first, last = rows[: max(1, len(rows) // 10)], rows[-max(1, len(rows) // 10):]
 
     def mean(part, key):
@@ -163,9 +175,15 @@ def ppo_section(rows: list[dict], done: dict | None, plot: Path | None) -> str:
     if done and "perf/wall_s" in done:
         lines += ["", f"Wall time {done['perf/wall_s']:.0f} s, peak memory {done.get('perf/peak_rss_mb', 0):.0f} MB RSS"
                       + (f", {done['perf/peak_cuda_mb']:.0f} MB CUDA" if "perf/peak_cuda_mb" in done else "") + "."]
+    if done and "kept_reason" in done:
+        lines += ["", f"Policy kept: step {done['kept_step']} of {done.get('steps_run', '?')} run; "
+                      f"{done['kept_reason']}."]
     lines.append("")
     if plot:
         lines += [f"![PPO training]({PLOTS}/{plot.name})", ""]
+    if monitor:
+        lines += ["Held-out monitor (the same prompts and seed at every point; step 0 is the SFT policy):", "",
+                  f"![PPO held-out monitor]({PLOTS}/{monitor.name})", ""]
     return "\n".join(lines)
 
 
@@ -307,6 +325,32 @@ def plot_ppo(rows: list[dict], path: Path) -> Path:
         ax.plot(steps, _smooth(values, window), color="tab:blue", linewidth=2)
         ax.set_title(label)
         ax.set_xlabel("PPO step")
+        ax.grid(alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+MONITOR_PANELS = (("reward", "held-out RM score"), ("kl", "held-out KL to SFT (nats)"),
+                  ("repeat", "repeat (degeneration)"), ("length", "answer length"))
+
+
+def plot_monitor(rows: list[dict], path: Path) -> Path | None:
+    """The `monitor/<decoding>/<name>` curves of PPO's metrics.jsonl, sampled and greedy answers together."""
+    rows = [r for r in rows if any(k.startswith("monitor/") for k in r)]
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(MONITOR_PANELS), figsize=(4 * len(MONITOR_PANELS), 3.2), squeeze=False)
+    for ax, (name, label) in zip(axes[0], MONITOR_PANELS):
+        for decoding, color in (("sample", "tab:blue"), ("greedy", "tab:orange")):
+            key = f"monitor/{decoding}/{name}"
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, color=color, label=decoding)
+        ax.set_title(label)
+        ax.set_xlabel("PPO step")
+        ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     _save(fig, path)
     plt.close(fig)

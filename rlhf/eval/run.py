@@ -23,7 +23,9 @@ from accelerate import PartialState
 from rlhf import data as rdata
 from rlhf import distributed
 from rlhf.config import ConfigError, EvalConfig, PipelineConfig, save_config
+from rlhf.eval import degeneration as dg
 from rlhf.eval.checkpoints import Checkpoint, Hub, parse_checkpoints, same_vocabulary, standalone
+from rlhf.eval.flags import flags
 from rlhf.eval.report import render
 from rlhf.eval.stats import bootstrap_interval
 from rlhf.generation import SamplingSpec, decode_responses, encode_prompt, generate_ids
@@ -123,6 +125,8 @@ def run(cfg: PipelineConfig) -> Path:
         scores = gather_in_order(scores, items, len(prompts) * k, state)
         results[decoding] = summarize({name: {key: v for key, v in s.items() if key != "response"}
                                        for name, s in scores.items()}, e.baseline, k)
+        for name, s in scores.items():  # answers that are all alike: a collapse no per-answer measure sees
+            results[decoding][name]["distinct_answers"] = dg.distinct_answers(s["response"])
         for name, s in scores.items():
             for item in range(len(prompts) * k):
                 rows.append({"decoding": decoding, "checkpoint": name, "prompt_index": item // k,
@@ -140,6 +144,7 @@ def run(cfg: PipelineConfig) -> Path:
         "seed": e.seed, "examples": e.examples,
         "results": results,
     }
+    metrics["warnings"] = [line.replace("**", "") for line in flags(metrics)]  # also at the top of report.md
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     trackers = Trackers(cfg.report_to, out, config=dataclasses.asdict(cfg), stage="eval")
     trackers.log(headline(metrics), step=0)  # the summary figures, in TensorBoard (eval/tb/) and report_to
@@ -147,8 +152,10 @@ def run(cfg: PipelineConfig) -> Path:
     (out / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     report = render(run_dir, out)
     print(format_results(metrics))
+    for line in metrics["warnings"]:
+        print(f"[eval] WARNING: {line}")
     print(f"[eval] report: {report}")
-    finish_stage(out, {"n_prompts": len(prompts), **headline(metrics)})
+    finish_stage(out, {"n_prompts": len(prompts), **headline(metrics), "warnings": metrics["warnings"]})
     state.wait_for_everyone()
     return out
 
@@ -203,7 +210,8 @@ def sequence_logprob(model, a: Answers, temperature: float, batch_size: int) -> 
 
 @torch.no_grad()
 def judgements(a: Answers, hub: Hub | None, prompts: list, judge, e: EvalConfig) -> dict[str, list | None]:
-    """Per-answer scores: reward (the RM), kl (to the SFT model, sampled answers), gold (the judge), length."""
+    """Per-answer scores: reward (the RM), kl (to the SFT model, sampled answers), gold (the judge), length,
+    and the degeneration measures of rlhf.eval.degeneration (repeat, distinct, dominated; on token ids)."""
     reward = kl = gold = None
     if hub is not None and hub.scorer is not None:
         if a.comparable:  # the token ids a PPO rollout would be scored on
@@ -217,7 +225,8 @@ def judgements(a: Answers, hub: Hub | None, prompts: list, judge, e: EvalConfig)
             kl = (a.logprob - sequence_logprob(reference, a, e.temperature, e.batch_size)).tolist()
     if judge is not None:
         gold = [float(judge(p, t)) for p, t in zip(prompts, a.texts)]
-    return {"reward": reward, "gold": gold, "kl": kl, "length": a.lengths.tolist()}
+    return {"reward": reward, "gold": gold, "kl": kl, "length": a.lengths.tolist(),
+            **dg.per_answer(dg.response_tokens(a.ids, a.mask, a.width))}
 
 
 def summarize(scores: dict[str, dict[str, list | None]], baseline: str, group: int = 1) -> dict[str, dict[str, float]]:
@@ -246,7 +255,7 @@ def headline(metrics: dict) -> dict[str, float]:
     flat = {}
     for decoding, by_name in metrics["results"].items():
         for name, row in by_name.items():
-            for key in ("reward_win_rate", "gold_win_rate", "kl_mean", "gold_mean", "reward_mean"):
+            for key in ("reward_win_rate", "gold_win_rate", "kl_mean", "gold_mean", "reward_mean", "repeat_mean"):
                 if key in row:
                     flat[f"eval/{decoding}/{name}/{key}"] = row[key]
     return flat
@@ -267,6 +276,8 @@ def format_results(metrics: dict) -> str:
             if "kl_mean" in row:
                 parts.append(f"KL {row['kl_mean']:.3f}")
             parts.append(f"len {row['length_mean']:.1f}")
+            if "repeat_mean" in row:
+                parts.append(f"repeat {row['repeat_mean']:.3f}")
             lines.append("  ".join(parts))
     return "\n".join(lines)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from rlhf.eval.degeneration import response_tokens
 from rlhf.eval.stats import bootstrap_interval
 from rlhf.generation import SamplingSpec, decode_responses, encode_prompt, generate_ids, model_stop_ids
 from rlhf.models import keep_requires_grad
@@ -14,9 +15,10 @@ from rlhf.ppo.rollout import sample, score
 
 @torch.no_grad()
 def sample_and_score(roles: Roles, tokenizer, prompt_ids, spec: SamplingSpec, batch_size: int, use_policy: bool,
-                     seed: int):
+                     seed: int, with_tokens: bool = False):
     """Sample with the policy (or the SFT model) and score the samples as a PPO rollout is scored.
-    Returns (texts, RM scores (N,), sequence KL of policy vs SFT (N,), response lengths (N,))."""
+    Returns (texts, RM scores (N,), sequence KL of policy vs SFT (N,), response lengths (N,)), and with
+    `with_tokens` each response's token ids too (rlhf.eval.degeneration's input)."""
     torch.manual_seed(seed)
     if use_policy:
         ids, mask, width = sample(roles, tokenizer, prompt_ids, spec, batch_size)
@@ -25,7 +27,8 @@ def sample_and_score(roles: Roles, tokenizer, prompt_ids, spec: SamplingSpec, ba
             ids, mask, width = generate_ids(roles.model, tokenizer, prompt_ids, spec, batch_size)
     r = score(roles, ids, mask, width, spec.temperature, batch_size, model_stop_ids(roles.model, tokenizer))
     kl = core.masked_sum(r.logprobs - r.ref_logprobs, r.response_mask, dim=1)
-    return decode_responses(tokenizer, ids, mask, width), r.scores, kl, r.response_mask.sum(1)
+    out = decode_responses(tokenizer, ids, mask, width), r.scores, kl, r.response_mask.sum(1)
+    return out + (response_tokens(ids, mask, width),) if with_tokens else out
 
 
 def compare_with_sft(roles: Roles, tokenizer, prompts: list, spec: SamplingSpec, batch_size: int, judge=None,

@@ -27,7 +27,9 @@ from rlhf.models import enable_activation_checkpointing, load_sft_model, load_to
 from rlhf.plugins import import_callable
 from rlhf.ppo import core
 from rlhf.ppo.evaluate import compare_with_sft
+from rlhf.ppo.guards import KEEP_BEST, Guards, GuardSpec, load_best, prune_best
 from rlhf.ppo.kl import AdaptiveKLController, FixedKLController
+from rlhf.ppo.monitor import MonitorSpec, observe
 from rlhf.ppo.roles import POLICY, VALUE, build_roles, calibrate_value_head
 from rlhf.ppo.rollout import PromptSampler, advantages, sample, score
 from rlhf.ppo.state import load_checkpoint, rng_state, save_checkpoint
@@ -48,6 +50,22 @@ def update_spec(p: PPOStageConfig) -> UpdateSpec:
     return UpdateSpec(ppo_epochs=p.ppo_epochs, num_minibatches=p.num_minibatches, grad_accum=p.grad_accum,
                       clip_range=p.clip_range, clip_range_value=p.clip_range_value, vf_coef=p.vf_coef,
                       max_grad_norm=p.max_grad_norm, temperature=p.temperature, ptx_coef=p.ptx_coef)
+
+
+def guard_spec(p: PPOStageConfig) -> GuardSpec:
+    return GuardSpec(kl_budget=p.kl_budget, patience=p.guard_patience, degeneration_margin=p.degeneration_margin,
+                     keep_best=p.keep_best)
+
+
+def check_guards(p: PPOStageConfig) -> None:
+    if p.keep_best not in KEEP_BEST:
+        raise ConfigError(f"ppo.keep_best={p.keep_best!r}: choose one of {', '.join(KEEP_BEST)}")
+    if p.monitor_every < 0 or p.guard_patience < 1:
+        raise ConfigError(f"ppo.monitor_every must be >= 0 and ppo.guard_patience >= 1, got {p.monitor_every} "
+                          f"and {p.guard_patience}")
+    if p.keep_best != "none" and not (p.monitor_every > 0 and p.eval_prompts_file and p.monitor_prompts > 0):
+        raise ConfigError(f"ppo.keep_best={p.keep_best} chooses among monitor points: it needs ppo.monitor_every "
+                          f"> 0, ppo.monitor_prompts > 0 and ppo.eval_prompts_file")
 
 
 def kl_controller(p: PPOStageConfig):
@@ -93,6 +111,7 @@ def run(cfg: PipelineConfig) -> Path:
     check_sampling(p)
     if p.reward_norm not in core.REWARD_NORMS:
         raise ConfigError(f"ppo.reward_norm must be one of {', '.join(core.REWARD_NORMS)}, not {p.reward_norm!r}")
+    check_guards(p)
     sft_dir, rm_dir = require_done(run_dir / "sft", "sft"), require_done(run_dir / "rm", "rm")
     # Several processes (accelerate launch): rollout_batch_size is global, each process samples its share.
     procs = distributed.state()
@@ -117,6 +136,8 @@ def run(cfg: PipelineConfig) -> Path:
     prompts, prompt_ids = load_prompt_ids(p.prompts_file, p.prompts_split, p, tokenizer)
     eval_prompts = (load_prompt_ids(p.eval_prompts_file, p.eval_prompts_split, p, tokenizer)[0][:p.eval_samples]
                     if p.eval_prompts_file else [])
+    monitor_ids = (load_prompt_ids(p.eval_prompts_file, p.eval_prompts_split, p, tokenizer)[1][:p.monitor_prompts]
+                   if p.eval_prompts_file and p.monitor_every > 0 else [])
     judge = import_callable(p.judge) if p.judge else None
     ptx = ptx_batches(p, tokenizer, procs.device, rank, world) if p.ptx_coef > 0 else None
     if main:
@@ -145,6 +166,8 @@ def run(cfg: PipelineConfig) -> Path:
     warmup = int(p.warmup * total_updates) if p.warmup < 1 else int(p.warmup)
     scheduler = get_scheduler(p.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_updates)
     kl_ctl, sampler = kl_controller(p), PromptSampler(len(prompts), p.seed)
+    guards, watch = Guards(guard_spec(p)), MonitorSpec(monitor_ids, sampling(p), p.forward_batch_size, p.seed,
+                                                       p.monitor_every)
 
     # 3. resume, or measure the reward normalisation on the SFT policy
     with procs.main_process_first():  # the main process removes a half-written checkpoint first
@@ -161,6 +184,7 @@ def run(cfg: PipelineConfig) -> Path:
             print(f"[ppo] warning: the ppo config changed since that checkpoint: {', '.join(changed)}", file=sys.stderr)
         kl_ctl.load_state_dict(state["kl"])
         sampler.load_state_dict(state["sampler"])
+        guards.load_state_dict(state.get("guards", {}))
         shift, scale, start = state["reward_shift"], state["reward_scale"], state["step"]
     else:
         shift, scale = reward_normalisation(roles, tokenizer, prompt_ids, p, rank, world)
@@ -172,12 +196,20 @@ def run(cfg: PipelineConfig) -> Path:
             print(f"[ppo] reward normalisation from the SFT policy: shift {shift:.3f}, scale {scale:.3f}")
     metrics = MetricsFile(out / "metrics.jsonl", resume_step=start, enabled=main)
     trackers = Trackers(cfg.report_to, out, config=asdict(cfg), enabled=main, stage="ppo")  # tb/ and report_to
+    if main:
+        prune_best(out, guards.best_step, upto=start)  # snapshots a killed run wrote after its last checkpoint
+    if start == 0 and watch.due(0):  # the monitor's baseline: the SFT policy (the guards compare with it)
+        first = observe(0, 0.0, guards, watch, roles, tokenizer, out, main, procs.device)
+        metrics.write(0, first)
+        trackers.log(first, 0)
 
     # 4. the PPO loop: rollout -> score -> advantages -> PPO epochs
     bar = progress(range(start, p.steps), initial=start, total=p.steps, desc="ppo", enabled=p.progress_bar and main)
     stop = StopSignal()  # SIGTERM/SIGUSR1: checkpoint at the end of the step, exit 75 (rlhf/preempt.py)
     try:
         for step in bar:
+            if guards.stop_reason:  # a guard stopped the run (last step, or in the checkpoint resumed from)
+                break
             t0 = time.perf_counter()
             batch = [prompt_ids[i] for i in distributed.shard(sampler.next(p.rollout_batch_size), rank, world)]
             ids, mask, width = sample(roles, tokenizer, batch, sampling(p), p.forward_batch_size)      # 4.1 rollout
@@ -194,16 +226,21 @@ def run(cfg: PipelineConfig) -> Path:
                 "perf/generated_tokens_per_s": r.response_mask.sum().item() / max(t1 - t0, 1e-9)}
             logs = distributed.mean_over_processes(logs, procs.device)  # every process logs and adapts the same
             kl_ctl.update(logs["ppo/kl"], p.rollout_batch_size)                                          # 4.5
+            logs |= observe(step + 1, logs["ppo/kl"], guards, watch, roles, tokenizer, out, main, procs.device)  # 4.6
+            if guards.stop_reason and main:
+                print(f"[ppo] stopping at step {step + 1}: {guards.stop_reason}", file=sys.stderr)
             metrics.write(step + 1, logs)
             trackers.log(logs, step + 1)
             bar.set_postfix(score=f"{logs['ppo/score']:.3f}", kl=f"{logs['ppo/kl']:.3f}")
             stopping = stop.requested(procs.device) and step + 1 < p.steps  # agreed by every process
-            if (step + 1) % p.save_steps == 0 or step + 1 == p.steps or stopping:
+            if (step + 1) % p.save_steps == 0 or step + 1 == p.steps or stopping or guards.stop_reason:
                 rngs = distributed.gather_objects(rng_state())  # every process's random state, saved by the main one
                 if main:
                     save_checkpoint(out / "checkpoints", step + 1, roles, optimizer, scheduler,
                                     {"kl": kl_ctl.state_dict(), "sampler": sampler.state_dict(),
-                                     "reward_shift": shift, "reward_scale": scale, "config": asdict(p)}, rngs=rngs)
+                                     "reward_shift": shift, "reward_scale": scale, "config": asdict(p),
+                                     "guards": guards.state_dict()}, rngs=rngs)
+                    prune_best(out, guards.best_step)
                 procs.wait_for_everyone()
             if stopping:
                 trackers.close()
@@ -219,14 +256,20 @@ def run(cfg: PipelineConfig) -> Path:
         procs.wait_for_everyone()
         return out
 
-    # 5. the trained adapters, in PEFT format
+    # 5. the kept policy (rlhf/ppo/guards.py), then the trained adapters in PEFT format
+    last = guards.stop_step or p.steps
+    kept, why = guards.kept(last)
+    if kept != last:
+        load_best(out, kept, roles)
+    print(f"[ppo] {why}")
     roles.model.save_pretrained(str(out), selected_adapters=[POLICY, VALUE])
     save_file({k: v.detach().cpu().contiguous() for k, v in roles.value_head.state_dict().items()},
               str(out / VALUE / "value_head.safetensors"))
     tokenizer.save_pretrained(out)
 
     # 6. policy vs SFT on held-out prompts
-    summary = {"steps": p.steps, "num_processes": world}
+    summary = {"steps": p.steps, "num_processes": world, "steps_run": last, "kept_step": kept, "kept_reason": why,
+               "stopped_early": guards.stop_reason is not None}
     if eval_prompts:
         result = compare_with_sft(roles, tokenizer, eval_prompts, sampling(p), p.forward_batch_size, judge, seed=p.seed)
         (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")

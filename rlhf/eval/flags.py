@@ -1,0 +1,42 @@
+"""Warnings the evaluation must not leave to a careful reader: a checkpoint worse than the baseline, and a
+checkpoint whose answers degenerate. Computed from `metrics.json` alone (the report redraws them), printed by
+`make eval` and put at the top of `report.md`.
+
+* worse: its win rate over the baseline has a 95 % interval entirely below 0.5, by the reward model or by
+  the gold judge, in some decoding;
+* degenerate: its mean `repeat` (share of tokens repeating an earlier one, rlhf/eval/degeneration.py) or its
+  share of answers dominated by one token exceeds the baseline's by more than DEGENERATION_MARGIN.
+"""
+
+from __future__ import annotations
+
+from rlhf.eval.degeneration import DEGENERATION_MARGIN
+
+JUDGES = (("gold", "the gold judge"), ("reward", "the reward model"))
+
+
+def flags(m: dict) -> list[str]:
+    """One line per problem, in decoding then checkpoint order (markdown bold around names)."""
+    base, out = m["baseline"], []
+    for decoding, rows in m["results"].items():
+        for name, row in rows.items():
+            if name == base:
+                continue
+            for key, judge in JUDGES:
+                if row.get(f"{key}_win_rate_high", 1.0) < 0.5:
+                    out.append(f"**{name}** is worse than **{base}** by {judge} ({decoding} answers: win rate "
+                               f"{row[f'{key}_win_rate']:.3f}, 95 % interval {row[f'{key}_win_rate_low']:.3f}–"
+                               f"{row[f'{key}_win_rate_high']:.3f}).")
+            if degenerate(row, rows.get(base, {})):
+                out.append(f"**{name}**: {decoding} answers degenerate: repeat {row['repeat_mean']:.3f} vs "
+                           f"{rows[base]['repeat_mean']:.3f} for {base} (share of tokens repeating an earlier one), "
+                           f"{row['dominated_mean']:.0%} of answers dominated by one token vs "
+                           f"{rows[base]['dominated_mean']:.0%}.")
+    return out
+
+
+def degenerate(row: dict, base: dict) -> bool:
+    keys = ("repeat_mean", "dominated_mean")
+    if not all(k in row and k in base for k in keys):
+        return False  # a metrics.json written before these measures existed
+    return any(row[k] > base[k] + DEGENERATION_MARGIN for k in keys)

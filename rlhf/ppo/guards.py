@@ -1,0 +1,134 @@
+"""Over-optimisation guards that need no gold judge: a KL budget, a degeneration stop, and the kept policy.
+
+A weak reward model lets PPO drag the policy far from SFT onto answers the RM likes and nobody else does
+(issue 14: KL 7.3 nats, greedy answers "X, X, X.", gold win rate 0.39). The guards watch two signals:
+
+* the rollout KL (`ppo/kl`, summed over an answer): above `kl_budget` nats for `patience` consecutive
+  steps, the run stops;
+* the held-out monitor (`rlhf/ppo/monitor.py`): when the greedy answers' `repeat` (rlhf/eval/degeneration.py)
+  exceeds the SFT model's own (measured at step 0) by more than `degeneration_margin` at `patience`
+  consecutive monitor points, the run stops.
+
+The kept policy (`keep_best`): `none` the last one (the one at the stop, after a stop); `monitor_reward`
+the monitor point with the highest RM score of sampled answers (step 0, the SFT policy, included);
+`monitor_reward_guarded` the same among points within both guards only. Its adapters are written to
+`<ppo>/best/` at each new best and loaded before the stage saves `policy/`.
+
+`Guards` is plain state (JSON in the PPO checkpoint) and decisions; it never touches a model.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from rlhf.ppo.roles import Roles, adapter_state, load_adapter_state
+
+KEEP_BEST = ("none", "monitor_reward", "monitor_reward_guarded")
+BEST_DIR = "best"
+
+
+@dataclass(frozen=True)
+class GuardSpec:
+    kl_budget: float | None      # nats per answer; None or <= 0: no budget
+    patience: int                # consecutive violations before a stop
+    degeneration_margin: float | None  # None: no degeneration stop
+    keep_best: str
+
+
+@dataclass
+class Guards:
+    spec: GuardSpec
+    kl_streak: int = 0
+    degeneration_streak: int = 0
+    baseline_repeat: float | None = None   # the SFT policy's greedy `repeat` (monitor at step 0)
+    best_step: int | None = None
+    best_score: float = -math.inf
+    stop_reason: str | None = None
+    stop_step: int | None = None
+
+    def after_step(self, step: int, kl: float) -> str | None:
+        """Count the rollout KL against the budget; returns the stop reason when the run must stop."""
+        b = self.spec.kl_budget
+        self.kl_streak = self.kl_streak + 1 if b and b > 0 and kl > b else 0
+        if self.kl_streak >= self.spec.patience and self.stop_reason is None:
+            self._stop(step, f"rollout KL above the budget of {b:g} nats for {self.kl_streak} consecutive steps "
+                             f"(last {kl:.2f}; ppo.kl_budget)")
+        return self.stop_reason
+
+    def after_monitor(self, step: int, sampled_reward: float, greedy_repeat: float, kl_ok: bool) -> bool:
+        """Record a monitor point; returns True when it is the new kept policy (its adapters must be saved).
+        Step 0 (the SFT policy) sets the degeneration baseline."""
+        if self.baseline_repeat is None:
+            self.baseline_repeat = greedy_repeat
+        margin = self.spec.degeneration_margin
+        degenerate = margin is not None and greedy_repeat > self.baseline_repeat + margin
+        self.degeneration_streak = self.degeneration_streak + 1 if degenerate else 0
+        if self.degeneration_streak >= self.spec.patience and self.stop_reason is None:
+            self._stop(step, f"greedy answers more repetitive than SFT's (repeat {greedy_repeat:.3f} vs "
+                             f"{self.baseline_repeat:.3f} + margin {margin:g}) at {self.degeneration_streak} "
+                             f"consecutive monitor points (ppo.degeneration_margin)")
+        keep = self.spec.keep_best
+        eligible = keep == "monitor_reward" or (keep == "monitor_reward_guarded" and not degenerate and kl_ok)
+        if eligible and sampled_reward > self.best_score:
+            self.best_step, self.best_score = step, sampled_reward
+            return True
+        return False
+
+    def kept(self, last_step: int) -> tuple[int, str]:
+        """The step whose policy the stage keeps, and why (for the DONE summary and the printout)."""
+        stopped = f"stopped early at step {self.stop_step}: {self.stop_reason}; " if self.stop_reason else ""
+        if self.spec.keep_best == "none" or self.best_step is None:
+            why = "ppo.keep_best=none" if self.spec.keep_best == "none" else "no monitor point qualified"
+            return last_step, f"{stopped}kept the last policy ({why})"
+        return self.best_step, (f"{stopped}kept the policy of step {self.best_step}: the best held-out RM score "
+                                f"of sampled answers ({self.best_score:.3f}) by ppo.keep_best={self.spec.keep_best}")
+
+    def _stop(self, step: int, reason: str) -> None:
+        self.stop_reason, self.stop_step = reason, step
+
+    def state_dict(self) -> dict:
+        return {"kl_streak": self.kl_streak, "degeneration_streak": self.degeneration_streak,
+                "baseline_repeat": self.baseline_repeat, "best_step": self.best_step,
+                "best_score": self.best_score if math.isfinite(self.best_score) else None,
+                "stop_reason": self.stop_reason, "stop_step": self.stop_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+        if self.best_score is None:
+            self.best_score = -math.inf
+
+
+def save_best(out: Path, step: int, roles: Roles) -> Path:
+    """The adapters of the new kept policy: `<out>/best/step-<step>.safetensors` (written, then renamed)."""
+    folder = out / BEST_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{step}.safetensors"
+    tmp = folder / f".tmp-step-{step}.safetensors"
+    save_file(adapter_state(roles), str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def prune_best(out: Path, keep_step: int | None, upto: int | None = None) -> None:
+    """Remove best snapshots other than `keep_step`: those older than it (no checkpoint refers to them once
+    one that records `keep_step` is saved) and, after a resume from step `upto`, those newer than `upto`
+    (a killed run wrote them; the resumed run writes them again)."""
+    folder = out / BEST_DIR
+    for path in folder.glob("*step-*.safetensors") if folder.is_dir() else []:
+        s = int(path.stem.split("-")[-1])
+        if path.name.startswith(".tmp") or (keep_step is not None and s < keep_step) or (upto is not None and s > upto):
+            path.unlink()
+
+
+def load_best(out: Path, step: int, roles: Roles) -> None:
+    load_adapter_state(roles, load_file(str(out / BEST_DIR / f"step-{step}.safetensors")))
+
+
+def remove_best(out: Path) -> None:
+    shutil.rmtree(out / BEST_DIR, ignore_errors=True)
