@@ -91,6 +91,7 @@ def fake_model_io(monkeypatch):
     monkeypatch.setattr(export, "require_done", lambda path, stage: path)
     monkeypatch.setattr(export, "load_tokenizer", lambda path: tok)
     monkeypatch.setattr(export, "load_sft_model", lambda *a: model)
+    monkeypatch.setattr(export, "stop_token_ids", lambda tokenizer, generation_config: [tokenizer.eos_token_id])
 
 
 @pytest.mark.parametrize("push", [None, "me/tiny-sft"])
