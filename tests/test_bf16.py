@@ -40,4 +40,4 @@ def test_bf16_demo_pipeline_end_to_end(demo_dir, tmp_path):
     assert all(v.dtype == torch.float32 for v in load_file(str(run / "ppo" / "value" / "value_head.safetensors")).values())
     assert json.loads((run / "export-ppo" / "config.json").read_text())["dtype"] == "bfloat16"
     rows = read_metrics(run / "ppo" / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2] and rows[-1]["ppo/value_loss"] > 0
+    assert [r["step"] for r in rows] == [0, 1, 2] and rows[-1]["ppo/value_loss"] > 0  # step 0: the monitor's SFT row
