@@ -126,7 +126,10 @@ def check_rm(cfg: PipelineConfig) -> None:
 
 
 def check_ppo(cfg: PipelineConfig) -> None:
+    from rlhf.ppo.train import check_config  # the PPO settings first: they need no file
+
     p, run_dir = cfg.ppo, Path(cfg.run_dir)
+    check_config(p)
     sft_dir = require_done(run_dir / "sft", "sft")
     require_done(run_dir / "rm", "rm")
     check_model_path(cfg.model.name_or_path, cfg.model.revision)

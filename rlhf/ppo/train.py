@@ -105,13 +105,22 @@ def check_sampling(p: PPOStageConfig) -> None:
                           f"set ppo.top_k=0 and ppo.top_p=1.0 (eval.top_k/top_p may differ)")
 
 
-def run(cfg: PipelineConfig) -> Path:
-    p = cfg.ppo
-    run_dir = Path(cfg.run_dir)
+def check_config(p: PPOStageConfig) -> None:
+    """The PPO settings that are wrong on their own, checked before anything is read or loaded (also by
+    rlhf.preflight, ahead of the checks on files and finished stages)."""
     check_sampling(p)
     if p.reward_norm not in core.REWARD_NORMS:
         raise ConfigError(f"ppo.reward_norm must be one of {', '.join(core.REWARD_NORMS)}, not {p.reward_norm!r}")
+    if p.ensemble_objective not in ENSEMBLE_OBJECTIVES:
+        raise ConfigError(f"ppo.ensemble_objective must be one of {', '.join(ENSEMBLE_OBJECTIVES)}, "
+                          f"got {p.ensemble_objective!r}")
     check_guards(p)
+
+
+def run(cfg: PipelineConfig) -> Path:
+    p = cfg.ppo
+    run_dir = Path(cfg.run_dir)
+    check_config(p)
     sft_dir, rm_dir = require_done(run_dir / "sft", "sft"), require_done(run_dir / "rm", "rm")
     # Several processes (accelerate launch): rollout_batch_size is global, each process samples its share.
     procs = distributed.state()
@@ -124,9 +133,6 @@ def run(cfg: PipelineConfig) -> Path:
         if world == 1:
             raise
         raise ConfigError(f"{e} (per process: {p.rollout_batch_size} rollouts / {world} processes)") from None
-    if p.ensemble_objective not in ENSEMBLE_OBJECTIVES:
-        raise ConfigError(f"ppo.ensemble_objective must be one of {', '.join(ENSEMBLE_OBJECTIVES)}, "
-                          f"got {p.ensemble_objective!r}")
     out = begin_stage(run_dir / "ppo", cfg.force)
     if main:
         save_config(cfg, out)
