@@ -65,11 +65,12 @@ def test_3_old_logprobs_equal_the_sampler_distribution_at_temperature(setup):
     """Log-probs PPO computes by a fresh forward = what generate sampled from (scores after temperature)."""
     roles, tok, prompts, *_ = setup
     ids = [encode_prompt(tok, p) for p in prompts[:6]]
-    from rlhf.generation import left_pad
+    from rlhf.generation import bare_generation_config, left_pad, model_stop_ids
     x, m = left_pad(ids, tok.pad_token_id)
     torch.manual_seed(3)
-    with active_adapter(roles.model, POLICY), torch.no_grad():
-        out = roles.model.generate(input_ids=x, attention_mask=m.long(), generation_config=SPEC.generation_config(tok),
+    config = SPEC.generation_config(tok, model_stop_ids(roles.model, tok))
+    with active_adapter(roles.model, POLICY), bare_generation_config(roles.model), torch.no_grad():
+        out = roles.model.generate(input_ids=x, attention_mask=m.long(), generation_config=config,
                                    output_scores=True, return_dict_in_generate=True)
     gen = out.sequences[:, x.shape[1]:]
     sampler_lp = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1).gather(-1, gen[..., None])[..., 0]
