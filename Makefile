@@ -17,6 +17,11 @@ TORCH_PIP_ARGS ?=
 CONFIG     ?= configs/demo.yaml
 ARGS       ?=
 PYTEST_ARGS ?=
+# The suite runs in TEST_PROCS processes (pytest-xdist; one torch thread each, so they do not fight over the
+# cores): `auto` is one per core, at most 4 (each holds its own tiny models). TEST_PROCS=0: one process.
+TEST_PROCS ?= auto
+XDIST       = $(if $(filter 0,$(TEST_PROCS)),-p no:xdist,-n $(TEST_PROCS) --maxprocesses 4 --dist loadgroup)
+TEST_ENV    = $(if $(filter 0,$(TEST_PROCS)),,OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1})
 # The run directory: a run_dir=... in ARGS, else the config's top-level run_dir (or make sft RUN=runs/other).
 RUN        ?= $(or $(lastword $(patsubst run_dir=%,%,$(filter run_dir=%,$(ARGS)))),$(shell awk '/^run_dir:/{print $$2; exit}' $(CONFIG) 2>/dev/null),runs/default)
 # Configs of the shipped examples need what `make data` / `make data-hh` build; other configs bring their own.
@@ -77,10 +82,10 @@ lock:
 	  $(PY) -m pip freeze --exclude-editable | grep -viE '^(torch|rlhf)==' ; } > constraints.txt
 
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 # Time and peak memory of each stage, on the demo and on a ~150M-parameter random model: bench/results/*.json
 bench: $(STAMP) data/demo/DONE

@@ -173,25 +173,63 @@ def job_state(job_id: str) -> str:
     return next((w.split("=", 1)[1] for w in out.split() if w.startswith("JobState=")), "GONE")
 
 
-def wait_for(predicate, what: str, timeout: float = 600, every: float = 0.2):
-    deadline = time.time() + timeout
+def job_field(job_id: str, field: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    return next((w.split("=", 1)[1] for w in out.split() if w.startswith(f"{field}=")), "")
+
+
+def cluster_state(job_id: str | None) -> str:
+    """What to show when a wait times out: the queue, the job's state and reason, the end of its log."""
+    parts = [subprocess.run(["squeue"], capture_output=True, text=True).stdout]
+    if job_id:
+        parts.append(f"job {job_id}: {job_state(job_id)}, reason {job_field(job_id, 'Reason')}")
+        log = job_field(job_id, "StdOut")
+        if log and Path(log).is_file():
+            parts.append(Path(log).read_text()[-3000:])
+    return "\n".join(parts)
+
+
+def wait_for(predicate, what: str, timeout: float = 600, every: float = 0.2, job: str | None = None):
+    """Poll `predicate` until it is true. With `job`, a requeued job left pending (held after a launch that
+    slurmd refused, or waiting out the requeue delay) is released and started again on each poll."""
+    deadline, nudged = time.time() + timeout, 0.0
     while time.time() < deadline:
         value = predicate()
         if value:
             return value
+        if job and time.time() - nudged > 5:
+            nudge(job)
+            nudged = time.time()
         time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}\n{cluster_state(job)}")
+
+
+def node_idle() -> bool:
+    return subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout.strip() == "idle"
+
+
+def nudge(job_id: str) -> None:
+    """A pending job that SLURM held (`launch failed requeued held`: slurmd refuses a credential issued in the
+    second it revoked the old one, "Job credential revoked") is released; one waiting out the requeue delay
+    (two minutes) is started now, once the node is free of its previous run."""
+    if job_state(job_id) != "PENDING":
+        return
+    reason = job_field(job_id, "Reason")
+    if "held" in reason.lower() or job_field(job_id, "Priority") == "0":
+        subprocess.run(["scontrol", "release", job_id], capture_output=True)
+    elif reason != "BeginTime":  # waiting on a dependency or its turn: leave it to the scheduler
+        return
+    if node_idle():
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
 
 
 def start_now_if_pending(job_id: str) -> None:
-    """A requeued job waits two minutes (SLURM's requeue delay) before it may start again: start it now, but
-    only once the node is free of its previous run and a few seconds later (slurmd refuses a credential
-    issued in the second it revoked the old one: "Job credential revoked")."""
+    """Wait until a requeued job is back in the queue, then start it now rather than after SLURM's two-minute
+    requeue delay, a few seconds after the node is free of its previous run (see `nudge`)."""
     wait_for(lambda: job_state(job_id) == "PENDING", f"job {job_id} back in the queue", timeout=120)
-    wait_for(lambda: subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout.strip()
-             == "idle", "the node to be idle", timeout=120)
+    wait_for(node_idle, "the node to be idle", timeout=120, job=None)
     time.sleep(3)
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, capture_output=True)
+    nudge(job_id)
 
 
 def jobs_of(run: Path) -> dict[str, str]:
@@ -225,16 +263,18 @@ def test_demo_chain_on_a_real_cluster_survives_requeue_time_limit_signal_and_sca
     ppo, ppo_dir = jobs["ppo"], run / "ppo"
 
     # 1. preempted and requeued by the scheduler
-    at = wait_for(lambda: checkpoints(ppo_dir) >= 3 and checkpoints(ppo_dir), "ppo checkpoint 3", timeout=900)
+    at = wait_for(lambda: checkpoints(ppo_dir) >= 3 and checkpoints(ppo_dir), "ppo checkpoint 3", timeout=900,
+               job=ppo)
     subprocess.run(["scontrol", "requeue", ppo], check=True, capture_output=True)
     start_now_if_pending(ppo)
     # 2. the time-limit warning: SIGUSR1 to the batch script, which passes it on and requeues the job
-    wait_for(lambda: checkpoints(ppo_dir) >= at + 8, "ppo to go on after the first requeue", timeout=600)
+    wait_for(lambda: checkpoints(ppo_dir) >= at + 8, "ppo to go on after the first requeue", timeout=600, job=ppo)
     subprocess.run(["scancel", "--batch", "--signal=USR1", ppo], check=True, capture_output=True)
     start_now_if_pending(ppo)
     # 3. cancelled: the stage checkpoints and stops; the user submits again
     second = checkpoints(ppo_dir)
-    wait_for(lambda: checkpoints(ppo_dir) >= second + 8, "ppo to go on after the second requeue", timeout=600)
+    wait_for(lambda: checkpoints(ppo_dir) >= second + 8, "ppo to go on after the second requeue", timeout=600,
+             job=ppo)
     subprocess.run(["scancel", ppo], check=True, capture_output=True)
     wait_for(lambda: job_state(ppo) in ("CANCELLED", "GONE") and (ppo_dir / "PREEMPTED").exists(),
              "the cancelled ppo job to checkpoint and end", timeout=120)
@@ -243,7 +283,8 @@ def test_demo_chain_on_a_real_cluster_survives_requeue_time_limit_signal_and_sca
     assert "[slurm] ppo: job" in resubmitted and "[slurm] sft" not in resubmitted  # only the unfinished stage
     last = jobs_of(run)["ppo"]
     assert last != ppo
-    wait_for(lambda: job_state(last) in ("COMPLETED", "FAILED", "CANCELLED", "GONE"), "the last ppo job", timeout=900)
+    wait_for(lambda: job_state(last) in ("COMPLETED", "FAILED", "CANCELLED", "GONE"), "the last ppo job",
+             timeout=900, job=last)
 
     for stage in ("sft", "rm", "ppo"):
         assert (run / stage / "DONE").exists(), (run / "slurm").glob(f"{stage}-*.out")
@@ -270,10 +311,11 @@ def test_two_process_ppo_job_stops_together_on_the_time_limit_signal_and_resumes
     subprocess.run(run_make("ppo", run, args=args) + ["LAUNCHER=slurm"], cwd=ROOT, check=True, capture_output=True)
     job = jobs_of(run)["ppo"]
     metrics = run / "ppo" / "metrics.jsonl"
-    wait_for(lambda: metrics.exists() and len(read_metrics(metrics)) >= 3, "3 ppo steps", timeout=600)
+    wait_for(lambda: metrics.exists() and len(read_metrics(metrics)) >= 3, "3 ppo steps", timeout=600, job=job)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, capture_output=True)
     start_now_if_pending(job)
-    wait_for(lambda: job_state(job) in ("COMPLETED", "FAILED", "CANCELLED", "GONE"), "the ppo job", timeout=900)
+    wait_for(lambda: job_state(job) in ("COMPLETED", "FAILED", "CANCELLED", "GONE"), "the ppo job",
+             timeout=900, job=job)
 
     log = (run / "slurm" / f"ppo-{job}.out").read_text()
     assert (run / "ppo" / "DONE").exists(), log[-3000:]
