@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib
 import sys
 from collections.abc import Callable
 
 from rlhf.compat import CompatError, check as check_libraries
 from rlhf.config import ConfigError, PipelineConfig, load_config, to_yaml
 from rlhf.data import DataError
-from rlhf.ppo.state import UnsafeCheckpointError
-from rlhf.preempt import EXIT_PREEMPTED, Preempted
-from rlhf.runs import StageFinished
+from rlhf.errors import EXIT_PREEMPTED, Preempted, StageFinished, UnsafeCheckpointError
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+StageFunction = Callable[[PipelineConfig], object] | str
 
 
-def stage_main(stage: str, run: Callable[[PipelineConfig], object], argv: list[str] | None = None,
-               check: Callable[[PipelineConfig], object] | None = None) -> int:
-    """check: validates the config, data files and model path before `run` touches the stage directory."""
+def stage_main(stage: str, run: StageFunction, argv: list[str] | None = None, check: StageFunction | None = None) -> int:
+    """run: the stage; check: validates the config, data files and model path before `run` touches the stage
+    directory. Either may be "module:function", imported only when it is called: the entry points name them so,
+    and a bad key, file or finished stage is reported before torch and transformers load (about a second)."""
     parser = argparse.ArgumentParser(
         prog=f"python -m stages.{stage}",
         description=f"Run the {stage} stage. Overrides are key=value; keys relative to the '{stage}' section "
@@ -36,10 +37,10 @@ def stage_main(stage: str, run: Callable[[PipelineConfig], object], argv: list[s
         if args.print_config:
             print(to_yaml(cfg))
             return 0
-        check_libraries()  # trl/transformers internals we rely on, before anything loads
         if check is not None:
-            check(cfg)
-        run(cfg)
+            resolve(check)(cfg)
+        check_libraries()  # trl/transformers internals we rely on, before any model loads
+        resolve(run)(cfg)
     except (ConfigError, DataError, FileNotFoundError, StageFinished, UnsafeCheckpointError, CompatError) as e:
         # Input errors, and a finished stage started again: one clear message, no traceback.
         print(f"error: {e}", file=sys.stderr)
@@ -57,3 +58,11 @@ def stage_main(stage: str, run: Callable[[PipelineConfig], object], argv: list[s
         print(f"[{stage}] {e}", file=sys.stderr)
         return EXIT_PREEMPTED
     return 0
+
+
+def resolve(fn: StageFunction) -> Callable[[PipelineConfig], object]:
+    """"module:function" -> the function (our own modules: an import error is a bug and keeps its traceback)."""
+    if not isinstance(fn, str):
+        return fn
+    module, _, name = fn.partition(":")
+    return getattr(importlib.import_module(module), name)

@@ -264,6 +264,8 @@ class PPOStageConfig:
 
 @dataclass
 class ExportConfig:
+    STAGES = ("sft", "ppo")  # the stages whose adapter can be exported (a class constant, not a config field)
+
     stage: str = "ppo"
     """Which adapter to merge into the base: ppo (the PPO policy, over SFT) or sft."""
     out_dir: str | None = None

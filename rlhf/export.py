@@ -15,12 +15,12 @@ from pathlib import Path
 from peft import PeftModel
 
 from rlhf.chat import stop_token_ids
-from rlhf.config import PipelineConfig
+from rlhf.config import ExportConfig, PipelineConfig
 from rlhf.model_card import card, push_to_hub
 from rlhf.models import load_sft_model, load_tokenizer, resolve_dtype
 from rlhf.runs import finish_stage, require_done
 
-STAGES = ("sft", "ppo")
+STAGES = ExportConfig.STAGES
 
 
 def run(cfg: PipelineConfig) -> Path:

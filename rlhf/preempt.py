@@ -20,19 +20,10 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from rlhf import distributed
+from rlhf.errors import EXIT_PREEMPTED, Preempted  # noqa: F401 (re-exported: the stages raise and catch them)
+from rlhf.runs import PREEMPTED
 
-EXIT_PREEMPTED = 75
-PREEMPTED = "PREEMPTED"
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-class Preempted(Exception):
-    """The stage stopped on a signal after saving a checkpoint; running it again resumes."""
-
-    def __init__(self, stage: str, out_dir: Path, step: int, signal_name: str):
-        self.stage, self.out_dir, self.step, self.signal_name = stage, Path(out_dir), step, signal_name
-        super().__init__(f"stopped on {signal_name} after saving the checkpoint of step {step} "
-                         f"in {self.out_dir / 'checkpoints'}; run the stage again to resume")
 
 
 class StopSignal:

@@ -152,8 +152,7 @@ def check_eval(cfg: PipelineConfig) -> None:
 
 
 def check_export(cfg: PipelineConfig) -> None:
-    from rlhf.export import STAGES
-
+    STAGES = cfg.export.STAGES
     if cfg.export.stage not in STAGES:
         raise ConfigError(f"export.stage must be one of {', '.join(STAGES)}, not {cfg.export.stage!r}")
     require_done(Path(cfg.run_dir) / "sft", "sft")

@@ -34,8 +34,9 @@ from rlhf.reward import (HEAD_FILE, MEMBER_PREFIX, RewardEnsemble, RewardScorer,
                          member_dir, member_index, pair_ids, save_head)
 from rlhf.preempt import train_or_preempt
 from rlhf.tracking import trainer_callbacks
-from rlhf.runs import (FiniteLogsCallback, MetricsCallback, MetricsFile, begin_stage, checkpoint_step, finish_stage,
-                       is_done, last_complete_checkpoint, require_done, save_trained_adapter, trainer_kwargs)
+from rlhf.runs import (MetricsFile, begin_stage, checkpoint_step, finish_stage, is_done, last_complete_checkpoint,
+                       require_done)
+from rlhf.trainers import FiniteLogsCallback, MetricsCallback, save_trained_adapter, trainer_kwargs
 
 
 def load_rm_data(cfg: RMStageConfig, tokenizer) -> tuple[list[rdata.PreferencePair], list[rdata.PreferencePair]]:

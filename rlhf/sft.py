@@ -20,8 +20,9 @@ from rlhf.config import PipelineConfig, SFTStageConfig, save_config
 from rlhf.models import load_causal_lm, load_tokenizer, lora_config, resolve_dtype
 from rlhf.preempt import train_or_preempt
 from rlhf.tracking import trainer_callbacks
-from rlhf.runs import (FiniteLogsCallback, MetricsCallback, MetricsFile, begin_stage, checkpoint_step, finish_stage,
-                       last_complete_checkpoint, read_metrics, save_trained_adapter, trainer_kwargs)
+from rlhf.runs import (MetricsFile, begin_stage, checkpoint_step, finish_stage, last_complete_checkpoint,
+                       read_metrics)
+from rlhf.trainers import FiniteLogsCallback, MetricsCallback, save_trained_adapter, trainer_kwargs
 
 
 def load_sft_data(cfg: SFTStageConfig, tokenizer) -> tuple[list[rdata.SFTExample], list[rdata.SFTExample]]:

@@ -30,8 +30,9 @@ def trainer_trackers() -> list[str]:
 
 
 def check_report_to(names: list[str]) -> None:
-    """One clear error for a tracker the Trainer does not know or whose package is not installed."""
-    known = trainer_trackers()
+    """One clear error for a tracker the Trainer does not know or whose package is not installed. The default
+    (tensorboard alone) is checked without importing transformers: a config is loaded before torch is."""
+    known = trainer_trackers() if set(names) - {TENSORBOARD} else [TENSORBOARD]
     for name in names:
         if name not in known:
             raise ConfigError(f"report_to: unknown tracker {name!r}; supported: {', '.join(known)}")

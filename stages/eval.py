@@ -2,9 +2,7 @@
 
 import sys
 
-from rlhf import preflight
 from rlhf.cli import stage_main
-from rlhf.eval.run import run
 
 if __name__ == "__main__":
-    sys.exit(stage_main("eval", run, check=preflight.check_eval))
+    sys.exit(stage_main("eval", "rlhf.eval.run:run", check="rlhf.preflight:check_eval"))

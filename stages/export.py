@@ -2,8 +2,7 @@
 
 import sys
 
-from rlhf import preflight, export
 from rlhf.cli import stage_main
 
 if __name__ == "__main__":
-    sys.exit(stage_main("export", export.run, check=preflight.check_export))
+    sys.exit(stage_main("export", "rlhf.export:run", check="rlhf.preflight:check_export"))

@@ -2,9 +2,7 @@
 
 import sys
 
-from rlhf import preflight
 from rlhf.cli import stage_main
-from rlhf.ppo import train
 
 if __name__ == "__main__":
-    sys.exit(stage_main("ppo", train.run, check=preflight.check_ppo))
+    sys.exit(stage_main("ppo", "rlhf.ppo.train:run", check="rlhf.preflight:check_ppo"))

@@ -2,8 +2,7 @@
 
 import sys
 
-from rlhf import preflight, rm
 from rlhf.cli import stage_main
 
 if __name__ == "__main__":
-    sys.exit(stage_main("rm", rm.run, check=preflight.check_rm))
+    sys.exit(stage_main("rm", "rlhf.rm:run", check="rlhf.preflight:check_rm"))

@@ -2,8 +2,7 @@
 
 import sys
 
-from rlhf import preflight, sft
 from rlhf.cli import stage_main
 
 if __name__ == "__main__":
-    sys.exit(stage_main("sft", sft.run, check=preflight.check_sft))
+    sys.exit(stage_main("sft", "rlhf.sft:run", check="rlhf.preflight:check_sft"))

@@ -113,3 +113,29 @@ def test_cli_print_config_and_clean_errors():
     assert bad.returncode == 2
     assert "error: command-line override: key 'sft.lora.bogus'" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+ENTRY = """import runpy, sys
+sys.argv = ["stages.{stage}", *{args!r}]
+try:
+    runpy.run_module("stages.{stage}", run_name="__main__")
+except SystemExit as e:
+    print("exit", e.code, "torch loaded:", "torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("stage,args,message", [
+    ("sft", ["lora.bogus=1"], "key 'sft.lora.bogus'"),
+    ("rm", ["run_dir={tmp}"], "has no finished sft stage"),
+    ("export", ["run_dir={tmp}"], "has no finished"),
+    ("ppo", ["ppo.bogus=1"], "key 'ppo.bogus'"),
+    ("eval", ["run_dir={tmp}", "eval.prompts_file={tmp}/none.jsonl"], "none.jsonl"),
+])
+def test_bad_input_is_reported_before_torch_loads(stage, args, message, tmp_path):
+    """A mistyped key or a missing stage costs a second, not the ten that loading torch and transformers takes:
+    the entry points import the stage only once the config and the inputs are checked."""
+    args = ["--config", str(DEMO_CONFIG)] + [a.format(tmp=tmp_path) for a in args]
+    proc = subprocess.run([sys.executable, "-c", ENTRY.format(stage=stage, args=args)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert "exit 2 torch loaded: False" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr

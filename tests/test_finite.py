@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import run_stage
-from rlhf.runs import FiniteLogsCallback, MetricsFile, check_finite, read_metrics
+from rlhf.runs import MetricsFile, check_finite, read_metrics
+from rlhf.trainers import FiniteLogsCallback
 
 
 def test_metrics_file_refuses_non_finite_numbers_naming_step_and_key(tmp_path):

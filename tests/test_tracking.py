@@ -8,7 +8,7 @@ from transformers import TrainingArguments
 
 from rlhf.cli import stage_main
 from rlhf.config import ConfigError, TrainSpec, load_config
-from rlhf.runs import trainer_kwargs
+from rlhf.trainers import trainer_kwargs
 from rlhf.tracking import Trackers
 
 

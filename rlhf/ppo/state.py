@@ -20,14 +20,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from rlhf.errors import UnsafeCheckpointError
 from rlhf.ppo.roles import Roles, adapter_state, load_adapter_state
 from rlhf.runs import last_complete_checkpoint
 
 STATE = "state.json"
-
-
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint file holds something other than plain tensors and containers (possibly code)."""
 
 
 def load_plain(path: Path) -> dict:
