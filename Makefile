@@ -22,6 +22,7 @@ RUN        ?= $(or $(lastword $(patsubst run_dir=%,%,$(filter run_dir=%,$(ARGS))
 # Configs of the shipped examples need what `make data` / `make data-hh` build; other configs bring their own.
 DATA_DEPS  := $(if $(findstring demo,$(notdir $(CONFIG))),data/demo/DONE)$(if $(findstring hh-sample,$(notdir $(CONFIG))),data/hh-tiny/DONE)
 STAMP      := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 # FORCE=1: run the stage named on the command line again although it has finished (--force); the stages
 # before it still run only when unfinished.
 FORCE      ?=
@@ -54,13 +55,19 @@ SUBMIT     = $(PY) -m rlhf.slurm --config $(CONFIG) --until $(1) $(SLURM_FLAGS) 
 
 .PHONY: force-rerun setup setup-latest lock test test-fast bench data data-base data-hh demo all sft rm ppo eval report export clean-sft clean-rm clean-ppo clean-eval clean
 
-setup: $(STAMP)
+setup: $(TEST_STAMP)
 
 # The exact versions CI passed with are in constraints.txt (torch aside: TORCH_SPEC pins it, installed first).
+# $(STAMP): what the stages need (make demo, make sft, ...); $(TEST_STAMP) adds the test extra (pytest, wandb).
+# The venv's own pip is used as it comes (Python >= 3.10 bundles one that installs pyproject projects in editable
+# mode); upgrading it first cost a download and ~5 % of a fresh `make demo`.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC) $(TORCH_PIP_ARGS)
+	$(PY) -m pip install -q -c constraints.txt -e .
+	touch $@
+
+$(TEST_STAMP): $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
@@ -69,17 +76,17 @@ setup-latest:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_SPEC) $(TORCH_PIP_ARGS)
 	$(PY) -m pip install -q --upgrade --upgrade-strategy eager -e '.[test]' '$(TORCH_SPEC)'  # torch stays TORCH_SPEC
-	touch $(STAMP)
+	touch $(STAMP) $(TEST_STAMP)
 
 lock:
 	{ echo "# Exact versions for \`make setup\` (pip install -c constraints.txt). Written by \`make lock\` from the venv;"; \
 	  echo "# torch is pinned by the Makefile's TORCH_SPEC instead (CPU or CUDA build)."; \
 	  $(PY) -m pip freeze --exclude-editable | grep -viE '^(torch|rlhf)==' ; } > constraints.txt
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: $(STAMP)
+test-fast: $(TEST_STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # Time and peak memory of each stage, on the demo and on a ~150M-parameter random model: bench/results/*.json
