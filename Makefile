@@ -27,7 +27,12 @@ TEST_STAMP := $(VENV)/.installed-test
 # before it still run only when unfinished.
 FORCE      ?=
 forced     = $(if $(FORCE),$(filter $(1),$(MAKECMDGOALS)))
-STAGE      = $(PY) -m stages.$(1) --config $(CONFIG) run_dir=$(RUN) $(ARGS)$(if $(call forced,$(1)), --force)
+# When `make eval` follows in the same make (demo, all, eval, report), PPO skips its own end-of-run comparison with
+# SFT on the held-out prompts (ppo.eval_samples=0; ppo/eval.json is not written): eval judges the same policy on
+# the same prompts, and more. `make ppo` alone keeps it. ARGS come after, so ARGS="ppo.eval_samples=N" still wins.
+EVAL_FOLLOWS = $(filter demo all eval report,$(MAKECMDGOALS))
+STAGE_ARGS = $(if $(and $(filter ppo,$(1)),$(EVAL_FOLLOWS)),ppo.eval_samples=0 )
+STAGE      = $(PY) -m stages.$(1) --config $(CONFIG) run_dir=$(RUN) $(call STAGE_ARGS,$(1))$(ARGS)$(if $(call forced,$(1)), --force)
 
 # --- LAUNCHER=accelerate: the stages as several processes, through `accelerate launch` --------------------
 #   make ppo LAUNCHER=accelerate ACCELERATE_CONFIG=configs/accelerate/ddp.yaml NPROC=4
@@ -40,7 +45,7 @@ ACCELERATE_CONFIG ?=
 NPROC      ?=
 ACCELERATE_STAGES := sft rm ppo eval
 LAUNCH     = $(PY) -m accelerate.commands.launch $(if $(ACCELERATE_CONFIG),--config_file $(ACCELERATE_CONFIG)) $(if $(NPROC),--num_processes $(NPROC))
-STAGE      = $(if $(filter $(1),$(ACCELERATE_STAGES)),$(LAUNCH) -m,$(PY) -m) stages.$(1) --config $(CONFIG) run_dir=$(RUN) $(ARGS)$(if $(call forced,$(1)), --force)
+STAGE      = $(if $(filter $(1),$(ACCELERATE_STAGES)),$(LAUNCH) -m,$(PY) -m) stages.$(1) --config $(CONFIG) run_dir=$(RUN) $(call STAGE_ARGS,$(1))$(ARGS)$(if $(call forced,$(1)), --force)
 endif
 # --- end LAUNCHER=accelerate ------------------------------------------------------------------------------
 

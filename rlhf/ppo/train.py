@@ -281,6 +281,8 @@ def run(cfg: PipelineConfig) -> Path:
         (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
         summary |= {k: v for k, v in result.items() if k.startswith("eval/")}
         print(format_eval(result))
+    elif p.eval_prompts_file:
+        print("[ppo] no held-out comparison with SFT here (ppo.eval_samples=0): `make eval` judges the policy")
     finish_stage(out, summary)
     procs.wait_for_everyone()
     return out
