@@ -125,8 +125,8 @@ rm: $(RUN)/rm/DONE
 ppo: $(RUN)/ppo/DONE
 # Judge base, SFT and PPO on held-out prompts (RM, gold judge, KL, win rates): <run_dir>/eval/report.md
 eval: $(RUN)/eval/DONE
-# data -> SFT -> RM -> PPO -> eval -> report
-demo all: report
+# data -> SFT -> RM -> PPO -> eval, which writes the report (`make report` only redraws it: not run again here)
+demo all: eval
 endif
 
 $(RUN)/sft/DONE: $(STAMP) $(DATA_DEPS) $(if $(call forced,sft),force-rerun)
