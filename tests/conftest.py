@@ -20,7 +20,7 @@ DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 
 @pytest.fixture(scope="session")
 def demo_dir() -> Path:
-    """The demo's data and base model, as `make data` builds them (about 40 s the first time)."""
+    """The demo's data and base model, as `make data` builds them (seconds: the base is copied from data/demo-base/)."""
     if not (DEMO / "DONE").is_file():
         from rlhf.demo.build import build
         build(DEMO)

@@ -26,6 +26,11 @@ def refuse_to_pretrain(*args, **kwargs):
     raise AssertionError("pre-trained although the cache matches")
 
 
+def fake_pretrain(spec, tokenizer, corpus, out_dir):
+    out_dir.mkdir(parents=True)
+    (out_dir / "model.safetensors").write_text("x")
+
+
 class Recorder:
     def __init__(self):
         self.calls = 0
@@ -51,8 +56,7 @@ def test_the_cache_is_used_when_the_spec_matches_and_equals_a_fresh_build(tmp_pa
 @pytest.mark.parametrize("change", [{"pretrain_epochs": 2}, {"hidden_size": 32}, {"seed": 1}])
 def test_a_change_of_the_base_recipe_forces_a_rebuild(tmp_path, monkeypatch, change):
     cache = tmp_path / "cache"
-    monkeypatch.setattr(b, "build_base_model", lambda spec, tok, corpus, out: (out.mkdir(parents=True),
-                                                                              (out / "model.safetensors").write_text("x")))
+    monkeypatch.setattr(b, "build_base_model", fake_pretrain)
     b.build(tmp_path / "first", TINY, cache=cache, update_cache=True)
     pretrain = Recorder()
     monkeypatch.setattr(b, "build_base_model", pretrain)
