@@ -27,11 +27,17 @@ RUN        ?= $(or $(lastword $(patsubst run_dir=%,%,$(filter run_dir=%,$(ARGS))
 # Configs of the shipped examples need what `make data` / `make data-hh` build; other configs bring their own.
 DATA_DEPS  := $(if $(findstring demo,$(notdir $(CONFIG))),data/demo/DONE)$(if $(findstring hh-sample,$(notdir $(CONFIG))),data/hh-tiny/DONE)
 STAMP      := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 # FORCE=1: run the stage named on the command line again although it has finished (--force); the stages
 # before it still run only when unfinished.
 FORCE      ?=
 forced     = $(if $(FORCE),$(filter $(1),$(MAKECMDGOALS)))
-STAGE      = $(PY) -m stages.$(1) --config $(CONFIG) run_dir=$(RUN) $(ARGS)$(if $(call forced,$(1)), --force)
+# When `make eval` follows in the same make (demo, all, eval, report), PPO skips its own end-of-run comparison with
+# SFT on the held-out prompts (ppo.eval_samples=0; ppo/eval.json is not written): eval judges the same policy on
+# the same prompts, and more. `make ppo` alone keeps it. ARGS come after, so ARGS="ppo.eval_samples=N" still wins.
+EVAL_FOLLOWS = $(filter demo all eval report,$(MAKECMDGOALS))
+STAGE_ARGS = $(if $(and $(filter ppo,$(1)),$(EVAL_FOLLOWS)),ppo.eval_samples=0 )
+STAGE      = $(PY) -m stages.$(1) --config $(CONFIG) run_dir=$(RUN) $(call STAGE_ARGS,$(1))$(ARGS)$(if $(call forced,$(1)), --force)
 
 # --- LAUNCHER=accelerate: the stages as several processes, through `accelerate launch` --------------------
 #   make ppo LAUNCHER=accelerate ACCELERATE_CONFIG=configs/accelerate/ddp.yaml NPROC=4
@@ -44,7 +50,7 @@ ACCELERATE_CONFIG ?=
 NPROC      ?=
 ACCELERATE_STAGES := sft rm ppo eval
 LAUNCH     = $(PY) -m accelerate.commands.launch $(if $(ACCELERATE_CONFIG),--config_file $(ACCELERATE_CONFIG)) $(if $(NPROC),--num_processes $(NPROC))
-STAGE      = $(if $(filter $(1),$(ACCELERATE_STAGES)),$(LAUNCH) -m,$(PY) -m) stages.$(1) --config $(CONFIG) run_dir=$(RUN) $(ARGS)$(if $(call forced,$(1)), --force)
+STAGE      = $(if $(filter $(1),$(ACCELERATE_STAGES)),$(LAUNCH) -m,$(PY) -m) stages.$(1) --config $(CONFIG) run_dir=$(RUN) $(call STAGE_ARGS,$(1))$(ARGS)$(if $(call forced,$(1)), --force)
 endif
 # --- end LAUNCHER=accelerate ------------------------------------------------------------------------------
 
@@ -57,15 +63,22 @@ SLURM_FLAGS ?=
 SUBMIT     = $(PY) -m rlhf.slurm --config $(CONFIG) --until $(1) $(SLURM_FLAGS) run_dir=$(RUN) $(ARGS)
 # --- end LAUNCHER=slurm -----------------------------------------------------------------------------------
 
-.PHONY: force-rerun setup setup-latest lock test test-fast bench data data-hh demo all sft rm ppo eval report export clean-sft clean-rm clean-ppo clean-eval clean
+.PHONY: force-rerun setup setup-latest lock test test-fast bench data data-base data-hh demo all sft rm ppo eval report export clean-sft clean-rm clean-ppo clean-eval clean
 
-setup: $(STAMP)
+setup: $(TEST_STAMP)
 
 # The exact versions CI passed with are in constraints.txt (torch aside: TORCH_SPEC pins it, installed first).
+# $(STAMP): what the stages need (make demo, make sft, ...); $(TEST_STAMP) adds the test extra (pytest, wandb and
+# its ~40 dependencies). pip is upgraded first: the venv's bundled pip (23.2 on Python 3.11) took more CPU time for
+# the same install than the current one plus the upgrade (NOTES: "A faster fresh make demo").
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC) $(TORCH_PIP_ARGS)
+	$(PY) -m pip install -q -c constraints.txt -e .
+	touch $@
+
+$(TEST_STAMP): $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
@@ -74,17 +87,17 @@ setup-latest:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_SPEC) $(TORCH_PIP_ARGS)
 	$(PY) -m pip install -q --upgrade --upgrade-strategy eager -e '.[test]' '$(TORCH_SPEC)'  # torch stays TORCH_SPEC
-	touch $(STAMP)
+	touch $(STAMP) $(TEST_STAMP)
 
 lock:
 	{ echo "# Exact versions for \`make setup\` (pip install -c constraints.txt). Written by \`make lock\` from the venv;"; \
 	  echo "# torch is pinned by the Makefile's TORCH_SPEC instead (CPU or CUDA build)."; \
 	  $(PY) -m pip freeze --exclude-editable | grep -viE '^(torch|rlhf)==' ; } > constraints.txt
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(TEST_ENV) $(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
-test-fast: $(STAMP)
+test-fast: $(TEST_STAMP)
 	$(TEST_ENV) $(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 # Time and peak memory of each stage, on the demo and on a ~150M-parameter random model: bench/results/*.json
@@ -93,8 +106,13 @@ bench: $(STAMP) data/demo/DONE
 
 data: data/demo/DONE
 
-data/demo/DONE: $(STAMP) rlhf/demo/task.py rlhf/demo/build.py data/build_demo.py
+# The base comes from data/demo-base/ (committed) when that was built from the same spec, corpus and tokenizer;
+# otherwise it is pre-trained (~2.5 min). After changing the base's recipe: `make data-base`, commit data/demo-base/.
+data/demo/DONE: $(STAMP) rlhf/demo/task.py rlhf/demo/build.py data/build_demo.py data/demo-base/base_key.json
 	$(PY) data/build_demo.py data/demo
+
+data-base:
+	$(PY) data/build_demo.py data/demo --update-cache
 
 data-hh: data/hh-tiny/DONE
 
@@ -113,8 +131,8 @@ rm: $(RUN)/rm/DONE
 ppo: $(RUN)/ppo/DONE
 # Judge base, SFT and PPO on held-out prompts (RM, gold judge, KL, win rates): <run_dir>/eval/report.md
 eval: $(RUN)/eval/DONE
-# data -> SFT -> RM -> PPO -> eval -> report
-demo all: report
+# data -> SFT -> RM -> PPO -> eval, which writes the report (`make report` only redraws it: not run again here)
+demo all: eval
 endif
 
 $(RUN)/sft/DONE: $(STAMP) $(DATA_DEPS) $(if $(call forced,sft),force-rerun)

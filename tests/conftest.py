@@ -55,7 +55,7 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def demo_dir() -> Path:
-    """The demo's data and base model, as `make data` builds them (about 2.5 min the first time)."""
+    """The demo's data and base model, as `make data` builds them (seconds: the base is copied from data/demo-base/)."""
     with FileLock(f"{DEMO}.lock"):
         if not (DEMO / "DONE").is_file():
             from rlhf.demo.build import build

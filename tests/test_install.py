@@ -30,7 +30,18 @@ def test_constraints_pin_every_dependency_but_torch_and_the_venv_runs_them():
     assert stale == {}, "the venv differs from constraints.txt: `make setup`, or `make lock` to record it"
 
 
+def dry_run(*targets: str) -> str:
+    return subprocess.run(["make", "-n", "-B", *targets], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+
 def test_make_setup_installs_with_the_constraints():
-    dry = subprocess.run(["make", "-n", "-B", ".venv/.installed"], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout
-    assert "pip install -q -c constraints.txt -e '.[test]'" in dry
+    dry = dry_run("setup")
+    assert "pip install -q -c constraints.txt -e .\n" in dry                 # what the stages need
+    assert "pip install -q -c constraints.txt -e '.[test]'" in dry         # then the test extra
+    assert "pip install -q -c constraints.txt -e '.[test]'" in dry_run("test")
+
+
+def test_the_demo_installs_only_what_the_stages_need():
+    """A fresh `make demo` does not install the test extra (pytest, wandb and its dependencies)."""
+    dry = dry_run("demo", "RUN=/nonexistent/run")
+    assert "pip install -q -c constraints.txt -e .\n" in dry and "[test]" not in dry

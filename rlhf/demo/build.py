@@ -7,10 +7,12 @@ layout but answers badly: SFT, RM and PPO then each have something to add. See d
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
-from dataclasses import dataclass
+import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rlhf.demo import task
@@ -204,21 +206,71 @@ def build_base_model(spec: BuildSpec, tokenizer, corpus: list[str], out_dir: Pat
     tokenizer.save_pretrained(out_dir)
 
 
+# The built base as it ships in git (data/demo-base/): `make data` copies it instead of pre-training when its
+# key matches the spec, the pre-training corpus and the tokenizer; otherwise it pre-trains (~2.5 min on 2 cores).
+BASE_CACHE = Path(__file__).resolve().parents[2] / "data" / "demo-base"
+BASE_FIELDS = ("seed", "n_pretrain", "pretrain_epochs", "pretrain_lr", "pretrain_list_max", "pretrain_chat_repeats",
+               "hidden_size", "layers", "heads", "intermediate_size")
+KEY_FILE = "base_key.json"
+
+
+def base_key(spec: BuildSpec, tokenizer, corpus: list[str]) -> dict:
+    """What the pre-trained base depends on: the spec's base fields and a digest of the corpus, the vocabulary
+    and the chat template (the task's word lists and writer are in the corpus)."""
+    h = hashlib.sha256()
+    for part in (json.dumps(corpus), json.dumps(tokenizer.get_vocab(), sort_keys=True), tokenizer.chat_template):
+        h.update(part.encode())
+        h.update(b"\0")
+    return {"spec": {f: asdict(spec)[f] for f in BASE_FIELDS}, "inputs_sha256": h.hexdigest()}
+
+
+def cached_base(cache: Path | None, key: dict) -> Path | None:
+    """The cache directory when it holds a base built under `key`, else None."""
+    if cache is None or not (cache / KEY_FILE).is_file() or not (cache / "model.safetensors").is_file():
+        return None
+    return cache if json.loads((cache / KEY_FILE).read_text()) == key else None
+
+
+def save_base_cache(base_dir: Path, cache: Path, key: dict) -> None:
+    """Store a built base as the cache (`python data/build_demo.py --update-cache`; commit data/demo-base/)."""
+    if cache.exists():
+        shutil.rmtree(cache)
+    shutil.copytree(base_dir, cache, ignore=shutil.ignore_patterns("_pretrain"))
+    (cache / KEY_FILE).write_text(json.dumps(key, indent=2) + "\n")
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
 
 
-def build(out_dir: str | Path, spec: BuildSpec = BuildSpec()) -> Path:
-    """Write the demo into `out_dir` (data files, base/ model dir); DONE is written last."""
+def build(out_dir: str | Path, spec: BuildSpec = BuildSpec(), cache: Path | None = BASE_CACHE,
+          update_cache: bool = False) -> Path:
+    """Write the demo into `out_dir` (data files, base/ model dir); DONE is written last. The base is copied
+    from `cache` when the cache was built from the same spec, corpus and tokenizer, else pre-trained (and then
+    stored as the cache with `update_cache`). cache=None: always pre-train."""
     out = Path(out_dir)
     (out / "DONE").unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in make_datasets(spec).items():
         write_jsonl(out / f"{name}.jsonl", rows)
     tokenizer = build_tokenizer()
-    build_base_model(spec, tokenizer, pretrain_corpus(spec), out / "base")
+    corpus = pretrain_corpus(spec)
+    key = base_key(spec, tokenizer, corpus)
+    hit = None if update_cache else cached_base(cache, key)
+    if (out / "base").exists():
+        shutil.rmtree(out / "base")
+    if hit is not None:
+        shutil.copytree(hit, out / "base", ignore=shutil.ignore_patterns(KEY_FILE))
+        print(f"[data] base model: copied from {hit} (built from this spec; --no-cache pre-trains it)")
+    else:
+        if cache is not None and not update_cache:
+            print(f"[data] base model: {cache} was not built from this spec; pre-training (~2.5 min on 2 cores)")
+        build_base_model(spec, tokenizer, corpus, out / "base")
+        if update_cache and cache is not None:
+            save_base_cache(out / "base", cache, key)
+            print(f"[data] base model stored in {cache} (commit it)")
     (out / "build_spec.json").write_text(json.dumps(spec.__dict__, indent=2))
     (out / "DONE").write_text("ok\n")
     return out

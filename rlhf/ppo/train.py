@@ -3,7 +3,7 @@
 Output `<run_dir>/ppo/`: `policy/` and `value/` adapters (PEFT format; they apply to the SFT model, i.e.
 the base with the SFT adapter merged), `value/value_head.safetensors`, the tokenizer, `config.yaml`,
 `metrics.jsonl`, `tb/` (and the other `report_to` trackers), `checkpoints/`, `eval.json` (policy vs SFT on
-held-out prompts) and `DONE`.
+held-out prompts; not with ppo.eval_samples=0, which `make demo` passes as `make eval` follows) and `DONE`.
 """
 
 from __future__ import annotations
@@ -281,6 +281,8 @@ def run(cfg: PipelineConfig) -> Path:
         (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
         summary |= {k: v for k, v in result.items() if k.startswith("eval/")}
         print(format_eval(result))
+    elif p.eval_prompts_file:
+        print("[ppo] no held-out comparison with SFT here (ppo.eval_samples=0): `make eval` judges the policy")
     finish_stage(out, summary)
     procs.wait_for_everyone()
     return out
