@@ -19,8 +19,8 @@ ARGS       ?=
 PYTEST_ARGS ?=
 # The run directory: a run_dir=... in ARGS, else the config's top-level run_dir (or make sft RUN=runs/other).
 RUN        ?= $(or $(lastword $(patsubst run_dir=%,%,$(filter run_dir=%,$(ARGS)))),$(shell awk '/^run_dir:/{print $$2; exit}' $(CONFIG) 2>/dev/null),runs/default)
-# Configs of the shipped examples need what `make data` / `make data-hh` build; other configs bring their own.
-DATA_DEPS  := $(if $(findstring demo,$(notdir $(CONFIG))),data/demo/DONE)$(if $(findstring hh-sample,$(notdir $(CONFIG))),data/hh-tiny/DONE)
+# Configs of the shipped examples need what `make data` / `make data-hh` / `make data-greetings` build; other configs bring their own.
+DATA_DEPS  := $(if $(findstring demo,$(notdir $(CONFIG))),data/demo/DONE)$(if $(findstring hh-sample,$(notdir $(CONFIG))),data/hh-tiny/DONE)$(if $(findstring greetings,$(notdir $(CONFIG))),data/greetings/DONE)
 STAMP      := $(VENV)/.installed
 # FORCE=1: run the stage named on the command line again although it has finished (--force); the stages
 # before it still run only when unfinished.
@@ -52,7 +52,7 @@ SLURM_FLAGS ?=
 SUBMIT     = $(PY) -m rlhf.slurm --config $(CONFIG) --until $(1) $(SLURM_FLAGS) run_dir=$(RUN) $(ARGS)
 # --- end LAUNCHER=slurm -----------------------------------------------------------------------------------
 
-.PHONY: force-rerun setup setup-latest lock test test-fast bench data data-hh demo all sft rm ppo eval report export clean-sft clean-rm clean-ppo clean-eval clean
+.PHONY: force-rerun setup setup-latest lock test test-fast bench data data-hh data-greetings demo all sft rm ppo eval report export clean-sft clean-rm clean-ppo clean-eval clean
 
 setup: $(STAMP)
 
@@ -90,6 +90,12 @@ data: data/demo/DONE
 
 data/demo/DONE: $(STAMP) rlhf/demo/task.py rlhf/demo/build.py data/build_demo.py
 	$(PY) data/build_demo.py data/demo
+
+# A second gold-judged task of another kind (greeting messages): make all CONFIG=configs/greetings.yaml
+data-greetings: data/greetings/DONE
+
+data/greetings/DONE: $(STAMP) rlhf/demo/greetings.py rlhf/demo/build_greetings.py rlhf/demo/build.py data/build_greetings.py
+	$(PY) data/build_greetings.py data/greetings
 
 data-hh: data/hh-tiny/DONE
 
