@@ -82,8 +82,8 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-# Time and peak memory of each stage, on the demo and on a ~150M-parameter random model: bench/results/*.json
-bench: $(STAMP) data/demo/DONE
+# Time and peak memory of each stage, on the demo, the greetings task and a ~150M-parameter random model: bench/results/*.json
+bench: $(STAMP) data/demo/DONE data/greetings/DONE
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 data: data/demo/DONE

@@ -18,6 +18,7 @@ P = "write card birthday anna"
 @pytest.mark.parametrize("answer, score", [
     ("dear anna enjoy your cake ! love", 1.0),
     ("hi anna hooray for your candles ! yours", 1.0),
+    ("dear anna enjoy your cake! love", 1.0),                  # as the tokenizer decodes it
     ("dear ben enjoy your cake ! love", 0.0),                  # the wrong name: worthless
     ("dear enjoy your cake ! love", 0.0),                      # no name
     ("dear anna enjoy your rings ! love", 0.0),                # another occasion's wish

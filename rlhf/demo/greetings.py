@@ -78,8 +78,13 @@ def parse_request(prompt) -> Request:
     return Request(*words)
 
 
+def split_words(response: str) -> list[str]:
+    """The answer's words; "!" is a word of its own (a tokenizer's decode writes "cake!" for "cake !")."""
+    return response.replace("!", " ! ").split()
+
+
 def judge_parts(request: Request, response: str) -> dict[str, float]:
-    words = response.split()
+    words = split_words(response)
     if not words:
         return {"name": 0.0, "wish": 0.0, "form": 0.0}
     names = [w for w in words if w in NAMES]
@@ -108,7 +113,7 @@ def gold_score(prompt, response: str) -> float:
 def flaws_of(prompt, response: str) -> list[str]:
     """Names of the flaws an answer has (empty for a perfect answer); used for per-flaw diagnostics."""
     request = parse_request(prompt)
-    words = response.split()
+    words = split_words(response)
     found = []
     names = [w for w in words if w in NAMES]
     if any(w != request.name for w in names):
