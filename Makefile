@@ -24,8 +24,8 @@ XDIST       = $(if $(filter 0,$(TEST_PROCS)),-p no:xdist,-n $(TEST_PROCS) --maxp
 TEST_ENV    = $(if $(filter 0,$(TEST_PROCS)),,OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1})
 # The run directory: a run_dir=... in ARGS, else the config's top-level run_dir (or make sft RUN=runs/other).
 RUN        ?= $(or $(lastword $(patsubst run_dir=%,%,$(filter run_dir=%,$(ARGS)))),$(shell awk '/^run_dir:/{print $$2; exit}' $(CONFIG) 2>/dev/null),runs/default)
-# Configs of the shipped examples need what `make data` / `make data-hh` build; other configs bring their own.
-DATA_DEPS  := $(if $(findstring demo,$(notdir $(CONFIG))),data/demo/DONE)$(if $(findstring hh-sample,$(notdir $(CONFIG))),data/hh-tiny/DONE)
+# Configs of the shipped examples need what `make data` / `make data-hh` / `make data-greetings` build; other configs bring their own.
+DATA_DEPS  := $(if $(findstring demo,$(notdir $(CONFIG))),data/demo/DONE)$(if $(findstring hh-sample,$(notdir $(CONFIG))),data/hh-tiny/DONE)$(if $(findstring greetings,$(notdir $(CONFIG))),data/greetings/DONE)
 STAMP      := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 # FORCE=1: run the stage named on the command line again although it has finished (--force); the stages
@@ -63,7 +63,7 @@ SLURM_FLAGS ?=
 SUBMIT     = $(PY) -m rlhf.slurm --config $(CONFIG) --until $(1) $(SLURM_FLAGS) run_dir=$(RUN) $(ARGS)
 # --- end LAUNCHER=slurm -----------------------------------------------------------------------------------
 
-.PHONY: force-rerun setup setup-latest lock test test-fast bench data data-base data-hh demo all sft rm ppo eval report export clean-sft clean-rm clean-ppo clean-eval clean
+.PHONY: force-rerun setup setup-latest lock test test-fast bench data data-base data-hh data-greetings demo all sft rm ppo eval report export clean-sft clean-rm clean-ppo clean-eval clean
 
 setup: $(TEST_STAMP)
 
@@ -100,8 +100,8 @@ test: $(TEST_STAMP)
 test-fast: $(TEST_STAMP)
 	$(TEST_ENV) $(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
-# Time and peak memory of each stage, on the demo and on a ~150M-parameter random model: bench/results/*.json
-bench: $(STAMP) data/demo/DONE
+# Time and peak memory of each stage, on the demo, the greetings task and a ~150M-parameter random model: bench/results/*.json
+bench: $(STAMP) data/demo/DONE data/greetings/DONE
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 data: data/demo/DONE
@@ -113,6 +113,12 @@ data/demo/DONE: $(STAMP) rlhf/demo/task.py rlhf/demo/build.py data/build_demo.py
 
 data-base:
 	$(PY) data/build_demo.py data/demo --update-cache
+
+# A second gold-judged task of another kind (greeting messages): make all CONFIG=configs/greetings.yaml
+data-greetings: data/greetings/DONE
+
+data/greetings/DONE: $(STAMP) rlhf/demo/greetings.py rlhf/demo/build_greetings.py rlhf/demo/build.py data/build_greetings.py
+	$(PY) data/build_greetings.py data/greetings
 
 data-hh: data/hh-tiny/DONE
 

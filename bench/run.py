@@ -1,7 +1,9 @@
 """make bench: time and memory of SFT, RM and PPO, written as JSON you can compare across commits and machines.
 
-Two setups:
+Three setups:
   demo   the embedded demo as `make demo` runs it (tiny model: the Python runtime dominates memory);
+  greetings  the second task (configs/greetings.yaml: demo.yaml with only the paths changed) as `make all`
+         runs it: a second small task of another kind, its own tokenizer and base (`make data-greetings`);
   large  a randomly initialised ~150M-parameter Llama built from a config (the demo's tokenizer and data),
          a few steps of each stage: the weights dominate memory, which is where sharing one base between
          the four PPO roles shows (PPO's peak memory / SFT's peak memory on the same base).
@@ -17,7 +19,7 @@ that peak RSS measures memory in use (it also makes them about 2x slower: every 
 mmap). The `demo` setup, which is about speed, keeps the default. Both are recorded in the JSON;
 BENCH_DEFAULT_MALLOC=1 keeps the default everywhere.
 
-Usage: python bench/run.py [--setup demo] [--setup large] [--out bench/results]
+Usage: python bench/run.py [--setup demo] [--setup greetings] [--setup large] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -70,8 +72,11 @@ def stage_env(setup: str) -> dict:
     return env
 
 
+CONFIGS = {"demo": "demo.yaml", "greetings": "greetings.yaml", "large": "demo.yaml"}
+
+
 def run_stage(stage: str, run_dir: Path, extra: list[str], setup: str) -> dict:
-    cmd = [sys.executable, "-m", f"stages.{stage}", "--config", str(ROOT / "configs" / "demo.yaml"),
+    cmd = [sys.executable, "-m", f"stages.{stage}", "--config", str(ROOT / "configs" / CONFIGS[setup]),
            f"run_dir={run_dir}", *extra]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=stage_env(setup))
@@ -123,14 +128,14 @@ def machine() -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--setup", action="append", choices=["demo", "large"])
+    p.add_argument("--setup", action="append", choices=list(CONFIGS))
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"machine": machine(), "results": []}
     with tempfile.TemporaryDirectory() as work:
-        for setup in a.setup or ["demo", "large"]:
+        for setup in a.setup or list(CONFIGS):
             report["results"].append(bench(setup, Path(work)))
     path = out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")

@@ -63,9 +63,10 @@ def demo_dir() -> Path:
     return DEMO
 
 
-def run_stage(stage: str, *overrides: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_stage(stage: str, *overrides: str, check: bool = True, timeout: int = 600,
+              config: Path = DEMO_CONFIG) -> subprocess.CompletedProcess:
     """Run `python -m stages.<stage> --config configs/demo.yaml ...` as a user would, from the repo root."""
-    cmd = [sys.executable, "-m", f"stages.{stage}", "--config", str(DEMO_CONFIG), *overrides]
+    cmd = [sys.executable, "-m", f"stages.{stage}", "--config", str(config), *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

@@ -26,3 +26,8 @@ def test_memory_setup_pins_the_allocator_and_speed_setup_does_not(monkeypatch):
     assert "MALLOC_MMAP_THRESHOLD_" not in bench.stage_env("demo")
     monkeypatch.setenv("BENCH_DEFAULT_MALLOC", "1")
     assert "MALLOC_MMAP_THRESHOLD_" not in bench.stage_env("large")
+
+
+def test_the_second_task_is_benched_on_its_own_config():
+    assert bench.CONFIGS["greetings"] == "greetings.yaml"
+    assert all((ROOT / "configs" / name).is_file() for name in bench.CONFIGS.values())

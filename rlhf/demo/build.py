@@ -86,11 +86,11 @@ def chat(request: task.Request) -> list[dict]:
     return [{"role": "user", "content": request.text}]
 
 
-def noisy_ranking(rng: random.Random, request: task.Request, answers: list[str], noise: float) -> list[int]:
-    """Simulated annotator: sort by gold score plus Gumbel noise (a Plackett-Luce ranking), best first."""
+def noisy_ranking(rng: random.Random, request, answers: list[str], noise: float, judge=task.gold_score) -> list[int]:
+    """Simulated annotator: sort by `judge` (a gold score) plus Gumbel noise (a Plackett-Luce ranking), best first."""
     def perturbed(i):
         g = -math.log(-math.log(rng.random() or 1e-12)) if noise > 0 else 0.0
-        return task.gold_score(request.text, answers[i]) + noise * g
+        return judge(request.text, answers[i]) + noise * g
     return sorted(range(len(answers)), key=perturbed, reverse=True)
 
 
@@ -163,11 +163,12 @@ def pretrain_corpus(spec: BuildSpec) -> list[str]:
     return docs
 
 
-def build_tokenizer():
+def build_tokenizer(words: list[str] | None = None):
+    """A word-level tokenizer over `words` (default: the demo task's vocabulary) with the chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + task.vocabulary())}
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + (words or task.vocabulary()))}
     core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
