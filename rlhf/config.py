@@ -162,6 +162,18 @@ class RMStageConfig:
 
 
 @dataclass
+class RewardTerm:
+    """One term of the reward PPO maximises (ppo.rewards; rlhf/reward_sources.py)."""
+
+    source: str = "rm"
+    """rm (this run's reward model; with rm.ensemble > 1, ppo.ensemble_objective of its members) or
+    "package.module:function", a function (prompt, response) -> float: a rule-based or verifiable reward (e.g.
+    rlhf.demo.task:gold_score, an exact-match checker). It gets the prompt as the data gives it (chat messages
+    or text) and the answer as text; one that raises or returns nan/inf stops the run, naming prompt and answer."""
+    weight: float = 1.0
+
+
+@dataclass
 class PPOStageConfig:
     prompts_file: str = "data/demo/prompts_train.jsonl"
     """Prompts for rollouts: prompt-only rows, or the prompts of any other format."""
@@ -194,6 +206,11 @@ class PPOStageConfig:
     the same constant, the score carries no signal, and PPO only learns to stop early. Check ppo/eos_rate
     at step 1; when it is high (> ~0.9), -1 is the N+ choice."""
     # rewards
+    rewards: list[RewardTerm] = field(default_factory=lambda: [RewardTerm()])
+    """What PPO maximises: the sum of weight x source over these terms, before reward_norm; default the reward
+    model alone. E.g. [{source: rm, weight: 1}, {source: "rlhf.demo.task:gold_score", weight: 5}]. The RM stage is
+    still needed (the value head starts from it: value_from_reward). The monitor's and the end-of-run "RM score"
+    are this sum."""
     kl_coef: float = 0.05
     kl_estimator: str = "k1"
     """k1 (log-ratio, unbiased, the classic choice) or k3 ((r - 1) - log r, never negative)."""
