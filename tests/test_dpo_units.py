@@ -40,9 +40,15 @@ def test_rows_are_the_reward_models(demo_pairs):
 
 def test_long_pairs_are_dropped_and_counted(demo_pairs, capsys):
     tokenizer, pairs = demo_pairs
-    shortest = min(len(pair_ids(tokenizer, p.prompt, a)) for p in pairs for a in (p.chosen, p.rejected))
+    lengths = [max(len(pair_ids(tokenizer, p.prompt, p.chosen)), len(pair_ids(tokenizer, p.prompt, p.rejected)))
+               for p in pairs]
+    limit = sorted(lengths)[len(lengths) // 2]
+    rows = tokenize_preferences(pairs, tokenizer, max_length=limit, name="demo")
+    n_long = sum(n > limit for n in lengths)
+    assert 0 < n_long < len(pairs) and len(rows) == len(pairs) - n_long
+    assert f"[dpo] demo: dropped {n_long} of {len(pairs)} pairs longer than max_length={limit}" in capsys.readouterr().err
     with pytest.raises(rdata.DataError, match="every pair is longer than dpo.max_length"):
-        tokenize_preferences(pairs, tokenizer, max_length=shortest - 1, name="demo")
+        tokenize_preferences(pairs, tokenizer, max_length=min(lengths) - 1, name="demo")
 
 
 def sequence_logps(model, batch) -> torch.Tensor:
