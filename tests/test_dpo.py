@@ -47,5 +47,7 @@ def test_make_dpo_resumes_after_a_kill_and_eval_judges_it(sft_run, tmp_path):
     m = json.loads((run / "eval" / "metrics.json").read_text())
     sample = m["results"]["sample"]
     assert list(sample) == ["sft", "dpo"]
-    assert sample["sft"]["kl_mean"] == 0.0 and sample["dpo"]["kl_mean"] > 0
+    # the reference is SFT itself (KL exactly 0); the DPO adapter is on (its log-probs differ: a k1 estimate of a
+    # small KL on 16 answers may come out on either side of 0)
+    assert sample["sft"]["kl_mean"] == 0.0 and sample["dpo"]["kl_mean"] != 0.0
     assert 0 <= sample["dpo"]["gold_win_rate"] <= 1
