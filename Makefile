@@ -48,7 +48,7 @@ LAUNCHER   ?= local
 ifeq ($(LAUNCHER),accelerate)
 ACCELERATE_CONFIG ?=
 NPROC      ?=
-ACCELERATE_STAGES := sft rm ppo eval
+ACCELERATE_STAGES := sft rm ppo dpo eval
 LAUNCH     = $(PY) -m accelerate.commands.launch $(if $(ACCELERATE_CONFIG),--config_file $(ACCELERATE_CONFIG)) $(if $(NPROC),--num_processes $(NPROC))
 STAGE      = $(if $(filter $(1),$(ACCELERATE_STAGES)),$(LAUNCH) -m,$(PY) -m) stages.$(1) --config $(CONFIG) run_dir=$(RUN) $(call STAGE_ARGS,$(1))$(ARGS)$(if $(call forced,$(1)), --force)
 endif
@@ -63,7 +63,7 @@ SLURM_FLAGS ?=
 SUBMIT     = $(PY) -m rlhf.slurm --config $(CONFIG) --until $(1) $(SLURM_FLAGS) run_dir=$(RUN) $(ARGS)
 # --- end LAUNCHER=slurm -----------------------------------------------------------------------------------
 
-.PHONY: force-rerun setup setup-latest lock test test-fast bench data data-base data-hh data-greetings demo all sft rm ppo eval report export clean-sft clean-rm clean-ppo clean-eval clean
+.PHONY: force-rerun setup setup-latest lock test test-fast bench data data-base data-hh data-greetings demo all sft rm ppo dpo eval report export clean-sft clean-rm clean-ppo clean-dpo clean-eval clean
 
 setup: $(TEST_STAMP)
 
@@ -135,6 +135,8 @@ else
 sft: $(RUN)/sft/DONE
 rm: $(RUN)/rm/DONE
 ppo: $(RUN)/ppo/DONE
+# DPO on the RM's preferences, from SFT (no RM, no PPO); `make eval` afterwards judges it beside PPO
+dpo: $(RUN)/dpo/DONE
 # Judge base, SFT and PPO on held-out prompts (RM, gold judge, KL, win rates): <run_dir>/eval/report.md
 eval: $(RUN)/eval/DONE
 # data -> SFT -> RM -> PPO -> eval, which writes the report (`make report` only redraws it: not run again here)
@@ -149,6 +151,9 @@ $(RUN)/rm/DONE: $(RUN)/sft/DONE $(if $(call forced,rm),force-rerun)
 
 $(RUN)/ppo/DONE: $(RUN)/rm/DONE $(if $(call forced,ppo),force-rerun)
 	$(call STAGE,ppo)
+
+$(RUN)/dpo/DONE: $(RUN)/sft/DONE $(if $(call forced,dpo),force-rerun)
+	$(call STAGE,dpo)
 
 $(RUN)/eval/DONE: $(RUN)/ppo/DONE $(if $(call forced,eval),force-rerun)
 	$(call STAGE,eval)
@@ -172,6 +177,9 @@ clean-rm:
 
 clean-ppo:
 	rm -rf $(RUN)/ppo $(RUN)/ppo.rerun
+
+clean-dpo:
+	rm -rf $(RUN)/dpo $(RUN)/dpo.rerun
 
 clean-eval:
 	rm -rf $(RUN)/eval $(RUN)/eval.rerun

@@ -162,6 +162,18 @@ class RMStageConfig:
 
 
 @dataclass
+class RewardTerm:
+    """One term of the reward PPO maximises (ppo.rewards; rlhf/reward_sources.py)."""
+
+    source: str = "rm"
+    """rm (this run's reward model; with rm.ensemble > 1, ppo.ensemble_objective of its members) or
+    "package.module:function", a function (prompt, response) -> float: a rule-based or verifiable reward (e.g.
+    rlhf.demo.task:gold_score, an exact-match checker). It gets the prompt as the data gives it (chat messages
+    or text) and the answer as text; one that raises or returns nan/inf stops the run, naming prompt and answer."""
+    weight: float = 1.0
+
+
+@dataclass
 class PPOStageConfig:
     prompts_file: str = "data/demo/prompts_train.jsonl"
     """Prompts for rollouts: prompt-only rows, or the prompts of any other format."""
@@ -194,6 +206,11 @@ class PPOStageConfig:
     the same constant, the score carries no signal, and PPO only learns to stop early. Check ppo/eos_rate
     at step 1; when it is high (> ~0.9), -1 is the N+ choice."""
     # rewards
+    rewards: list[RewardTerm] = field(default_factory=lambda: [RewardTerm()])
+    """What PPO maximises: the sum of weight x source over these terms, before reward_norm; default the reward
+    model alone. E.g. [{source: rm, weight: 1}, {source: "rlhf.demo.task:gold_score", weight: 5}]. The RM stage is
+    still needed (the value head starts from it: value_from_reward). The monitor's and the end-of-run "RM score"
+    are this sum."""
     kl_coef: float = 0.05
     kl_estimator: str = "k1"
     """k1 (log-ratio, unbiased, the classic choice) or k3 ((r - 1) - log r, never negative)."""
@@ -263,6 +280,33 @@ class PPOStageConfig:
 
 
 @dataclass
+class DPOStageConfig:
+    """`make dpo`: Direct Preference Optimization (Rafailov et al. 2023) with trl's DPOTrainer, an alternative
+    to RM + PPO. A LoRA adapter on the SFT model; the reference is the same model with the adapter off."""
+
+    train_file: str = "${rm.train_file}"
+    """Preferences, in any format the RM reads (pairs, HH transcripts, K-way rankings expanded to all pairs).
+    Default: the reward model's file."""
+    train_split: str = "${rm.train_split}"
+    eval_file: str | None = "${rm.eval_file}"
+    """Held-out pairs (default: the RM's). None: hold out eval_fraction of the training prompts."""
+    eval_split: str = "${rm.eval_split}"
+    eval_fraction: float = 0.05
+    max_length: int = "${rm.max_length}"  # type: ignore[assignment]  # an interpolation, resolved to an int
+    """Prompt + answer tokens; longer pairs are dropped and counted (never truncated: the end of turn would go)."""
+    max_prompt_length: int = "${rm.max_prompt_length}"  # type: ignore[assignment]
+    skip_invalid: bool = False
+    beta: float = 0.1
+    """Strength of the implicit KL penalty to the reference: small beta lets the policy move further from SFT."""
+    loss_type: str = "sigmoid"
+    """trl's DPO loss: sigmoid (DPO), ipo, hinge, robust, ... (trl.DPOConfig.loss_type)."""
+    label_smoothing: float = 0.0
+    """Assumed share of flipped preference labels (conservative DPO, loss_type robust or sigmoid)."""
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    train: TrainSpec = field(default_factory=lambda: TrainSpec(lr=5e-5, epochs=1))
+
+
+@dataclass
 class ExportConfig:
     STAGES = ("sft", "ppo")  # the stages whose adapter can be exported (a class constant, not a config field)
 
@@ -283,9 +327,10 @@ class ExportConfig:
 
 @dataclass
 class EvalConfig:
-    checkpoints: list[str] = field(default_factory=lambda: ["base", "sft", "ppo"])
-    """What to judge: base, sft, ppo (this run's stages), or a directory: a full model (e.g. from make export)
-    or a PEFT adapter over the SFT model. "name=path" gives a directory a name in the report."""
+    checkpoints: list[str] = field(default_factory=lambda: ["base", "sft", "ppo", "dpo?"])
+    """What to judge: base, sft, ppo, dpo (this run's stages; "dpo?": the DPO policy if `make dpo` has finished,
+    else nothing), or a directory: a full model (e.g. from make export) or a PEFT adapter over the SFT model.
+    "name=path" gives a directory a name in the report."""
     baseline: str = "sft"
     """The checkpoint every other one is compared with (win rates)."""
     prompts_file: str = "data/demo/prompts_eval.jsonl"
@@ -371,6 +416,7 @@ class PipelineConfig:
     sft: SFTStageConfig = field(default_factory=SFTStageConfig)
     rm: RMStageConfig = field(default_factory=RMStageConfig)
     ppo: PPOStageConfig = field(default_factory=PPOStageConfig)
+    dpo: DPOStageConfig = field(default_factory=DPOStageConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)

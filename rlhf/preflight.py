@@ -142,6 +142,18 @@ def check_ppo(cfg: PipelineConfig) -> None:
     check_chat_template(cfg, str(sft_dir), prompts + demos)
 
 
+def check_dpo(cfg: PipelineConfig) -> None:
+    from rlhf.dpo import check_config  # the DPO settings first: they need no file
+
+    d = cfg.dpo
+    check_config(d)
+    sft_dir = require_done(Path(cfg.run_dir) / "sft", "sft")
+    check_model_path(cfg.model.name_or_path, cfg.model.revision)
+    pairs = (load_quietly(rdata.load_preferences, d.train_file, d.train_split, d.skip_invalid)
+             + load_quietly(rdata.load_preferences, d.eval_file, d.eval_split, d.skip_invalid))
+    check_chat_template(cfg, str(sft_dir), pairs)
+
+
 def check_eval(cfg: PipelineConfig) -> None:
     e, sft_dir = cfg.eval, Path(cfg.run_dir) / "sft"
     check_model_path(cfg.model.name_or_path, cfg.model.revision)

@@ -9,7 +9,7 @@ A finished stage is never lost (begin_stage / finish_stage):
 * started again without `force`, it refuses (StageFinished), touching nothing;
 * with `force` it trains from scratch into `<stage>.rerun/` (a killed rerun resumes there) and swaps that
   in for `<stage>/` only once it has finished: a failed or interrupted rerun leaves the old outputs as they were;
-* a finished sft, rm or ppo stage moves the later stages built on its previous outputs aside, to
+* a finished sft, rm, ppo or dpo stage moves the later stages built on its previous outputs aside, to
   `<stage>.stale/`, so that `make` (which reruns a stage whose DONE is missing) trains them again.
 """
 
@@ -45,8 +45,10 @@ def peak_memory() -> dict[str, float]:
     return out
 
 
-# The pipeline's stages in order: a finished stage invalidates the ones after it.
-STAGES = ("sft", "rm", "ppo", "eval")
+# The pipeline's stages, and for each the stages built on its outputs, which a finished run of it invalidates
+# (dpo needs only sft; eval judges ppo and, when it has finished, dpo).
+STAGES = ("sft", "rm", "ppo", "dpo", "eval")
+BUILT_ON = {"sft": ("rm", "ppo", "dpo", "eval"), "rm": ("ppo", "eval"), "ppo": ("eval",), "dpo": ("eval",), "eval": ()}
 RERUN, STALE = ".rerun", ".stale"
 
 
@@ -75,7 +77,7 @@ def finish_stage(out_dir: str | Path, summary: dict) -> None:
     out = Path(out_dir)
     final = out.with_name(out.name[:-len(RERUN)]) if out.name.endswith(RERUN) else out
     if final.name in STAGES:
-        for later in STAGES[STAGES.index(final.name) + 1:]:
+        for later in BUILT_ON[final.name]:
             move_aside(final.parent / later)
     tmp = out / (DONE + ".tmp")
     perf = {"perf/wall_s": time.time() - _STARTED, **peak_memory()}

@@ -157,7 +157,7 @@ def test_adapter_checkpoints_from_other_sft_weights_are_refused(tmp_path):
 
 def test_checkpoint_and_eval_config_errors_name_the_key(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match="neither base, sft, ppo nor a directory"):
+    with pytest.raises(ConfigError, match=r"neither base, sft, ppo, dpo \(or one with `\?`\) nor a directory"):
         parse_checkpoints(["nowhere/at/all"], tmp_path)
     with pytest.raises(ConfigError, match="neither a model"):
         parse_checkpoints([str(tmp_path / "empty")], tmp_path)

@@ -1,7 +1,9 @@
 """The checkpoints `make eval` judges, and the models that produce their answers.
 
 A checkpoint is named in `eval.checkpoints` as
-    base | sft | ppo           this run's base model, SFT model, PPO policy
+    base | sft | ppo | dpo     this run's base model, SFT model, PPO policy, DPO policy
+    <stage>?                   that stage of this run if it has finished, else nothing (the default list ends
+                               with `dpo?`: `make eval` judges the DPO policy whenever `make dpo` has run)
     [name=]DIR                 a full model directory (e.g. from `make export`: loads with plain transformers)
                                or a PEFT adapter directory over the SFT model (e.g. <run>/ppo/policy)
 
@@ -28,7 +30,8 @@ from rlhf.models import (active_adapter, disable_dropout, keep_requires_grad, lo
 from rlhf.reward import attach_reward
 from rlhf.runs import is_done, require_done
 
-STAGES = ("base", "sft", "ppo")
+STAGES = ("base", "sft", "ppo", "dpo")
+OPTIONAL = "?"  # `dpo?`: judged when this run's dpo stage has finished
 
 
 @dataclass(frozen=True)
@@ -49,9 +52,14 @@ def parse_checkpoints(entries: list[str], run_dir: Path) -> list[Checkpoint]:
         if where in STAGES and not name:
             out.append(_stage_checkpoint(where, run_dir))
             continue
+        if where.endswith(OPTIONAL) and where[:-1] in STAGES and not name:
+            if where[:-1] in ("base", "sft") or is_done(run_dir / where[:-1]):
+                out.append(_stage_checkpoint(where[:-1], run_dir))
+            continue
         path = Path(where)
         if not path.is_dir():
-            raise ConfigError(f"eval.checkpoints: {entry!r} is neither base, sft, ppo nor a directory")
+            raise ConfigError(f"eval.checkpoints: {entry!r} is neither {', '.join(STAGES)} (or one with `?`) "
+                              f"nor a directory")
         if (path / "adapter_config.json").is_file():
             kind = "adapter"
             _check_adapter_run(entry, path, run_dir)
@@ -99,6 +107,8 @@ def _stage_checkpoint(stage: str, run_dir: Path) -> Checkpoint:
         return Checkpoint("base", "base")
     if stage == "sft":
         return Checkpoint("sft", "sft", str(require_done(run_dir / "sft", "sft")))
+    if stage == "dpo":  # the DPO stage's directory is its adapter, over the SFT model as PPO's policy is
+        return Checkpoint("dpo", "adapter", str(require_done(run_dir / "dpo", "dpo")))
     return Checkpoint("ppo", "adapter", str(require_done(run_dir / "ppo", "ppo") / "policy"))
 
 

@@ -36,6 +36,7 @@ from rlhf.ppo.state import load_checkpoint, rng_state, save_checkpoint
 from rlhf.ppo.update import UpdateSpec, check_batch_sizes, ppo_update
 from rlhf.ppo.ptx import ptx_batches
 from rlhf.progress import progress
+from rlhf import reward_sources as rs
 from rlhf.reward import ENSEMBLE_OBJECTIVES, RewardEnsemble
 from rlhf.preempt import StopSignal, mark_preempted
 from rlhf.runs import MetricsFile, begin_stage, check_finite, finish_stage, require_done
@@ -115,6 +116,7 @@ def check_config(p: PPOStageConfig) -> None:
         raise ConfigError(f"ppo.ensemble_objective must be one of {', '.join(ENSEMBLE_OBJECTIVES)}, "
                           f"got {p.ensemble_objective!r}")
     check_guards(p)
+    rs.check_rewards(p.rewards)
 
 
 def run(cfg: PipelineConfig) -> Path:
@@ -164,6 +166,11 @@ def run(cfg: PipelineConfig) -> Path:
         if main:
             print(f"[ppo] reward: {p.ensemble_objective} of {len(roles.scorer.members)} reward models"
                   + (f" (std coef {p.ensemble_std_coef})" if p.ensemble_objective == "mean_minus_std" else ""))
+    if rs.uses_functions(p.rewards):  # ppo.rewards: reward functions, alone or weighted with the RM (rlhf/reward_sources.py)
+        held = load_prompt_ids(p.eval_prompts_file, p.eval_prompts_split, p, tokenizer) if p.eval_prompts_file else ([], [])
+        roles.scorer = rs.reward_source(p.rewards, roles.scorer, tokenizer, prompts + held[0], prompt_ids + held[1])
+        if main:
+            print(f"[ppo] reward: {roles.scorer.describe([t.source for t in p.rewards])}")
     distributed.broadcast_parameters(roles.trainable_parameters())  # same start everywhere
     if world > 1:
         torch.manual_seed(distributed.rank_seed(p.seed, rank))      # but each process samples differently

@@ -1,0 +1,123 @@
+"""What the RL stage maximises: the trained reward model, reward functions written as code, or a weighted sum.
+
+`ppo.rewards` lists terms `{source, weight}`; a source is `rm` (this run's reward model, with the ensemble
+objective if it has several members) or `"package.module:function"`, a function `(prompt, response) -> float`
+called with the prompt as the data gave it (chat messages or text) and the sampled answer as text (decoded as
+`make eval` decodes it: special tokens dropped, stripped). The demo's gold judge `rlhf.demo.task:gold_score` is
+such a function: a verifiable reward.
+
+The sum has the reward model's interface (`score_ids(ids, mask)`), so a rollout, the reward normalisation, the
+monitor and the end-of-run comparison score through it unchanged (as `roles.scorer`). Functions are checked
+before any model loads (`check_rewards`: importable, callable, takes (prompt, response)); one that raises or
+returns a non-finite value during the run stops it with the prompt and the answer named.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from rlhf.config import ConfigError, RewardTerm
+from rlhf.plugins import import_callable
+
+RM = "rm"
+
+
+class RewardFunctionError(ConfigError):
+    """A reward function raised or returned a value that is not a finite number; the message names the prompt
+    and the answer."""
+
+
+def check_rewards(terms: Sequence[RewardTerm]) -> None:
+    """ppo.rewards: at least one term, finite weights, rm at most once, every function importable and callable
+    with (prompt, response). Nothing is loaded but the functions' modules."""
+    if not terms:
+        raise ConfigError("ppo.rewards is empty: list at least one {source, weight} (source: rm or module:function)")
+    sources = [t.source for t in terms]
+    if len(set(sources)) != len(sources):
+        raise ConfigError(f"ppo.rewards: each source may appear once, got {sources}")
+    for i, t in enumerate(terms):
+        key = f"ppo.rewards[{i}]"
+        if not math.isfinite(t.weight) or t.weight == 0:
+            raise ConfigError(f"{key}.weight must be a finite non-zero number, got {t.weight}")
+        if t.source != RM:
+            load_function(t.source, f"{key}.source")
+
+
+def load_function(spec: str, key: str) -> Callable:
+    try:
+        fn = import_callable(spec)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e} (a source is rm or 'package.module:function')") from None
+    try:
+        inspect.signature(fn).bind("prompt", "response")
+    except TypeError as e:
+        raise ConfigError(f"{key}: {spec} cannot be called as f(prompt, response): {e}") from None
+    except ValueError:  # no signature to read (some builtins): the first call will tell
+        pass
+    return fn
+
+
+def uses_functions(terms: Sequence[RewardTerm]) -> bool:
+    return any(t.source != RM for t in terms) or any(t.weight != 1.0 for t in terms)
+
+
+class FunctionReward:
+    """A `(prompt, response) -> float` function behind the reward model's `score_ids` interface.
+
+    Rows are prompt ids + answer ids (any padding); the prompt is recognised by its token ids among the prompts
+    the stage encoded (`prompts`, `prompt_ids`), the answer is the rest, decoded."""
+
+    def __init__(self, spec: str, tokenizer, prompts: Sequence, prompt_ids: Sequence[Sequence[int]]):
+        self.spec, self.fn, self.tokenizer = spec, load_function(spec, "ppo.rewards"), tokenizer
+        self.prompts = {tuple(ids): p for p, ids in zip(prompts, prompt_ids)}
+        self.lengths = sorted({len(ids) for ids in prompt_ids}, reverse=True)
+
+    def split(self, ids: list[int]):
+        for n in self.lengths:
+            prompt = self.prompts.get(tuple(ids[:n]))
+            if prompt is not None:
+                return prompt, self.tokenizer.decode(ids[n:], skip_special_tokens=True).strip()
+        raise ValueError(f"reward {self.spec}: a rollout's prompt is none of the stage's prompts: "
+                         f"{self.tokenizer.decode(ids)[:200]!r}")
+
+    def score_ids(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = []
+        for row, m in zip(input_ids.cpu(), mask.cpu().bool()):
+            prompt, answer = self.split(row[m].tolist())
+            try:
+                value = float(self.fn(prompt, answer))
+            except Exception as e:  # noqa: BLE001 - whatever the plug-in raises stops the run, named
+                raise RewardFunctionError(f"reward function {self.spec} raised {type(e).__name__}: {e}; "
+                                          f"prompt {prompt!r}, answer {answer!r}") from e
+            if not math.isfinite(value):
+                raise RewardFunctionError(f"reward function {self.spec} returned {value} (not finite); "
+                                          f"prompt {prompt!r}, answer {answer!r}")
+            out.append(value)
+        return torch.tensor(out, dtype=torch.float32, device=input_ids.device)
+
+
+class WeightedRewards:
+    """sum_i weight_i * source_i.score_ids(ids, mask): the reward PPO maximises (before ppo.reward_norm)."""
+
+    def __init__(self, terms: Sequence[tuple[float, object]]):
+        self.terms = list(terms)
+
+    def score_ids(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return sum(w * source.score_ids(input_ids, mask).float() for w, source in self.terms)
+
+    def describe(self, names: Sequence[str]) -> str:
+        return " + ".join(f"{w:g} x {n}" for (w, _), n in zip(self.terms, names))
+
+
+def reward_source(terms: Sequence[RewardTerm], rm_scorer, tokenizer, prompts: Sequence,
+                  prompt_ids: Sequence[Sequence[int]]):
+    """The object PPO scores rollouts with: the RM scorer itself when ppo.rewards is just `rm` (weight 1), else
+    the weighted sum of its terms. `prompts`/`prompt_ids`: every prompt the stage may roll out on."""
+    if not uses_functions(terms):
+        return rm_scorer
+    return WeightedRewards([(t.weight, rm_scorer if t.source == RM else
+                             FunctionReward(t.source, tokenizer, prompts, prompt_ids)) for t in terms])

@@ -1,0 +1,117 @@
+"""ppo.rewards: reward functions checked before anything loads, scored on rollout rows, weighted with the RM."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rlhf import data as rdata
+from rlhf.chat import answer_ids, encode_prompt
+from rlhf.config import ConfigError, RewardTerm, load_config
+from rlhf.demo.task import gold_score
+from rlhf.generation import left_pad
+from rlhf.models import load_tokenizer
+from rlhf.reward_sources import FunctionReward, RewardFunctionError, check_rewards, reward_source
+from tests.conftest import DEMO_CONFIG, ROOT
+
+
+def raises(prompt, response):
+    raise KeyError("no such item")
+
+
+def not_finite(prompt, response):
+    return float("nan")
+
+
+def three_args(prompt, response, reference):
+    return 0.0
+
+
+def length(prompt, response):
+    return float(len(response.split()))
+
+
+HERE = "tests.test_reward_sources"
+
+
+@pytest.mark.parametrize("terms,message", [
+    ([], "ppo.rewards is empty"),
+    ([RewardTerm(), RewardTerm()], "each source may appear once"),
+    ([RewardTerm(weight=0.0)], r"ppo.rewards\[0\].weight must be a finite non-zero number"),
+    ([RewardTerm(weight=math.inf)], "finite non-zero"),
+    ([RewardTerm(), RewardTerm(f"{HERE}:nope")], r"ppo.rewards\[1\].source: plug-in .* cannot be loaded"),
+    ([RewardTerm("no_module_here:f")], "cannot be loaded"),
+    ([RewardTerm("gold_score")], "must look like 'package.module:function'"),
+    ([RewardTerm(f"{HERE}:HERE")], "is not callable"),
+    ([RewardTerm(f"{HERE}:three_args")], r"cannot be called as f\(prompt, response\)"),
+])
+def test_bad_reward_terms_are_named(terms, message):
+    with pytest.raises(ConfigError, match=message):
+        check_rewards(terms)
+
+
+def test_good_reward_terms_pass():
+    check_rewards([RewardTerm()])
+    check_rewards([RewardTerm("rlhf.demo.task:gold_score", 10.0), RewardTerm("rm", 0.5)])
+
+
+def test_the_stage_refuses_a_bad_plugin_in_one_line_before_loading_anything(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "stages.ppo", "--config", str(DEMO_CONFIG), f"run_dir={tmp_path}",
+                           f'rewards=[{{source: "{HERE}:three_args"}}]'], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ppo.rewards[0].source: tests.test_reward_sources:three_args cannot be called")
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "ppo").exists()
+
+
+@pytest.fixture(scope="module")
+def rollout(demo_dir):
+    """Rollout-shaped rows (left-padded prompt ids + answer ids through the end of turn) for demo prompts."""
+    tokenizer = load_tokenizer(str(demo_dir / "base"))
+    pairs = rdata.load_preferences(str(demo_dir / "rm_pairs_eval.jsonl"))[:6]
+    prompts = [p.prompt for p in pairs]
+    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
+    answers = [p.chosen for p in pairs[:3]] + [p.rejected for p in pairs[3:]]
+    ids, mask = left_pad([q + answer_ids(tokenizer, p, a, q) for p, q, a in zip(prompts, prompt_ids, answers)],
+                         tokenizer.pad_token_id)
+    return tokenizer, prompts, prompt_ids, answers, ids, mask
+
+
+def test_a_function_scores_rollout_rows_as_it_scores_prompt_and_answer(rollout):
+    tokenizer, prompts, prompt_ids, answers, ids, mask = rollout
+    source = FunctionReward("rlhf.demo.task:gold_score", tokenizer, prompts, prompt_ids)
+    expected = torch.tensor([gold_score(p, a) for p, a in zip(prompts, answers)])
+    torch.testing.assert_close(source.score_ids(ids, mask), expected)
+    assert len(set(expected.tolist())) > 1  # the rows differ: not one constant
+
+
+def test_a_function_that_raises_or_returns_nan_stops_naming_prompt_and_answer(rollout):
+    tokenizer, prompts, prompt_ids, answers, ids, mask = rollout
+    with pytest.raises(RewardFunctionError, match=r"raised KeyError: 'no such item'; prompt .*, answer '"):
+        FunctionReward(f"{HERE}:raises", tokenizer, prompts, prompt_ids).score_ids(ids, mask)
+    with pytest.raises(RewardFunctionError) as e:
+        FunctionReward(f"{HERE}:not_finite", tokenizer, prompts, prompt_ids).score_ids(ids, mask)
+    assert str(e.value) == (f"reward function {HERE}:not_finite returned nan (not finite); "
+                            f"prompt {prompts[0]!r}, answer {answers[0]!r}")
+
+
+class FixedRM:
+    def score_ids(self, input_ids, mask):
+        return torch.arange(len(input_ids), dtype=torch.float32)
+
+
+def test_weighted_sum_of_the_rm_and_a_function(rollout):
+    tokenizer, prompts, prompt_ids, answers, ids, mask = rollout
+    rm = FixedRM()
+    assert reward_source([RewardTerm()], rm, tokenizer, prompts, prompt_ids) is rm  # the default: the RM alone
+    both = reward_source([RewardTerm("rm", 0.5), RewardTerm(f"{HERE}:length", 2.0)], rm, tokenizer, prompts, prompt_ids)
+    expected = 0.5 * torch.arange(len(ids)) + 2.0 * torch.tensor([float(len(a.split())) for a in answers])
+    torch.testing.assert_close(both.score_ids(ids, mask), expected)
+    assert both.describe(["rm", "length"]) == "0.5 x rm + 2 x length"
+
+
+def test_rewards_from_yaml_and_the_command_line():
+    cfg = load_config(DEMO_CONFIG, ['rewards=[{source: rm, weight: 1}, {source: "rlhf.demo.task:gold_score", weight: 5}]'],
+                      stage="ppo")
+    assert cfg.ppo.rewards == [RewardTerm("rm", 1.0), RewardTerm("rlhf.demo.task:gold_score", 5.0)]
