@@ -36,18 +36,34 @@ def run_stage(stage: str, *overrides: str, check: bool = True, timeout: int = 60
     return proc
 
 
+# RLHF_TEST_RUN=runs/demo: copy that run's finished SFT and RM stages (demo config as it ships; the stages are
+# deterministic) instead of training them again, e.g. to run one slow test file on a loaded machine.
+REUSE = os.environ.get("RLHF_TEST_RUN")
+
+
+def _reuse(stage: str, run_dir: Path) -> bool:
+    import shutil
+    src = Path(REUSE or "") / stage
+    if not REUSE or not (src / "DONE").is_file():
+        return False
+    shutil.copytree(src, run_dir / stage, ignore=shutil.ignore_patterns("checkpoints"))
+    return True
+
+
 @pytest.fixture(scope="session")
 def sft_run(demo_dir, tmp_path_factory) -> Path:
     """A finished SFT stage on the demo, with the demo config as it ships (run directory in tmp)."""
     run_dir = tmp_path_factory.mktemp("run")
-    run_stage("sft", f"run_dir={run_dir}")
+    if not _reuse("sft", run_dir):
+        run_stage("sft", f"run_dir={run_dir}")
     return run_dir
 
 
 @pytest.fixture(scope="session")
 def rm_run(sft_run) -> Path:
     """The SFT run above plus a finished RM stage, demo config as it ships."""
-    run_stage("rm", f"run_dir={sft_run}")
+    if not _reuse("rm", sft_run):
+        run_stage("rm", f"run_dir={sft_run}")
     return sft_run
 
 
