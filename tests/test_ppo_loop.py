@@ -252,10 +252,11 @@ def test_critic_free_estimators_hold_no_value_role_and_train_the_policy_alone(rm
     r = rollout(roles, tok, repeat_prompts(prompts, 4))
     assert r.values is None
     a = advantages(r, 0.05, "k1", 0.0, 1.0, None, False, True, 1.0, 0.95, estimator=estimator, group_size=4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     norms = counting(optimizer)
     spec = UpdateSpec(2, 2, 2, 0.2, 0.2, 0.1, 1.0, T, kl_loss_coef=0.05 if estimator == "grpo" else 0.0)
     before = [p.detach().clone() for p in params]
-    stats = ppo_update(roles, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), r, a, spec)
+    stats = ppo_update(roles, optimizer, scheduler, r, a, spec)
     assert len(norms) == stats["ppo/optimizer_steps"] == 4
     assert "ppo/value_loss" not in stats and ("ppo/kl_loss" in stats) == (estimator == "grpo")
     assert any(not torch.equal(b, p) for b, p in zip(before, params))
