@@ -19,7 +19,10 @@ that peak RSS measures memory in use (it also makes them about 2x slower: every 
 mmap). The `demo` setup, which is about speed, keeps the default. Both are recorded in the JSON;
 BENCH_DEFAULT_MALLOC=1 keeps the default everywhere.
 
-Usage: python bench/run.py [--setup demo] [--setup greetings] [--setup large] [--out bench/results]
+`--estimator grpo --estimator rloo` also runs the PPO stage with those advantage estimators (ppo.group_size 4,
+no value adapter) on the same SFT and RM, recorded as stages `ppo-grpo`, ... next to `ppo` (GAE).
+
+Usage: python bench/run.py [--setup demo] [--setup greetings] [--setup large] [--estimator grpo] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -101,7 +105,7 @@ def throughput(stage: str, rows: list[dict]) -> dict:
             "generated_tokens_per_s": mean("perf/generated_tokens_per_s")}
 
 
-def bench(setup: str, work: Path) -> dict:
+def bench(setup: str, work: Path, estimators: list[str] = ()) -> dict:
     run_dir = work / setup
     extra: dict[str, list[str]] = {"sft": [], "rm": [], "ppo": []}
     info: dict = {}
@@ -114,8 +118,18 @@ def bench(setup: str, work: Path) -> dict:
     for stage in ("sft", "rm", "ppo"):
         print(f"[bench] {setup}: {stage}", flush=True)
         result["stages"][stage] = run_stage(stage, run_dir, extra[stage], setup)
+    for name in estimators:  # the same SFT and RM, another PPO stage each
+        other = work / f"{setup}-{name}"
+        for stage in ("sft", "rm"):
+            shutil.copytree(run_dir / stage, other / stage, ignore=shutil.ignore_patterns("checkpoints"))
+        print(f"[bench] {setup}: ppo with ppo.estimator={name}", flush=True)
+        result["stages"][f"ppo-{name}"] = run_stage("ppo", other, [*extra["ppo"], f"ppo.estimator={name}",
+                                                                   "ppo.group_size=4"], setup)
     key = "peak_cuda_mb" if "peak_cuda_mb" in result["stages"]["sft"] else "peak_rss_mb"
     result["ppo_over_sft_peak_memory"] = round(result["stages"]["ppo"][key] / result["stages"]["sft"][key], 3)
+    for name in estimators:
+        result[f"ppo-{name}_over_ppo_peak_memory"] = round(
+            result["stages"][f"ppo-{name}"][key] / result["stages"]["ppo"][key], 3)
     return result
 
 
@@ -129,6 +143,8 @@ def machine() -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setup", action="append", choices=list(CONFIGS))
+    p.add_argument("--estimator", action="append", default=[], choices=["grpo", "rloo", "reinforce_pp"],
+                   help="also run the PPO stage with this advantage estimator (no value adapter)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     a = p.parse_args()
     out = Path(a.out)
@@ -136,7 +152,7 @@ def main() -> None:
     report = {"machine": machine(), "results": []}
     with tempfile.TemporaryDirectory() as work:
         for setup in a.setup or list(CONFIGS):
-            report["results"].append(bench(setup, Path(work)))
+            report["results"].append(bench(setup, Path(work), a.estimator))
     path = out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

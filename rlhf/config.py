@@ -231,8 +231,21 @@ class PPOStageConfig:
     ensemble_std_coef: float = 1.0
     """lambda of mean_minus_std, in the RM's score units (before ppo.normalize_reward)."""
     whiten_rewards: bool = False
+    """Scale the per-token rewards by their std (N+); gae and reinforce_pp only."""
     gamma: float = 1.0
     lam: float = 0.95
+    # advantage estimator (rlhf/ppo/estimators.py; README "Which RL estimator")
+    estimator: str = "gae"
+    """gae: PPO, a value adapter and head trained beside the policy, GAE(gamma, lam), per-token KL in the reward.
+    Critic-free (no value adapter or head in memory or in the optimiser, no value loss): grpo (score normalised
+    within each prompt's group; KL as a k3 loss term, beta = kl_coef), rloo (leave-one-out baseline over the
+    group; the answer's summed KL in its reward), reinforce_pp (REINFORCE++: reward to go with the per-token KL
+    in the reward, whitened over the batch)."""
+    group_size: int = 1
+    """k, answers sampled per prompt each step (the prompt repeated k times); rollout_batch_size counts answers, so
+    it must be a multiple of k (per process). grpo and rloo need k >= 2; gae and reinforce_pp take any k."""
+    grpo_std_norm: bool = True
+    """grpo: divide by the std of the group's scores (GRPO); false: only subtract the group mean (Dr. GRPO)."""
     # update
     ppo_epochs: int = 4
     num_minibatches: int = 4
@@ -247,6 +260,7 @@ class PPOStageConfig:
     clip_range_value: float = 0.2
     vf_coef: float = 0.1
     whiten_advantages: bool = True
+    """Whiten GAE's advantages over the batch (estimator gae only: the others bring their own normalisation)."""
     value_from_reward: bool = True
     """Start the value adapter and head from the reward model's (InstructGPT, N+)."""
     ptx_coef: float = 0.0

@@ -31,3 +31,17 @@ def test_memory_setup_pins_the_allocator_and_speed_setup_does_not(monkeypatch):
 def test_the_second_task_is_benched_on_its_own_config():
     assert bench.CONFIGS["greetings"] == "greetings.yaml"
     assert all((ROOT / "configs" / name).is_file() for name in bench.CONFIGS.values())
+
+
+def test_estimators_run_the_ppo_stage_again_on_the_same_sft_and_rm(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_stage(stage, run_dir, extra, setup):
+        (run_dir / stage).mkdir(parents=True, exist_ok=True)
+        calls.append((stage, run_dir.name, [x for x in extra if "estimator" in x or "group_size" in x]))
+        return {"peak_rss_mb": 800.0 if "ppo.estimator=grpo" in extra else 1000.0}
+    monkeypatch.setattr(bench, "run_stage", fake_stage)
+    result = bench.bench("demo", tmp_path, ["grpo"])
+    assert calls == [("sft", "demo", []), ("rm", "demo", []), ("ppo", "demo", []),
+                     ("ppo", "demo-grpo", ["ppo.estimator=grpo", "ppo.group_size=4"])]
+    assert (tmp_path / "demo-grpo" / "rm").is_dir() and result["ppo-grpo_over_ppo_peak_memory"] == 0.8

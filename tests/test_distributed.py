@@ -184,10 +184,12 @@ def test_rm_with_two_processes(two_process_run, rm_run):
 
 
 @pytest.mark.slow
-def test_ppo_with_two_processes_splits_the_work_and_resumes_exactly(rm_run, tmp_path):
+@pytest.mark.parametrize("estimator", ["gae", "rloo"])
+def test_ppo_with_two_processes_splits_the_work_and_resumes_exactly(rm_run, tmp_path, estimator):
     """Two processes, 8 rollouts each per step: the same outputs as one process, identical weights on both
     processes, every process's random state in the checkpoint, and a rerun from the step-2 checkpoint ends
-    bit-for-bit where the uninterrupted run ended."""
+    bit-for-bit where the uninterrupted run ended. rloo: 2 prompts x 4 answers per process (whole groups), no
+    value adapter."""
     from peft import PeftModel
     from rlhf.config import ModelConfig
     from rlhf.models import load_sft_model, load_tokenizer
@@ -195,13 +197,16 @@ def test_ppo_with_two_processes_splits_the_work_and_resumes_exactly(rm_run, tmp_
     for stage in ("sft", "rm"):
         shutil.copytree(rm_run / stage, tmp_path / stage, ignore=shutil.ignore_patterns("checkpoints"))
     args = "ppo.steps=4 ppo.rollout_batch_size=16 ppo.eval_samples=16 ppo.save_steps=2 ppo.reward_norm_samples=64"
+    if estimator != "gae":
+        args += f" ppo.estimator={estimator} ppo.group_size=4"
     proc = make_two_processes("ppo", tmp_path, args)
     out = tmp_path / "ppo"
     assert "4 steps of 16 rollouts (8 per process, 2 processes)" in proc.stdout
     assert "2 processes hold identical trained weights" in proc.stdout
     done = json.loads((out / "DONE").read_text())
     assert done["num_processes"] == 2 and done["eval/n_prompts"] == 16
-    assert {"policy", "value", "eval.json", "metrics.jsonl", "tb", "config.yaml", "DONE"} <= files(out)
+    assert {"policy", "eval.json", "metrics.jsonl", "tb", "config.yaml", "DONE"} <= files(out)
+    assert ("value" in files(out)) == (estimator == "gae")
     assert len(list((out / "tb").iterdir())) == 1
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]  # 0: the held-out monitor on the SFT policy

@@ -226,3 +226,42 @@ def test_17_ptx_joins_every_optimizer_step_without_adding_steps(setup, demo_dir)
     stats = ppo_update(roles, optimizer, scheduler, r, default_advantages(r), spec, batches)
     assert len(norms) == stats["ppo/optimizer_steps"] == 4
     assert stats["ppo/ptx_loss"] > 0
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp"])
+def test_critic_free_estimators_hold_no_value_role_and_train_the_policy_alone(rm_run, demo_dir, estimator):
+    """Without GAE: no value adapter on the model, no value head, only the policy adapter in the optimiser; the
+    update runs the clipped loss (plus GRPO's KL term) with exactly epochs x minibatches steps; a checkpoint
+    holds the policy only and refuses to load into a run with a critic."""
+    from rlhf.ppo.roles import VALUE, adapter_state, load_adapter_state
+    from rlhf.ppo.rollout import repeat_prompts
+    torch.manual_seed(0)
+    tok = load_tokenizer(str(rm_run / "sft"))
+    model_cfg = ModelConfig(name_or_path=str(demo_dir / "base"))
+    roles = build_roles(load_sft_model(model_cfg, rm_run / "sft", tok), rm_run / "rm", tok, LoraSpec(), True,
+                        critic=False)
+    assert roles.value_head is None and VALUE not in roles.model.peft_config and roles.trained == (POLICY,)
+    params = roles.trainable_parameters()
+    names = [n for n, p in roles.model.named_parameters() if p.requires_grad]
+    assert names and all(".policy." in n for n in names) and len(params) == len(names)
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert held == {id(p) for n, p in roles.model.named_parameters() if ".policy." in n and "lora_" in n}
+
+    prompts = [p.prompt for p in load_prompts(str(demo_dir / "prompts_train.jsonl"))[:4]]
+    r = rollout(roles, tok, repeat_prompts(prompts, 4))
+    assert r.values is None
+    a = advantages(r, 0.05, "k1", 0.0, 1.0, None, False, True, 1.0, 0.95, estimator=estimator, group_size=4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    norms = counting(optimizer)
+    spec = UpdateSpec(2, 2, 2, 0.2, 0.2, 0.1, 1.0, T, kl_loss_coef=0.05 if estimator == "grpo" else 0.0)
+    before = [p.detach().clone() for p in params]
+    stats = ppo_update(roles, optimizer, scheduler, r, a, spec)
+    assert len(norms) == stats["ppo/optimizer_steps"] == 4
+    assert "ppo/value_loss" not in stats and ("ppo/kl_loss" in stats) == (estimator == "grpo")
+    assert any(not torch.equal(b, p) for b, p in zip(before, params))
+    state = adapter_state(roles)
+    assert state and all(k.startswith(POLICY + ".") for k in state)
+    critic = build_roles(load_sft_model(model_cfg, rm_run / "sft", tok), rm_run / "rm", tok, LoraSpec(), True)
+    with pytest.raises(ValueError, match="written without a value adapter and this run has one"):
+        load_adapter_state(critic, state)

@@ -63,16 +63,20 @@ def signal_after(proc: subprocess.Popen, metrics: Path, rows: int, sig: int, tim
     raise AssertionError(f"{metrics} did not reach {rows} rows (process ended: {proc.poll()})")
 
 
-PPO = ("ppo.steps=6 ppo.rollout_batch_size=16 ppo.num_minibatches=2 ppo.ppo_epochs=2 ppo.save_steps=100 "
+PPO_ARGS = ("ppo.steps=6 ppo.rollout_batch_size=16 ppo.num_minibatches=2 ppo.ppo_epochs=2 ppo.save_steps=100 "
        "ppo.reward_norm_samples=16 ppo.eval_prompts_file=null")
 
 
 @pytest.mark.slow
-def test_sigterm_during_ppo_checkpoints_that_step_and_the_rerun_ends_as_an_uninterrupted_run(rm_run, tmp_path):
+@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+def test_sigterm_during_ppo_checkpoints_that_step_and_the_rerun_ends_as_an_uninterrupted_run(rm_run, tmp_path,
+                                                                                            estimator):
+    """PPO (gae) and a critic-free estimator (grpo: 4 prompts x 4 answers a step, no value adapter)."""
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     for run in (straight, stopped):
         for stage in ("sft", "rm"):
             shutil.copytree(rm_run / stage, run / stage)
+    PPO = PPO_ARGS + ("" if estimator == "gae" else f" ppo.estimator={estimator} ppo.group_size=4")
     proc = start_stage("ppo", straight, PPO)
     assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
 
@@ -95,7 +99,14 @@ def test_sigterm_during_ppo_checkpoints_that_step_and_the_rerun_ends_as_an_unint
     a = load_file(str(straight / "ppo" / "policy" / "adapter_model.safetensors"))
     b = load_file(str(stopped / "ppo" / "policy" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert [r["step"] for r in read_metrics(stopped / "ppo" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    rows = read_metrics(stopped / "ppo" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    same = [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))} for r in rows]
+    expected = [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))}
+                for r in read_metrics(straight / "ppo" / "metrics.jsonl")]
+    assert len(same) == len(expected) and all(a == pytest.approx(b, rel=1e-5, abs=1e-6) for a, b in zip(same, expected))
+    assert (stopped / "ppo" / "value").exists() == (estimator == "gae")
+    assert ("ppo/value_loss" in rows[-1]) == (estimator == "gae") and ("ppo/kl_loss" in rows[-1]) == (estimator == "grpo")
 
 
 @pytest.mark.slow

@@ -6,6 +6,9 @@
     reward    = SFT ⊕ adapter "reward" + score head  frozen, loaded from the RM stage (an ensemble: adapters
                                                    "reward", "reward-1", ... and the mean of their scores)
 
+Critic-free estimators (GRPO, RLOO, REINFORCE++: `build_roles(..., critic=False)`) have no value role at all:
+no value adapter, no value head, nothing of them in the optimiser or in a checkpoint.
+
 Peers keep four models (policy, reference, value, reward): four copies of the base weights. Here the base
 is held once, and each role adds only its LoRA matrices (and a hidden_size-long head).
 
@@ -34,25 +37,38 @@ POLICY, VALUE = "policy", "value"
 
 @dataclass
 class Roles:
-    """The shared model and the two heads. `model` holds the adapters policy, value and reward."""
+    """The shared model and the two heads. `model` holds the adapters policy, value (with a critic) and reward."""
 
     model: PeftModel
-    value_head: ScalarHead  # float32 whatever the base's dtype
+    value_head: ScalarHead | None  # float32 whatever the base's dtype; None without a critic
     scorer: RewardScorer | RewardEnsemble
 
+    @property
+    def trained(self) -> tuple[str, ...]:
+        """The trained adapters: policy, and value when there is a critic."""
+        return (POLICY, VALUE) if self.value_head is not None else (POLICY,)
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """Exactly the policy adapter, the value adapter and the value head: what the optimiser holds."""
-        lora = [p for n, p in self.model.named_parameters() if is_adapter_parameter(n, (POLICY, VALUE))]
-        return lora + list(self.value_head.parameters())
+        """Exactly the policy adapter, the value adapter and the value head (those with a critic): what the
+        optimiser holds."""
+        lora = [p for n, p in self.model.named_parameters() if is_adapter_parameter(n, self.trained)]
+        return lora + (list(self.value_head.parameters()) if self.value_head is not None else [])
 
 
-def build_roles(sft_model, rm_dir: str | Path, tokenizer, lora: LoraSpec, value_from_reward: bool) -> Roles:
-    """Attach the reward adapter (frozen), a fresh policy adapter and a value adapter to the SFT model."""
+def build_roles(sft_model, rm_dir: str | Path, tokenizer, lora: LoraSpec, value_from_reward: bool,
+                critic: bool = True) -> Roles:
+    """Attach the reward adapter (frozen), a fresh policy adapter and (critic=True) a value adapter to the SFT
+    model."""
     scorer = attach_reward(sft_model, rm_dir, tokenizer)
     model = scorer.model
     policy_cfg = lora_config(lora)
     policy_cfg.lora_dropout = 0.0  # dropout would make the first ratio differ from 1
     model.add_adapter(POLICY, policy_cfg)
+    if not critic:
+        set_trainable(model, (POLICY,))
+        model.set_adapter(POLICY, inference_mode=True)
+        set_trainable(model, (POLICY,))
+        return Roles(model=model, value_head=None, scorer=scorer)
     if value_from_reward:
         # InstructGPT and N+ start the value function from the reward model: same adapter, same head
         # (of an ensemble, member 0's).
@@ -82,10 +98,10 @@ def calibrate_value_head(roles: Roles, shift: float, scale: float) -> None:
         roles.value_head.bias.copy_((roles.value_head.bias - shift) / scale)
 
 
-def set_trainable(model: PeftModel) -> None:
-    """requires_grad: True for the policy and value adapters, False for everything else (base, reward)."""
+def set_trainable(model: PeftModel, trained: tuple[str, ...] = (POLICY, VALUE)) -> None:
+    """requires_grad: True for the `trained` adapters (policy and value), False for everything else (base, reward)."""
     for name, p in model.named_parameters():
-        p.requires_grad_(is_adapter_parameter(name, (POLICY, VALUE)))
+        p.requires_grad_(is_adapter_parameter(name, trained))
 
 
 def is_adapter_parameter(name: str, adapters: tuple[str, ...]) -> bool:
@@ -132,20 +148,29 @@ def _takes_logits_to_keep(model: PeftModel) -> bool:
 
 
 def adapter_state(roles: Roles) -> dict[str, torch.Tensor]:
-    """The trainable state of the roles (policy and value adapters, value head) as one flat dict."""
-    state = {f"{POLICY}.{k}": v for k, v in get_peft_model_state_dict(roles.model, adapter_name=POLICY).items()}
-    state |= {f"{VALUE}.{k}": v for k, v in get_peft_model_state_dict(roles.model, adapter_name=VALUE).items()}
-    state["value_head.weight"] = roles.value_head.weight.detach()
-    state["value_head.bias"] = roles.value_head.bias.detach()
+    """The trainable state of the roles (policy and, with a critic, value adapter and value head) as one flat dict."""
+    state = {}
+    for name in roles.trained:
+        state |= {f"{name}.{k}": v for k, v in get_peft_model_state_dict(roles.model, adapter_name=name).items()}
+    if roles.value_head is not None:
+        state["value_head.weight"] = roles.value_head.weight.detach()
+        state["value_head.bias"] = roles.value_head.bias.detach()
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
 def load_adapter_state(roles: Roles, state: dict[str, torch.Tensor]) -> None:
-    for name in (POLICY, VALUE):
+    has_value = any(k.startswith(VALUE + ".") for k in state)
+    if has_value != (roles.value_head is not None):
+        raise ValueError("the checkpoint was written " + ("with" if has_value else "without") + " a value adapter "
+                         "and this run has " + ("none" if has_value else "one") + ": ppo.estimator changed "
+                         "(gae has a critic, the others have none); resume with the estimator it was written with")
+    for name in roles.trained:
         part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
         result = set_peft_model_state_dict(roles.model, part, adapter_name=name)
         missing = [k for k in result.missing_keys if is_adapter_parameter(k, (name,))]
         if missing:
             raise ValueError(f"checkpoint lacks {name} adapter weights, e.g. {missing[:2]}")
+    if roles.value_head is None:
+        return
     roles.value_head.weight.data.copy_(state["value_head.weight"])
     roles.value_head.bias.data.copy_(state["value_head.bias"])

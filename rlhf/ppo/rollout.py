@@ -1,4 +1,5 @@
-"""Phases 1-3 of a PPO step: sample responses, score them, turn scores into advantages.
+"""Phases 1-3 of a PPO step: sample responses, score them, turn scores into advantages (GAE with the value
+adapter, or a critic-free estimator: rlhf/ppo/estimators.py).
 
 Shapes: B rollouts, P prompt tokens (left-padded), R response tokens (right-padded after EOS). A row of
 `ids` is [pad.. prompt | response ..pad]; the logits at position P - 1 + t predict response token t, and
@@ -14,7 +15,7 @@ import torch
 
 from rlhf.generation import SamplingSpec, generate_ids
 from rlhf.models import active_adapter
-from rlhf.ppo import core
+from rlhf.ppo import core, estimators
 from rlhf.ppo.kl import kl_penalty
 from rlhf.ppo.roles import POLICY, Roles, policy_logits, reference_logits, values
 
@@ -28,7 +29,7 @@ class Rollout:
     prompt_width: int            # P
     logprobs: torch.Tensor       # (B, R) policy log-probs of the sampled tokens ("old" log-probs)
     ref_logprobs: torch.Tensor   # (B, R) reference (SFT) log-probs
-    values: torch.Tensor         # (B, R) value estimates
+    values: torch.Tensor | None  # (B, R) value estimates; None without a critic (estimator other than gae)
     scores: torch.Tensor         # (B,) reward-model scores, raw
     ended: torch.Tensor          # (B,) bool: the response emitted EOS
 
@@ -45,9 +46,15 @@ class Advantages:
     kl: torch.Tensor          # (B, R) per-token KL estimate, policy vs reference
     non_score: torch.Tensor   # (B, R) -kl_coef * kl on valid tokens
     rewards: torch.Tensor     # (B, R) non_score, plus the (normalised) score at the last valid token
-    advantages: torch.Tensor  # (B, R) whitened if asked
-    returns: torch.Tensor     # (B, R) advantages + values (before whitening)
+    advantages: torch.Tensor  # (B, R) whitened if asked (GAE)
+    returns: torch.Tensor     # (B, R) the estimator's target: GAE advantages + values (before whitening), the
+                              # reward to go (REINFORCE++), the answer's reward on each token (GRPO, RLOO)
     scores: torch.Tensor      # (B,) the scores that entered the rewards (penalised, normalised)
+
+
+def repeat_prompts(prompts: list, k: int) -> list:
+    """Each prompt k times in a row: [a, b] -> [a, a, b, b] for k = 2 (the group layout of `estimators`)."""
+    return [x for x in prompts for _ in range(k)]
 
 
 class PromptSampler:
@@ -118,27 +125,49 @@ def score(roles: Roles, ids: torch.Tensor, mask: torch.Tensor, prompt_width: int
         keep = response_width(i, prompt_width)  # logits of the response positions only
         parts["logprobs"].append(response_logprobs(policy_logits(roles, i, m, keep), i, prompt_width, temperature))
         parts["ref"].append(response_logprobs(reference_logits(roles, i, m, keep), i, prompt_width, temperature))
-        parts["values"].append(values(roles, i, m)[:, prompt_width - 1:-1])
+        if roles.value_head is not None:  # critic-free estimators hold no value adapter
+            parts["values"].append(values(roles, i, m)[:, prompt_width - 1:-1])
         parts["scores"].append(roles.scorer.score_ids(i, m))
     _, ended = core.first_eos_mask(ids[:, prompt_width:], stop_ids)
-    cat = {k: torch.cat(v) for k, v in parts.items()}
+    cat = {k: torch.cat(v) for k, v in parts.items() if v}
     return Rollout(ids=ids, mask=mask, prompt_width=prompt_width, logprobs=cat["logprobs"],
-                   ref_logprobs=cat["ref"], values=cat["values"], scores=cat["scores"], ended=ended)
+                   ref_logprobs=cat["ref"], values=cat.get("values"), scores=cat["scores"], ended=ended)
 
 
 def advantages(r: Rollout, kl_coef: float, kl_estimator: str, reward_shift: float, reward_scale: float,
                missing_eos_penalty: float | None, whiten_rewards: bool, whiten_advantages: bool,
-               gamma: float, lam: float) -> Advantages:
-    """Phase 3: scores -> per-token rewards with the KL penalty -> GAE advantages and returns."""
+               gamma: float, lam: float, estimator: str = "gae", group_size: int = 1,
+               std_norm: bool = True) -> Advantages:
+    """Phase 3: scores -> rewards with the KL penalty where the estimator puts it -> advantages and returns.
+
+    gae           per-token KL in the reward, GAE(gamma, lam) on the value adapter's values (PPO);
+    reinforce_pp  per-token KL in the reward, reward to go (gamma), whitened over the batch (REINFORCE++);
+    rloo          summed KL in the answer's reward, leave-one-out baseline over each group of group_size;
+    grpo          no KL in the reward (GRPO's KL is a loss term, `estimators.kl_loss`), group-normalised
+                  score (std_norm=False: not divided by the group's std, Dr. GRPO).
+    whiten_rewards applies to the per-token rewards of gae and reinforce_pp, whiten_advantages to gae only:
+    the other estimators bring their own normalisation."""
     mask = r.response_mask
     scores = (r.scores - reward_shift) / reward_scale
     if missing_eos_penalty is not None:
         scores = core.missing_eos_penalty(scores, r.ended, missing_eos_penalty)
-    kl = core_kl = kl_penalty(r.logprobs, r.ref_logprobs, kl_estimator)
-    rewards, non_score = core.per_token_rewards(scores, kl, mask, kl_coef)
-    if whiten_rewards:
+    kl = kl_penalty(r.logprobs, r.ref_logprobs, kl_estimator)
+    in_reward = 0.0 if estimator == "grpo" else kl_coef
+    rewards, non_score = core.per_token_rewards(scores, kl, mask, in_reward)
+    if whiten_rewards and estimator in ("gae", "reinforce_pp"):
         rewards = core.masked_whiten(rewards, mask, shift_mean=False)
-    adv, returns = core.gae(rewards, r.values, mask, gamma, lam)
-    if whiten_advantages:
-        adv = core.masked_whiten(adv, mask)
-    return Advantages(kl=core_kl, non_score=non_score, rewards=rewards, advantages=adv, returns=returns, scores=scores)
+    if estimator == "gae":
+        adv, returns = core.gae(rewards, r.values, mask, gamma, lam)
+        if whiten_advantages:
+            adv = core.masked_whiten(adv, mask)
+    elif estimator == "reinforce_pp":
+        adv, returns = estimators.reinforce_pp(rewards, mask, gamma)
+    elif estimator == "rloo":
+        seq = estimators.sequence_kl_rewards(scores, kl, mask, kl_coef)
+        adv, returns = (estimators.to_tokens(x, mask) for x in (estimators.leave_one_out(seq, group_size), seq))
+    elif estimator == "grpo":
+        seq = estimators.group_normalised(scores, group_size, std_norm)
+        adv, returns = estimators.to_tokens(seq, mask), estimators.to_tokens(scores, mask)
+    else:
+        raise ValueError(f"unknown advantage estimator {estimator!r}; choose one of {', '.join(estimators.ESTIMATORS)}")
+    return Advantages(kl=kl, non_score=non_score, rewards=rewards, advantages=adv, returns=returns, scores=scores)

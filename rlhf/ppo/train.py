@@ -1,7 +1,9 @@
 """Stage 3, PPO: optimise the policy adapter against the reward model, with a KL penalty to the SFT model.
+`ppo.estimator` picks the advantage estimator: gae (PPO with a value adapter) or a critic-free one (grpo, rloo,
+reinforce_pp: rlhf/ppo/estimators.py); rollouts, scoring, the clipped loss, checkpoints and logging are shared.
 
-Output `<run_dir>/ppo/`: `policy/` and `value/` adapters (PEFT format; they apply to the SFT model, i.e.
-the base with the SFT adapter merged), `value/value_head.safetensors`, the tokenizer, `config.yaml`,
+Output `<run_dir>/ppo/`: `policy/` and (gae only) `value/` adapters (PEFT format; they apply to the SFT model,
+i.e. the base with the SFT adapter merged), `value/value_head.safetensors`, the tokenizer, `config.yaml`,
 `metrics.jsonl`, `tb/` (and the other `report_to` trackers), `checkpoints/`, `eval.json` (policy vs SFT on
 held-out prompts; not with ppo.eval_samples=0, which `make demo` passes as `make eval` follows) and `DONE`.
 """
@@ -25,13 +27,13 @@ from rlhf.chat import describe
 from rlhf.generation import SamplingSpec, encode_prompt, model_stop_ids
 from rlhf.models import enable_activation_checkpointing, load_sft_model, load_tokenizer
 from rlhf.plugins import import_callable
-from rlhf.ppo import core
+from rlhf.ppo import core, estimators
 from rlhf.ppo.evaluate import compare_with_sft
 from rlhf.ppo.guards import KEEP_BEST, Guards, GuardSpec, load_best, prune_best
 from rlhf.ppo.kl import AdaptiveKLController, FixedKLController
 from rlhf.ppo.monitor import MonitorSpec, observe
 from rlhf.ppo.roles import POLICY, VALUE, build_roles, calibrate_value_head
-from rlhf.ppo.rollout import PromptSampler, advantages, sample, score
+from rlhf.ppo.rollout import PromptSampler, advantages, repeat_prompts, sample, score
 from rlhf.ppo.state import load_checkpoint, rng_state, save_checkpoint
 from rlhf.ppo.update import UpdateSpec, check_batch_sizes, ppo_update
 from rlhf.ppo.ptx import ptx_batches
@@ -47,10 +49,12 @@ def sampling(p: PPOStageConfig) -> SamplingSpec:
     return SamplingSpec(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p)
 
 
-def update_spec(p: PPOStageConfig) -> UpdateSpec:
+def update_spec(p: PPOStageConfig, kl_coef: float = 0.0) -> UpdateSpec:
+    """kl_coef: this step's beta (the KL controller's); it joins the loss for grpo only."""
     return UpdateSpec(ppo_epochs=p.ppo_epochs, num_minibatches=p.num_minibatches, grad_accum=p.grad_accum,
                       clip_range=p.clip_range, clip_range_value=p.clip_range_value, vf_coef=p.vf_coef,
-                      max_grad_norm=p.max_grad_norm, temperature=p.temperature, ptx_coef=p.ptx_coef)
+                      max_grad_norm=p.max_grad_norm, temperature=p.temperature, ptx_coef=p.ptx_coef,
+                      kl_loss_coef=kl_coef if p.estimator == "grpo" else 0.0)
 
 
 def guard_spec(p: PPOStageConfig) -> GuardSpec:
@@ -117,6 +121,23 @@ def check_config(p: PPOStageConfig) -> None:
                           f"got {p.ensemble_objective!r}")
     check_guards(p)
     rs.check_rewards(p.rewards)
+    check_estimator(p)
+
+
+def check_estimator(p: PPOStageConfig) -> None:
+    if p.estimator not in estimators.ESTIMATORS:
+        raise ConfigError(f"ppo.estimator must be one of {', '.join(estimators.ESTIMATORS)}, not {p.estimator!r}")
+    if p.group_size < 1 or (p.estimator in estimators.GROUP_ESTIMATORS and p.group_size < 2):
+        raise ConfigError(f"ppo.group_size={p.group_size}: ppo.estimator={p.estimator} needs "
+                          + ("at least 2 answers per prompt (its baseline is the other answers)"
+                             if p.estimator in estimators.GROUP_ESTIMATORS else "at least 1"))
+    if p.rollout_batch_size % p.group_size:
+        raise ConfigError(f"ppo.rollout_batch_size={p.rollout_batch_size} must be a multiple of "
+                          f"ppo.group_size={p.group_size} (it counts answers: rollout_batch_size / group_size prompts "
+                          f"a step, each answered group_size times)")
+    if p.whiten_rewards and p.estimator in estimators.GROUP_ESTIMATORS:
+        raise ConfigError(f"ppo.whiten_rewards scales per-token rewards (gae, reinforce_pp); "
+                          f"ppo.estimator={p.estimator} normalises within groups: set ppo.whiten_rewards=false")
 
 
 def run(cfg: PipelineConfig) -> Path:
@@ -129,6 +150,9 @@ def run(cfg: PipelineConfig) -> Path:
     distributed.check_ppo_supported()
     rank, world, main = procs.process_index, procs.num_processes, procs.is_main_process
     local_batch = distributed.per_process(p.rollout_batch_size, world, "ppo.rollout_batch_size")
+    if local_batch % p.group_size:  # a group's answers must stay in one process: its baseline is computed there
+        raise ConfigError(f"ppo.rollout_batch_size={p.rollout_batch_size} must be a multiple of ppo.group_size="
+                          f"{p.group_size} x {world} processes: each process answers whole groups")
     try:
         check_batch_sizes(local_batch, p.num_minibatches, p.grad_accum)
     except ValueError as e:
@@ -152,12 +176,13 @@ def run(cfg: PipelineConfig) -> Path:
         print(f"[ppo] {len(prompts)} prompts, {p.steps} steps of {p.rollout_batch_size} rollouts"
               + (f" ({local_batch} per process, {world} processes)" if world > 1 else ""))
 
-    # 2. one SFT model, four roles: policy, reference (adapters off), value, reward
+    # 2. one SFT model, four roles: policy, reference (adapters off), value (gae only), reward
     torch.manual_seed(p.seed)
     sft_model = load_sft_model(cfg.model, sft_dir, tokenizer).to(procs.device)
     if cfg.model.gradient_checkpointing:  # recompute activations in backward; each role's under its own adapter
         enable_activation_checkpointing(sft_model)
-    roles = build_roles(sft_model, rm_dir, tokenizer, p.lora, p.value_from_reward)
+    critic = p.estimator == "gae"
+    roles = build_roles(sft_model, rm_dir, tokenizer, p.lora, p.value_from_reward, critic=critic)
     stops = model_stop_ids(roles.model, tokenizer)  # what sampling stops at; a response holding one has ended
     if main:
         print(f"[ppo] answers end at {describe(tokenizer, stops)}")
@@ -202,7 +227,7 @@ def run(cfg: PipelineConfig) -> Path:
     else:
         shift, scale = reward_normalisation(roles, tokenizer, prompt_ids, p, rank, world)
         check_finite({"ppo/reward_shift": shift, "ppo/reward_scale": scale}, "ppo reward normalisation")
-        if p.value_from_reward:
+        if critic and p.value_from_reward:
             calibrate_value_head(roles, shift, scale)
         start = 0
         if main:
@@ -216,7 +241,8 @@ def run(cfg: PipelineConfig) -> Path:
         metrics.write(0, first)
         trackers.log(first, 0)
 
-    # 4. the PPO loop: rollout -> score -> advantages -> PPO epochs
+    # 4. the PPO loop: rollout -> score -> advantages -> PPO epochs (with group_size k, each of the
+    #    rollout_batch_size / k prompts of a step is answered k times; a group stays in one process)
     bar = progress(range(start, p.steps), initial=start, total=p.steps, desc="ppo", enabled=p.progress_bar and main)
     stop = StopSignal()  # SIGTERM/SIGUSR1: checkpoint at the end of the step, exit 75 (rlhf/preempt.py)
     try:
@@ -224,15 +250,18 @@ def run(cfg: PipelineConfig) -> Path:
             if guards.stop_reason:  # a guard stopped the run (last step, or in the checkpoint resumed from)
                 break
             t0 = time.perf_counter()
-            batch = [prompt_ids[i] for i in distributed.shard(sampler.next(p.rollout_batch_size), rank, world)]
+            chosen = distributed.shard(sampler.next(p.rollout_batch_size // p.group_size), rank, world)
+            batch = repeat_prompts([prompt_ids[i] for i in chosen], p.group_size)
             ids, mask, width = sample(roles, tokenizer, batch, sampling(p), p.forward_batch_size)      # 4.1 rollout
             t1 = time.perf_counter()
             r = score(roles, ids, mask, width, p.temperature, p.forward_batch_size, stops)                   # 4.2
             a = advantages(r, kl_ctl.value, p.kl_estimator, shift, scale, p.missing_eos_penalty,       # 4.3
-                           p.whiten_rewards, p.whiten_advantages, p.gamma, p.lam)
+                           p.whiten_rewards, p.whiten_advantages, p.gamma, p.lam,
+                           p.estimator, p.group_size, p.grpo_std_norm)
             check_rollout(r, a, f"ppo step {step + 1}")  # a nan score or KL stops the run before any update
             t2 = time.perf_counter()
-            stats = ppo_update(roles, optimizer, scheduler, r, a, update_spec(p), ptx, f"ppo step {step + 1}")  # 4.4
+            stats = ppo_update(roles, optimizer, scheduler, r, a, update_spec(p, kl_ctl.value), ptx,   # 4.4
+                               f"ppo step {step + 1}")
             t3 = time.perf_counter()
             logs = step_metrics(r, a, kl_ctl.value, scheduler.get_last_lr()[0]) | stats | {
                 "time/generate": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2, "time/step": t3 - t0,
@@ -275,9 +304,10 @@ def run(cfg: PipelineConfig) -> Path:
     if kept != last:
         load_best(out, kept, roles)
     print(f"[ppo] {why}")
-    roles.model.save_pretrained(str(out), selected_adapters=[POLICY, VALUE])
-    save_file({k: v.detach().cpu().contiguous() for k, v in roles.value_head.state_dict().items()},
-              str(out / VALUE / "value_head.safetensors"))
+    roles.model.save_pretrained(str(out), selected_adapters=list(roles.trained))
+    if roles.value_head is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in roles.value_head.state_dict().items()},
+                  str(out / VALUE / "value_head.safetensors"))
     tokenizer.save_pretrained(out)
 
     # 6. policy vs SFT on held-out prompts
@@ -299,15 +329,19 @@ def check_rollout(r, a, where: str) -> None:
     """FloatingPointError if a rollout's scores, values, log-probs or per-token KL hold a nan or inf (on
     valid tokens): "<where>: ppo/score is nan"."""
     mask = r.response_mask
-    check_finite({"ppo/score": r.scores, "ppo/values": r.values[mask], "ppo/logprobs": r.logprobs[mask],
+    values = {"ppo/values": r.values[mask]} if r.values is not None else {}
+    check_finite({"ppo/score": r.scores, **values, "ppo/logprobs": r.logprobs[mask],
                   "ppo/ref_logprobs": r.ref_logprobs[mask], "ppo/kl": a.kl[mask]}, where)
 
 
 def step_metrics(r, a, kl_coef: float, lr: float) -> dict[str, float]:
-    """Per-step rollout statistics (names as in the report and TensorBoard)."""
+    """Per-step rollout statistics (names as in the report and TensorBoard); the value statistics with a critic."""
     mask = r.response_mask
     seq_kl = core.masked_sum(a.kl, mask, dim=1)
     non_score = core.masked_sum(a.non_score, mask, dim=1)
+    critic = {} if r.values is None else {
+        "ppo/explained_variance": core.explained_variance(r.values, a.returns, mask).item(),
+        "ppo/value_mean": core.masked_mean(r.values, mask).item()}
     return {
         "ppo/score": r.scores.mean().item(),
         "ppo/score_normalized": a.scores.mean().item(),
@@ -317,8 +351,7 @@ def step_metrics(r, a, kl_coef: float, lr: float) -> dict[str, float]:
         "ppo/kl_coef": kl_coef,
         "ppo/response_length": mask.sum(1).float().mean().item(),
         "ppo/eos_rate": r.ended.float().mean().item(),
-        "ppo/explained_variance": core.explained_variance(r.values, a.returns, mask).item(),
-        "ppo/value_mean": core.masked_mean(r.values, mask).item(),
+        **critic,
         "ppo/lr": lr,
     }
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf import distributed
-from rlhf.ppo import core
+from rlhf.ppo import core, estimators
 from rlhf.models import active_adapter
 from rlhf.ppo.roles import POLICY, VALUE, Roles, policy_logits, values
 from rlhf.ppo.rollout import Advantages, Rollout, response_logits, response_logprobs, response_width
@@ -31,6 +31,8 @@ class UpdateSpec:
     max_grad_norm: float
     temperature: float
     ptx_coef: float = 0.0
+    kl_loss_coef: float = 0.0
+    """beta of GRPO's KL loss term (`estimators.kl_loss`); 0 for the estimators that put the KL in the reward."""
 
 
 def check_batch_sizes(rollout_batch_size: int, num_minibatches: int, grad_accum: int) -> None:
@@ -84,7 +86,8 @@ def _ppo_epochs(roles: Roles, optimizer, scheduler, r: Rollout, a: Advantages, s
             optimizer.zero_grad(set_to_none=True)
             for micro in order[start:start + minibatch].chunk(spec.grad_accum):
                 micro_stats = micro_backward(roles, r, a, micro, spec, scale=1.0 / spec.grad_accum)
-                check_finite({k: micro_stats[k] for k in ("ppo/policy_loss", "ppo/value_loss")}, where)
+                check_finite({k: micro_stats[k] for k in ("ppo/policy_loss", "ppo/value_loss") if k in micro_stats},
+                             where)
                 for k, v in micro_stats.items():
                     stats[k].append(v)
             if spec.ptx_coef > 0 and ptx_batches is not None:
@@ -105,17 +108,23 @@ def _ppo_epochs(roles: Roles, optimizer, scheduler, r: Rollout, a: Advantages, s
 
 
 def policy_loss(roles: Roles, r: Rollout, a: Advantages, rows: torch.Tensor, spec: UpdateSpec):
-    """Clipped policy loss on some rows of the rollout, and its statistics."""
+    """Clipped policy loss on some rows of the rollout (plus GRPO's KL term when spec.kl_loss_coef > 0), and its
+    statistics. The clipped surrogate is the same for every estimator; only the advantages differ."""
     ids, mask = r.rows(rows)
     resp_mask = mask[:, r.prompt_width:]
     logits = policy_logits(roles, ids, mask, keep=response_width(ids, r.prompt_width))  # response positions only
     logprobs = response_logprobs(logits, ids, r.prompt_width, spec.temperature)
     loss, pg = core.clipped_policy_loss(logprobs, r.logprobs[rows], a.advantages[rows], resp_mask, spec.clip_range)
+    stats = {"ppo/policy_loss": loss.item()}
+    if spec.kl_loss_coef > 0:  # the reference's log-probs do not change: the rollout's are exact
+        kl = estimators.kl_loss(logprobs, r.ref_logprobs[rows], resp_mask)
+        loss = loss + spec.kl_loss_coef * kl
+        stats["ppo/kl_loss"] = kl.item()
     with torch.no_grad():
         entropy = core.masked_mean(core.entropy_from_logits(response_logits(logits, ids, r.prompt_width),
                                                             spec.temperature), resp_mask)
-    return loss, {"ppo/policy_loss": loss.item(), "ppo/entropy": entropy.item(), "ppo/clipfrac": float(pg["clipfrac"]),
-                  "ppo/approx_kl": float(pg["approx_kl"]), "ppo/ratio": float(pg["ratio_mean"])}
+    return loss, stats | {"ppo/entropy": entropy.item(), "ppo/clipfrac": float(pg["clipfrac"]),
+                          "ppo/approx_kl": float(pg["approx_kl"]), "ppo/ratio": float(pg["ratio_mean"])}
 
 
 def value_loss(roles: Roles, r: Rollout, a: Advantages, rows: torch.Tensor, spec: UpdateSpec):
@@ -128,14 +137,17 @@ def value_loss(roles: Roles, r: Rollout, a: Advantages, rows: torch.Tensor, spec
 
 
 def micro_backward(roles: Roles, r: Rollout, a: Advantages, rows: torch.Tensor, spec: UpdateSpec, scale: float):
-    """Gradients of (policy loss + vf_coef x value loss) x scale on some rows. The two losses use different
-    adapters and share no graph, so each is backpropagated at once: only one graph is alive at a time.
+    """Gradients of (policy loss + vf_coef x value loss) x scale on some rows (the policy loss alone without a
+    critic). The two losses use different adapters and share no graph, so each is backpropagated at once: only
+    one graph is alive at a time.
 
     Each backward runs with its own adapter active: with activation checkpointing the forward is recomputed
     during backward, and peft reads the active adapter then, not at the first forward."""
     with active_adapter(roles.model, POLICY):
         pg_loss, stats = policy_loss(roles, r, a, rows, spec)
         (scale * pg_loss).backward()
+    if roles.value_head is None:
+        return stats
     with active_adapter(roles.model, VALUE):
         vf_loss, vf_stats = value_loss(roles, r, a, rows, spec)
         (scale * spec.vf_coef * vf_loss).backward()

@@ -1,0 +1,138 @@
+"""The critic-free advantage estimators (rlhf/ppo/estimators.py) on hand-computed tensors, where each puts the KL
+(rollout.advantages), GRPO's KL loss term, and the config checks. The real-model parts (no value role, resume,
+two processes) are in test_ppo_loop.py, test_preempt.py and test_distributed.py."""
+
+import math
+
+import pytest
+import torch
+
+from rlhf.config import ConfigError, PPOStageConfig
+from rlhf.ppo import estimators as est
+from rlhf.ppo.rollout import Rollout, advantages, repeat_prompts
+from rlhf.ppo.train import check_config, update_spec
+
+NAN = float("nan")
+
+
+def test_grpo_group_normalised_by_hand():
+    r = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
+    # group 1: mean 2, std (n - 1) 1; group 2: all alike -> exactly 0
+    assert torch.allclose(est.group_normalised(r, 3), torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]), atol=1e-5)
+    assert torch.equal(est.group_normalised(r, 3, std_norm=False), torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]))
+    pair = torch.tensor([0.0, 4.0])  # mean 2, std sqrt(8) = 2.828
+    assert torch.allclose(est.group_normalised(pair, 2), torch.tensor([-1.0, 1.0]) / math.sqrt(2), atol=1e-6)
+    assert torch.equal(est.group_normalised(pair, 2, std_norm=False), torch.tensor([-2.0, 2.0]))
+
+
+def test_rloo_leave_one_out_by_hand():
+    r = torch.tensor([1.0, 2.0, 6.0, 0.0, 2.0, 4.0])
+    # 1 - (2 + 6) / 2 = -3, 2 - (1 + 6) / 2 = -1.5, 6 - (1 + 2) / 2 = 4.5; second group -3, 0, 3
+    assert torch.equal(est.leave_one_out(r, 3), torch.tensor([-3.0, -1.5, 4.5, -3.0, 0.0, 3.0]))
+    # = k / (k - 1) x (r - group mean)
+    assert torch.allclose(est.leave_one_out(r, 3), 1.5 * est.group_normalised(r, 3, std_norm=False))
+
+
+@pytest.mark.parametrize("fn", [est.leave_one_out, est.group_normalised])
+def test_groups_must_divide_and_hold_two_answers(fn):
+    with pytest.raises(ValueError, match="groups of k = 3"):
+        fn(torch.zeros(4), 3)
+    with pytest.raises(ValueError, match="groups of k = 1"):
+        fn(torch.zeros(4), 1)
+
+
+def test_rloo_sequence_kl_reward_and_tokens():
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    kl = torch.tensor([[0.1, 0.2, NAN], [0.3, 0.3, 0.3]])  # padding may hold anything
+    seq = est.sequence_kl_rewards(torch.tensor([1.0, 2.0]), kl, mask, 0.5)
+    assert torch.allclose(seq, torch.tensor([1.0 - 0.5 * 0.3, 2.0 - 0.5 * 0.9]))
+    assert torch.equal(est.to_tokens(torch.tensor([2.0, -1.0]), mask), torch.tensor([[2.0, 2.0, 0.0], [-1.0, -1.0, -1.0]]))
+
+
+def test_reward_to_go_and_reinforce_pp_by_hand():
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [1.0, 1.0, NAN]])
+    assert torch.equal(est.reward_to_go(rewards, mask), torch.tensor([[6.0, 5.0, 3.0], [2.0, 1.0, 0.0]]))
+    # gamma 0.5: 3; 2 + 0.5 * 3 = 3.5; 1 + 0.5 * 3.5 = 2.75
+    assert torch.allclose(est.reward_to_go(rewards, mask, 0.5)[0], torch.tensor([2.75, 3.5, 3.0]))
+    adv, returns = est.reinforce_pp(rewards, mask)
+    # valid returns 6 5 3 2 1: mean 3.4, unbiased variance 17.2 / 4 = 4.3
+    hand = (torch.tensor([[6.0, 5.0, 3.0], [2.0, 1.0, 3.4]]) - 3.4) / math.sqrt(4.3)
+    assert torch.allclose(adv, hand, atol=1e-5) and adv[1, 2] == 0
+    assert torch.equal(returns, est.reward_to_go(rewards, mask))
+
+
+def test_grpo_kl_loss_is_the_k3_mean_and_its_gradient_pulls_toward_the_reference():
+    logp = torch.log(torch.tensor([[0.5, 0.25, 0.9]])).requires_grad_()
+    ref = torch.log(torch.tensor([[0.25, 0.25, 0.1]]))
+    mask = torch.tensor([[True, True, False]])
+    loss = est.kl_loss(logp, ref, mask)
+    # r = ref / p = 0.5 and 1: (0.5 - 1) - log 0.5 and 0, mean over 2 valid tokens
+    assert loss.item() == pytest.approx((-0.5 + math.log(2)) / 2, rel=1e-6)
+    loss.backward()
+    # d/dlogp [r - 1 - log r] with r = exp(ref - logp): 1 - r, over 2 tokens; padding gets none
+    assert torch.allclose(logp.grad, torch.tensor([[0.25, 0.0, 0.0]]), atol=1e-6)
+
+
+def toy_rollout(values=None):
+    """4 answers (2 prompts x k = 2), 3 response tokens each; the policy is ahead of the reference by 0.1 a token."""
+    mask = torch.tensor([[True, True, True], [True, True, False], [True, False, False], [True, True, True]])
+    logprobs = torch.full((4, 3), -1.0)
+    return Rollout(ids=torch.zeros(4, 4, dtype=torch.long), mask=torch.cat([torch.ones(4, 1, dtype=torch.bool), mask], 1),
+                   prompt_width=1, logprobs=logprobs, ref_logprobs=logprobs - 0.1, values=values,
+                   scores=torch.tensor([1.0, 3.0, 2.0, 2.0]), ended=torch.ones(4, dtype=torch.bool))
+
+
+def run_estimator(r, estimator, **kw):
+    return advantages(r, 0.5, "k1", 0.0, 1.0, None, False, True, 1.0, 0.95, estimator=estimator, group_size=2, **kw)
+
+
+def test_where_each_estimator_puts_the_kl():
+    r = toy_rollout()
+    mask = r.response_mask
+    grpo = run_estimator(r, "grpo")
+    assert torch.equal(grpo.non_score, torch.zeros(4, 3))  # GRPO: the KL is a loss term, not a reward
+    assert torch.allclose(grpo.kl[mask], torch.full((9,), 0.1))  # still measured (logs, adaptive beta)
+    g = 1 / math.sqrt(2)  # groups (1, 3) and (2, 2): -1/sqrt2, +1/sqrt2, 0, 0
+    assert torch.allclose(grpo.advantages, est.to_tokens(torch.tensor([-g, g, 0.0, 0.0]), mask), atol=1e-5)
+    assert torch.equal(run_estimator(r, "grpo", std_norm=False).advantages,
+                       est.to_tokens(torch.tensor([-1.0, 1.0, 0.0, 0.0]), mask))
+
+    rloo = run_estimator(r, "rloo")
+    seq = torch.tensor([1.0, 3.0, 2.0, 2.0]) - 0.5 * 0.1 * torch.tensor([3.0, 2.0, 1.0, 3.0])  # summed KL
+    assert torch.allclose(rloo.returns, est.to_tokens(seq, mask))
+    assert torch.allclose(rloo.advantages, est.to_tokens(torch.tensor([-2.05, 2.05, 0.1, -0.1]), mask), atol=1e-6)
+
+    rpp = run_estimator(r, "reinforce_pp")
+    assert torch.allclose(rpp.non_score[mask], torch.full((9,), -0.05))  # per-token KL in the reward
+    assert torch.allclose(rpp.returns[0], torch.tensor([1.0 - 0.15, 1.0 - 0.10, 1.0 - 0.05]))
+    assert rpp.advantages[mask].mean().abs() < 1e-6 and rpp.advantages[mask].std().item() == pytest.approx(1.0)
+
+    gae = advantages(r.__class__(**{**r.__dict__, "values": torch.zeros(4, 3)}), 0.5, "k1", 0.0, 1.0, None,
+                     False, False, 1.0, 1.0)
+    assert torch.allclose(gae.advantages, rpp.returns)  # V = 0, lambda = 1: GAE is the reward to go
+    with pytest.raises(ValueError, match="unknown advantage estimator 'ppo'"):
+        run_estimator(r, "ppo")
+
+
+def test_repeat_prompts_lays_groups_out_contiguously():
+    assert repeat_prompts([[1], [2, 3]], 2) == [[1], [1], [2, 3], [2, 3]]
+    assert repeat_prompts([[1]], 1) == [[1]]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"estimator": "ppo"}, "ppo.estimator must be one of gae, grpo, rloo, reinforce_pp, not 'ppo'"),
+    ({"estimator": "grpo", "group_size": 1}, "ppo.group_size=1: ppo.estimator=grpo needs at least 2 answers"),
+    ({"estimator": "rloo", "group_size": 3}, "ppo.rollout_batch_size=64 must be a multiple of ppo.group_size=3"),
+    ({"estimator": "rloo", "group_size": 4, "whiten_rewards": True}, "set ppo.whiten_rewards=false"),
+])
+def test_config_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        check_config(PPOStageConfig(**overrides))
+    check_config(PPOStageConfig(estimator="reinforce_pp", group_size=2))
+
+
+def test_kl_loss_coefficient_joins_the_update_for_grpo_only():
+    assert update_spec(PPOStageConfig(estimator="grpo", group_size=4), 0.04).kl_loss_coef == 0.04
+    for name in ("gae", "rloo", "reinforce_pp"):
+        assert update_spec(PPOStageConfig(estimator=name, group_size=4), 0.04).kl_loss_coef == 0.0
