@@ -28,7 +28,7 @@ from rlhf import distributed
 from rlhf import rm_diagnostics, rm_probes
 from rlhf.rm_selection import METRICS, best_checkpoint_args, describe_selection, selection_callbacks
 from rlhf.config import ConfigError, PipelineConfig, RMStageConfig, TrainSpec, save_config
-from rlhf.models import load_sft_model, load_tokenizer, lora_config, resolve_dtype
+from rlhf.models import load_sft_model, load_tokenizer, lora_config, resolve_dtype, stack_under
 from rlhf.plugins import import_callable
 from rlhf.reward import (HEAD_FILE, MEMBER_PREFIX, RewardEnsemble, RewardScorer, attach_reward, build_reward_model,
                          member_dir, member_index, pair_ids, save_head)
@@ -247,12 +247,14 @@ def train_member(cfg: PipelineConfig, sft_dir: Path, tokenizer, train_ds: Datase
     r, main = cfg.rm, procs.is_main_process
     out.mkdir(parents=True, exist_ok=True)
     train_spec = replace(r.train, seed=seed)
-    # the SFT model (base + SFT adapter merged), a classifier around its backbone, a LoRA adapter on it
+    # the SFT model (base + SFT adapter merged, or stacked on a quantized base), a classifier around its
+    # backbone, a LoRA adapter on it (over the frozen SFT adapter when that is stacked)
     sft_model = load_sft_model(cfg.model, sft_dir, tokenizer)
     if cfg.model.gradient_checkpointing:
         sft_model.gradient_checkpointing_enable()
     clf = build_reward_model(sft_model, seed=seed)
     model = get_peft_model(clf, lora_config(r.lora, task_type="SEQ_CLS", modules_to_save=["score"]))
+    stack_under(model, sft_model)
 
     # train, resuming from the last complete checkpoint
     with procs.main_process_first():  # the main process removes a half-written checkpoint first
