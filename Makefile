@@ -82,7 +82,8 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-# Time and peak memory of each stage, on the demo and on a ~150M-parameter random model: bench/results/*.json
+# Time and peak memory of each stage, on the demo and on a ~150M-parameter random model (full precision and a
+# 4-bit base: BENCH_ARGS="--setup large --setup large-4bit"): bench/results/*.json
 bench: $(STAMP) data/demo/DONE
 	$(PY) bench/run.py $(BENCH_ARGS)
 

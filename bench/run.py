@@ -5,6 +5,9 @@ Two setups:
   large  a randomly initialised ~150M-parameter Llama built from a config (the demo's tokenizer and data),
          a few steps of each stage: the weights dominate memory, which is where sharing one base between
          the four PPO roles shows (PPO's peak memory / SFT's peak memory on the same base).
+  large-4bit, large-8bit
+         the same model and steps on a quantized frozen base (model.quantization); with `large` in the same
+         run, `quantized_vs_full` gives each stage's peak memory and PPO's step time as a ratio to `large`'s.
 
 Each stage runs in its own process (as `make` runs it); its peak memory is that process's peak
 (resident set on CPU, allocated CUDA memory on a GPU), read from the stage's DONE marker.
@@ -17,7 +20,7 @@ that peak RSS measures memory in use (it also makes them about 2x slower: every 
 mmap). The `demo` setup, which is about speed, keeps the default. Both are recorded in the JSON;
 BENCH_DEFAULT_MALLOC=1 keeps the default everywhere.
 
-Usage: python bench/run.py [--setup demo] [--setup large] [--out bench/results]
+Usage: python bench/run.py [--setup demo] [--setup large] [--setup large-4bit] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def build_large_model(out: Path) -> int:
 
 def stage_env(setup: str) -> dict:
     env = dict(os.environ)
-    if setup == "large" and not env.get("BENCH_DEFAULT_MALLOC"):
+    if setup.startswith("large") and not env.get("BENCH_DEFAULT_MALLOC"):
         env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     return env
 
@@ -100,10 +103,10 @@ def bench(setup: str, work: Path) -> dict:
     run_dir = work / setup
     extra: dict[str, list[str]] = {"sft": [], "rm": [], "ppo": []}
     info: dict = {}
-    if setup == "large":
+    if setup.startswith("large"):
         model_dir = work / "large-model"
         info["parameters"] = build_large_model(model_dir)
-        extra = {k: [f"model.name_or_path={model_dir}", *v] for k, v in LARGE_ARGS.items()}
+        extra = large_args(setup, model_dir)
     result = {"setup": setup, **info, "malloc_mmap_threshold": stage_env(setup).get("MALLOC_MMAP_THRESHOLD_", "default"),
               "stages": {}}
     for stage in ("sft", "rm", "ppo"):
@@ -112,6 +115,31 @@ def bench(setup: str, work: Path) -> dict:
     key = "peak_cuda_mb" if "peak_cuda_mb" in result["stages"]["sft"] else "peak_rss_mb"
     result["ppo_over_sft_peak_memory"] = round(result["stages"]["ppo"][key] / result["stages"]["sft"][key], 3)
     return result
+
+
+SETUPS = ("demo", "large", "large-4bit", "large-8bit")
+
+
+def large_args(setup: str, model_dir: Path) -> dict[str, list[str]]:
+    """Each stage's overrides for a `large` setup: the random model, few steps, and the base's quantization."""
+    quantization = setup.removeprefix("large").removeprefix("-") or "none"
+    return {k: [f"model.name_or_path={model_dir}", f"model.quantization={quantization}", *v] for k, v in LARGE_ARGS.items()}
+
+
+def quantized_vs_full(results: list[dict]) -> dict:
+    """Each quantized large setup against `large`: peak memory per stage and PPO's step time, as ratios."""
+    by = {r["setup"]: r for r in results}
+    if "large" not in by:
+        return {}
+    full = by["large"]["stages"]
+    out = {}
+    for name, r in by.items():
+        if name.startswith("large-"):
+            peak = lambda s: next(v for k, v in s.items() if k.startswith("peak_"))  # noqa: E731
+            out[name] = {f"{stage}_peak_memory": round(peak(r["stages"][stage]) / peak(full[stage]), 3)
+                         for stage in ("sft", "rm", "ppo")}
+            out[name]["ppo_step_time"] = round(r["stages"]["ppo"]["step_s"] / full["ppo"]["step_s"], 3)
+    return out
 
 
 def machine() -> dict:
@@ -123,15 +151,17 @@ def machine() -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--setup", action="append", choices=["demo", "large"])
+    p.add_argument("--setup", action="append", choices=SETUPS)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"machine": machine(), "results": []}
     with tempfile.TemporaryDirectory() as work:
-        for setup in a.setup or ["demo", "large"]:
+        for setup in a.setup or ["demo", "large", "large-4bit"]:
             report["results"].append(bench(setup, Path(work)))
+    if quantized_vs_full(report["results"]):
+        report["quantized_vs_full"] = quantized_vs_full(report["results"])
     path = out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

@@ -26,3 +26,14 @@ def test_memory_setup_pins_the_allocator_and_speed_setup_does_not(monkeypatch):
     assert "MALLOC_MMAP_THRESHOLD_" not in bench.stage_env("demo")
     monkeypatch.setenv("BENCH_DEFAULT_MALLOC", "1")
     assert "MALLOC_MMAP_THRESHOLD_" not in bench.stage_env("large")
+
+
+def test_quantized_large_setups_load_the_base_quantized_and_compare_with_full_precision(tmp_path):
+    assert "model.quantization=4bit" in bench.large_args("large-4bit", tmp_path)["ppo"]
+    assert "model.quantization=none" in bench.large_args("large", tmp_path)["sft"]
+    stages = lambda peak, step: {"sft": {"peak_rss_mb": peak}, "rm": {"peak_rss_mb": peak},  # noqa: E731
+                                 "ppo": {"peak_rss_mb": peak, "step_s": step}}
+    results = [{"setup": "large", "stages": stages(1000.0, 2.0)}, {"setup": "large-4bit", "stages": stages(400.0, 3.0)}]
+    assert bench.quantized_vs_full(results) == {"large-4bit": {"sft_peak_memory": 0.4, "rm_peak_memory": 0.4,
+                                                               "ppo_peak_memory": 0.4, "ppo_step_time": 1.5}}
+    assert bench.quantized_vs_full(results[1:]) == {}
