@@ -123,7 +123,8 @@ SETUPS = ("demo", "large", "large-4bit", "large-8bit")
 def large_args(setup: str, model_dir: Path) -> dict[str, list[str]]:
     """Each stage's overrides for a `large` setup: the random model, few steps, and the base's quantization."""
     quantization = setup.removeprefix("large").removeprefix("-") or "none"
-    return {k: [f"model.name_or_path={model_dir}", f"model.quantization={quantization}", *v] for k, v in LARGE_ARGS.items()}
+    return {k: [f"model.name_or_path={model_dir}", f"model.quantization={quantization}", *v]
+            for k, v in LARGE_ARGS.items()}
 
 
 def quantized_vs_full(results: list[dict]) -> dict:

@@ -127,7 +127,8 @@ def test_config_rejects_an_unknown_quantization_and_a_missing_backend(monkeypatc
         load_config(None, ["model.quantization=3bit"])
     import importlib.util
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a))
     with pytest.raises(ConfigError, match=r"^model.quantization=4bit needs bitsandbytes, which is not installed"):
         load_config(None, ["model.quantization=4bit"])
     assert load_config(None, ["model.quantization=none"]).model.quantization == "none"
