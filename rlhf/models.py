@@ -95,12 +95,29 @@ def load_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreT
     model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
     if cfg.quantization != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        release_checkpoint_mapping(model)
     fit_embeddings(model, tokenizer)
     disable_dropout(model)
     model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def release_checkpoint_mapping(model: PreTrainedModel) -> None:
+    """Copy a quantized model's unquantized CPU tensors (norms, embeddings) out of the memory-mapped checkpoint.
+
+    Those tensors are views into the mapped safetensors file, which keeps the whole float checkpoint resident
+    (file pages the quantization read): on the 154M bench model 1,090 MB after loading 4-bit, 501 MB with the
+    copies (float32: 1,003 MB, run off the mapping). Quantized weights and GPU tensors are copies already.
+    """
+    import bitsandbytes as bnb
+
+    with torch.no_grad():
+        for module in model.modules():
+            for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+                if t.device.type == "cpu" and not isinstance(t, (bnb.nn.Params4bit, bnb.nn.Int8Params)):
+                    t.data = t.data.clone()
 
 
 def quantization_config(cfg: ModelConfig) -> BitsAndBytesConfig:

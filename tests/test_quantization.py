@@ -62,6 +62,8 @@ def test_the_base_is_4bit_and_the_sft_adapter_is_stacked_frozen_not_merged(stack
     assert isinstance(model, PeftModel) and list(model.peft_config) == [SFT_ADAPTER]
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     assert not any(p.requires_grad for p in model.parameters())
+    lm = model.get_base_model()  # the copies out of the mapped checkpoint keep the demo's tied embeddings tied
+    assert lm.get_input_embeddings().weight is lm.get_output_embeddings().weight
 
 
 def test_reference_is_exactly_the_sft_model_and_roles_sit_on_the_sft_adapter(stacked, demo_dir):
