@@ -100,7 +100,8 @@ test: $(TEST_STAMP)
 test-fast: $(TEST_STAMP)
 	$(TEST_ENV) $(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
-# Time and peak memory of each stage, on the demo, the greetings task and a ~150M-parameter random model: bench/results/*.json
+# Time and peak memory of each stage, on the demo, the greetings task and a ~150M-parameter random model (full
+# precision and a 4-bit base: BENCH_ARGS="--setup large --setup large-4bit"): bench/results/*.json
 bench: $(STAMP) data/demo/DONE data/greetings/DONE
 	$(PY) bench/run.py $(BENCH_ARGS)
 

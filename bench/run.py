@@ -7,6 +7,9 @@ Three setups:
   large  a randomly initialised ~150M-parameter Llama built from a config (the demo's tokenizer and data),
          a few steps of each stage: the weights dominate memory, which is where sharing one base between
          the four PPO roles shows (PPO's peak memory / SFT's peak memory on the same base).
+  large-4bit, large-8bit
+         the same model and steps on a quantized frozen base (model.quantization); with `large` in the same
+         run, `quantized_vs_full` gives each stage's peak memory and PPO's step time as a ratio to `large`'s.
 
 Each stage runs in its own process (as `make` runs it); its peak memory is that process's peak
 (resident set on CPU, allocated CUDA memory on a GPU), read from the stage's DONE marker.
@@ -22,7 +25,8 @@ BENCH_DEFAULT_MALLOC=1 keeps the default everywhere.
 `--estimator grpo --estimator rloo` also runs the PPO stage with those advantage estimators (ppo.group_size 4,
 no value adapter) on the same SFT and RM, recorded as stages `ppo-grpo`, ... next to `ppo` (GAE).
 
-Usage: python bench/run.py [--setup demo] [--setup greetings] [--setup large] [--estimator grpo] [--out bench/results]
+Usage: python bench/run.py [--setup demo] [--setup greetings] [--setup large] [--setup large-4bit] [--estimator grpo]
+                           [--out bench/results]
 """
 
 from __future__ import annotations
@@ -71,12 +75,13 @@ def build_large_model(out: Path) -> int:
 
 def stage_env(setup: str) -> dict:
     env = dict(os.environ)
-    if setup == "large" and not env.get("BENCH_DEFAULT_MALLOC"):
+    if setup.startswith("large") and not env.get("BENCH_DEFAULT_MALLOC"):
         env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     return env
 
 
-CONFIGS = {"demo": "demo.yaml", "greetings": "greetings.yaml", "large": "demo.yaml"}
+CONFIGS = {"demo": "demo.yaml", "greetings": "greetings.yaml", "large": "demo.yaml", "large-4bit": "demo.yaml",
+           "large-8bit": "demo.yaml"}
 
 
 def run_stage(stage: str, run_dir: Path, extra: list[str], setup: str) -> dict:
@@ -109,10 +114,10 @@ def bench(setup: str, work: Path, estimators: list[str] = ()) -> dict:
     run_dir = work / setup
     extra: dict[str, list[str]] = {"sft": [], "rm": [], "ppo": []}
     info: dict = {}
-    if setup == "large":
+    if setup.startswith("large"):
         model_dir = work / "large-model"
         info["parameters"] = build_large_model(model_dir)
-        extra = {k: [f"model.name_or_path={model_dir}", *v] for k, v in LARGE_ARGS.items()}
+        extra = large_args(setup, model_dir)
     result = {"setup": setup, **info, "malloc_mmap_threshold": stage_env(setup).get("MALLOC_MMAP_THRESHOLD_", "default"),
               "stages": {}}
     for stage in ("sft", "rm", "ppo"):
@@ -133,6 +138,32 @@ def bench(setup: str, work: Path, estimators: list[str] = ()) -> dict:
     return result
 
 
+SETUPS = tuple(CONFIGS)
+
+
+def large_args(setup: str, model_dir: Path) -> dict[str, list[str]]:
+    """Each stage's overrides for a `large` setup: the random model, few steps, and the base's quantization."""
+    quantization = setup.removeprefix("large").removeprefix("-") or "none"
+    return {k: [f"model.name_or_path={model_dir}", f"model.quantization={quantization}", *v]
+            for k, v in LARGE_ARGS.items()}
+
+
+def quantized_vs_full(results: list[dict]) -> dict:
+    """Each quantized large setup against `large`: peak memory per stage and PPO's step time, as ratios."""
+    by = {r["setup"]: r for r in results}
+    if "large" not in by:
+        return {}
+    full = by["large"]["stages"]
+    out = {}
+    for name, r in by.items():
+        if name.startswith("large-"):
+            peak = lambda s: next(v for k, v in s.items() if k.startswith("peak_"))  # noqa: E731
+            out[name] = {f"{stage}_peak_memory": round(peak(r["stages"][stage]) / peak(full[stage]), 3)
+                         for stage in ("sft", "rm", "ppo")}
+            out[name]["ppo_step_time"] = round(r["stages"]["ppo"]["step_s"] / full["ppo"]["step_s"], 3)
+    return out
+
+
 def machine() -> dict:
     import torch
     return {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
@@ -142,7 +173,7 @@ def machine() -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--setup", action="append", choices=list(CONFIGS))
+    p.add_argument("--setup", action="append", choices=SETUPS)
     p.add_argument("--estimator", action="append", default=[], choices=["grpo", "rloo", "reinforce_pp"],
                    help="also run the PPO stage with this advantage estimator (no value adapter)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -151,8 +182,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     report = {"machine": machine(), "results": []}
     with tempfile.TemporaryDirectory() as work:
-        for setup in a.setup or list(CONFIGS):
+        for setup in a.setup or ["demo", "greetings", "large", "large-4bit"]:
             report["results"].append(bench(setup, Path(work), a.estimator))
+    if quantized_vs_full(report["results"]):
+        report["quantized_vs_full"] = quantized_vs_full(report["results"])
     path = out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

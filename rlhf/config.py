@@ -14,6 +14,7 @@ The resolved config is saved as `config.yaml` beside every stage output (`save_c
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,22 @@ class ModelConfig:
     attn_implementation: str | None = None
     """e.g. sdpa, flash_attention_2; None lets transformers choose."""
     gradient_checkpointing: bool = False
+    quantization: str = "none"
+    """none | 8bit | 4bit: load the frozen base quantized (bitsandbytes; 4bit is NF4 with double quantization),
+    computing in `dtype`. The SFT adapter is then stacked under the RM, policy and value adapters instead of
+    merged into the base (`rlhf.models.load_sft_model`); `make export` still writes a full-precision merge."""
+
+
+QUANTIZATIONS = ("none", "8bit", "4bit")
+
+
+def check_quantization(model: ModelConfig) -> None:
+    """model.quantization names a known scheme, and its backend is installed (before any model is loaded)."""
+    if model.quantization not in QUANTIZATIONS:
+        raise ConfigError(f"model.quantization must be one of {', '.join(QUANTIZATIONS)}, not {model.quantization!r}")
+    if model.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"model.quantization={model.quantization} needs bitsandbytes, which is not installed "
+                          f"(pip install 'rlhf[quant]')")
 
 
 @dataclass
@@ -472,6 +489,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), stage
     from rlhf.tracking import check_report_to  # here: it imports transformers, which config files do not need
 
     check_report_to(cfg.report_to)
+    check_quantization(cfg.model)
     return cfg
 
 

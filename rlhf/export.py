@@ -31,9 +31,10 @@ def run(cfg: PipelineConfig) -> Path:
     sft_dir = require_done(run_dir / "sft", "sft")
     out = Path(e.out_dir or run_dir / f"export-{e.stage}")
 
-    # 1. the SFT model (base + SFT adapter merged), then the PPO policy merged on top
+    # 1. the SFT model (base + SFT adapter merged), then the PPO policy merged on top; always in full precision,
+    # a run on a quantized base (model.quantization) included: its adapters merge into the unquantized weights
     tokenizer = load_tokenizer(str(sft_dir))
-    model_cfg = dataclasses.replace(cfg.model, dtype=e.dtype) if e.dtype else cfg.model
+    model_cfg = dataclasses.replace(cfg.model, quantization="none", **({"dtype": e.dtype} if e.dtype else {}))
     model = load_sft_model(model_cfg, sft_dir, tokenizer)
     if e.stage == "ppo":
         policy = require_done(run_dir / "ppo", "ppo") / "policy"

@@ -57,9 +57,12 @@ class ScalarHead(torch.nn.Linear):
 def build_reward_model(sft_model: PreTrainedModel, seed: int) -> PreTrainedModel:
     """A sequence classifier (num_labels=1) around the SFT model's own backbone: no weights are copied.
 
-    The classifier is built on the meta device (no memory), then given the SFT backbone and a fresh float32
+    `sft_model` may be a stacked SFT model (a PeftModel, quantized base): the classifier then shares its layers,
+    SFT adapter included (`rlhf.models.stack_under` keeps that adapter on beneath the RM's). The classifier is built on the meta device (no memory), then given the SFT backbone and a fresh float32
     head (`ScalarHead`: the classifier calls `self.score(hidden)`, and the head upcasts the hidden states).
     """
+    if isinstance(sft_model, PeftModel):
+        sft_model = sft_model.get_base_model()
     config = sft_model.config
     config.num_labels = 1
     with torch.device("meta"):

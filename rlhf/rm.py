@@ -13,12 +13,13 @@ import json
 import random
 import shutil
 import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from datasets import Dataset
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from trl import RewardConfig, RewardTrainer
@@ -27,8 +28,8 @@ from rlhf import data as rdata
 from rlhf import distributed
 from rlhf import rm_diagnostics, rm_probes
 from rlhf.rm_selection import METRICS, best_checkpoint_args, describe_selection, selection_callbacks
-from rlhf.config import ConfigError, PipelineConfig, RMStageConfig, TrainSpec, save_config
-from rlhf.models import load_sft_model, load_tokenizer, lora_config, resolve_dtype
+from rlhf.config import ConfigError, LoraSpec, PipelineConfig, RMStageConfig, TrainSpec, save_config
+from rlhf.models import load_sft_model, load_tokenizer, lora_config, resolve_dtype, stack_under
 from rlhf.plugins import import_callable
 from rlhf.reward import (HEAD_FILE, MEMBER_PREFIX, RewardEnsemble, RewardScorer, attach_reward, build_reward_model,
                          member_dir, member_index, pair_ids, save_head)
@@ -248,12 +249,11 @@ def train_member(cfg: PipelineConfig, sft_dir: Path, tokenizer, train_ds: Datase
     r, main = cfg.rm, procs.is_main_process
     out.mkdir(parents=True, exist_ok=True)
     train_spec = replace(r.train, seed=seed)
-    # the SFT model (base + SFT adapter merged), a classifier around its backbone, a LoRA adapter on it
     sft_model = load_sft_model(cfg.model, sft_dir, tokenizer)
     if cfg.model.gradient_checkpointing:
         sft_model.gradient_checkpointing_enable()
-    clf = build_reward_model(sft_model, seed=seed)
-    model = get_peft_model(clf, lora_config(r.lora, task_type="SEQ_CLS", modules_to_save=["score"]))
+    model = reward_classifier(sft_model, r.lora, seed)
+    clf = model.base_model.model
 
     # train, resuming from the last complete checkpoint
     with procs.main_process_first():  # the main process removes a half-written checkpoint first
@@ -290,6 +290,18 @@ def train_member(cfg: PipelineConfig, sft_dir: Path, tokenizer, train_ds: Datase
     del trainer, model, clf, sft_model
     gc.collect()
     return state.global_step, chosen
+
+
+def reward_classifier(sft_model, lora: LoraSpec, seed: int) -> PeftModel:
+    """The model the RM stage trains: a classifier around the SFT model's backbone (base + SFT adapter merged,
+    or stacked on a quantized base) with a fresh LoRA adapter and score head; a stacked SFT adapter stays on,
+    frozen, beneath the new adapter."""
+    clf = build_reward_model(sft_model, seed=seed)
+    with warnings.catch_warnings():  # "modify a model with PEFT for a second time": the stacked SFT adapter, meant
+        warnings.filterwarnings("ignore", message=".*PEFT for a second time")
+        model = get_peft_model(clf, lora_config(lora, task_type="SEQ_CLS", modules_to_save=["score"]))
+    stack_under(model, sft_model)
+    return model
 
 
 @torch.no_grad()

@@ -45,3 +45,14 @@ def test_estimators_run_the_ppo_stage_again_on_the_same_sft_and_rm(monkeypatch, 
     assert calls == [("sft", "demo", []), ("rm", "demo", []), ("ppo", "demo", []),
                      ("ppo", "demo-grpo", ["ppo.estimator=grpo", "ppo.group_size=4"])]
     assert (tmp_path / "demo-grpo" / "rm").is_dir() and result["ppo-grpo_over_ppo_peak_memory"] == 0.8
+
+
+def test_quantized_large_setups_load_the_base_quantized_and_compare_with_full_precision(tmp_path):
+    assert "model.quantization=4bit" in bench.large_args("large-4bit", tmp_path)["ppo"]
+    assert "model.quantization=none" in bench.large_args("large", tmp_path)["sft"]
+    stages = lambda peak, step: {"sft": {"peak_rss_mb": peak}, "rm": {"peak_rss_mb": peak},  # noqa: E731
+                                 "ppo": {"peak_rss_mb": peak, "step_s": step}}
+    results = [{"setup": "large", "stages": stages(1000.0, 2.0)}, {"setup": "large-4bit", "stages": stages(400.0, 3.0)}]
+    assert bench.quantized_vs_full(results) == {"large-4bit": {"sft_peak_memory": 0.4, "rm_peak_memory": 0.4,
+                                                               "ppo_peak_memory": 0.4, "ppo_step_time": 1.5}}
+    assert bench.quantized_vs_full(results[1:]) == {}

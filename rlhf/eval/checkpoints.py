@@ -25,8 +25,8 @@ from transformers import AutoModelForCausalLM
 
 from rlhf import distributed
 from rlhf.config import ConfigError, PipelineConfig
-from rlhf.models import (active_adapter, disable_dropout, keep_requires_grad, load_causal_lm, load_sft_model,
-                         load_tokenizer, resolve_dtype)
+from rlhf.models import (active_adapter, disable_dropout, load_causal_lm, load_sft_model, load_tokenizer,
+                         resolve_dtype, sft_only)
 from rlhf.reward import attach_reward
 from rlhf.runs import is_done, require_done
 
@@ -135,11 +135,8 @@ class Hub:
 
     @contextmanager
     def reference(self):
-        """The SFT model: every adapter off."""
-        if isinstance(self.model, PeftModel):
-            with keep_requires_grad(self.model), self.model.disable_adapter():
-                yield self.model
-        else:
+        """The SFT model: every adapter off (a stacked SFT adapter on, alone)."""
+        with sft_only(self.model):
             yield self.model
 
     @contextmanager

@@ -7,7 +7,7 @@ import torch
 from rlhf.eval.degeneration import response_tokens
 from rlhf.eval.stats import bootstrap_interval
 from rlhf.generation import SamplingSpec, decode_responses, encode_prompt, generate_ids, model_stop_ids
-from rlhf.models import keep_requires_grad
+from rlhf.models import sft_only
 from rlhf.ppo import core
 from rlhf.ppo.roles import Roles
 from rlhf.ppo.rollout import sample, score
@@ -23,7 +23,7 @@ def sample_and_score(roles: Roles, tokenizer, prompt_ids, spec: SamplingSpec, ba
     if use_policy:
         ids, mask, width = sample(roles, tokenizer, prompt_ids, spec, batch_size)
     else:
-        with keep_requires_grad(roles.model), roles.model.disable_adapter():
+        with sft_only(roles.model):
             ids, mask, width = generate_ids(roles.model, tokenizer, prompt_ids, spec, batch_size)
     r = score(roles, ids, mask, width, spec.temperature, batch_size, model_stop_ids(roles.model, tokenizer))
     kl = core.masked_sum(r.logprobs - r.ref_logprobs, r.response_mask, dim=1)

@@ -2,6 +2,10 @@
 
     policy    = SFT ⊕ adapter "policy"   trainable; LoRA's B starts at 0, so the policy starts as exactly SFT
     reference = SFT with adapters off    exact, and costs no memory
+
+On a quantized base (model.quantization) "SFT" is the frozen adapter "sft" stacked beneath the others rather
+than merged into the base (`rlhf.models.load_sft_model`): each role is base ⊕ sft ⊕ its adapter, and the
+reference is base ⊕ sft.
     value     = SFT ⊕ adapter "value" + value head   trainable; may start as a copy of the reward model
     reward    = SFT ⊕ adapter "reward" + score head  frozen, loaded from the RM stage (an ensemble: adapters
                                                    "reward", "reward-1", ... and the mean of their scores)
@@ -28,7 +32,7 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 
 from rlhf.config import LoraSpec
-from rlhf.models import active_adapter, keep_requires_grad, lora_config
+from rlhf.models import active_adapter, lora_config, set_active, sft_only
 from rlhf.reward import (REWARD_ADAPTER, RewardEnsemble, RewardScorer, ScalarHead, attach_reward, backbone,
                          position_ids)
 
@@ -85,8 +89,7 @@ def build_roles(sft_model, rm_dir: str | Path, tokenizer, lora: LoraSpec, value_
         torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
     set_trainable(model)
-    model.set_adapter(POLICY, inference_mode=True)
-    set_trainable(model)
+    set_active(model, POLICY)
     return Roles(model=model, value_head=head, scorer=scorer)
 
 
@@ -120,8 +123,9 @@ def policy_logits(roles: Roles, ids: torch.Tensor, mask: torch.Tensor, keep: int
 
 @torch.no_grad()
 def reference_logits(roles: Roles, ids: torch.Tensor, mask: torch.Tensor, keep: int = 0) -> torch.Tensor:
-    """(B, T, V) logits of the reference: the SFT model, every adapter disabled; (B, keep, V) if keep > 0."""
-    with keep_requires_grad(roles.model), roles.model.disable_adapter():
+    """(B, T, V) logits of the reference: the SFT model, every role adapter off (a stacked SFT adapter on, alone);
+    (B, keep, V) if keep > 0."""
+    with sft_only(roles.model):
         return _lm_logits(roles.model, ids, mask, keep)
 
 
