@@ -244,7 +244,10 @@ def checkpoints(stage_dir: Path) -> int:
 
 CHAIN = ("sft.train.max_steps=30 rm.train.max_steps=20 ppo.steps=40 ppo.rollout_batch_size=16 "
          "ppo.num_minibatches=2 ppo.ppo_epochs=2 ppo.save_steps=1 ppo.reward_norm_samples=16 ppo.eval_samples=16 "
-         "ppo.monitor_every=0 slurm.cpus_per_task=2 slurm.time=30m")  # requeue/resume, timed as before the monitor
+         "ppo.monitor_every=0 ppo.kl_budget=0 slurm.cpus_per_task=2 slurm.time=30m")
+# The RM of 20 steps is weak: PPO exploits it and its KL passes the guard's 6-nat budget by step ~18, which
+# would end the run before the requeues this test makes (session 8's CI failure). The test is about requeue
+# and resume, so the run has no KL budget and no held-out monitor.
 
 
 @pytest.mark.slow
