@@ -94,17 +94,23 @@ def noisy_ranking(rng: random.Random, request, answers: list[str], noise: float,
     return sorted(range(len(answers)), key=perturbed, reverse=True)
 
 
-def distinct_answers(rng, request, k, p_perfect, tries=50, shared_draft=False):
-    """k different answers of mixed quality (equal answers make no preference); see BuildSpec.shared_draft."""
-    answers = []
-    draft = rng.sample(task.CATEGORIES[request.category], len(task.CATEGORIES[request.category])) if shared_draft else None
+def distinct(write, k: int, tries: int, what: str) -> list[str]:
+    """k different answers from `write()` (equal answers make no preference), at most tries * k calls."""
+    answers: list[str] = []
     for _ in range(tries * k):
-        a = task.write_answer(rng, request, task.sample_flaws(rng, p_perfect), draft=draft)
+        a = write()
         if a not in answers:
             answers.append(a)
         if len(answers) == k:
             return answers
-    raise RuntimeError(f"could not write {k} distinct answers to {request.text!r}")
+    raise RuntimeError(f"could not write {k} distinct answers to {what!r}")
+
+
+def distinct_answers(rng, request, k, p_perfect, tries=50, shared_draft=False):
+    """k different answers of mixed quality; see BuildSpec.shared_draft."""
+    draft = rng.sample(task.CATEGORIES[request.category], len(task.CATEGORIES[request.category])) if shared_draft else None
+    return distinct(lambda: task.write_answer(rng, request, task.sample_flaws(rng, p_perfect), draft=draft), k, tries,
+                    request.text)
 
 
 def make_datasets(spec: BuildSpec) -> dict[str, list[dict]]:

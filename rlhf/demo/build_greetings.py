@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf.demo import greetings as task
-from rlhf.demo.build import build_base_model, build_tokenizer, noisy_ranking, write_jsonl
+from rlhf.demo.build import build_base_model, build_tokenizer, distinct, noisy_ranking, write_jsonl
 
 
 @dataclass(frozen=True)
@@ -50,14 +50,8 @@ def chat(request: task.Request) -> list[dict]:
 def distinct_answers(rng: random.Random, request: task.Request, k: int, p_perfect: float, tries: int = 50) -> list[str]:
     """k different answers from one writer's draft, differing only by their flaws (near misses)."""
     draft = task.make_draft(rng, request)
-    answers: list[str] = []
-    for _ in range(tries * k):
-        a = task.write_answer(rng, request, task.sample_flaws(rng, p_perfect), draft=draft)
-        if a not in answers:
-            answers.append(a)
-        if len(answers) == k:
-            return answers
-    raise RuntimeError(f"could not write {k} distinct answers to {request.text!r}")
+    return distinct(lambda: task.write_answer(rng, request, task.sample_flaws(rng, p_perfect), draft=draft), k, tries,
+                    request.text)
 
 
 def make_datasets(spec: GreetingsSpec) -> dict[str, list[dict]]:
