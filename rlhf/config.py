@@ -22,9 +22,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message says which key and where."""
+from rlhf.errors import ConfigError  # noqa: F401 (raised here, and imported from here by the stages)
 
 
 @dataclass
@@ -92,21 +90,32 @@ class TrainSpec:
 
 
 @dataclass
-class SFTStageConfig:
-    train_file: str = "data/demo/sft_train.jsonl"
-    """Local jsonl/json/parquet/csv file or hub dataset name; prompt/completion or chat messages."""
+class DataFiles:
+    """Where a Trainer stage's examples come from (SFT demonstrations; RM and DPO preferences) and their limits."""
+
+    train_file: str = ""
+    """Local jsonl/json/parquet/csv file or hub dataset name."""
     train_split: str = "train"
     """Split to use when train_file is a hub dataset."""
-    eval_file: str | None = "data/demo/sft_eval.jsonl"
-    """None: hold out eval_fraction of the training rows."""
+    eval_file: str | None = None
+    """Held-out examples. None: hold out eval_fraction of the training rows (RM, DPO: of the training prompts,
+    all pairs of a prompt on one side)."""
     eval_split: str = "test"
     eval_fraction: float = 0.05
     max_length: int = 512
-    """Prompt + completion tokens; longer examples are truncated by the trainer."""
+    """Prompt + answer tokens. SFT truncates longer examples; RM and DPO drop longer pairs and report the count
+    (truncation would cut off the end of turn the reward is read at)."""
     max_prompt_length: int = 256
     """Longer prompts are an input error, reported before training."""
     skip_invalid: bool = False
     """Drop invalid rows with a warning instead of stopping."""
+
+
+@dataclass
+class SFTStageConfig(DataFiles):
+    train_file: str = "data/demo/sft_train.jsonl"
+    """Prompt/completion rows or chat messages."""
+    eval_file: str | None = "data/demo/sft_eval.jsonl"
     lora: LoraSpec = field(default_factory=LoraSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
 
@@ -142,18 +151,10 @@ class RMProbeSpec:
 
 
 @dataclass
-class RMStageConfig:
+class RMStageConfig(DataFiles):
     train_file: str = "data/demo/rm_rankings_train.jsonl"
     """Preferences: pairwise prompt/chosen/rejected, Anthropic HH transcripts, or K-way rankings."""
-    train_split: str = "train"
     eval_file: str | None = "data/demo/rm_pairs_eval.jsonl"
-    """None: hold out eval_fraction of the training prompts (all pairs of a prompt on one side)."""
-    eval_split: str = "test"
-    eval_fraction: float = 0.05
-    max_length: int = 512
-    """Prompt + answer tokens; longer pairs are dropped (trl's RewardTrainer), and the count is reported."""
-    max_prompt_length: int = 256
-    skip_invalid: bool = False
     use_margin: bool = True
     """Use a `margin` column when the data has one: loss -log sigmoid(r_chosen - r_rejected - margin)."""
     center_rewards_coefficient: float = 0.0
@@ -311,7 +312,7 @@ class PPOStageConfig:
 
 
 @dataclass
-class DPOStageConfig:
+class DPOStageConfig(DataFiles):
     """`make dpo`: Direct Preference Optimization (Rafailov et al. 2023) with trl's DPOTrainer, an alternative
     to RM + PPO. A LoRA adapter on the SFT model; the reference is the same model with the adapter off."""
 
@@ -322,11 +323,9 @@ class DPOStageConfig:
     eval_file: str | None = "${rm.eval_file}"
     """Held-out pairs (default: the RM's). None: hold out eval_fraction of the training prompts."""
     eval_split: str = "${rm.eval_split}"
-    eval_fraction: float = 0.05
     max_length: int = "${rm.max_length}"  # type: ignore[assignment]  # an interpolation, resolved to an int
     """Prompt + answer tokens; longer pairs are dropped and counted (never truncated: the end of turn would go)."""
     max_prompt_length: int = "${rm.max_prompt_length}"  # type: ignore[assignment]
-    skip_invalid: bool = False
     beta: float = 0.1
     """Strength of the implicit KL penalty to the reference: small beta lets the policy move further from SFT."""
     loss_type: str = "sigmoid"

@@ -20,7 +20,6 @@ tokenizer, `config.yaml`, `metrics.jsonl`, `tb/`, `checkpoints/`, and `DONE`, wr
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
@@ -28,16 +27,13 @@ from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
 from rlhf import data as rdata
-from rlhf import distributed
 from rlhf.chat import answer_ids, encode_prompt
-from rlhf.config import ConfigError, DPOStageConfig, PipelineConfig, save_config
+from rlhf.config import ConfigError, DPOStageConfig, PipelineConfig
 from rlhf.models import load_sft_model, load_tokenizer, lora_config, resolve_dtype
-from rlhf.preempt import train_or_preempt
 from rlhf.rm import load_rm_data
-from rlhf.runs import (MetricsFile, begin_stage, checkpoint_step, finish_stage, last_complete_checkpoint, read_metrics,
+from rlhf.runs import (finish_stage, read_metrics,
                        require_done)
-from rlhf.trainers import FiniteLogsCallback, MetricsCallback, save_trained_adapter, trainer_kwargs
-from rlhf.tracking import trainer_callbacks
+from rlhf.trainers import TrainerRun, start_stage, within_max_length, trainer_kwargs
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "exo_pair", "apo_zero",
               "apo_down", "discopop", "sigmoid_norm")
@@ -59,21 +55,14 @@ def tokenize_preferences(pairs: list[rdata.PreferencePair], tokenizer, max_lengt
     """trl's tokenized preference layout (prompt_ids, chosen_ids, rejected_ids), built as the RM builds its rows
     (`rlhf.reward.pair_ids` = encode_prompt + answer_ids). Pairs longer than max_length are dropped and counted:
     truncating would cut off the end of turn."""
-    rows, dropped = [], 0
+    rows = []
     for p in pairs:
         prompt = encode_prompt(tokenizer, p.prompt)
         chosen = answer_ids(tokenizer, p.prompt, p.chosen, prompt)
         rejected = answer_ids(tokenizer, p.prompt, p.rejected, prompt)
-        if len(prompt) + max(len(chosen), len(rejected)) > max_length:
-            dropped += 1
-            continue
-        rows.append({"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected})
-    if dropped:
-        print(f"[dpo] {name}: dropped {dropped} of {len(pairs)} pairs longer than max_length={max_length}",
-              file=sys.stderr)
-    if not rows:
-        raise rdata.DataError(f"{name}: every pair is longer than dpo.max_length={max_length}")
-    return Dataset.from_list(rows)
+        rows.append((len(prompt) + max(len(chosen), len(rejected)),
+                     {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}))
+    return within_max_length(rows, max_length, "dpo", name)
 
 
 class TokenizedDPOTrainer(DPOTrainer):
@@ -114,11 +103,7 @@ def run(cfg: PipelineConfig) -> Path:
     d = cfg.dpo
     check_config(d)
     sft_dir = require_done(Path(cfg.run_dir) / "sft", "sft")
-    procs = distributed.state()
-    main = procs.is_main_process
-    out = begin_stage(Path(cfg.run_dir) / "dpo", cfg.force)
-    if main:
-        save_config(cfg, out)
+    procs, out = start_stage(cfg, "dpo")
 
     # 1. tokenizer (the SFT stage's) and the RM's preferences, validated and tokenized before the model loads
     tokenizer = load_tokenizer(str(sft_dir))
@@ -131,27 +116,15 @@ def run(cfg: PipelineConfig) -> Path:
     model = load_sft_model(cfg.model, sft_dir, tokenizer)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    with procs.main_process_first():  # the main process removes a half-written checkpoint first
-        resume = last_complete_checkpoint(out / "checkpoints")
-    metrics = MetricsFile(out / "metrics.jsonl", resume_step=checkpoint_step(resume), enabled=main)
-    callbacks = [FiniteLogsCallback("dpo"), MetricsCallback(metrics)] + trainer_callbacks(cfg.report_to, out, main)
-    trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, out, callbacks)
+    run = TrainerRun.prepare("dpo", out, procs, cfg.report_to)
+    trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, out, run.callbacks)
 
-    # 3. train, resuming from the last complete checkpoint if a previous run died
-    if resume and main:
-        print(f"[dpo] resuming from {resume}")
-    train_or_preempt(trainer, resume, "dpo", out)  # on SIGTERM/SIGUSR1: checkpoint, exit 75
-    final = trainer.evaluate()
-    metrics.write(trainer.state.global_step, {"eval/loss": final["eval_loss"],
-                                              "eval/rewards/accuracies": final["eval_rewards/accuracies"],
-                                              "eval/rewards/margins": final["eval_rewards/margins"]})
-
-    # 4. save adapter + tokenizer, then the marker (after every process is done)
-    save_trained_adapter(trainer, out)
-    procs.wait_for_everyone()
-    if not main:
+    # 3. train (resuming if a previous run died), then save adapter + tokenizer and the marker
+    run.train(trainer)
+    final = {"eval/loss": "eval_loss", "eval/rewards/accuracies": "eval_rewards/accuracies",
+             "eval/rewards/margins": "eval_rewards/margins"}
+    if not run.evaluate_and_save(trainer, tokenizer, procs, final):
         return out
-    tokenizer.save_pretrained(out)
     summary = dpo_summary(out / "metrics.jsonl")
     print(f"[dpo] held-out loss {summary['eval_loss_start']:.4f} -> {summary['eval_loss_end']:.4f}, "
           f"accuracy {summary['eval_accuracy_end']:.3f}, margin {summary['eval_margin_end']:.3f}; saved to {out}")

@@ -12,6 +12,10 @@ from pathlib import Path
 EXIT_PREEMPTED = 75
 
 
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says which key and where."""
+
+
 class StageFinished(Exception):
     """The stage directory holds a finished run and `force` was not given; nothing was touched."""
 

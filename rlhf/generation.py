@@ -13,25 +13,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from peft import PeftModel
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import GenerationConfig
 
 from rlhf.chat import encode_prompt, stop_token_ids  # noqa: F401 (encode_prompt: re-exported)
-from rlhf.ppo.core import truncate_after_eos
 from rlhf.progress import progress
-
-
-def left_pad(seqs: list[list[int]], pad_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) ids and bool mask (True = real token), padded on the left so generation continues at the right.
-    T is `width` if given, else the longest sequence."""
-    width = width or max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s):] = True
-    return ids, mask
+from rlhf.sequences import hf_model, left_pad, truncate_after_eos
 
 
 @dataclass(frozen=True)
@@ -56,11 +42,7 @@ class SamplingSpec:
 
 def model_stop_ids(model, tokenizer) -> list[int]:
     """The stop tokens of `model` (a PeftModel or any HF causal LM) with `tokenizer`: see rlhf.chat."""
-    return stop_token_ids(tokenizer, getattr(_hf_model(model), "generation_config", None))
-
-
-def _hf_model(model):
-    return model.get_base_model() if isinstance(model, PeftModel) else model
+    return stop_token_ids(tokenizer, getattr(hf_model(model), "generation_config", None))
 
 
 @contextmanager
@@ -69,7 +51,7 @@ def bare_generation_config(model):
     pass leaves unset from the model's own (repetition_penalty, no_repeat_ngram_size, suppress_tokens...),
     and any of them would make the samples differ from softmax(logits / T), the distribution PPO's
     log-probs describe."""
-    hf = _hf_model(model)
+    hf = hf_model(model)
     saved = hf.generation_config
     hf.generation_config = GenerationConfig()
     try:

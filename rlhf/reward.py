@@ -25,16 +25,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from rlhf.chat import answer_ids, encode_prompt
-from rlhf.generation import left_pad
 from rlhf.models import active_adapter
+from rlhf.sequences import backbone, last_hidden, last_token_index, left_pad
 
 HEAD_FILE = "score_head.safetensors"
 REWARD_ADAPTER = "reward"
-
-
-def backbone(model: PreTrainedModel) -> torch.nn.Module:
-    """The transformer body of an HF model (the part a causal LM and a classifier share)."""
-    return getattr(model, model.base_model_prefix)
 
 
 class ScalarHead(torch.nn.Linear):
@@ -73,17 +68,6 @@ def build_reward_model(sft_model: PreTrainedModel, seed: int) -> PreTrainedModel
     torch.nn.init.normal_(head.weight, std=1.0 / (config.hidden_size + 1) ** 0.5)
     clf.score = head
     return clf
-
-
-def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) bool mask, True = real token -> (B,) index of the last real token (left or right padding)."""
-    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    return torch.where(mask, positions, -1).max(dim=1).values
-
-
-def position_ids(mask: torch.Tensor) -> torch.Tensor:
-    """Positions that count real tokens only, so a left-padded row sees the positions a right-padded one does."""
-    return (mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
 def pair_ids(tokenizer, prompt, response: str) -> list[int]:
@@ -153,9 +137,7 @@ class RewardScorer(_ScoresText):
     def score_ids(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, T) ids and bool mask (any padding side) -> (B,) rewards read at each row's last real token."""
         with active_adapter(self.model, self.name):
-            hidden = backbone(self.model.get_base_model())(
-                input_ids=input_ids, attention_mask=mask.long(), position_ids=position_ids(mask), use_cache=False,
-            ).last_hidden_state
+            hidden = last_hidden(self.model, input_ids, mask)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         return self.head(hidden[rows, last_token_index(mask)]).squeeze(-1)
 

@@ -25,19 +25,15 @@ from torch.utils.data import DataLoader
 from trl import RewardConfig, RewardTrainer
 
 from rlhf import data as rdata
-from rlhf import distributed
 from rlhf import rm_diagnostics, rm_probes
 from rlhf.rm_selection import METRICS, best_checkpoint_args, describe_selection, selection_callbacks
-from rlhf.config import ConfigError, LoraSpec, PipelineConfig, RMStageConfig, TrainSpec, save_config
+from rlhf.config import ConfigError, LoraSpec, PipelineConfig, RMStageConfig, TrainSpec
 from rlhf.models import load_sft_model, load_tokenizer, lora_config, resolve_dtype, stack_under
 from rlhf.plugins import import_callable
 from rlhf.reward import (HEAD_FILE, MEMBER_PREFIX, RewardEnsemble, RewardScorer, attach_reward, build_reward_model,
                          member_dir, member_index, pair_ids, save_head)
-from rlhf.preempt import train_or_preempt
-from rlhf.tracking import trainer_callbacks
-from rlhf.runs import (MetricsFile, begin_stage, checkpoint_step, finish_stage, is_done, last_complete_checkpoint,
-                       require_done)
-from rlhf.trainers import FiniteLogsCallback, MetricsCallback, save_trained_adapter, trainer_kwargs
+from rlhf.runs import (MetricsFile, finish_stage, is_done, require_done)
+from rlhf.trainers import TrainerRun, start_stage, within_max_length, save_trained_adapter, trainer_kwargs
 
 
 def load_rm_data(cfg: RMStageConfig, tokenizer) -> tuple[list[rdata.PreferencePair], list[rdata.PreferencePair]]:
@@ -62,23 +58,15 @@ def tokenize_pairs(pairs: list[rdata.PreferencePair], tokenizer, max_length: int
     Pairs longer than max_length are dropped, as trl would, but counted out loud: truncating would cut
     off the EOS the reward is read at.
     """
-    rows, dropped = [], 0
+    rows = []
     with_margin = use_margin and any(p.margin is not None for p in pairs)
     for p in pairs:
         chosen, rejected = pair_ids(tokenizer, p.prompt, p.chosen), pair_ids(tokenizer, p.prompt, p.rejected)
-        if max(len(chosen), len(rejected)) > max_length:
-            dropped += 1
-            continue
         row = {"chosen_ids": chosen, "rejected_ids": rejected, "group": p.group}
         if with_margin:
             row["margin"] = float(p.margin or 0.0)
-        rows.append(row)
-    if dropped:
-        print(f"[rm] {name}: dropped {dropped} of {len(pairs)} pairs longer than max_length={max_length}",
-              file=sys.stderr)
-    if not rows:
-        raise rdata.DataError(f"{name}: every pair is longer than rm.max_length={max_length}")
-    return Dataset.from_list(rows)
+        rows.append((max(len(chosen), len(rejected)), row))
+    return within_max_length(rows, max_length, "rm", name)
 
 
 class GroupBatchSampler:
@@ -178,12 +166,8 @@ def run(cfg: PipelineConfig) -> Path:
         raise ConfigError(f"rm.probes.no_warning: unknown probe(s) {sorted(unknown)}; the probes are "
                           f"{', '.join(rm_probes.PROBES)}")
     sft_dir = require_done(Path(cfg.run_dir) / "sft", "sft")
-    # under `accelerate launch` the Trainer runs DDP/FSDP/DeepSpeed; only the main process writes
-    procs = distributed.state()
+    procs, out = start_stage(cfg, "rm")
     main = procs.is_main_process
-    out = begin_stage(Path(cfg.run_dir) / "rm", cfg.force)
-    if main:
-        save_config(cfg, out)
 
     # 1. tokenizer (the SFT stage's) and data, validated and tokenized before the model is loaded
     tokenizer = load_tokenizer(str(sft_dir))
@@ -256,21 +240,16 @@ def train_member(cfg: PipelineConfig, sft_dir: Path, tokenizer, train_ds: Datase
     clf = model.base_model.model
 
     # train, resuming from the last complete checkpoint
-    with procs.main_process_first():  # the main process removes a half-written checkpoint first
-        resume = last_complete_checkpoint(out / "checkpoints")
-    metrics = MetricsFile(out / "metrics.jsonl", resume_step=checkpoint_step(resume), enabled=main)
+    run = TrainerRun.prepare("rm", out, procs, cfg.report_to)
     bf16 = resolve_dtype(cfg.model.dtype) == torch.bfloat16
     trainer_cls = GroupedRewardTrainer if r.group_pairs else RewardTrainer
     trainer = trainer_cls(
         model=model, args=trainer_args(r, out, bf16, train_spec, cfg.report_to), processing_class=tokenizer,
         train_dataset=train_ds if r.group_pairs else train_ds.remove_columns("group"),
         eval_dataset=eval_ds.remove_columns("group"),
-        callbacks=[FiniteLogsCallback("rm"), MetricsCallback(metrics)] + trainer_callbacks(cfg.report_to, out, main)
-        + (selection_callbacks(r.early_stopping.patience) if r.early_stopping.enabled else []),
+        callbacks=run.callbacks + (selection_callbacks(r.early_stopping.patience) if r.early_stopping.enabled else []),
     )
-    if resume and main:
-        print(f"[rm] resuming from {resume}")
-    train_or_preempt(trainer, resume, "rm", out)  # on SIGTERM/SIGUSR1: checkpoint, exit 75
+    run.train(trainer)
 
     # save the adapter, the head and the tokenizer
     save_trained_adapter(trainer, out)

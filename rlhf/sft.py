@@ -15,14 +15,10 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from rlhf import data as rdata
-from rlhf import distributed
-from rlhf.config import PipelineConfig, SFTStageConfig, save_config
+from rlhf.config import PipelineConfig, SFTStageConfig
 from rlhf.models import load_causal_lm, load_tokenizer, lora_config, resolve_dtype
-from rlhf.preempt import train_or_preempt
-from rlhf.tracking import trainer_callbacks
-from rlhf.runs import (MetricsFile, begin_stage, checkpoint_step, finish_stage, last_complete_checkpoint,
-                       read_metrics)
-from rlhf.trainers import FiniteLogsCallback, MetricsCallback, save_trained_adapter, trainer_kwargs
+from rlhf.runs import (finish_stage, read_metrics)
+from rlhf.trainers import TrainerRun, start_stage, trainer_kwargs
 
 
 def load_sft_data(cfg: SFTStageConfig, tokenizer) -> tuple[list[rdata.SFTExample], list[rdata.SFTExample]]:
@@ -62,12 +58,7 @@ def trainer_args(s: SFTStageConfig, out: Path, bf16: bool, report_to: list[str] 
 
 def run(cfg: PipelineConfig) -> Path:
     s = cfg.sft
-    # under `accelerate launch` the Trainer runs DDP/FSDP/DeepSpeed; only the main process writes
-    procs = distributed.state()
-    main = procs.is_main_process
-    out = begin_stage(Path(cfg.run_dir) / "sft", cfg.force)
-    if main:
-        save_config(cfg, out)
+    procs, out = start_stage(cfg, "sft")
 
     # 1. tokenizer and data, validated before the model is even loaded
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
@@ -79,29 +70,17 @@ def run(cfg: PipelineConfig) -> Path:
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     bf16 = resolve_dtype(cfg.model.dtype) == torch.bfloat16
-    with procs.main_process_first():  # the main process removes a half-written checkpoint first
-        resume = last_complete_checkpoint(out / "checkpoints")
-    metrics = MetricsFile(out / "metrics.jsonl", resume_step=checkpoint_step(resume), enabled=main)
+    run = TrainerRun.prepare("sft", out, procs, cfg.report_to)
     trainer = SFTTrainer(
         model=model, args=trainer_args(s, out, bf16, cfg.report_to), processing_class=tokenizer,
         train_dataset=to_dataset(train), eval_dataset=to_dataset(held_out),
-        peft_config=lora_config(s.lora),
-        callbacks=[FiniteLogsCallback("sft"), MetricsCallback(metrics)] + trainer_callbacks(cfg.report_to, out, main),
+        peft_config=lora_config(s.lora), callbacks=run.callbacks,
     )
 
-    # 3. train, resuming from the last complete checkpoint if a previous run died
-    if resume and main:
-        print(f"[sft] resuming from {resume}")
-    train_or_preempt(trainer, resume, "sft", out)  # on SIGTERM/SIGUSR1: checkpoint, exit 75
-    final = trainer.evaluate()
-    metrics.write(trainer.state.global_step, {"eval/loss": final["eval_loss"]})
-
-    # 4. save adapter + tokenizer, then the marker (after every process is done)
-    save_trained_adapter(trainer, out)
-    procs.wait_for_everyone()
-    if not main:
+    # 3. train (resuming if a previous run died), then save adapter + tokenizer and the marker
+    run.train(trainer)
+    if not run.evaluate_and_save(trainer, tokenizer, procs, {"eval/loss": "eval_loss"}):
         return out
-    tokenizer.save_pretrained(out)
     summary = sft_summary(out / "metrics.jsonl")
     print(f"[sft] held-out loss {summary['eval_loss_start']:.4f} -> {summary['eval_loss_end']:.4f}; saved to {out}")
     finish_stage(out, summary)

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from rlhf.config import ConfigError
+from rlhf.errors import ConfigError
 
 TENSORBOARD = "tensorboard"
 # report_to name -> the module that must be importable (when it differs from the name)

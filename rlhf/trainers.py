@@ -1,17 +1,22 @@
 """What the Trainer-based stages (SFT, RM, DPO) share: TrainingArguments, the metrics and finite-loss callbacks,
-saving the trained adapter."""
+resuming from the last complete checkpoint, training with preemption, saving the trained adapter."""
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from datasets import Dataset
 from transformers import TrainerCallback
 
-from rlhf.config import TrainSpec
-from rlhf.runs import MetricsFile, check_finite, namespaced
-from rlhf.tracking import run_name, trainer_report_to
+from rlhf import data as rdata
+from rlhf import distributed
+from rlhf.config import PipelineConfig, TrainSpec, save_config
+from rlhf.preempt import train_or_preempt
+from rlhf.runs import MetricsFile, begin_stage, check_finite, checkpoint_step, last_complete_checkpoint, namespaced
+from rlhf.tracking import run_name, trainer_callbacks, trainer_report_to
 
 
 class FiniteLogsCallback(TrainerCallback):
@@ -65,3 +70,69 @@ def trainer_kwargs(train: TrainSpec, out: Path, bf16: bool, report_to: list[str]
         disable_tqdm=not (train.progress_bar and sys.stderr.isatty()),  # no bars in CI or SLURM logs
         bf16=bf16, use_cpu=not torch.cuda.is_available(),
     )
+
+
+def within_max_length(rows: list[tuple[int, dict]], max_length: int, stage: str, name: str) -> Dataset:
+    """(length in tokens, row) -> the rows of at most max_length tokens, as a Dataset. The longer ones are dropped
+    and counted out loud (a preference pair is never truncated: that would cut off the end of turn the reward is
+    read at); none left is a DataError naming `name` (the file)."""
+    kept = [row for length, row in rows if length <= max_length]
+    if len(kept) < len(rows):
+        print(f"[{stage}] {name}: dropped {len(rows) - len(kept)} of {len(rows)} pairs longer than "
+              f"max_length={max_length}", file=sys.stderr)
+    if not kept:
+        raise rdata.DataError(f"{name}: every pair is longer than {stage}.max_length={max_length}")
+    return Dataset.from_list(kept)
+
+
+def start_stage(cfg: PipelineConfig, stage: str):
+    """(this process's accelerate state, the stage's output directory): the directory begun (refused if it holds
+    a finished run and cfg.force is off) and the config saved there by the main process. Under `accelerate
+    launch` the Trainer runs DDP/FSDP/DeepSpeed and only the main process writes."""
+    procs = distributed.state()
+    out = begin_stage(Path(cfg.run_dir) / stage, cfg.force)
+    if procs.is_main_process:
+        save_config(cfg, out)
+    return procs, out
+
+
+@dataclass
+class TrainerRun:
+    """One Trainer's run in `out`: the checkpoint it resumes from, its metrics file and the callbacks every
+    Trainer stage gives its Trainer (finite losses, metrics.jsonl, the config's trackers)."""
+
+    stage: str
+    out: Path
+    main: bool
+    resume: Path | None
+    metrics: MetricsFile
+    callbacks: list
+
+    @classmethod
+    def prepare(cls, stage: str, out: Path, procs, report_to: list[str]) -> "TrainerRun":
+        """Call after the model is loaded: the main process removes a half-written checkpoint first."""
+        with procs.main_process_first():
+            resume = last_complete_checkpoint(out / "checkpoints")
+        main = procs.is_main_process
+        metrics = MetricsFile(out / "metrics.jsonl", resume_step=checkpoint_step(resume), enabled=main)
+        callbacks = [FiniteLogsCallback(stage), MetricsCallback(metrics)] + trainer_callbacks(report_to, out, main)
+        return cls(stage, out, main, resume, metrics, callbacks)
+
+    def train(self, trainer) -> None:
+        """Train, resuming from the last complete checkpoint if an earlier run died; on SIGTERM/SIGUSR1 the
+        Trainer checkpoints and the stage exits 75 (rlhf/preempt.py)."""
+        if self.resume and self.main:
+            print(f"[{self.stage}] resuming from {self.resume}")
+        train_or_preempt(trainer, self.resume, self.stage, self.out)
+
+    def evaluate_and_save(self, trainer, tokenizer, procs, final: dict[str, str]) -> bool:
+        """A last held-out evaluation into metrics.jsonl (`final`: our metric name -> the Trainer's), the adapter
+        and the tokenizer saved; every process waits for the others. Returns whether this is the main process,
+        which alone goes on to write the summary and DONE."""
+        logs = trainer.evaluate()
+        self.metrics.write(trainer.state.global_step, {ours: logs[theirs] for ours, theirs in final.items()})
+        save_trained_adapter(trainer, self.out)
+        procs.wait_for_everyone()
+        if self.main:
+            tokenizer.save_pretrained(self.out)
+        return self.main

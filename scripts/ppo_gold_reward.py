@@ -6,9 +6,7 @@ It measures the ceiling that a perfect reward model would give the demo's PPO: w
 and the goal is the policy's (optimisation, KL, LoRA capacity), not the reward model's. The run needs a
 finished SFT and RM stage in run_dir (the value model still starts from the RM); every RM score in it,
 the logged `ppo/score` and the end-of-run comparison included, is 10 x the gold score. Never part of the
-pipeline: the judge stands for the humans, and no training stage may see it. Session 6 measured 0.715
-(0.672-0.757) gold win rate over SFT with it, against 0.680 with the RM of the time; session 7, with a base
-that knows a chat answer does not repeat its items, 0.740 against 0.723 (NOTES.md).
+pipeline: the judge stands for the humans, and no training stage may see it. Its figures are in NOTES.md.
 """
 
 import sys

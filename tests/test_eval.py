@@ -11,7 +11,8 @@ from conftest import ROOT, run_make, run_stage
 from rlhf.config import ConfigError, EvalConfig
 from rlhf.eval.checkpoints import parse_checkpoints
 from rlhf.eval.report import render, verdict
-from rlhf.eval.run import merge_in_order, summarize, validate
+from rlhf.eval.judging import summarize
+from rlhf.eval.run import merge_in_order, validate
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -1,6 +1,5 @@
 """Non-finite numbers stop a run loudly: the metrics file, the Trainer stages' callback, the PPO loop."""
 
-import json
 
 import pytest
 import torch

@@ -20,7 +20,7 @@ from rlhf.runs import read_metrics
 pytestmark = pytest.mark.slow
 
 
-def test_20_ppo_raises_rm_and_gold_scores_at_a_small_kl(ppo_run):
+def test_ppo_raises_rm_and_gold_scores_at_a_small_kl(ppo_run):
     out = ppo_run / "ppo"
     for name in ("policy/adapter_model.safetensors", "value/adapter_model.safetensors", "value/value_head.safetensors",
                  "tokenizer.json", "config.yaml", "metrics.jsonl", "eval.json", "DONE"):
@@ -48,7 +48,7 @@ def test_20_ppo_raises_rm_and_gold_scores_at_a_small_kl(ppo_run):
         assert key in rows[-1], key
 
 
-def test_20_saved_policy_reloads_with_the_same_greedy_generations(ppo_run, demo_dir):
+def test_saved_policy_reloads_with_the_same_greedy_generations(ppo_run, demo_dir):
     """The PEFT export in ppo/policy/ and the last checkpoint's state generate the same tokens."""
     tok = load_tokenizer(str(ppo_run / "sft"))
     cfg = ModelConfig(name_or_path=str(demo_dir / "base"))

@@ -99,7 +99,7 @@ def test_kl_estimators_by_hand():
 
 
 def test_kl_is_exactly_zero_when_policy_is_reference():
-    # checklist 1: at step 0 policy == reference, so every estimator gives exactly 0
+    # at step 0 policy == reference, so every estimator gives exactly 0
     logp = torch.randn(2, 4, generator=torch.Generator().manual_seed(2))
     for kind in ("k1", "k3", "abs", "mse"):
         assert torch.equal(kl_penalty(logp, logp.clone(), kind), torch.zeros(2, 4))

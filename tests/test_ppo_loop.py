@@ -12,7 +12,8 @@ from rlhf.generation import SamplingSpec, decode_responses, encode_prompt, gener
 from rlhf.models import active_adapter, load_causal_lm, load_sft_model, load_tokenizer
 from rlhf.ppo import core
 from rlhf.ppo.roles import POLICY, build_roles, policy_logits, reference_logits, values
-from rlhf.ppo.rollout import Rollout, advantages, response_logprobs, sample, score
+from rlhf.ppo.rollout import Rollout, advantages, sample, score
+from rlhf.sequences import response_logprobs
 from rlhf.ppo.train import step_metrics
 from rlhf.ppo.update import UpdateSpec, check_batch_sizes, policy_loss, ppo_update, ptx_loss
 
@@ -40,7 +41,7 @@ def default_advantages(r, kl_coef=0.05, penalty=None, shift=0.0, scale=1.0):
     return advantages(r, kl_coef, "k1", shift, scale, penalty, False, True, 1.0, 0.95)
 
 
-def test_1_start_policy_equals_reference_kl_zero_ratio_one(setup):
+def test_start_policy_equals_reference_kl_zero_ratio_one(setup):
     roles, tok, prompts, *_ = setup
     r = rollout(roles, tok, prompts)
     assert torch.equal(r.logprobs, r.ref_logprobs)  # exactly: LoRA B = 0 adds exact zeros
@@ -50,7 +51,7 @@ def test_1_start_policy_equals_reference_kl_zero_ratio_one(setup):
     assert stats["ppo/ratio"] == 1.0 and stats["ppo/clipfrac"] == 0.0
 
 
-def test_2_reference_is_the_sft_model_not_the_raw_base(setup):
+def test_reference_is_the_sft_model_not_the_raw_base(setup):
     roles, tok, prompts, model_cfg, run = setup
     ids, mask, _ = generate_ids(roles.model, tok, [encode_prompt(tok, p) for p in prompts[:4]], SPEC)
     with torch.no_grad():
@@ -61,11 +62,12 @@ def test_2_reference_is_the_sft_model_not_the_raw_base(setup):
     assert (ref[mask] - raw[mask]).abs().max() > 0.1
 
 
-def test_3_old_logprobs_equal_the_sampler_distribution_at_temperature(setup):
+def test_old_logprobs_equal_the_sampler_distribution_at_temperature(setup):
     """Log-probs PPO computes by a fresh forward = what generate sampled from (scores after temperature)."""
     roles, tok, prompts, *_ = setup
     ids = [encode_prompt(tok, p) for p in prompts[:6]]
-    from rlhf.generation import bare_generation_config, left_pad, model_stop_ids
+    from rlhf.generation import bare_generation_config, model_stop_ids
+    from rlhf.sequences import left_pad
     x, m = left_pad(ids, tok.pad_token_id)
     torch.manual_seed(3)
     config = SPEC.generation_config(tok, model_stop_ids(roles.model, tok))
@@ -80,7 +82,7 @@ def test_3_old_logprobs_equal_the_sampler_distribution_at_temperature(setup):
     assert torch.allclose(r.logprobs[resp_mask], sampler_lp[resp_mask], atol=1e-4)
 
 
-def test_4_pad_is_not_eos_and_left_padding_changes_nothing(setup):
+def test_pad_is_not_eos_and_left_padding_changes_nothing(setup):
     roles, tok, prompts, *_ = setup
     assert tok.pad_token_id != tok.eos_token_id and tok.padding_side == "left"
     longer = [{"role": "system", "content": "name 2 colors"}, {"role": "user", "content": "list 3 fruits"}]
@@ -97,7 +99,7 @@ def test_4_pad_is_not_eos_and_left_padding_changes_nothing(setup):
         assert torch.allclose(v_alone[:k], r.values[i][r.response_mask[i]], atol=1e-5)
 
 
-def test_5_6_responses_cut_at_eos_and_scored_as_the_rm_stage_scores(setup):
+def test_responses_cut_at_eos_and_scored_as_the_rm_stage_scores(setup):
     roles, tok, prompts, *_ = setup
     r = rollout(roles, tok, prompts)
     resp, resp_mask = r.ids[:, r.prompt_width:], r.response_mask
@@ -112,7 +114,7 @@ def test_5_6_responses_cut_at_eos_and_scored_as_the_rm_stage_scores(setup):
     assert torch.allclose(r.scores[r.ended], rm_side[r.ended], atol=1e-4)
 
 
-def test_7_8_missing_eos_penalty_and_reward_normalisation(setup):
+def test_missing_eos_penalty_and_reward_normalisation(setup):
     roles, tok, prompts, *_ = setup
     r = rollout(roles, tok, prompts)
     r = Rollout(**{**r.__dict__, "ended": torch.arange(len(prompts)) % 2 == 0})
@@ -121,7 +123,7 @@ def test_7_8_missing_eos_penalty_and_reward_normalisation(setup):
     assert (a.scores[~r.ended] == -1.0).all()
 
 
-def test_10_score_enters_at_the_last_response_token(setup):
+def test_score_enters_at_the_last_response_token(setup):
     roles, tok, prompts, *_ = setup
     r = rollout(roles, tok, prompts)
     a = default_advantages(r, kl_coef=0.0)
@@ -143,7 +145,7 @@ def counting(optimizer):
     return calls
 
 
-def test_14_15_16_exact_steps_optimizer_set_frozen_roles_clipping_and_schedule(setup):
+def test_exact_steps_optimizer_set_frozen_roles_clipping_and_schedule(setup):
     roles, tok, prompts, *_ = setup
     r = rollout(roles, tok, prompts)
     a = default_advantages(r)
@@ -177,7 +179,7 @@ def test_14_15_16_exact_steps_optimizer_set_frozen_roles_clipping_and_schedule(s
         check_batch_sizes(16, 2, 3)
 
 
-def test_17_ptx_loss_is_the_sft_loss_on_answer_tokens(setup):
+def test_ptx_loss_is_the_sft_loss_on_answer_tokens(setup):
     roles, tok, prompts, *_ = setup
     prompt = encode_prompt(tok, prompts[0])
     answer = tok("apple pear", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -190,7 +192,7 @@ def test_17_ptx_loss_is_the_sft_loss_on_answer_tokens(setup):
         assert ptx_loss(roles, ids, mask, labels).item() == pytest.approx(hand.item(), rel=1e-5)
 
 
-def test_19_logged_statistics_by_hand():
+def test_logged_statistics_by_hand():
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
     r = Rollout(ids=torch.zeros(2, 4, dtype=torch.long), mask=torch.cat([torch.ones(2, 1, dtype=torch.bool), mask], 1),
                 prompt_width=1, logprobs=torch.zeros(2, 3), ref_logprobs=torch.zeros(2, 3),
@@ -210,7 +212,7 @@ def test_19_logged_statistics_by_hand():
     assert m["ppo/explained_variance"] == pytest.approx(1.0)
 
 
-def test_17_ptx_joins_every_optimizer_step_without_adding_steps(setup, demo_dir):
+def test_ptx_joins_every_optimizer_step_without_adding_steps(setup, demo_dir):
     from types import SimpleNamespace
     from rlhf.ppo.ptx import ptx_batches
     roles, tok, prompts, *_ = setup

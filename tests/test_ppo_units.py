@@ -98,7 +98,8 @@ def tiny_rollout(roles, tok, seed=0):
     """A hand-made rollout of 3 rows on a tiny model: left-padded prompts (P = 5), right-padded responses
     (R = 4), old log-probs and values a little off the current ones, random advantages and returns."""
     from rlhf.ppo.roles import policy_logits, values
-    from rlhf.ppo.rollout import Advantages, Rollout, response_logprobs
+    from rlhf.ppo.rollout import Advantages, Rollout
+    from rlhf.sequences import response_logprobs
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, len(tok), (3, 9), generator=g)
@@ -127,7 +128,7 @@ def test_logits_of_the_response_positions_only_give_the_full_logits_log_probs(ro
     """policy/reference logits with keep = R + 1 (transformers' logits_to_keep): the LM head runs on the last
     R + 1 positions only, and the response log-probs are those of the full (B, T, V) logits."""
     from rlhf.ppo.roles import policy_logits, reference_logits
-    from rlhf.ppo.rollout import response_logprobs, response_width
+    from rlhf.sequences import response_logprobs, response_width
 
     r, _ = tiny_rollout(roles32, tok)
     keep = response_width(r.ids, r.prompt_width)

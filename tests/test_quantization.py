@@ -13,7 +13,7 @@ from conftest import run_stage
 from rlhf.chat import encode_prompt
 from rlhf.config import ConfigError, LoraSpec, ModelConfig, load_config
 from rlhf.data import load_preferences
-from rlhf.generation import left_pad
+from rlhf.sequences import left_pad
 from rlhf.models import (SFT_ADAPTER, keep_requires_grad, load_causal_lm, load_sft_model, load_tokenizer, lora_config,
                          set_active)
 from rlhf.ppo.roles import POLICY, VALUE, build_roles, policy_logits, reference_logits, values

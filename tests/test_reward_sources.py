@@ -11,7 +11,7 @@ from rlhf import data as rdata
 from rlhf.chat import answer_ids, encode_prompt
 from rlhf.config import ConfigError, RewardTerm, load_config
 from rlhf.demo.task import gold_score
-from rlhf.generation import left_pad
+from rlhf.sequences import left_pad
 from rlhf.models import load_tokenizer
 from rlhf.reward_sources import FunctionReward, RewardFunctionError, check_rewards, reward_source
 from tests.conftest import DEMO_CONFIG, ROOT

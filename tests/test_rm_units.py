@@ -7,7 +7,7 @@ import torch
 
 from rlhf import rm_diagnostics as d
 from rlhf.data import PreferencePair
-from rlhf.reward import last_token_index, position_ids
+from rlhf.sequences import last_token_index, position_ids
 from rlhf.rm import GroupBatchSampler, tokenize_pairs
 
 

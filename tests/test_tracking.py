@@ -1,7 +1,6 @@
 """report_to: TensorBoard by default, any Trainer tracker added by name, W&B in its offline mode."""
 
 import importlib.util
-import json
 
 import pytest
 from transformers import TrainingArguments

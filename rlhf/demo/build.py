@@ -33,11 +33,8 @@ class BuildSpec:
     n_sft_eval: int = 200
     p_perfect: float = 0.25
     """The demonstrator's share of perfect answers; the rest have one or two flaws. It sets the headroom RL has
-    over imitation: a win rate over SFT (ties half) cannot pass 1 - (SFT's perfect share) / 2. Sessions 1-6
-    used 0.4 with a base that made SFT repeat more than its demonstrations (36 % perfect answers); once the
-    base learned not to repeat in chat (`pretrain_chat_repeats`), SFT matched its demonstrations (45 %
-    perfect, ceiling 0.775) and PPO's gold win rate over it stayed at 0.71 although PPO's own answers got
-    much better. 0.25 gives SFT about the old headroom (33 % perfect; NOTES: "Session 7")."""
+    over imitation: a win rate over SFT (ties half) cannot pass 1 - (SFT's perfect share) / 2. 0.25 gives SFT
+    33 % perfect answers, a ceiling of about 0.83 (why not 0.4: NOTES.md, "Evaluation and report", session 7)."""
     n_rank_prompts: int = 3000
     k: int = 4
     """Answers ranked per prompt (InstructGPT used K = 4..9)."""
@@ -54,21 +51,19 @@ class BuildSpec:
     """Share of the 200 distinct requests never seen in training (SFT, RM, PPO); eval uses only these."""
     n_pretrain: int = 12000
     pretrain_epochs: int = 8
-    """3 (sessions 5-6) left "no repeats" half-learned: an item already listed kept P(listed) / P(new) = 0.27
+    """3 epochs left "no repeats" half-learned: an item already listed kept P(listed) / P(new) = 0.27
     in a list and 0.55 after a chat prompt, even without repeats in the dialogues; 8 epochs: 0.13 after a chat
     prompt and 0.07 in a list (pre-training ~150 s on 2 CPU cores)."""
     pretrain_lr: float = 5e-4
-    """At 3e-3 (sessions 1-4) the base never learned that a list does not repeat its items: it gave an item
+    """At 3e-3 the base never learned that a list does not repeat its items: it gave an item
     already listed the same probability as a new one, so neither an RM nor a policy built on it could tell
     "a b a" from "a b c" (NOTES: "Evaluation and report")."""
     pretrain_list_max: int = 12
     """Pre-training lists hold 2..this many items of a category (of 12): long lists make "no repeats" pay."""
     pretrain_chat_repeats: bool = False
     """Whether the pre-training dialogues' poor answers may repeat an item. They have the demonstrator's other
-    flaws either way. With repeats (sessions 1-6) the base learned that chat answers repeat: P(listed) /
-    P(new) 0.77 after a chat prompt against 0.29 in a list, SFT repeated items more often than its
-    demonstrations (25 % of answers vs 16 %), and the PPO policy's gold score stopped at 0.89 (0.94 without
-    them; NOTES: "Session 7")."""
+    flaws either way. With repeats the base learns that chat answers repeat, and SFT then repeats items more
+    often than its demonstrations (NOTES.md, "Evaluation and report", session 7)."""
     hidden_size: int = 192
     layers: int = 4
     heads: int = 4

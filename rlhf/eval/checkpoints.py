@@ -7,7 +7,7 @@ A checkpoint is named in `eval.checkpoints` as
     [name=]DIR                 a full model directory (e.g. from `make export`: loads with plain transformers)
                                or a PEFT adapter directory over the SFT model (e.g. <run>/ppo/policy)
 
-The SFT weights are held once (`Hub`): the SFT model itself, the reward adapter that scores answers, and
+The SFT weights are held once (`SharedSFTModel`): the SFT model itself, the reward adapter that scores answers, and
 every adapter checkpoint (the PPO policy...) are views of that one model, and the reference of the KL is
 the same model with its adapters off. Only `base` and full model directories load weights of their own,
 one at a time, while their answers are generated.
@@ -117,7 +117,7 @@ def device() -> torch.device:
     return distributed.state().device
 
 
-class Hub:
+class SharedSFTModel:
     """The SFT model, held once, with the reward adapter (if scoring) and the adapter checkpoints on it."""
 
     def __init__(self, cfg: PipelineConfig, sft_dir: Path, tokenizer, rm_dir: Path | None,
@@ -141,7 +141,7 @@ class Hub:
 
     @contextmanager
     def view(self, ckpt: Checkpoint):
-        """(model, tokenizer): the hub as checkpoint `ckpt` (sft: the reference; adapter: that adapter on)."""
+        """(model, tokenizer): the shared model as checkpoint `ckpt` (sft: the reference; adapter: that adapter on)."""
         if ckpt.kind == "sft":
             with self.reference() as model:
                 yield model, self.tokenizer

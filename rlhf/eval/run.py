@@ -14,46 +14,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from accelerate import PartialState
 
 from rlhf import data as rdata
 from rlhf import distributed
 from rlhf.config import ConfigError, EvalConfig, PipelineConfig, save_config
 from rlhf.eval import degeneration as dg
-from rlhf.eval.checkpoints import Checkpoint, Hub, parse_checkpoints, same_vocabulary, standalone
+from rlhf.eval.checkpoints import Checkpoint, SharedSFTModel, parse_checkpoints, same_vocabulary, standalone
 from rlhf.eval.flags import flags
+from rlhf.eval.judging import Answers, answer, judgements, prompt_text, summarize
 from rlhf.eval.report import render
-from rlhf.eval.stats import bootstrap_interval
-from rlhf.generation import SamplingSpec, decode_responses, encode_prompt, generate_ids
+from rlhf.generation import SamplingSpec, encode_prompt
 from rlhf.models import load_tokenizer
 from rlhf.plugins import import_callable
-from rlhf.ppo import core
-from rlhf.ppo.rollout import response_logprobs
-from rlhf.reward import position_ids
 from rlhf.runs import begin_stage, finish_stage, is_done, require_done
 from rlhf.tracking import Trackers
 
 DECODINGS = ("sample", "greedy")
-
-
-@dataclass
-class Answers:
-    """One checkpoint's answers to the N prompts under one decoding."""
-
-    texts: list[str]
-    ids: torch.Tensor          # (N, P + R) in the checkpoint's tokenizer
-    mask: torch.Tensor         # (N, P + R) bool
-    width: int                 # P
-    comparable: bool           # same tokenizer as the pipeline's: ids can be scored and compared as they are
-    logprob: torch.Tensor | None = None   # (N,) log pi(y|x) at the sampling temperature (sampled answers)
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        return self.mask[:, self.width:].sum(1).cpu()
 
 
 def sampling(e: EvalConfig, decoding: str) -> SamplingSpec:
@@ -104,23 +83,28 @@ def run(cfg: PipelineConfig) -> Path:
     #    Under `accelerate launch`, each process answers every num_processes-th prompt. With k answers per
     #    prompt, answer j of prompt i is item i * k + j.
     mine = distributed.shard(list(range(len(prompts))), state.process_index, state.num_processes)
-    hub = Hub(cfg, sft_dir, tokenizer, rm_dir, [c for c in checkpoints if c.kind == "adapter"]) if sft_dir else None
+    shared = SharedSFTModel(cfg, sft_dir, tokenizer, rm_dir, [c for c in checkpoints if c.kind == "adapter"]) \
+        if sft_dir else None
     answers: dict[str, dict[str, Answers]] = {d: {} for d in e.decoding}
     for ckpt in checkpoints:
-        view = hub.view(ckpt) if ckpt.kind in ("sft", "adapter") else standalone(cfg, ckpt, tokenizer)
+        view = shared.view(ckpt) if ckpt.kind in ("sft", "adapter") else standalone(cfg, ckpt, tokenizer)
         with view as (model, tok):
             for decoding in e.decoding:
                 k = answers_per_prompt(e, decoding)
-                answers[decoding][ckpt.name] = answer(model, tok, [prompts[i] for i in mine for _ in range(k)], e,
-                                                      decoding, ckpt.name,
-                                                      comparable=hub is not None and same_vocabulary(tok, tokenizer))
+                answers[decoding][ckpt.name] = answer(
+                    model, tok, [encode_prompt(tok, prompts[i]) for i in mine for _ in range(k)], sampling(e, decoding),
+                    e.batch_size, e.seed, comparable=shared is not None and same_vocabulary(tok, tokenizer),
+                    desc=f"eval {ckpt.name} ({decoding})" if e.progress_bar else None)
 
     # 3. judgements: reward model, KL to the SFT model, gold judge; then every process's share in prompt order
     rows, results = [], {}
     for decoding, by_name in answers.items():
         k = answers_per_prompt(e, decoding)
         items = [i * k + j for i in mine for j in range(k)]
-        scores = {name: {"response": a.texts, **judgements(a, hub, [prompts[i // k] for i in items], judge, e)}
+        scorer = shared.scorer if shared else None
+        reference = shared.reference if shared else None
+        scores = {name: {"response": a.texts, **judgements(a, scorer, reference, [prompts[i // k] for i in items],
+                                                           judge, e.batch_size)}
                   for name, a in by_name.items()}
         scores = gather_in_order(scores, items, len(prompts) * k, state)
         results[decoding] = summarize({name: {key: v for key, v in s.items() if key != "response"}
@@ -184,72 +168,6 @@ def merge_in_order(parts: list[tuple[list[int], dict]], n: int) -> dict:
     return out
 
 
-@torch.no_grad()
-def answer(model, tokenizer, prompts: list, e: EvalConfig, decoding: str, name: str, comparable: bool) -> Answers:
-    """The checkpoint's answers, sampled with the fixed seed (identical models give identical answers)."""
-    spec = sampling(e, decoding)
-    torch.manual_seed(e.seed)
-    ids, mask, width = generate_ids(model, tokenizer, [encode_prompt(tokenizer, p) for p in prompts], spec,
-                                    e.batch_size, desc=f"eval {name} ({decoding})" if e.progress_bar else None)
-    a = Answers(decode_responses(tokenizer, ids, mask, width), ids, mask, width, comparable)
-    if comparable and decoding == "sample":
-        a.logprob = sequence_logprob(model, a, spec.temperature, e.batch_size)
-    return a
-
-
-@torch.no_grad()
-def sequence_logprob(model, a: Answers, temperature: float, batch_size: int) -> torch.Tensor:
-    """(N,) log-probability of each response given its prompt, at `temperature`."""
-    out = []
-    for rows in torch.arange(a.ids.shape[0]).split(batch_size):
-        ids, mask = a.ids[rows], a.mask[rows]
-        logits = model(input_ids=ids, attention_mask=mask.long(), position_ids=position_ids(mask), use_cache=False).logits
-        out.append(core.masked_sum(response_logprobs(logits, ids, a.width, temperature), mask[:, a.width:], dim=1))
-    return torch.cat(out).float().cpu()
-
-
-@torch.no_grad()
-def judgements(a: Answers, hub: Hub | None, prompts: list, judge, e: EvalConfig) -> dict[str, list | None]:
-    """Per-answer scores: reward (the RM), kl (to the SFT model, sampled answers), gold (the judge), length,
-    and the degeneration measures of rlhf.eval.degeneration (repeat, distinct, dominated; on token ids)."""
-    reward = kl = gold = None
-    if hub is not None and hub.scorer is not None:
-        if a.comparable:  # the token ids a PPO rollout would be scored on
-            reward = torch.cat([hub.scorer.score_ids(a.ids[rows], a.mask[rows]).cpu()
-                                for rows in torch.arange(a.ids.shape[0]).split(e.batch_size)])
-        else:  # another tokenizer: the text, re-tokenised as the RM was trained (answer + EOS)
-            reward = hub.scorer.score(prompts, a.texts, e.batch_size)
-        reward = reward.tolist()
-    if a.logprob is not None:
-        with hub.reference() as reference:
-            kl = (a.logprob - sequence_logprob(reference, a, e.temperature, e.batch_size)).tolist()
-    if judge is not None:
-        gold = [float(judge(p, t)) for p, t in zip(prompts, a.texts)]
-    return {"reward": reward, "gold": gold, "kl": kl, "length": a.lengths.tolist(),
-            **dg.per_answer(dg.response_tokens(a.ids, a.mask, a.width))}
-
-
-def summarize(scores: dict[str, dict[str, list | None]], baseline: str, group: int = 1) -> dict[str, dict[str, float]]:
-    """Per checkpoint: means of every score, and win rates over the baseline with 95 % intervals (`group`
-    answers per prompt, consecutive; prompts are the unit of the bootstrap)."""
-    out = {}
-    for name, s in scores.items():
-        row: dict[str, float] = {"n": len(s["length"])}
-        for key, values in s.items():
-            if values is not None:
-                t = torch.tensor(values, dtype=torch.float64)
-                row[f"{key}_mean"] = t.mean().item()
-                row[f"{key}_std"] = t.std().item() if len(t) > 1 else 0.0
-        if name != baseline:
-            for key in ("reward", "gold"):
-                if s[key] is not None:
-                    rate, low, high = bootstrap_interval(torch.tensor(s[key]), torch.tensor(scores[baseline][key]),
-                                                         group=group)
-                    row |= {f"{key}_win_rate": rate, f"{key}_win_rate_low": low, f"{key}_win_rate_high": high}
-        out[name] = row
-    return out
-
-
 def headline(metrics: dict) -> dict[str, float]:
     """Flat `eval/<decoding>/<checkpoint>/<metric>` entries of the win rates and KL (for DONE and logs)."""
     flat = {}
@@ -281,6 +199,3 @@ def format_results(metrics: dict) -> str:
             lines.append("  ".join(parts))
     return "\n".join(lines)
 
-
-def prompt_text(prompt) -> str:
-    return prompt if isinstance(prompt, str) else " | ".join(m["content"] for m in prompt)

@@ -1,4 +1,4 @@
-"""PPO math as pure functions on response tokens: masked statistics, log-probs, rewards, GAE, losses.
+"""PPO math as pure functions on response tokens: masked statistics, rewards, GAE, losses.
 
 Conventions, everywhere in this file:
 
@@ -14,26 +14,16 @@ Sources: Schulman et al. 2017 (PPO), Schulman et al. 2016 (GAE), Ziegler et al. 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
+
+# the sequence helpers the RL math builds on; their home is rlhf/sequences.py (re-exported: core.masked_sum ...)
+from rlhf.sequences import (entropy_from_logits, first_eos_mask, logprobs_from_logits, masked_mean,  # noqa: F401
+                            masked_sum, truncate_after_eos)
 
 Tensor = torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------- masked stats
-
-def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
-    """Sum of `x` over valid tokens: over everything (scalar) or along `dim`."""
-    x = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
-    return x.sum() if dim is None else x.sum(dim=dim)
-
-
-def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
-    """Mean of `x` over valid tokens: scalar, or along `dim`. No valid token gives nan (0/0), on purpose:
-    an empty mean is a bug upstream, and 0 would hide it in the logs."""
-    return masked_sum(x, mask, dim) / mask.sum(dim=dim)
-
 
 def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     """Variance of `x` over all valid tokens (scalar). `unbiased` applies Bessel's n/(n-1).
@@ -61,98 +51,14 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
     return torch.where(mask, out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
-# ------------------------------------------------------------------------------------- log-probs, entropy
-
-def _scaled(z: Tensor, temperature: float) -> Tensor:
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    return z / temperature if temperature != 1.0 else z
-
-
-def _upcast(z: Tensor) -> Tensor:
-    return z if z.dtype == torch.float64 else z.float()
-
-
-def _token_logprobs(z: Tensor, tokens: Tensor, temperature: float) -> Tensor:
-    z = _scaled(_upcast(z), temperature)
-    return torch.gather(z, -1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
-
-
-def _entropy(z: Tensor, temperature: float) -> Tensor:
-    z = _scaled(_upcast(z), temperature)
-    return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(dim=-1)
-
-
-def _full_precision(logits: Tensor) -> bool:
-    # bf16 logsumexp loses about two digits, so half-precision logits are cast to float32. Casting the
-    # whole (B, T, V) tensor at once would double the largest tensor of the step: it is done a row at a time.
-    return logits.dtype in (torch.float32, torch.float64)
-
-
-def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
-    """(B, T, V) logits and (B, T) tokens -> (B, T) log pi(token) under softmax(logits / temperature).
-
-    `logits[:, t]` must be the distribution that produced `tokens[:, t]` (already shifted by the caller).
-    The temperature is the sampling one: old, new and reference log-probs must all use it (checklist 3).
-    No full log_softmax is kept: log p = logit[token] - logsumexp(logits). Output is float32 (or float64).
-    """
-    if logits.shape[:-1] != tokens.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} do not match tokens {tuple(tokens.shape)}")
-    if _full_precision(logits):
-        return _token_logprobs(logits, tokens, temperature)
-    return torch.stack([_token_logprobs(z, tok, temperature) for z, tok in zip(logits, tokens)])
-
-
-def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """(B, T, V) -> (B, T) entropy of softmax(logits / temperature): logsumexp(z) - sum(p * z), float32 or 64."""
-    if _full_precision(logits):
-        return _entropy(logits, temperature)
-    return torch.stack([_entropy(z, temperature) for z in logits])
-
-
-# ------------------------------------------------------------------------------------ stop token, rewards
-
-def _stop_set(stop_ids: int | Sequence[int], like: Tensor) -> Tensor:
-    ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)
-    if not ids:
-        raise ValueError("no stop token id given")
-    return torch.tensor(ids, dtype=like.dtype, device=like.device)
-
-
-def first_eos_mask(tokens: Tensor, stop_ids: int | Sequence[int]) -> tuple[Tensor, Tensor]:
-    """(B, T) sampled tokens -> (mask (B, T) bool, ended (B,) bool).
-
-    `stop_ids`: the token(s) that end an answer (EOS, and a chat model's end-of-turn tokens, e.g. Llama-3's
-    `<|eot_id|>` or ChatML's `<|im_end|>`). mask is True up to and including the first stop token of each
-    row (the whole row when there is none); ended says whether the row holds a stop token at all.
-    """
-    is_eos = torch.isin(tokens, _stop_set(stop_ids, tokens))
-    # eos_before[t] counts the stop tokens strictly before t: a token is kept while none has been seen yet
-    eos_before = is_eos.long().cumsum(dim=1) - is_eos.long()
-    return eos_before == 0, is_eos.any(dim=1)
-
-
-def truncate_after_eos(tokens: Tensor, stop_ids: int | Sequence[int], pad_id: int) -> tuple[Tensor, Tensor]:
-    """(B, T) sampled tokens -> (tokens (B, T), mask (B, T) bool): everything after the first stop token
-    becomes `pad_id` and is masked out (checklist 5). The stop token itself stays a real token: the reward
-    model reads its score there. Rows are right-padded, so valid tokens are a prefix of each row (what
-    `gae` needs).
-
-    `ended` (rows that hold a stop token) comes from `first_eos_mask`.
-    """
-    if pad_id in _stop_set(stop_ids, tokens).tolist():
-        # the RM pools at the last real token; with pad == EOS that is ambiguous (checklist 4)
-        raise ValueError(f"pad_id must differ from the stop token ids ({pad_id} is one of them)")
-    mask, _ = first_eos_mask(tokens, stop_ids)
-    return torch.where(mask, tokens, torch.full_like(tokens, pad_id)), mask
-
+# ------------------------------------------------------------------------------------------------ rewards
 
 def missing_eos_penalty(scores: Tensor, ended: Tensor, penalty: float) -> Tensor:
     """(B,) scores, (B,) bool ended -> (B,) scores where rows that never emitted EOS get exactly `penalty`.
 
     "Replace" semantics, as N+ does (e.g. -1): a truncated answer was never read whole by the RM, so its
     score is not trusted at all rather than shifted. `ended` must be keyed on the stop token actually
-    used for sampling (checklist 7).
+    used for sampling.
     """
     return torch.where(ended, scores, torch.as_tensor(penalty, dtype=scores.dtype, device=scores.device))
 
@@ -162,7 +68,7 @@ def per_token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) 
 
     non_score = -kl_coef * kl on valid tokens, 0 on padding (InstructGPT's per-token KL penalty).
     rewards = non_score plus each row's score at its LAST valid token: the RM reads the whole answer once,
-    so its score is a reward for finishing there (checklist 6, 10); GAE carries it back to earlier tokens.
+    so its score is a reward for finishing there; GAE carries it back to earlier tokens.
 
     Every row needs at least one valid token (ValueError otherwise): after `truncate_after_eos` a row holds
     at least its first sampled token, so an empty row is a bug upstream, and its score would be lost.
@@ -241,7 +147,7 @@ def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tens
 
     loss = masked mean of max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)), ratio = exp(logp - old):
     the pessimistic of the two, so where the ratio has left the clip range in the direction the advantage
-    pushes, the gradient is exactly 0 (checklist 13).
+    pushes, the gradient is exactly 0.
 
     stats (detached scalars):
       clipfrac   share of valid tokens where the clipped term was strictly greater (the one taken);

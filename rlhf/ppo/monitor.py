@@ -19,7 +19,7 @@ import torch
 from rlhf import distributed
 from rlhf.eval import degeneration
 from rlhf.generation import SamplingSpec
-from rlhf.ppo.evaluate import sample_and_score
+from rlhf.ppo.evaluate import judged_answers
 from rlhf.ppo.guards import Guards, save_best
 from rlhf.ppo.roles import Roles
 
@@ -55,23 +55,16 @@ def preserved_rng():
 def monitor(roles: Roles, tokenizer, prompt_ids: list[list[int]], spec: SamplingSpec, batch_size: int,
             seed: int) -> dict[str, float]:
     """The policy's sampled and greedy answers to `prompt_ids`: {"monitor/sample/reward": ..., ...}.
-    Sampling and scoring are sample_and_score's (the same as the end-of-stage comparison with SFT)."""
+    Answered and judged by eval's path (rlhf/eval/judging.py), as the end-of-stage comparison with SFT is."""
     out = {}
     with preserved_rng():
         for decoding, s in (("sample", spec), ("greedy", replace(spec, do_sample=False))):
-            tokens, scores, kl = answers(roles, tokenizer, prompt_ids, s, batch_size, seed)
-            out[f"monitor/{decoding}/reward"] = scores.mean().item()
-            if decoding == "sample":  # a KL estimate only on the policy's own samples
-                out["monitor/sample/kl"] = kl.mean().item()
-            out |= {f"monitor/{decoding}/{k}": v for k, v in degeneration.summary(tokens).items()}
+            a, judged = judged_answers(roles, tokenizer, prompt_ids, s, batch_size, seed)
+            out[f"monitor/{decoding}/reward"] = sum(judged["reward"]) / len(judged["reward"])
+            if judged["kl"] is not None:  # a KL estimate only on the policy's own samples
+                out["monitor/sample/kl"] = sum(judged["kl"]) / len(judged["kl"])
+            out |= {f"monitor/{decoding}/{k}": v for k, v in degeneration.summary(a.tokens).items()}
     return out
-
-
-def answers(roles: Roles, tokenizer, prompt_ids, spec: SamplingSpec, batch_size: int, seed: int):
-    """(response token ids per answer, RM scores (N,), sequence KL to SFT (N,))."""
-    _, scores, kl, _, tokens = sample_and_score(roles, tokenizer, prompt_ids, spec, batch_size, True, seed,
-                                                with_tokens=True)
-    return tokens, scores, kl
 
 
 def observe(step: int, kl: float, guards: Guards, m: MonitorSpec, roles: Roles, tokenizer, out: Path, main: bool,

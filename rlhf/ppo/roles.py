@@ -23,7 +23,6 @@ position ids from the mask, so a left-padded prompt sees the positions it would 
 from __future__ import annotations
 
 import copy
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +32,8 @@ from peft.tuners.lora import LoraLayer
 
 from rlhf.config import LoraSpec
 from rlhf.models import active_adapter, lora_config, set_active, sft_only
-from rlhf.reward import (REWARD_ADAPTER, RewardEnsemble, RewardScorer, ScalarHead, attach_reward, backbone,
-                         position_ids)
+from rlhf.reward import REWARD_ADAPTER, RewardEnsemble, RewardScorer, ScalarHead, attach_reward
+from rlhf.sequences import last_hidden, lm_logits
 
 POLICY, VALUE = "policy", "value"
 
@@ -118,7 +117,7 @@ def is_adapter_parameter(name: str, adapters: tuple[str, ...]) -> bool:
 def policy_logits(roles: Roles, ids: torch.Tensor, mask: torch.Tensor, keep: int = 0) -> torch.Tensor:
     """(B, T, V) logits of the policy (adapter "policy"); (B, keep, V), the last `keep` positions, if keep > 0."""
     with active_adapter(roles.model, POLICY):
-        return _lm_logits(roles.model, ids, mask, keep)
+        return lm_logits(roles.model, ids, mask, keep)
 
 
 @torch.no_grad()
@@ -126,29 +125,14 @@ def reference_logits(roles: Roles, ids: torch.Tensor, mask: torch.Tensor, keep: 
     """(B, T, V) logits of the reference: the SFT model, every role adapter off (a stacked SFT adapter on, alone);
     (B, keep, V) if keep > 0."""
     with sft_only(roles.model):
-        return _lm_logits(roles.model, ids, mask, keep)
+        return lm_logits(roles.model, ids, mask, keep)
 
 
 def values(roles: Roles, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, T) value estimates: the value head on the last hidden state, with adapter "value"."""
     with active_adapter(roles.model, VALUE):
-        hidden = backbone(roles.model.get_base_model())(
-            input_ids=ids, attention_mask=mask.long(), position_ids=position_ids(mask), use_cache=False,
-        ).last_hidden_state
+        hidden = last_hidden(roles.model, ids, mask)
     return roles.value_head(hidden).squeeze(-1)  # float32 (ScalarHead), on a bf16 base too
-
-
-def _lm_logits(model: PeftModel, ids: torch.Tensor, mask: torch.Tensor, keep: int = 0) -> torch.Tensor:
-    # logits_to_keep: the LM head runs on the last `keep` positions only. (B, T, V) logits are the largest
-    # tensor of a step on long prompts (V ~ 150k); PPO needs only the R + 1 positions that predict a response.
-    kwargs = {"logits_to_keep": keep} if keep and _takes_logits_to_keep(model) else {}
-    logits = model(input_ids=ids, attention_mask=mask.long(), position_ids=position_ids(mask), use_cache=False,
-                   **kwargs).logits
-    return logits[:, -keep:] if keep else logits
-
-
-def _takes_logits_to_keep(model: PeftModel) -> bool:
-    return "logits_to_keep" in inspect.signature(model.get_base_model().forward).parameters
 
 
 def adapter_state(roles: Roles) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ from rlhf.models import active_adapter
 from rlhf.ppo import core, estimators
 from rlhf.ppo.kl import kl_penalty
 from rlhf.ppo.roles import POLICY, Roles, policy_logits, reference_logits, values
+from rlhf.sequences import batches, first_eos_mask, response_logprobs, response_width
 
 
 @dataclass(frozen=True)
@@ -86,27 +87,6 @@ class PromptSampler:
         self.epoch, self.pos = state["epoch"], state["pos"]
 
 
-def response_width(ids: torch.Tensor, prompt_width: int) -> int:
-    """R + 1: how many final positions' logits PPO needs (`logits_to_keep`). The logits at P - 1 .. P + R - 2
-    predict the R response tokens: the last R + 1 positions but the final one (prompts are left-padded,
-    responses right-padded, so these are the same positions in every row)."""
-    return ids.shape[1] - prompt_width + 1
-
-
-def response_logits(logits: torch.Tensor, ids: torch.Tensor, prompt_width: int) -> torch.Tensor:
-    """(B, P + R, V) logits of the full sequences, or (B, R + 1, V) of the last R + 1 positions only ->
-    (B, R, V) the logits that predict the response tokens."""
-    keep = response_width(ids, prompt_width)
-    if logits.shape[1] not in (ids.shape[1], keep):
-        raise ValueError(f"logits of {logits.shape[1]} positions: expected {ids.shape[1]} (all) or {keep} (R + 1)")
-    return logits[:, -keep:-1]
-
-
-def response_logprobs(logits: torch.Tensor, ids: torch.Tensor, prompt_width: int, temperature: float) -> torch.Tensor:
-    """(B, P + R, V) or (B, R + 1, V) logits -> (B, R) log-probs of the response tokens at `temperature`."""
-    return core.logprobs_from_logits(response_logits(logits, ids, prompt_width), ids[:, prompt_width:], temperature)
-
-
 @torch.no_grad()
 def sample(roles: Roles, tokenizer, prompts: list[list[int]], spec: SamplingSpec, batch_size: int):
     """Phase 1: responses from the policy. Returns generate_ids' (ids, mask, P)."""
@@ -120,7 +100,7 @@ def score(roles: Roles, ids: torch.Tensor, mask: torch.Tensor, prompt_width: int
     """Phase 2: policy and reference log-probs, values and reward-model scores, in no-grad batches.
     `stop_ids`: the tokens sampling stopped at (`generation.model_stop_ids`): a row holding one has ended."""
     parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref": [], "values": [], "scores": []}
-    for rows in torch.arange(ids.shape[0]).split(batch_size):
+    for rows in batches(ids.shape[0], batch_size):
         i, m = ids[rows], mask[rows]
         keep = response_width(i, prompt_width)  # logits of the response positions only
         parts["logprobs"].append(response_logprobs(policy_logits(roles, i, m, keep), i, prompt_width, temperature))
@@ -128,7 +108,7 @@ def score(roles: Roles, ids: torch.Tensor, mask: torch.Tensor, prompt_width: int
         if roles.value_head is not None:  # critic-free estimators hold no value adapter
             parts["values"].append(values(roles, i, m)[:, prompt_width - 1:-1])
         parts["scores"].append(roles.scorer.score_ids(i, m))
-    _, ended = core.first_eos_mask(ids[:, prompt_width:], stop_ids)
+    _, ended = first_eos_mask(ids[:, prompt_width:], stop_ids)
     cat = {k: torch.cat(v) for k, v in parts.items() if v}
     return Rollout(ids=ids, mask=mask, prompt_width=prompt_width, logprobs=cat["logprobs"],
                    ref_logprobs=cat["ref"], values=cat.get("values"), scores=cat["scores"], ended=ended)

@@ -32,7 +32,7 @@ from rlhf.ppo.evaluate import compare_with_sft
 from rlhf.ppo.guards import KEEP_BEST, Guards, GuardSpec, load_best, prune_best
 from rlhf.ppo.kl import AdaptiveKLController, FixedKLController
 from rlhf.ppo.monitor import MonitorSpec, observe
-from rlhf.ppo.roles import POLICY, VALUE, build_roles, calibrate_value_head
+from rlhf.ppo.roles import VALUE, build_roles, calibrate_value_head
 from rlhf.ppo.rollout import PromptSampler, advantages, repeat_prompts, sample, score
 from rlhf.ppo.state import load_checkpoint, rng_state, save_checkpoint
 from rlhf.ppo.update import UpdateSpec, check_batch_sizes, ppo_update

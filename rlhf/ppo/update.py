@@ -16,8 +16,9 @@ from rlhf import distributed
 from rlhf.ppo import core, estimators
 from rlhf.models import active_adapter
 from rlhf.ppo.roles import POLICY, VALUE, Roles, policy_logits, values
-from rlhf.ppo.rollout import Advantages, Rollout, response_logits, response_logprobs, response_width
+from rlhf.ppo.rollout import Advantages, Rollout
 from rlhf.runs import check_finite
+from rlhf.sequences import response_logits, response_logprobs, response_width
 
 
 @dataclass(frozen=True)
