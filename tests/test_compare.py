@@ -208,6 +208,22 @@ def test_make_compare_copies_only_missing_stages(tmp_path):
     assert list((tmp_path / "demo-grpo" / "sft").iterdir()) == [tmp_path / "demo-grpo" / "sft" / "checkpoints"]
 
 
+def test_make_compare_judges_again_over_a_finished_eval_and_then_rests(tmp_path):
+    """Every stage finished (DONE files by hand; PY=echo shows the command instead of running it): only eval runs,
+    with --force over the finished `make demo` eval, and once COMPARED marks it, make compare has nothing to do."""
+    run = tmp_path / "demo"
+    for d in (run / "sft", run / "rm", run / "ppo", run / "dpo", tmp_path / "demo-grpo" / "sft",
+              tmp_path / "demo-grpo" / "rm", tmp_path / "demo-grpo" / "ppo", run / "eval"):
+        stage(d, perf(1.0, 1.0))  # created in this order: each newer than what it is built on
+    cmd = run_make("compare", run) + ["COMPARE=grpo", "PY=echo"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=ENV, check=True).stdout
+    ran = [line for line in out.splitlines() if line.startswith("-m stages.")]
+    assert len(ran) == 1 and ran[0].startswith("-m stages.eval ") and ran[0].endswith(" --force"), out
+    assert (run / "eval" / "COMPARED").read_text().startswith('[base,sft,ppo,dpo,"grpo=')
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=ENV, check=True).stdout
+    assert "stages." not in out and "Nothing to be done for 'compare'" in out, out
+
+
 @pytest.mark.slow
 def test_make_compare_on_the_demo_with_a_few_steps(ppo_run, tmp_path):
     """The demo's finished SFT, RM and PPO (GAE) copied in; make compare trains DPO, GRPO and RLOO for a few

@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 from rlhf.eval.flags import flags
-from rlhf.runs import read_metrics
+from rlhf.runs import done_summary, read_metrics
 
 PLOTS = "plots"
 
@@ -39,7 +39,7 @@ def render(run_dir: str | Path, eval_dir: str | Path | None = None) -> Path:
     ppo = read_metrics(run_dir / "ppo" / "metrics.jsonl") if (run_dir / "ppo" / "metrics.jsonl").is_file() else []
     rm = _json(run_dir / "rm" / "diagnostics.json")
     sft = read_metrics(run_dir / "sft" / "metrics.jsonl") if (run_dir / "sft" / "metrics.jsonl").is_file() else []
-    ppo_done = _json(run_dir / "ppo" / "DONE")
+    ppo_done = done_summary(run_dir / "ppo")
 
     (out / PLOTS).mkdir(parents=True, exist_ok=True)
     plots = {
