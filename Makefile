@@ -33,7 +33,7 @@ TEST_STAMP := $(VENV)/.installed-test
 # before it still run only when unfinished.
 FORCE      ?=
 forced     = $(if $(FORCE),$(filter $(1),$(MAKECMDGOALS)))
-# When `make eval` follows in the same make (demo, all, eval, report), PPO skips its own end-of-run comparison with
+# When `make eval` follows in the same make (demo, all, eval, report, compare), PPO skips its own end-of-run comparison with
 # SFT on the held-out prompts (ppo.eval_samples=0; ppo/eval.json is not written): eval judges the same policy on
 # the same prompts, and more. `make ppo` alone keeps it. ARGS come after, so ARGS="ppo.eval_samples=N" still wins.
 EVAL_FOLLOWS = $(filter demo all eval report compare,$(MAKECMDGOALS))
@@ -176,7 +176,8 @@ force-rerun: ;
 # finished SFT and RM (copied only where <RUN>-E has none: a finished stage there is never replaced) and trains
 # only its PPO stage; then eval on RUN, judging base, sft, ppo, dpo and each E's policy: <RUN>/eval/report.md,
 # "Comparison: quality and cost". ARGS reach every stage (run_dir= aside: the estimators' runs are <RUN>-E).
-# <RUN>/eval/COMPARED marks an eval with this list: a later `make eval` replaces eval/ and the mark with it.
+# <RUN>/eval/COMPARED marks an eval with this list; an eval run since (`make eval FORCE=1`, a retrained stage)
+# replaces or moves eval/ and the mark with it, so make compare judges again.
 COMPARE    ?= grpo rloo
 comma      := ,
 space      := $(subst ,, )
