@@ -3,6 +3,7 @@
 #   make setup-latest    the newest releases instead; `make lock` then records them in constraints.txt
 #   make demo            build the embedded demo and run the pipeline on it
 #   make sft             one stage; CONFIG=configs/<x>.yaml ARGS="key=value ..." to configure
+#   make compare         PPO (GAE), GRPO, RLOO and DPO on the demo, judged in one report (README "Which RL estimator")
 # Stage targets are real files (<run_dir>/<stage>/DONE): a finished stage is not run again;
 # `make rm FORCE=1` trains it again (its outputs are replaced once the new run has finished);
 # `make clean-rm` removes it.
@@ -32,12 +33,15 @@ TEST_STAMP := $(VENV)/.installed-test
 # before it still run only when unfinished.
 FORCE      ?=
 forced     = $(if $(FORCE),$(filter $(1),$(MAKECMDGOALS)))
-# When `make eval` follows in the same make (demo, all, eval, report), PPO skips its own end-of-run comparison with
+# When `make eval` follows in the same make (demo, all, eval, report, compare), PPO skips its own end-of-run comparison with
 # SFT on the held-out prompts (ppo.eval_samples=0; ppo/eval.json is not written): eval judges the same policy on
 # the same prompts, and more. `make ppo` alone keeps it. ARGS come after, so ARGS="ppo.eval_samples=N" still wins.
-EVAL_FOLLOWS = $(filter demo all eval report,$(MAKECMDGOALS))
+EVAL_FOLLOWS = $(filter demo all eval report compare,$(MAKECMDGOALS))
 STAGE_ARGS = $(if $(and $(filter ppo,$(1)),$(EVAL_FOLLOWS)),ppo.eval_samples=0 )
-STAGE      = $(PY) -m stages.$(1) --config $(CONFIG) run_dir=$(RUN) $(call STAGE_ARGS,$(1))$(ARGS)$(if $(call forced,$(1)), --force)
+# $(call STAGE_IN,<stage>,<config>,<run dir>,<overrides>): the command line of one stage; STAGE: on CONFIG and RUN
+LAUNCH_STAGE = $(PY) -m stages.$(1)
+STAGE_IN   = $(call LAUNCH_STAGE,$(1)) --config $(2) run_dir=$(3) $(call STAGE_ARGS,$(1))$(4)$(if $(call forced,$(1)), --force)
+STAGE      = $(call STAGE_IN,$(1),$(CONFIG),$(RUN),$(ARGS))
 
 # --- LAUNCHER=accelerate: the stages as several processes, through `accelerate launch` --------------------
 #   make ppo LAUNCHER=accelerate ACCELERATE_CONFIG=configs/accelerate/ddp.yaml NPROC=4
@@ -50,7 +54,7 @@ ACCELERATE_CONFIG ?=
 NPROC      ?=
 ACCELERATE_STAGES := sft rm ppo dpo eval
 LAUNCH     = $(PY) -m accelerate.commands.launch $(if $(ACCELERATE_CONFIG),--config_file $(ACCELERATE_CONFIG)) $(if $(NPROC),--num_processes $(NPROC))
-STAGE      = $(if $(filter $(1),$(ACCELERATE_STAGES)),$(LAUNCH) -m,$(PY) -m) stages.$(1) --config $(CONFIG) run_dir=$(RUN) $(call STAGE_ARGS,$(1))$(ARGS)$(if $(call forced,$(1)), --force)
+LAUNCH_STAGE = $(if $(filter $(1),$(ACCELERATE_STAGES)),$(LAUNCH) -m,$(PY) -m) stages.$(1)
 endif
 # --- end LAUNCHER=accelerate ------------------------------------------------------------------------------
 
@@ -63,7 +67,7 @@ SLURM_FLAGS ?=
 SUBMIT     = $(PY) -m rlhf.slurm --config $(CONFIG) --until $(1) $(SLURM_FLAGS) run_dir=$(RUN) $(ARGS)
 # --- end LAUNCHER=slurm -----------------------------------------------------------------------------------
 
-.PHONY: force-rerun setup setup-latest lock test test-fast bench data data-base data-hh data-greetings demo all sft rm ppo dpo eval report export clean-sft clean-rm clean-ppo clean-dpo clean-eval clean
+.PHONY: force-rerun setup setup-latest lock test test-fast bench data data-base data-hh data-greetings demo all sft rm ppo dpo eval report export compare clean-sft clean-rm clean-ppo clean-dpo clean-eval clean
 
 setup: $(TEST_STAMP)
 
@@ -132,6 +136,9 @@ sft rm ppo eval: $(STAMP) $(DATA_DEPS)
 
 demo all: $(STAMP) $(DATA_DEPS)
 	$(call SUBMIT,eval)
+
+compare:
+	@echo "make compare runs its stages here, not through LAUNCHER=slurm: submit them one by one (README \"Which RL estimator\")" >&2; exit 2
 else
 sft: $(RUN)/sft/DONE
 rm: $(RUN)/rm/DONE
@@ -142,6 +149,8 @@ dpo: $(RUN)/dpo/DONE
 eval: $(RUN)/eval/DONE
 # data -> SFT -> RM -> PPO -> eval, which writes the report (`make report` only redraws it: not run again here)
 demo all: eval
+# PPO (GAE), DPO and the COMPARE estimators on one SFT and RM, judged together: see "make compare" below
+compare: $(RUN)/eval/COMPARED
 endif
 
 $(RUN)/sft/DONE: $(STAMP) $(DATA_DEPS) $(if $(call forced,sft),force-rerun)
@@ -160,6 +169,43 @@ $(RUN)/eval/DONE: $(RUN)/ppo/DONE $(if $(call forced,eval),force-rerun)
 	$(call STAGE,eval)
 
 force-rerun: ;
+
+# --- make compare: the RL estimators and DPO side by side, in one report ---------------------------------------
+# RUN's sft, rm, ppo (GAE) and dpo; for each estimator E of COMPARE, a run <RUN>-E from the config
+# <CONFIG without .yaml>-E.yaml (configs/demo-grpo.yaml, configs/demo-rloo.yaml) that starts from a copy of RUN's
+# finished SFT and RM (copied only where <RUN>-E has none: a finished stage there is never replaced) and trains
+# only its PPO stage; then eval on RUN, judging base, sft, ppo, dpo and each E's policy: <RUN>/eval/report.md,
+# "Comparison: quality and cost". ARGS reach every stage (run_dir= aside: the estimators' runs are <RUN>-E).
+# <RUN>/eval/COMPARED marks an eval with this list; an eval run since (`make eval FORCE=1`, a retrained stage)
+# replaces or moves eval/ and the mark with it, so make compare judges again.
+COMPARE    ?= grpo rloo
+comma      := ,
+space      := $(subst ,, )
+COMPARE_ARGS = $(filter-out run_dir=%,$(ARGS))
+COMPARE_CHECKPOINTS = [$(subst $(space),$(comma),$(strip base sft ppo dpo $(foreach e,$(COMPARE),"$(e)=$(RUN)-$(e)/ppo/policy")))]
+
+$(RUN)/eval/COMPARED: $(RUN)/ppo/DONE $(RUN)/dpo/DONE $(foreach e,$(COMPARE),$(RUN)-$(e)/ppo/DONE)
+	$(call STAGE_IN,eval,$(CONFIG),$(RUN),$(strip $(ARGS) 'eval.checkpoints=$(COMPARE_CHECKPOINTS)'))$$(test -f $(RUN)/eval/DONE && echo ' --force')
+	echo '$(COMPARE_CHECKPOINTS)' > $@
+
+# $(call COPY_STAGE,<finished stage dir>,<dir>): copy it (timestamps kept) unless <dir> exists; an unfinished
+# <dir> (a stage started there) is an error, not overwritten.
+COPY_STAGE = @if [ -e $(2) ]; then echo "make compare: $(2) holds an unfinished stage; finish it or remove it" >&2; exit 2; fi; \
+	mkdir -p $(dir $(2)) && rm -rf $(2).copy && cp -Rp $(1) $(2).copy && mv $(2).copy $(2) && echo "copied $(1) -> $(2)"
+
+define COMPARE_RUN
+$(RUN)-$(1)/sft/DONE: | $(RUN)/sft/DONE
+	$$(call COPY_STAGE,$(RUN)/sft,$(RUN)-$(1)/sft)
+
+$(RUN)-$(1)/rm/DONE: | $(RUN)/rm/DONE
+	$$(call COPY_STAGE,$(RUN)/rm,$(RUN)-$(1)/rm)
+
+$(RUN)-$(1)/ppo/DONE: $(RUN)-$(1)/sft/DONE $(RUN)-$(1)/rm/DONE
+	@test -f $(basename $(CONFIG))-$(1).yaml || { echo "make compare: no config $(basename $(CONFIG))-$(1).yaml for COMPARE estimator $(1)" >&2; exit 2; }
+	$$(call STAGE_IN,ppo,$(basename $(CONFIG))-$(1).yaml,$(RUN)-$(1),$$(COMPARE_ARGS))
+endef
+$(foreach e,$(COMPARE),$(eval $(call COMPARE_RUN,$(e))))
+# --- end make compare -----------------------------------------------------------------------------------------
 
 # Redraw the report and its plots from the saved metrics (no model is loaded)
 report: $(RUN)/eval/DONE

@@ -134,6 +134,17 @@ def is_done(out_dir: str | Path) -> bool:
     return (Path(out_dir) / DONE).is_file()
 
 
+def done_summary(out_dir: str | Path) -> dict | None:
+    """The summary a finished stage wrote into its DONE marker (finish_stage: outcome, `perf/wall_s`,
+    `perf/peak_rss_mb`, `perf/peak_cuda_mb` on a GPU); None when the stage has not finished or the marker is
+    not such a summary (a data directory's `ok`)."""
+    try:
+        summary = json.loads((Path(out_dir) / DONE).read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
 def require_done(out_dir: str | Path, stage: str) -> Path:
     out = Path(out_dir)
     recover_swap(out)

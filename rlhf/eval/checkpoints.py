@@ -11,6 +11,9 @@ The SFT weights are held once (`SharedSFTModel`): the SFT model itself, the rewa
 every adapter checkpoint (the PPO policy...) are views of that one model, and the reference of the KL is
 the same model with its adapters off. Only `base` and full model directories load weights of their own,
 one at a time, while their answers are generated.
+
+Each checkpoint is traced to the stage that produced it (`provenance`): its algorithm and the wall time and
+peak memory that stage's DONE marker recorded, for the report's comparison of quality and cost.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -28,7 +32,7 @@ from rlhf.config import ConfigError, PipelineConfig
 from rlhf.models import (active_adapter, disable_dropout, load_causal_lm, load_sft_model, load_tokenizer,
                          resolve_dtype, sft_only)
 from rlhf.reward import attach_reward
-from rlhf.runs import is_done, require_done
+from rlhf.runs import done_summary, is_done, require_done
 
 STAGES = ("base", "sft", "ppo", "dpo")
 OPTIONAL = "?"  # `dpo?`: judged when this run's dpo stage has finished
@@ -110,6 +114,51 @@ def _stage_checkpoint(stage: str, run_dir: Path) -> Checkpoint:
     if stage == "dpo":  # the DPO stage's directory is its adapter, over the SFT model as PPO's policy is
         return Checkpoint("dpo", "adapter", str(require_done(run_dir / "dpo", "dpo")))
     return Checkpoint("ppo", "adapter", str(require_done(run_dir / "ppo", "ppo") / "policy"))
+
+
+# ppo.estimator -> the algorithm's usual name (README "Which RL estimator")
+ALGORITHMS = {"gae": "PPO (GAE)", "grpo": "GRPO", "rloo": "RLOO", "reinforce_pp": "REINFORCE++"}
+PERF = {"wall_s": "perf/wall_s", "peak_rss_mb": "perf/peak_rss_mb", "peak_cuda_mb": "perf/peak_cuda_mb"}
+
+
+def producer(ckpt: Checkpoint, run_dir: Path) -> Path | None:
+    """The finished stage directory that produced `ckpt`: this run's sft stage; an adapter or model directory
+    that is a stage itself (<run>/dpo, an export) or sits directly in one (<run>/ppo/policy -> <run>/ppo).
+    None for the base model and for directories no finished stage wrote."""
+    if ckpt.kind == "base":
+        return None
+    if ckpt.kind == "sft":
+        return run_dir / "sft"
+    path = Path(ckpt.path)
+    return next((d for d in (path, path.parent) if is_done(d)), None)
+
+
+def provenance(ckpt: Checkpoint, run_dir: Path) -> dict:
+    """{"stage": the producing stage's directory, "algorithm": e.g. "GRPO", "wall_s", "peak_rss_mb",
+    "peak_cuda_mb"} as far as they are known; a key is absent when not (no stage, no DONE summary, no GPU)."""
+    if ckpt.kind == "base":
+        return {"algorithm": "base"}
+    stage = producer(ckpt, run_dir)
+    summary = done_summary(stage) if stage else None
+    if summary is None:
+        return {}
+    out = {"stage": str(stage), "algorithm": _algorithm(stage, summary)}
+    return out | {key: summary[name] for key, name in PERF.items() if isinstance(summary.get(name), (int, float))}
+
+
+def _algorithm(stage: Path, summary: dict) -> str:
+    if isinstance(summary.get("stage"), str):  # an export (rlhf/export.py): what was merged
+        return f"{summary['stage']} export"
+    if stage.name == "ppo":  # the estimator it was trained with, from the config saved beside it
+        try:
+            ppo = OmegaConf.load(stage / "config.yaml").ppo
+            estimator = ppo.get("estimator", "gae")  # configs from before the estimators: PPO
+        except Exception:  # no readable config beside it: the stage's name is all that is known
+            return "ppo"
+        if estimator == "grpo" and ppo.get("grpo_std_norm") is False:
+            return "Dr. GRPO"
+        return ALGORITHMS.get(estimator, estimator)
+    return stage.name.upper() if stage.name in ("sft", "dpo") else stage.name
 
 
 def device() -> torch.device:

@@ -2,7 +2,8 @@
 
 Rendered only from files the stages saved, so `make report` redraws it at any time without a model:
 
-    eval/metrics.json      the evaluation summary (required)
+    eval/metrics.json      the evaluation summary (required), with the algorithm, wall time and peak memory of
+                           the stage that produced each checkpoint (from that stage's DONE, at eval time)
     eval/samples.jsonl     every answer with its scores (distributions, sample table)
     ppo/metrics.jsonl      PPO's per-step statistics (reward and KL curves, held-out monitor curves)
     ppo/DONE               PPO's wall time, the kept step and why
@@ -20,7 +21,7 @@ import os
 from pathlib import Path
 
 from rlhf.eval.flags import flags
-from rlhf.runs import read_metrics
+from rlhf.runs import done_summary, read_metrics
 
 PLOTS = "plots"
 
@@ -38,7 +39,7 @@ def render(run_dir: str | Path, eval_dir: str | Path | None = None) -> Path:
     ppo = read_metrics(run_dir / "ppo" / "metrics.jsonl") if (run_dir / "ppo" / "metrics.jsonl").is_file() else []
     rm = _json(run_dir / "rm" / "diagnostics.json")
     sft = read_metrics(run_dir / "sft" / "metrics.jsonl") if (run_dir / "sft" / "metrics.jsonl").is_file() else []
-    ppo_done = _json(run_dir / "ppo" / "DONE")
+    ppo_done = done_summary(run_dir / "ppo")
 
     (out / PLOTS).mkdir(parents=True, exist_ok=True)
     plots = {
@@ -47,9 +48,11 @@ def render(run_dir: str | Path, eval_dir: str | Path | None = None) -> Path:
         "distributions": plot_distributions(samples, metrics, out / PLOTS / "score_distributions.png") if samples else None,
         "rm": plot_rm(rm, out / PLOTS / "rm_calibration.png") if rm else None,
         "sft": plot_sft(sft, out / PLOTS / "sft_loss.png") if sft else None,
+        "comparison": plot_comparison(metrics, out / PLOTS / "comparison.png"),
     }
     text = "\n".join(part for part in (
         summary_section(metrics),
+        comparison_section(metrics, plots["comparison"]),
         results_section(metrics),
         _figure("Scores of each checkpoint's answers", plots["distributions"]),
         ppo_section(ppo, ppo_done, plots["ppo"], plots["monitor"]),
@@ -113,6 +116,40 @@ def summary_section(m: dict) -> str:
         lines += ["", "No gold judge is configured (`eval.judge`): the reward model is the only judge, and it is "
                       "the model PPO optimised against, so its win rates overstate real gains."]
     return "\n".join(lines) + "\n"
+
+
+def comparison_section(m: dict, plot: Path | None) -> str:
+    """One row per checkpoint: its win rates over the baseline (first decoding) beside the algorithm, wall
+    time and peak memory of the stage that produced it (blank where no finished stage recorded them)."""
+    decoding = next(iter(m["results"]))
+    rows, base = m["results"][decoding], m["baseline"]
+    info = {c["name"]: c for c in m.get("checkpoints", [])}
+    quality = [(key, label) for key, label in (("gold", "gold win rate"), ("reward", "RM win rate"))
+               if any(f"{key}_win_rate" in r for r in rows.values())]
+    kl = any("kl_mean" in r for r in rows.values())
+    gpu = any("peak_cuda_mb" in c for c in info.values())
+    header = (["checkpoint", "algorithm"] + [label for _, label in quality] + ["KL to SFT"] * kl
+              + ["length", "stage wall time", "peak RSS"] + ["peak GPU memory"] * gpu)
+    lines = [f"## Comparison: quality and cost ({decoding} decoding)", "",
+             f"Win rates over **{base}** (95 % intervals); wall time and peak memory are those of the stage that "
+             "produced the checkpoint, as its `DONE` recorded them (blank: the base model, or no finished stage "
+             "wrote the directory; an exported model shows the export's).", "",
+             "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for name, row in rows.items():
+        c = info.get(name, {})
+        cells = [name, c.get("algorithm", "")]
+        for key, _ in quality:
+            cells.append(_rate(row, key) if f"{key}_win_rate" in row else "(baseline)" if name == base else "")
+        if kl:
+            cells.append(f"{row['kl_mean']:.2f}" if "kl_mean" in row else "")
+        cells.append(f"{row['length_mean']:.1f}")
+        cells.append(f"{c['wall_s']:,.0f} s" if "wall_s" in c else "")
+        cells += [f"{c[key]:,.0f} MB" if key in c else "" for key in ("peak_rss_mb",) + ("peak_cuda_mb",) * gpu]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    if plot:
+        lines += [f"![Win rate against the cost of the stage]({PLOTS}/{plot.name})", ""]
+    return "\n".join(lines)
 
 
 def results_section(m: dict) -> str:
@@ -377,6 +414,43 @@ def plot_distributions(samples: list[dict], m: dict, path: Path) -> Path | None:
                 ax.hist(values, bins=edges, histtype="step", linewidth=2, label=f"{name} (mean {sum(values) / len(values):.2f})")
         ax.set_title(f"{label}, {decoding} answers")
         ax.set_ylabel("answers")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_comparison(m: dict, path: Path) -> Path | None:
+    """The gold win rate (the RM's without a judge) of each checkpoint, with its interval, against the wall
+    time and the peak memory of the stage that produced it; None when no checkpoint has both."""
+    decoding = next(iter(m["results"]))
+    rows = m["results"][decoding]
+    key = next((k for k in ("gold", "reward") if any(f"{k}_win_rate" in r for r in rows.values())), None)
+    info = {c["name"]: c for c in m.get("checkpoints", [])}
+    judged = [name for name, row in rows.items() if key and f"{key}_win_rate" in row]
+    memory = "peak_cuda_mb" if judged and all("peak_cuda_mb" in info.get(n, {}) for n in judged) else "peak_rss_mb"
+    panels = [(x, label, [n for n in judged if x in info.get(n, {})])
+              for x, label in (("wall_s", "wall time of the stage (s)"),
+                               (memory, f"peak {'GPU memory' if memory == 'peak_cuda_mb' else 'RSS'} of the stage (MB)"))]
+    panels = [p for p in panels if p[2]]
+    if not panels:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    color = {name: f"C{i}" for i, name in enumerate(judged)}  # a checkpoint's colour in every panel
+    for ax, (x, label, names) in zip(axes[0], panels):
+        for name in names:
+            row, at = rows[name], info[name][x]
+            rate = row[f"{key}_win_rate"]
+            ax.errorbar([at], [rate], yerr=[[rate - row[f"{key}_win_rate_low"]], [row[f"{key}_win_rate_high"] - rate]],
+                        fmt="o", capsize=4, color=color[name])
+            ax.annotate(name, (at, rate), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.axhline(0.5, color="gray", linestyle="--", linewidth=1, label=f"as good as {m['baseline']}")
+        ax.set_xlim(0, 1.15 * max(info[n][x] for n in names))  # from 0: distances read as ratios
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"{'gold-judge' if key == 'gold' else 'reward-model'} win rate")
+        ax.set_ylim(0, 1)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     _save(fig, path)

@@ -6,7 +6,8 @@ also get their sequence KL to the SFT model, log pi(y|x) - log pi_sft(y|x) (mean
 Every checkpoint is compared with the baseline prompt by prompt: win rate (ties half) and its 95 %
 bootstrap interval.
 
-Output `<run_dir>/eval/`: `metrics.json` (the summary, for machines), `samples.jsonl` (every answer and its
+Output `<run_dir>/eval/`: `metrics.json` (the summary, for machines; per checkpoint also the algorithm, wall
+time and peak memory of the stage that produced it), `samples.jsonl` (every answer and its
 scores), `report.md` with `plots/` (rlhf.eval.report), `config.yaml` and `DONE`.
 """
 
@@ -22,7 +23,8 @@ from rlhf import data as rdata
 from rlhf import distributed
 from rlhf.config import ConfigError, EvalConfig, PipelineConfig, save_config
 from rlhf.eval import degeneration as dg
-from rlhf.eval.checkpoints import Checkpoint, SharedSFTModel, parse_checkpoints, same_vocabulary, standalone
+from rlhf.eval.checkpoints import (Checkpoint, SharedSFTModel, parse_checkpoints, provenance, same_vocabulary,
+                                    standalone)
 from rlhf.eval.flags import flags
 from rlhf.eval.judging import Answers, answer, judgements, prompt_text, summarize
 from rlhf.eval.report import render
@@ -123,7 +125,8 @@ def run(cfg: PipelineConfig) -> Path:
     metrics = {
         "run_dir": str(run_dir), "n_prompts": len(prompts), "prompts_file": e.prompts_file,
         "baseline": e.baseline, "judge": e.judge, "reward_model": rm_dir is not None,
-        "checkpoints": [{"name": c.name, "kind": c.kind, "path": c.path} for c in checkpoints],
+        "checkpoints": [{"name": c.name, "kind": c.kind, "path": c.path, **provenance(c, run_dir)}
+                        for c in checkpoints],
         "decoding": {d: vars(sampling(e, d)) | {"answers_per_prompt": answers_per_prompt(e, d)} for d in e.decoding},
         "seed": e.seed, "examples": e.examples,
         "results": results,
