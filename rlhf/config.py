@@ -30,12 +30,16 @@ class ModelConfig:
     name_or_path: str = "data/demo/base"
     """Hugging Face hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct) or a local model directory."""
     revision: str | None = None
+    """A hub branch, tag or commit of name_or_path; None: the default branch."""
     dtype: str = "auto"
     """auto | float32 | bfloat16 | float16. auto: bfloat16 on a GPU that supports it, else float32."""
     trust_remote_code: bool = False
+    """Run modelling code shipped with the checkpoint (only for checkpoints you trust)."""
     attn_implementation: str | None = None
     """e.g. sdpa, flash_attention_2; None lets transformers choose."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, ~30 % more time); in PPO each role's
+    backward recomputes under its own adapter."""
     quantization: str = "none"
     """none | 8bit | 4bit: load the frozen base quantized (bitsandbytes; 4bit is NF4 with double quantization),
     computing in `dtype`. The SFT adapter is then stacked under the RM, policy and value adapters instead of
@@ -57,8 +61,11 @@ def check_quantization(model: ModelConfig) -> None:
 @dataclass
 class LoraSpec:
     r: int = 16
+    """LoRA rank: the adapter's width (its parameter count grows linearly with it)."""
     alpha: int = 32
+    """LoRA scaling numerator: the update is scaled by alpha / r."""
     dropout: float = 0.0
+    """Dropout on the adapter's input while training; 0: none."""
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Module names to adapt; ["all-linear"] adapts every linear layer but the output head."""
 
@@ -68,25 +75,35 @@ class TrainSpec:
     """Optimisation knobs shared by the Trainer-based stages (SFT, RM)."""
 
     lr: float = 2e-4
+    """Peak learning rate (AdamW)."""
     epochs: float = 1.0
+    """Passes over the training data (fractions allowed); for the RM with early stopping, the most."""
     max_steps: int = -1
     """> 0 overrides epochs."""
     batch_size: int = 8
     """Per device."""
     grad_accum: int = 1
+    """Batches whose gradients are summed before one optimiser step."""
     warmup: float = 0.0
     """Linear warmup: a fraction of all steps if < 1, else a number of steps."""
     weight_decay: float = 0.0
+    """AdamW weight decay on the adapter's weights."""
     lr_scheduler: str = "linear"
+    """transformers' scheduler name: linear, cosine, constant, constant_with_warmup, ..."""
     max_grad_norm: float = 1.0
+    """Clip the gradient's global norm to this before each step."""
     logging_steps: int = 10
+    """Optimiser steps between training-loss rows in metrics.jsonl and the trackers."""
     eval_steps: int = 0
     """0: evaluate once per epoch."""
     save_steps: int = 0
     """0: checkpoint once per epoch."""
     save_total_limit: int = 2
+    """Checkpoints kept in <stage>/checkpoints (the newest; with RM early stopping, also the best)."""
     seed: int = 0
+    """Seed of the adapter's initialisation, the data order and dropout."""
     progress_bar: bool = True
+    """A progress bar on a terminal (never in CI or SLURM logs)."""
 
 
 @dataclass
@@ -101,7 +118,9 @@ class DataFiles:
     """Held-out examples. None: hold out eval_fraction of the training rows (RM, DPO: of the training prompts,
     all pairs of a prompt on one side)."""
     eval_split: str = "test"
+    """Split to use when eval_file is a hub dataset."""
     eval_fraction: float = 0.05
+    """Share held out when eval_file is None."""
     max_length: int = 512
     """Prompt + answer tokens. SFT truncates longer examples; RM and DPO drop longer pairs and report the count
     (truncation would cut off the end of turn the reward is read at)."""
@@ -116,8 +135,12 @@ class SFTStageConfig(DataFiles):
     train_file: str = "data/demo/sft_train.jsonl"
     """Prompt/completion rows or chat messages."""
     eval_file: str | None = "data/demo/sft_eval.jsonl"
+    """Held-out demonstrations (the held-out loss). None: hold out eval_fraction of the training rows."""
     lora: LoraSpec = field(default_factory=LoraSpec)
+    """The SFT adapter; the later stages merge it into the base when they load it (on a quantized base they
+    stack their adapters on it instead)."""
     train: TrainSpec = field(default_factory=TrainSpec)
+    """Optimisation of the SFT adapter (TrainSpec)."""
 
 
 @dataclass
@@ -140,9 +163,11 @@ class RMProbeSpec:
     intact answer by the scorer PPO uses. An RM that prefers the damaged answer will teach PPO to damage."""
 
     enabled: bool = True
+    """Run the probes after training (diagnostics.json, the printout and the report)."""
     samples: int = 200
     """Distinct held-out (prompt, chosen answer) pairs to damage; 0: all."""
     seed: int = 0
+    """Seed of the choice of answers and of the damage done to them."""
     warn_win_rate: float = 0.25
     """Warn when the RM prefers a kind of damaged answer to the intact one more often than this."""
     no_warning: list[str] = field(default_factory=list)
@@ -155,6 +180,8 @@ class RMStageConfig(DataFiles):
     train_file: str = "data/demo/rm_rankings_train.jsonl"
     """Preferences: pairwise prompt/chosen/rejected, Anthropic HH transcripts, or K-way rankings."""
     eval_file: str | None = "data/demo/rm_pairs_eval.jsonl"
+    """Held-out pairs (accuracy, the kept checkpoint, the diagnostics). None: hold out eval_fraction of the
+    training prompts (all pairs of a prompt on one side)."""
     use_margin: bool = True
     """Use a `margin` column when the data has one: loss -log sigmoid(r_chosen - r_rejected - margin)."""
     center_rewards_coefficient: float = 0.0
@@ -172,8 +199,11 @@ class RMStageConfig(DataFiles):
     warn_accuracy: float = 0.65
     """Warn (stderr, diagnostics.json) when the held-out accuracy is below this: PPO will exploit a weak RM."""
     probes: RMProbeSpec = field(default_factory=RMProbeSpec)
+    """Reward-hacking probes on held-out answers (RMProbeSpec)."""
     early_stopping: EarlyStoppingSpec = field(default_factory=EarlyStoppingSpec)
+    """Keep the best checkpoint on the held-out pairs and stop when it stops improving (EarlyStoppingSpec)."""
     lora: LoraSpec = field(default_factory=LoraSpec)
+    """The reward adapter on the SFT model (the score head is trained beside it)."""
     train: TrainSpec = field(default_factory=lambda: TrainSpec(lr=1e-4, epochs=8))
     """train.epochs is the most epochs; with early_stopping the best held-out checkpoint is kept (1 epoch left a
     new small task's RM at 0.64 held-out accuracy, 8 reached 0.78: issue 14)."""
@@ -189,6 +219,7 @@ class RewardTerm:
     rlhf.demo.task:gold_score, an exact-match checker). It gets the prompt as the data gives it (chat messages
     or text) and the answer as text; one that raises or returns nan/inf stops the run, naming prompt and answer."""
     weight: float = 1.0
+    """Multiplies this term's value before the terms are summed."""
 
 
 @dataclass
@@ -196,12 +227,17 @@ class PPOStageConfig:
     prompts_file: str = "data/demo/prompts_train.jsonl"
     """Prompts for rollouts: prompt-only rows, or the prompts of any other format."""
     prompts_split: str = "train"
+    """Split to use when prompts_file is a hub dataset."""
     eval_prompts_file: str | None = "data/demo/prompts_eval.jsonl"
     """Held-out prompts: the policy and the SFT model are compared on them at the end. None: skip."""
     eval_prompts_split: str = "test"
+    """Split to use when eval_prompts_file is a hub dataset."""
     eval_samples: int = 200
+    """Held-out prompts in the end-of-stage comparison with SFT; 0: none (`make eval` judges instead)."""
     max_prompt_length: int = 256
+    """Longer prompts are an input error, reported before the model loads."""
     skip_invalid: bool = False
+    """Drop invalid prompt rows with a warning instead of stopping."""
     # rollouts
     steps: int = 100
     """PPO iterations: each samples rollout_batch_size responses, then runs ppo_epochs over them."""
@@ -210,10 +246,13 @@ class PPOStageConfig:
     forward_batch_size: int = 64
     """Rows per no-grad forward pass (generation, reference, reward, values)."""
     max_new_tokens: int = 16
+    """Most tokens of a sampled answer; an answer without its end of turn by then has not ended (ppo/eos_rate)."""
     temperature: float = 0.7
+    """Sampling temperature of the rollouts; every log-prob (old, new, reference) is taken at it."""
     top_k: int = 0
     """Must stay 0 (and top_p 1.0): PPO's log-probs describe the untruncated distribution at temperature."""
     top_p: float = 1.0
+    """Must stay 1.0 (see top_k)."""
     missing_eos_penalty: float | None = None
     """Replace the (normalised) score of responses that never emit EOS within max_new_tokens by this constant.
     None (default): off. N+ uses -1, i.e. one SFT std below SFT's mean under reward_norm=shift_scale: the RM
@@ -230,28 +269,35 @@ class PPOStageConfig:
     still needed (the value head starts from it: value_from_reward). The monitor's and the end-of-run "RM score"
     are this sum."""
     kl_coef: float = 0.05
+    """beta of the KL penalty to the SFT policy (the reference): per token in the reward (gae, reinforce_pp),
+    summed per answer (rloo), or a loss term (grpo). With adaptive_kl, the starting value."""
     kl_estimator: str = "k1"
     """k1 (log-ratio, unbiased, the classic choice) or k3 ((r - 1) - log r, never negative)."""
     adaptive_kl: bool = False
+    """Adapt kl_coef towards target_kl (Ziegler et al. 2019) instead of keeping it fixed."""
     target_kl: float = 6.0
     """Adaptive controller target: KL summed over a response (Ziegler et al. 2019)."""
     kl_horizon: int = 10000
+    """Adaptive controller horizon, in rollouts: how fast kl_coef moves."""
     reward_norm: str = "shift_scale"
     """How RM scores become rewards, from the SFT policy's answers on reward_norm_samples prompts (measured
     before the first update): shift_scale (default) subtracts their mean and divides by their std (mean 0,
     std 1, whatever the RM's units); shift only subtracts the mean, as InstructGPT and N+ do (a bias so SFT's
     answers score 0 on average, the RM's own scale kept); none uses raw scores."""
     reward_norm_samples: int = 256
+    """SFT answers scored to measure reward_norm's shift and scale."""
     ensemble_objective: str = "mean"
     """With rm.ensemble > 1, what PPO maximises (Coste et al. 2024): mean of the members, min (worst case), or
     mean_minus_std (mean - ensemble_std_coef x std over members: uncertainty-weighted). Evaluation always
     reports the mean, so runs with different objectives compare. No effect with one reward model."""
     ensemble_std_coef: float = 1.0
-    """lambda of mean_minus_std, in the RM's score units (before ppo.normalize_reward)."""
+    """lambda of mean_minus_std, in the RM's score units (before ppo.reward_norm)."""
     whiten_rewards: bool = False
     """Scale the per-token rewards by their std (N+); gae and reinforce_pp only."""
     gamma: float = 1.0
+    """Discount per token (1.0: none, as in RLHF practice)."""
     lam: float = 0.95
+    """GAE's lambda: 1 gives Monte-Carlo returns (no bias, more variance), 0 one-step TD (gae only)."""
     # advantage estimator (rlhf/ppo/estimators.py; README "Which RL estimator")
     estimator: str = "gae"
     """gae: PPO, a value adapter and head trained beside the policy, GAE(gamma, lam), per-token KL in the reward.
@@ -266,17 +312,27 @@ class PPOStageConfig:
     """grpo: divide by the std of the group's scores (GRPO); false: only subtract the group mean (Dr. GRPO)."""
     # update
     ppo_epochs: int = 4
+    """Passes over each step's rollouts."""
     num_minibatches: int = 4
+    """Minibatches per pass: one optimiser step each (per process, rollout_batch_size / N / num_minibatches rows)."""
     grad_accum: int = 1
     """Micro-batches per minibatch: an optimiser step still happens once per minibatch."""
     lr: float = 3e-4
+    """Learning rate of the policy (and value) adapters, AdamW."""
     lr_scheduler: str = "linear"
+    """transformers' scheduler name over all optimiser steps: linear, cosine, constant, ..."""
     warmup: float = 0.0
+    """Linear warmup: a fraction of all optimiser steps if < 1, else a number of steps."""
     weight_decay: float = 0.0
+    """AdamW weight decay on the adapters."""
     max_grad_norm: float = 1.0
+    """Clip the global gradient norm (policy and value together) before each step."""
     clip_range: float = 0.2
+    """epsilon of the clipped policy objective: the probability ratio counts only within 1 +/- epsilon."""
     clip_range_value: float = 0.2
+    """The value loss is clipped to within this of the rollout's values (gae only)."""
     vf_coef: float = 0.1
+    """Weight of the value loss beside the policy loss (gae only)."""
     whiten_advantages: bool = True
     """Whiten GAE's advantages over the batch (estimator gae only: the others bring their own normalisation)."""
     value_from_reward: bool = True
@@ -284,13 +340,16 @@ class PPOStageConfig:
     ptx_coef: float = 0.0
     """PPO-ptx (InstructGPT): add ptx_coef x the SFT loss on demonstrations to every optimiser step."""
     ptx_file: str | None = None
+    """Demonstrations for PPO-ptx (any SFT format); needed when ptx_coef > 0."""
     ptx_batch_size: int = 8
+    """Demonstrations per optimiser step (per process) for PPO-ptx."""
     # over-optimisation guards (rlhf/ppo/monitor.py, rlhf/ppo/guards.py; README "PPO")
     monitor_every: int = 10
     """Every N steps (and at step 0, the SFT policy) the policy answers the first monitor_prompts held-out
     prompts (eval_prompts_file), sampled and greedy with a fixed seed: RM score, KL, degeneration, logged as
     monitor/... 0: off (then no degeneration stop and no keep_best)."""
     monitor_prompts: int = 32
+    """How many held-out prompts the monitor answers (the first of eval_prompts_file)."""
     kl_budget: float | None = 6.0
     """Stop when the rollout KL (ppo/kl, nats summed over an answer) exceeds this for guard_patience
     consecutive steps. 6 = target_kl (Ziegler et al. 2019); the demo stays under 2. None or 0: no budget."""
@@ -298,17 +357,23 @@ class PPOStageConfig:
     """Stop when the greedy monitor answers' repeat (share of tokens repeating an earlier one) exceeds the SFT
     policy's by more than this at guard_patience consecutive monitor points. None: no such stop."""
     guard_patience: int = 3
+    """Consecutive steps (KL budget) or monitor points (degeneration) before a guard stops the run."""
     keep_best: str = "none"
     """Which policy policy/ holds: none (the last, as trained), monitor_reward (the monitor point with the best
     RM score of sampled answers, SFT at step 0 included) or monitor_reward_guarded (the same among points
     within the KL budget and the degeneration margin)."""
     # bookkeeping
     save_steps: int = 10
+    """Steps between checkpoints (a killed or preempted run resumes from the last one)."""
     seed: int = 0
+    """Seed of the prompt order, the sampling and the adapters' initialisation (each process samples with its own
+    seed derived from it)."""
     judge: str | None = None
     """Optional "module:function" (prompt, response) -> float gold score, reported at the end (never trained on)."""
     progress_bar: bool = True
+    """A progress bar on a terminal."""
     lora: LoraSpec = field(default_factory=LoraSpec)
+    """The policy and value adapters (the reward adapter keeps the RM stage's)."""
 
 
 @dataclass
@@ -320,12 +385,15 @@ class DPOStageConfig(DataFiles):
     """Preferences, in any format the RM reads (pairs, HH transcripts, K-way rankings expanded to all pairs).
     Default: the reward model's file."""
     train_split: str = "${rm.train_split}"
+    """Split to use when train_file is a hub dataset (default: the RM's)."""
     eval_file: str | None = "${rm.eval_file}"
     """Held-out pairs (default: the RM's). None: hold out eval_fraction of the training prompts."""
     eval_split: str = "${rm.eval_split}"
+    """Split to use when eval_file is a hub dataset (default: the RM's)."""
     max_length: int = "${rm.max_length}"  # type: ignore[assignment]  # an interpolation, resolved to an int
     """Prompt + answer tokens; longer pairs are dropped and counted (never truncated: the end of turn would go)."""
     max_prompt_length: int = "${rm.max_prompt_length}"  # type: ignore[assignment]
+    """Longer prompts are an input error (default: the RM's limit)."""
     beta: float = 0.1
     """Strength of the implicit KL penalty to the reference: small beta lets the policy move further from SFT."""
     loss_type: str = "sigmoid"
@@ -333,7 +401,9 @@ class DPOStageConfig(DataFiles):
     label_smoothing: float = 0.0
     """Assumed share of flipped preference labels (conservative DPO, loss_type robust or sigmoid)."""
     lora: LoraSpec = field(default_factory=LoraSpec)
+    """The DPO adapter on the SFT model; switched off, the model is the reference."""
     train: TrainSpec = field(default_factory=lambda: TrainSpec(lr=5e-5, epochs=1))
+    """Optimisation of the DPO adapter (TrainSpec)."""
 
 
 @dataclass
@@ -366,20 +436,28 @@ class EvalConfig:
     prompts_file: str = "data/demo/prompts_eval.jsonl"
     """Held-out prompts: prompt-only rows, or the prompts of any other format."""
     prompts_split: str = "test"
+    """Split to use when prompts_file is a hub dataset."""
     samples: int = 200
     """Evaluate on the first `samples` prompts; 0: all."""
     max_prompt_length: int = 256
+    """Longer prompts are an input error, reported before a model loads."""
     skip_invalid: bool = False
+    """Drop invalid prompt rows with a warning instead of stopping."""
     decoding: list[str] = field(default_factory=lambda: ["sample", "greedy"])
     """sample (at temperature / top_k / top_p, fixed seed) and/or greedy (one answer per prompt)."""
     samples_per_prompt: int = 1
     """Sampled answers per prompt: answer j of a checkpoint is compared with answer j of the baseline and a
     prompt's win is the mean of its comparisons; more answers narrow the interval (sampling noise)."""
     max_new_tokens: int = 16
+    """Most tokens of an answer."""
     temperature: float = 1.0
+    """Sampling temperature (sampled answers; their KL to SFT is taken at it): PPO's, to judge what PPO trained."""
     top_k: int = 0
+    """Top-k of sampled answers; 0: off."""
     top_p: float = 1.0
+    """Nucleus sampling of sampled answers; 1.0: off."""
     batch_size: int = 64
+    """Rows per generation and scoring batch."""
     seed: int = 1234
     """Every checkpoint samples with this seed: two identical models give identical answers."""
     judge: str | None = None
@@ -389,6 +467,7 @@ class EvalConfig:
     examples: int = 8
     """Prompts shown with every checkpoint's answer side by side in the report."""
     progress_bar: bool = True
+    """A progress bar per checkpoint on a terminal."""
 
 
 SLURM_STAGES = ("sft", "rm", "ppo", "eval")
@@ -398,16 +477,21 @@ SLURM_STAGES = ("sft", "rm", "ppo", "eval")
 class SlurmConfig:
     """`make <stage> LAUNCHER=slurm`: one sbatch job per stage, chained with afterok (rlhf/slurm.py)."""
     partition: str | None = None
+    """--partition; None: the cluster's default."""
     account: str | None = None
+    """--account; None: the user's default."""
     qos: str | None = None
+    """--qos; None: the default."""
     time: str = "1-00:00:00"
     """--time of each job (per stage: slurm.stages.<stage>.time)."""
     nodes: int = 1
+    """--nodes; with more than one, the processes of every node join one `accelerate launch` run."""
     gpus_per_node: int = 0
     """0: a CPU job. With N > 0 the job asks for N GPUs per node and runs N processes per node."""
     processes_per_node: int | None = None
     """Default: gpus_per_node, or 1 without GPUs. More than one process in all: `accelerate launch`."""
     cpus_per_task: int | None = None
+    """--cpus-per-task; None: the cluster's default."""
     mem: str | None = None
     """--mem of each node, e.g. 64G."""
     job_name: str = "rlhf"
@@ -416,6 +500,7 @@ class SlurmConfig:
     """accelerate config for multi-process jobs (configs/accelerate/*.yaml); the machine count, rank and
     main address come from SLURM."""
     main_port: int = 29500
+    """The rendezvous port of multi-process runs on the first node."""
     setup: list[str] = field(default_factory=list)
     """Shell lines run first in every job (module load ..., source .venv/bin/activate, export ...)."""
     extra: list[str] = field(default_factory=list)
@@ -443,13 +528,21 @@ class PipelineConfig:
     """Experiment trackers of every stage: tensorboard (into <stage>/tb/), wandb, or any other the HF Trainer
     supports (rlhf/tracking.py); e.g. [tensorboard, wandb]. metrics.jsonl is always written."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The base model every stage shares (ModelConfig)."""
     sft: SFTStageConfig = field(default_factory=SFTStageConfig)
+    """`make sft` (SFTStageConfig)."""
     rm: RMStageConfig = field(default_factory=RMStageConfig)
+    """`make rm` (RMStageConfig)."""
     ppo: PPOStageConfig = field(default_factory=PPOStageConfig)
+    """`make ppo` (PPOStageConfig)."""
     dpo: DPOStageConfig = field(default_factory=DPOStageConfig)
+    """`make dpo` (DPOStageConfig)."""
     export: ExportConfig = field(default_factory=ExportConfig)
+    """`make export` (ExportConfig)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """`make eval` (EvalConfig)."""
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    """`LAUNCHER=slurm` (SlurmConfig)."""
 
 
 def _top_level_keys() -> set[str]:

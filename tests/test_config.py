@@ -139,3 +139,22 @@ def test_bad_input_is_reported_before_torch_loads(stage, args, message, tmp_path
                           capture_output=True, text=True)
     assert "exit 2 torch loaded: False" in proc.stdout, proc.stdout + proc.stderr[-3000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_every_config_field_has_a_docstring():
+    """Each field of every config dataclass is followed by its docstring (what it does, its unit, its special
+    values): the YAML keys are the user's interface."""
+    import ast
+
+    from rlhf import config as config_module
+
+    tree = ast.parse(Path(config_module.__file__).read_text())
+    missing = []
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        for field_node, after in zip(cls.body, cls.body[1:] + [None]):
+            if isinstance(field_node, ast.AnnAssign):
+                documented = isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) \
+                    and isinstance(after.value.value, str)
+                if not documented:
+                    missing.append(f"{cls.name}.{field_node.target.id}")
+    assert missing == [], f"config fields without a docstring: {missing}"
