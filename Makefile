@@ -67,7 +67,7 @@ SLURM_FLAGS ?=
 SUBMIT     = $(PY) -m rlhf.slurm --config $(CONFIG) --until $(1) $(SLURM_FLAGS) run_dir=$(RUN) $(ARGS)
 # --- end LAUNCHER=slurm -----------------------------------------------------------------------------------
 
-.PHONY: force-rerun setup setup-latest lock test test-fast bench data data-base data-hh data-greetings demo all sft rm ppo dpo eval report export compare clean-sft clean-rm clean-ppo clean-dpo clean-eval clean
+.PHONY: force-rerun setup setup-latest lock test test-fast bench data data-base data-hh data-greetings demo all sft rm ppo dpo eval report export compare $(addprefix clean-,sft rm ppo dpo eval) clean
 
 setup: $(TEST_STAMP)
 
@@ -216,20 +216,9 @@ export: $(RUN)/ppo/DONE
 	$(call STAGE,export)
 
 # Remove a stage's outputs (checkpoints included: the next run starts from scratch, not from the last checkpoint)
-clean-sft:
-	rm -rf $(RUN)/sft $(RUN)/sft.rerun
-
-clean-rm:
-	rm -rf $(RUN)/rm $(RUN)/rm.rerun
-
-clean-ppo:
-	rm -rf $(RUN)/ppo $(RUN)/ppo.rerun
-
-clean-dpo:
-	rm -rf $(RUN)/dpo $(RUN)/dpo.rerun
-
-clean-eval:
-	rm -rf $(RUN)/eval $(RUN)/eval.rerun
+CLEAN_STAGES := sft rm ppo dpo eval
+$(addprefix clean-,$(CLEAN_STAGES)): clean-%:
+	rm -rf $(RUN)/$* $(RUN)/$*.rerun
 
 clean:
 	rm -rf $(RUN)
