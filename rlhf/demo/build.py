@@ -111,39 +111,43 @@ def distinct_answers(rng, request, k, p_perfect, tries=50, shared_draft=False):
 def make_datasets(spec: BuildSpec) -> dict[str, list[dict]]:
     rng = random.Random(spec.seed)
     train_req, eval_req = split_requests(rng, spec.held_out_fraction)
+    return task_datasets(
+        rng, spec, train_req, eval_req, chat,
+        demonstration=lambda r: task.write_answer(rng, r, task.sample_flaws(rng, spec.p_perfect)),
+        near_misses=lambda r: distinct_answers(rng, r, spec.k, p_perfect=0.3, shared_draft=spec.shared_draft),
+        judge=task.gold_score, pairs_train=True)
 
+
+def task_datasets(rng: random.Random, spec, train_req: list, eval_req: list, chat, demonstration, near_misses,
+                  judge, pairs_train: bool = False) -> dict[str, list[dict]]:
+    """A demo-style task's files, drawn from `rng` in a fixed order (the same seed gives the same files):
+    SFT demonstrations (`demonstration(request)`), K-way rankings of `near_misses(request)` by a simulated
+    annotator (`judge` plus Gumbel noise, spec.annotator_noise), best-vs-worst pairs (held-out; also for
+    training with `pairs_train`), and prompt-only files for PPO and eval. `spec` gives the counts."""
     def sft_rows(n, pool):
-        rows = []
-        for _ in range(n):
-            r = rng.choice(pool)
-            rows.append({"prompt": chat(r), "completion": task.write_answer(rng, r, task.sample_flaws(rng, spec.p_perfect))})
-        return rows
+        return [{"prompt": chat(r), "completion": demonstration(r)} for r in (rng.choice(pool) for _ in range(n))]
 
     def ranking_rows(n, pool):
         rows = []
         for _ in range(n):
             r = rng.choice(pool)
-            answers = distinct_answers(rng, r, spec.k, p_perfect=0.3, shared_draft=spec.shared_draft)
+            answers = near_misses(r)
             rows.append({"prompt": chat(r), "responses": answers,
-                         "ranking": noisy_ranking(rng, r, answers, spec.annotator_noise)})
+                         "ranking": noisy_ranking(rng, r, answers, spec.annotator_noise, judge=judge)})
         return rows
 
     def pair_rows(n, pool):
-        rows = []
-        for row in ranking_rows(n, pool):
-            best, worst = row["ranking"][0], row["ranking"][-1]
-            rows.append({"prompt": row["prompt"], "chosen": row["responses"][best], "rejected": row["responses"][worst]})
-        return rows
+        return [{"prompt": row["prompt"], "chosen": row["responses"][row["ranking"][0]],
+                 "rejected": row["responses"][row["ranking"][-1]]} for row in ranking_rows(n, pool)]
 
-    return {
-        "sft_train": sft_rows(spec.n_sft_train, train_req),
-        "sft_eval": sft_rows(spec.n_sft_eval, eval_req),
-        "rm_rankings_train": ranking_rows(spec.n_rank_prompts, train_req),
-        "rm_pairs_train": pair_rows(spec.n_rank_prompts, train_req),
-        "rm_pairs_eval": pair_rows(spec.n_pairs_eval, eval_req),
-        "prompts_train": [{"prompt": chat(rng.choice(train_req))} for _ in range(spec.n_prompts_train)],
-        "prompts_eval": [{"prompt": chat(rng.choice(eval_req))} for _ in range(spec.n_prompts_eval)],
-    }
+    files = {"sft_train": sft_rows(spec.n_sft_train, train_req), "sft_eval": sft_rows(spec.n_sft_eval, eval_req),
+             "rm_rankings_train": ranking_rows(spec.n_rank_prompts, train_req)}
+    if pairs_train:
+        files["rm_pairs_train"] = pair_rows(spec.n_rank_prompts, train_req)
+    files["rm_pairs_eval"] = pair_rows(spec.n_pairs_eval, eval_req)
+    files["prompts_train"] = [{"prompt": chat(rng.choice(train_req))} for _ in range(spec.n_prompts_train)]
+    files["prompts_eval"] = [{"prompt": chat(rng.choice(eval_req))} for _ in range(spec.n_prompts_eval)]
+    return files
 
 
 def pretrain_corpus(spec: BuildSpec) -> list[str]:

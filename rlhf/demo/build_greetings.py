@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf.demo import greetings as task
-from rlhf.demo.build import build_base_model, build_tokenizer, distinct, noisy_ranking, write_jsonl
+from rlhf.demo.build import build_base_model, build_tokenizer, distinct, task_datasets, write_jsonl
 
 
 @dataclass(frozen=True)
@@ -61,31 +61,10 @@ def make_datasets(spec: GreetingsSpec) -> dict[str, list[dict]]:
     n_held = round(len(requests) * spec.held_out_fraction)
     train_req, eval_req = requests[n_held:], requests[:n_held]
 
-    def sft_rows(n, pool):
-        return [{"prompt": chat(r), "completion": task.write_answer(rng, r, task.sample_flaws(rng, spec.p_perfect))}
-                for r in (rng.choice(pool) for _ in range(n))]
-
-    def ranking_rows(n, pool):
-        rows = []
-        for _ in range(n):
-            r = rng.choice(pool)
-            answers = distinct_answers(rng, r, spec.k, p_perfect=0.3)
-            rows.append({"prompt": chat(r), "responses": answers,
-                         "ranking": noisy_ranking(rng, r, answers, spec.annotator_noise, judge=task.gold_score)})
-        return rows
-
-    def pair_rows(n, pool):
-        return [{"prompt": row["prompt"], "chosen": row["responses"][row["ranking"][0]],
-                 "rejected": row["responses"][row["ranking"][-1]]} for row in ranking_rows(n, pool)]
-
-    return {
-        "sft_train": sft_rows(spec.n_sft_train, train_req),
-        "sft_eval": sft_rows(spec.n_sft_eval, eval_req),
-        "rm_rankings_train": ranking_rows(spec.n_rank_prompts, train_req),
-        "rm_pairs_eval": pair_rows(spec.n_pairs_eval, eval_req),
-        "prompts_train": [{"prompt": chat(rng.choice(train_req))} for _ in range(spec.n_prompts_train)],
-        "prompts_eval": [{"prompt": chat(rng.choice(eval_req))} for _ in range(spec.n_prompts_eval)],
-    }
+    return task_datasets(
+        rng, spec, train_req, eval_req, chat,
+        demonstration=lambda r: task.write_answer(rng, r, task.sample_flaws(rng, spec.p_perfect)),
+        near_misses=lambda r: distinct_answers(rng, r, spec.k, p_perfect=0.3), judge=task.gold_score)
 
 
 def pretrain_corpus(spec: GreetingsSpec) -> list[str]:

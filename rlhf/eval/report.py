@@ -331,11 +331,19 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
+    """Write the figure (atomically: a report never links a half-written image) and free it."""
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.tight_layout()
     fig.savefig(tmp, dpi=110)
     os.replace(tmp, path)
+    _pyplot().close(fig)
     return path
+
+
+def _tidy(ax) -> None:
+    """The legend and grid every panel has."""
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
@@ -363,9 +371,7 @@ def plot_ppo(rows: list[dict], path: Path) -> Path:
         ax.set_title(label)
         ax.set_xlabel("PPO step")
         ax.grid(alpha=0.3)
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 MONITOR_PANELS = (("reward", "held-out RM score"), ("kl", "held-out KL to SFT (nats)"),
@@ -387,11 +393,8 @@ def plot_monitor(rows: list[dict], path: Path) -> Path | None:
                 ax.plot(*zip(*points), marker="o", markersize=3, color=color, label=decoding)
         ax.set_title(label)
         ax.set_xlabel("PPO step")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    _save(fig, path)
-    plt.close(fig)
-    return path
+        _tidy(ax)
+    return _save(fig, path)
 
 
 def plot_distributions(samples: list[dict], m: dict, path: Path) -> Path | None:
@@ -414,11 +417,8 @@ def plot_distributions(samples: list[dict], m: dict, path: Path) -> Path | None:
                 ax.hist(values, bins=edges, histtype="step", linewidth=2, label=f"{name} (mean {sum(values) / len(values):.2f})")
         ax.set_title(f"{label}, {decoding} answers")
         ax.set_ylabel("answers")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    _save(fig, path)
-    plt.close(fig)
-    return path
+        _tidy(ax)
+    return _save(fig, path)
 
 
 def plot_comparison(m: dict, path: Path) -> Path | None:
@@ -451,11 +451,8 @@ def plot_comparison(m: dict, path: Path) -> Path | None:
         ax.set_xlabel(label)
         ax.set_ylabel(f"{'gold-judge' if key == 'gold' else 'reward-model'} win rate")
         ax.set_ylim(0, 1)
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    _save(fig, path)
-    plt.close(fig)
-    return path
+        _tidy(ax)
+    return _save(fig, path)
 
 
 def plot_rm(d: dict, path: Path) -> Path | None:
@@ -472,8 +469,7 @@ def plot_rm(d: dict, path: Path) -> Path | None:
     ax.set_xlabel("confidence σ(|r_a − r_b|)")
     ax.set_ylabel("observed accuracy")
     ax.set_title(f"calibration (ECE {d.get('rm/ece', float('nan')):.3f})")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    _tidy(ax)
     if tags:
         ax = axes[0][1]
         names = list(tags)
@@ -481,9 +477,7 @@ def plot_rm(d: dict, path: Path) -> Path | None:
         ax.set_xlim(0, 1)
         ax.axvline(0.5, color="gray", linestyle="--")
         ax.set_title("accuracy by flaw of the rejected answer")
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_sft(rows: list[dict], path: Path) -> Path | None:
@@ -500,6 +494,4 @@ def plot_sft(rows: list[dict], path: Path) -> Path | None:
     ax.set_ylabel("loss")
     ax.legend()
     ax.grid(alpha=0.3)
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
