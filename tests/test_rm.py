@@ -29,7 +29,7 @@ def test_rm_on_demo_is_accurate_and_reports_diagnostics(rm_run):
     assert diag["rm/n_pairs"] == 400
     assert diag["rm/accuracy"] >= 0.85
     assert diag["rm/margin_mean"] > 0 and 0 <= diag["rm/ece"] < 0.5
-    assert -1 <= diag["rm/length_corr"] <= 1
+    assert abs(diag["rm/length_corr"]) < 0.3  # the demo's answers differ by their flaws, not their length
     assert {"intruder", "repeat", "off_topic", "too_few", "too_many"} <= set(diag["accuracy_by_tag"])
     assert set(diag["probes"]) == {"repeat", "truncate", "empty", "shuffle", "other_prompt"}
     assert all(row["n"] > 0 and 0 <= row["win_rate"] <= 1 for row in diag["probes"].values())
@@ -205,5 +205,6 @@ def test_hh_sample_runs_every_stage_from_a_config_alone(tmp_path):
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["prompts_file"] == "data/hh-tiny/hh_test.jsonl" and metrics["n_prompts"] == 6
     ppo = metrics["results"]["sample"]["ppo"]
-    assert 0 <= ppo["reward_win_rate"] <= 1 and "gold_win_rate" not in ppo  # HH has no gold judge
+    assert ppo["reward_win_rate_low"] <= ppo["reward_win_rate"] <= ppo["reward_win_rate_high"]
+    assert "gold_win_rate" not in ppo  # HH has no gold judge
     assert "No gold judge is configured" in (tmp_path / "eval" / "report.md").read_text()

@@ -90,4 +90,4 @@ def test_probe_table_is_scored_by_the_scorer_ppo_uses(demo_dir):
     rows = [i for i, a in enumerate(damaged) if a is not None]
     intact = scorer.score(prompts, answers)[rows]
     cut = scorer.score([prompts[i] for i in rows], [damaged[i] for i in rows])
-    assert table["truncate"] == d.damaged_wins(intact, cut) and 0 <= table["truncate"]["win_rate"] <= 1
+    assert table["truncate"] == d.damaged_wins(intact, cut)
