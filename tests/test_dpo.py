@@ -52,4 +52,3 @@ def test_make_dpo_resumes_after_a_kill_and_eval_judges_it(sft_run, tmp_path):
     assert sample["sft"]["kl_mean"] == 0.0 and sample["dpo"]["kl_mean"] != 0.0
     dpo = sample["dpo"]
     assert dpo["gold_win_rate_low"] <= dpo["gold_win_rate"] <= dpo["gold_win_rate_high"]
-    assert dpo["gold_win_rate_low"] < dpo["gold_win_rate_high"]  # 16 answers: an interval, not a point
