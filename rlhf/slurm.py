@@ -120,44 +120,49 @@ def render(cfg: PipelineConfig, stage: str, config_file: Path, log_dir: Path, wo
     opts += [f"--signal=B:USR1@{j.signal_grace_s}"] if j.signal_grace_s > 0 else []
     opts += list(j.extra)
     stage_dir = Path(cfg.run_dir) / stage
-    lines = ["#!/bin/bash", *(f"#SBATCH {o}" for o in opts),
-             f"# rlhf {stage} stage, rendered by `python -m rlhf.slurm` on {time.strftime('%Y-%m-%d %H:%M:%S')}",
-             f"# from {config_file} ({processes_per_node(j)} process(es) per node on {j.nodes} node(s)).",
-             "set -uo pipefail", *j.setup,
-             f"STAGE_DIR={shlex.quote(str(stage_dir))}",
-             'echo "[slurm] job $SLURM_JOB_ID ($SLURM_JOB_NAME), restart ${SLURM_RESTART_COUNT:-0}, '
-             'nodes $SLURM_JOB_NODELIST, $(date \'+%F %T\')"',
-             'export MAIN_PROCESS_IP=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-             "",
-             "# SIGUSR1 before the time limit: the stage checkpoints and stops; then the job is requeued.",
-             "# SIGTERM (scancel, scontrol requeue, preemption) reaches the stage from SLURM itself.",
-             "requeue=0",
-             "on_usr1() {",
-             f'    echo "[slurm] SIGUSR1: asking the stage to checkpoint and stop"; requeue={int(j.requeue)}',
-             '    scancel --signal=USR1 "$SLURM_JOB_ID"  # every process of the job steps (not this script)',
-             "}",
-             "trap on_usr1 USR1",
-             "trap 'echo \"[slurm] SIGTERM: the stage checkpoints and stops\"' TERM",
-             "",
-             "# once per node; the launchers ignore SIGUSR1, the stage's processes catch it",
-             "node_task() {",
-             "    trap '' USR1",
-             f"    exec {stage_command(j, stage, config_file, python)}",
-             "}",
-             "export -f node_task",
-             "srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c node_task &",
-             "pid=$!",
-             'while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done  # a trapped signal interrupts wait',
-             'wait "$pid"; rc=$?',
-             "",
-             'if [ -f "$STAGE_DIR/DONE" ]; then echo "[slurm] $STAGE_DIR finished"; exit 0; fi',
-             'if [ "$requeue" = 1 ]; then',
-             '    echo "[slurm] requeueing job $SLURM_JOB_ID; it resumes from the last checkpoint"',
-             '    scontrol requeue "$SLURM_JOB_ID" && exit 0',
-             "fi",
-             'echo "[slurm] $STAGE_DIR did not finish (exit $rc)"',
-             'exit $(( rc == 0 ? 1 : rc ))']
-    return "\n".join(lines) + "\n"
+    header = ["#!/bin/bash", *(f"#SBATCH {o}" for o in opts),
+              f"# rlhf {stage} stage, rendered by `python -m rlhf.slurm` on {time.strftime('%Y-%m-%d %H:%M:%S')}",
+              f"# from {config_file} ({processes_per_node(j)} process(es) per node on {j.nodes} node(s)).",
+              "set -uo pipefail", *j.setup]
+    body = (JOB_BODY.replace("@STAGE_DIR@", shlex.quote(str(stage_dir))).replace("@REQUEUE@", str(int(j.requeue)))
+            .replace("@COMMAND@", stage_command(j, stage, config_file, python)))
+    return "\n".join(header) + "\n" + body
+
+
+# The job after its #SBATCH header and setup lines (@...@ are filled in by `render`).
+JOB_BODY = """STAGE_DIR=@STAGE_DIR@
+echo "[slurm] job $SLURM_JOB_ID ($SLURM_JOB_NAME), restart ${SLURM_RESTART_COUNT:-0}, nodes $SLURM_JOB_NODELIST, $(date '+%F %T')"
+export MAIN_PROCESS_IP=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+
+# SIGUSR1 before the time limit: the stage checkpoints and stops; then the job is requeued.
+# SIGTERM (scancel, scontrol requeue, preemption) reaches the stage from SLURM itself.
+requeue=0
+on_usr1() {
+    echo "[slurm] SIGUSR1: asking the stage to checkpoint and stop"; requeue=@REQUEUE@
+    scancel --signal=USR1 "$SLURM_JOB_ID"  # every process of the job steps (not this script)
+}
+trap on_usr1 USR1
+trap 'echo "[slurm] SIGTERM: the stage checkpoints and stops"' TERM
+
+# once per node; the launchers ignore SIGUSR1, the stage's processes catch it
+node_task() {
+    trap '' USR1
+    exec @COMMAND@
+}
+export -f node_task
+srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c node_task &
+pid=$!
+while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done  # a trapped signal interrupts wait
+wait "$pid"; rc=$?
+
+if [ -f "$STAGE_DIR/DONE" ]; then echo "[slurm] $STAGE_DIR finished"; exit 0; fi
+if [ "$requeue" = 1 ]; then
+    echo "[slurm] requeueing job $SLURM_JOB_ID; it resumes from the last checkpoint"
+    scontrol requeue "$SLURM_JOB_ID" && exit 0
+fi
+echo "[slurm] $STAGE_DIR did not finish (exit $rc)"
+exit $(( rc == 0 ? 1 : rc ))
+"""
 
 
 @dataclass

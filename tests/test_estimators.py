@@ -9,7 +9,7 @@ import torch
 
 from rlhf.config import ConfigError, PPOStageConfig
 from rlhf.ppo import estimators as est
-from rlhf.ppo.rollout import Rollout, advantages, repeat_prompts
+from rlhf.ppo.rollout import AdvantageSpec, Rollout, advantages, repeat_prompts
 from rlhf.ppo.train import check_config, update_spec
 
 NAN = float("nan")
@@ -84,7 +84,7 @@ def toy_rollout(values=None):
 
 
 def run_estimator(r, estimator, **kw):
-    return advantages(r, 0.5, "k1", 0.0, 1.0, None, False, True, 1.0, 0.95, estimator=estimator, group_size=2, **kw)
+    return advantages(r, 0.5, AdvantageSpec(estimator=estimator, group_size=2, **kw))
 
 
 def test_where_each_estimator_puts_the_kl():
@@ -108,8 +108,8 @@ def test_where_each_estimator_puts_the_kl():
     assert torch.allclose(rpp.returns[0], torch.tensor([1.0 - 0.15, 1.0 - 0.10, 1.0 - 0.05]))
     assert rpp.advantages[mask].mean().abs() < 1e-6 and rpp.advantages[mask].std().item() == pytest.approx(1.0)
 
-    gae = advantages(r.__class__(**{**r.__dict__, "values": torch.zeros(4, 3)}), 0.5, "k1", 0.0, 1.0, None,
-                     False, False, 1.0, 1.0)
+    gae = advantages(r.__class__(**{**r.__dict__, "values": torch.zeros(4, 3)}), 0.5,
+                     AdvantageSpec(whiten_advantages=False, lam=1.0))
     assert torch.allclose(gae.advantages, rpp.returns)  # V = 0, lambda = 1: GAE is the reward to go
     with pytest.raises(ValueError, match="unknown advantage estimator 'ppo'"):
         run_estimator(r, "ppo")

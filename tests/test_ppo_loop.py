@@ -12,7 +12,7 @@ from rlhf.generation import SamplingSpec, decode_responses, encode_prompt, gener
 from rlhf.models import active_adapter, load_causal_lm, load_sft_model, load_tokenizer
 from rlhf.ppo import core
 from rlhf.ppo.roles import POLICY, build_roles, policy_logits, reference_logits, values
-from rlhf.ppo.rollout import Rollout, advantages, sample, score
+from rlhf.ppo.rollout import AdvantageSpec, Rollout, advantages, sample, score
 from rlhf.sequences import response_logprobs
 from rlhf.ppo.train import step_metrics
 from rlhf.ppo.update import UpdateSpec, check_batch_sizes, policy_loss, ppo_update, ptx_loss
@@ -38,7 +38,7 @@ def rollout(roles, tok, prompts):
 
 
 def default_advantages(r, kl_coef=0.05, penalty=None, shift=0.0, scale=1.0):
-    return advantages(r, kl_coef, "k1", shift, scale, penalty, False, True, 1.0, 0.95)
+    return advantages(r, kl_coef, AdvantageSpec(reward_shift=shift, reward_scale=scale, missing_eos_penalty=penalty))
 
 
 def test_start_policy_equals_reference_kl_zero_ratio_one(setup):
@@ -253,7 +253,7 @@ def test_critic_free_estimators_hold_no_value_role_and_train_the_policy_alone(rm
     prompts = [p.prompt for p in load_prompts(str(demo_dir / "prompts_train.jsonl"))[:4]]
     r = rollout(roles, tok, repeat_prompts(prompts, 4))
     assert r.values is None
-    a = advantages(r, 0.05, "k1", 0.0, 1.0, None, False, True, 1.0, 0.95, estimator=estimator, group_size=4)
+    a = advantages(r, 0.05, AdvantageSpec(estimator=estimator, group_size=4))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     norms = counting(optimizer)
     spec = UpdateSpec(2, 2, 2, 0.2, 0.2, 0.1, 1.0, T, kl_loss_coef=0.05 if estimator == "grpo" else 0.0)

@@ -114,11 +114,26 @@ def score(roles: Roles, ids: torch.Tensor, mask: torch.Tensor, prompt_width: int
                    ref_logprobs=cat["ref"], values=cat.get("values"), scores=cat["scores"], ended=ended)
 
 
-def advantages(r: Rollout, kl_coef: float, kl_estimator: str, reward_shift: float, reward_scale: float,
-               missing_eos_penalty: float | None, whiten_rewards: bool, whiten_advantages: bool,
-               gamma: float, lam: float, estimator: str = "gae", group_size: int = 1,
-               std_norm: bool = True) -> Advantages:
-    """Phase 3: scores -> rewards with the KL penalty where the estimator puts it -> advantages and returns.
+@dataclass(frozen=True)
+class AdvantageSpec:
+    """How a rollout's scores become advantages (the ppo config's fields of the same names; rlhf/config.py)."""
+
+    reward_shift: float = 0.0         # scores -> (score - shift) / scale, measured on the SFT policy
+    reward_scale: float = 1.0
+    kl_estimator: str = "k1"
+    missing_eos_penalty: float | None = None
+    whiten_rewards: bool = False
+    whiten_advantages: bool = True
+    gamma: float = 1.0
+    lam: float = 0.95
+    estimator: str = "gae"
+    group_size: int = 1
+    std_norm: bool = True             # grpo: divide by the group's std (false: Dr. GRPO)
+
+
+def advantages(r: Rollout, kl_coef: float, spec: AdvantageSpec) -> Advantages:
+    """Phase 3: scores -> rewards with the KL penalty (beta = kl_coef, this step's) where the estimator puts it
+    -> advantages and returns.
 
     gae           per-token KL in the reward, GAE(gamma, lam) on the value adapter's values (PPO);
     reinforce_pp  per-token KL in the reward, reward to go (gamma), whitened over the batch (REINFORCE++);
@@ -128,25 +143,26 @@ def advantages(r: Rollout, kl_coef: float, kl_estimator: str, reward_shift: floa
     whiten_rewards applies to the per-token rewards of gae and reinforce_pp, whiten_advantages to gae only:
     the other estimators bring their own normalisation."""
     mask = r.response_mask
-    scores = (r.scores - reward_shift) / reward_scale
-    if missing_eos_penalty is not None:
-        scores = core.missing_eos_penalty(scores, r.ended, missing_eos_penalty)
-    kl = kl_penalty(r.logprobs, r.ref_logprobs, kl_estimator)
+    scores = (r.scores - spec.reward_shift) / spec.reward_scale
+    if spec.missing_eos_penalty is not None:
+        scores = core.missing_eos_penalty(scores, r.ended, spec.missing_eos_penalty)
+    kl = kl_penalty(r.logprobs, r.ref_logprobs, spec.kl_estimator)
+    estimator, group_size = spec.estimator, spec.group_size
     in_reward = 0.0 if estimator == "grpo" else kl_coef
     rewards, non_score = core.per_token_rewards(scores, kl, mask, in_reward)
-    if whiten_rewards and estimator in ("gae", "reinforce_pp"):
+    if spec.whiten_rewards and estimator in ("gae", "reinforce_pp"):
         rewards = core.masked_whiten(rewards, mask, shift_mean=False)
     if estimator == "gae":
-        adv, returns = core.gae(rewards, r.values, mask, gamma, lam)
-        if whiten_advantages:
+        adv, returns = core.gae(rewards, r.values, mask, spec.gamma, spec.lam)
+        if spec.whiten_advantages:
             adv = core.masked_whiten(adv, mask)
     elif estimator == "reinforce_pp":
-        adv, returns = estimators.reinforce_pp(rewards, mask, gamma)
+        adv, returns = estimators.reinforce_pp(rewards, mask, spec.gamma)
     elif estimator == "rloo":
         seq = estimators.sequence_kl_rewards(scores, kl, mask, kl_coef)
         adv, returns = (estimators.to_tokens(x, mask) for x in (estimators.leave_one_out(seq, group_size), seq))
     elif estimator == "grpo":
-        seq = estimators.group_normalised(scores, group_size, std_norm)
+        seq = estimators.group_normalised(scores, group_size, spec.std_norm)
         adv, returns = estimators.to_tokens(seq, mask), estimators.to_tokens(scores, mask)
     else:
         raise ValueError(f"unknown advantage estimator {estimator!r}; choose one of {', '.join(estimators.ESTIMATORS)}")

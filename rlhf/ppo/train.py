@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -33,7 +33,7 @@ from rlhf.ppo.guards import KEEP_BEST, Guards, GuardSpec, load_best, prune_best
 from rlhf.ppo.kl import AdaptiveKLController, FixedKLController
 from rlhf.ppo.monitor import MonitorSpec, observe
 from rlhf.ppo.roles import VALUE, build_roles, calibrate_value_head
-from rlhf.ppo.rollout import PromptSampler, advantages, repeat_prompts, sample, score
+from rlhf.ppo.rollout import AdvantageSpec, PromptSampler, advantages, repeat_prompts, sample, score
 from rlhf.ppo.state import load_checkpoint, rng_state, save_checkpoint
 from rlhf.ppo.update import UpdateSpec, check_batch_sizes, ppo_update
 from rlhf.ppo.ptx import ptx_batches
@@ -55,6 +55,14 @@ def update_spec(p: PPOStageConfig, kl_coef: float = 0.0) -> UpdateSpec:
                       clip_range=p.clip_range, clip_range_value=p.clip_range_value, vf_coef=p.vf_coef,
                       max_grad_norm=p.max_grad_norm, temperature=p.temperature, ptx_coef=p.ptx_coef,
                       kl_loss_coef=kl_coef if p.estimator == "grpo" else 0.0)
+
+
+def advantage_spec(p: PPOStageConfig, shift: float, scale: float) -> AdvantageSpec:
+    """shift, scale: the reward normalisation measured on the SFT policy (kept in the checkpoint)."""
+    return AdvantageSpec(reward_shift=shift, reward_scale=scale, kl_estimator=p.kl_estimator,
+                         missing_eos_penalty=p.missing_eos_penalty, whiten_rewards=p.whiten_rewards,
+                         whiten_advantages=p.whiten_advantages, gamma=p.gamma, lam=p.lam, estimator=p.estimator,
+                         group_size=p.group_size, std_norm=p.grpo_std_norm)
 
 
 def guard_spec(p: PPOStageConfig) -> GuardSpec:
@@ -203,41 +211,17 @@ def run(cfg: PipelineConfig) -> Path:
     total_updates = p.steps * p.ppo_epochs * p.num_minibatches
     warmup = int(p.warmup * total_updates) if p.warmup < 1 else int(p.warmup)
     scheduler = get_scheduler(p.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_updates)
-    kl_ctl, sampler = kl_controller(p), PromptSampler(len(prompts), p.seed)
-    guards, watch = Guards(guard_spec(p)), MonitorSpec(monitor_ids, sampling(p), p.forward_batch_size, p.seed,
-                                                       p.monitor_every)
+    watch = MonitorSpec(monitor_ids, sampling(p), p.forward_batch_size, p.seed, p.monitor_every)
 
     # 3. resume, or measure the reward normalisation on the SFT policy
-    with procs.main_process_first():  # the main process removes a half-written checkpoint first
-        state = load_checkpoint(out / "checkpoints", roles, optimizer, scheduler, rank, world)
-    if state and not state["rng_restored"]:
-        torch.manual_seed(distributed.rank_seed(p.seed + state["step"], rank))
-        print(f"[ppo] warning: {state['path']} has no random state for process {rank} of {world}; "
-              f"reseeded (the run continues, but not as an uninterrupted run would)", file=sys.stderr)
-    if state and main:
-        print(f"[ppo] resuming from {state['path']} (step {state['step']})")
-    if state:
-        changed = sorted(k for k, v in asdict(p).items() if state.get("config", {}).get(k, v) != v)
-        if changed and main:
-            print(f"[ppo] warning: the ppo config changed since that checkpoint: {', '.join(changed)}", file=sys.stderr)
-        kl_ctl.load_state_dict(state["kl"])
-        sampler.load_state_dict(state["sampler"])
-        guards.load_state_dict(state.get("guards", {}))
-        shift, scale, start = state["reward_shift"], state["reward_scale"], state["step"]
-    else:
-        shift, scale = reward_normalisation(roles, tokenizer, prompt_ids, p, rank, world)
-        check_finite({"ppo/reward_shift": shift, "ppo/reward_scale": scale}, "ppo reward normalisation")
-        if critic and p.value_from_reward:
-            calibrate_value_head(roles, shift, scale)
-        start = 0
-        if main:
-            print(f"[ppo] reward normalisation from the SFT policy: shift {shift:.3f}, scale {scale:.3f}")
+    loop = resume_or_start(out, roles, optimizer, scheduler, p, procs, tokenizer, prompt_ids, len(prompts))
+    start = loop.step
     metrics = MetricsFile(out / "metrics.jsonl", resume_step=start, enabled=main)
     trackers = Trackers(cfg.report_to, out, config=asdict(cfg), enabled=main, stage="ppo")  # tb/ and report_to
     if main:
-        prune_best(out, guards.best_step, upto=start)  # snapshots a killed run wrote after its last checkpoint
+        prune_best(out, loop.guards.best_step, upto=start)  # snapshots a killed run wrote after its last checkpoint
     if start == 0 and watch.due(0):  # the monitor's baseline: the SFT policy (the guards compare with it)
-        first = observe(0, 0.0, guards, watch, roles, tokenizer, out, main, procs.device)
+        first = observe(0, 0.0, loop.guards, watch, roles, tokenizer, out, main, procs.device)
         metrics.write(0, first)
         trackers.log(first, 0)
 
@@ -247,43 +231,36 @@ def run(cfg: PipelineConfig) -> Path:
     stop = StopSignal()  # SIGTERM/SIGUSR1: checkpoint at the end of the step, exit 75 (rlhf/preempt.py)
     try:
         for step in bar:
-            if guards.stop_reason:  # a guard stopped the run (last step, or in the checkpoint resumed from)
+            if loop.guards.stop_reason:  # a guard stopped the run (last step, or in the checkpoint resumed from)
                 break
             t0 = time.perf_counter()
-            chosen = distributed.shard(sampler.next(p.rollout_batch_size // p.group_size), rank, world)
+            chosen = distributed.shard(loop.sampler.next(p.rollout_batch_size // p.group_size), rank, world)
             batch = repeat_prompts([prompt_ids[i] for i in chosen], p.group_size)
             ids, mask, width = sample(roles, tokenizer, batch, sampling(p), p.forward_batch_size)      # 4.1 rollout
             t1 = time.perf_counter()
             r = score(roles, ids, mask, width, p.temperature, p.forward_batch_size, stops)                   # 4.2
-            a = advantages(r, kl_ctl.value, p.kl_estimator, shift, scale, p.missing_eos_penalty,       # 4.3
-                           p.whiten_rewards, p.whiten_advantages, p.gamma, p.lam,
-                           p.estimator, p.group_size, p.grpo_std_norm)
+            a = advantages(r, loop.kl_ctl.value, advantage_spec(p, loop.shift, loop.scale))             # 4.3
             check_rollout(r, a, f"ppo step {step + 1}")  # a nan score or KL stops the run before any update
             t2 = time.perf_counter()
-            stats = ppo_update(roles, optimizer, scheduler, r, a, update_spec(p, kl_ctl.value), ptx,   # 4.4
+            stats = ppo_update(roles, optimizer, scheduler, r, a, update_spec(p, loop.kl_ctl.value), ptx,  # 4.4
                                f"ppo step {step + 1}")
             t3 = time.perf_counter()
-            logs = step_metrics(r, a, kl_ctl.value, scheduler.get_last_lr()[0]) | stats | {
+            logs = step_metrics(r, a, loop.kl_ctl.value, scheduler.get_last_lr()[0]) | stats | {
                 "time/generate": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2, "time/step": t3 - t0,
                 "perf/generated_tokens_per_s": r.response_mask.sum().item() / max(t1 - t0, 1e-9)}
             logs = distributed.mean_over_processes(logs, procs.device)  # every process logs and adapts the same
-            kl_ctl.update(logs["ppo/kl"], p.rollout_batch_size)                                          # 4.5
-            logs |= observe(step + 1, logs["ppo/kl"], guards, watch, roles, tokenizer, out, main, procs.device)  # 4.6
-            if guards.stop_reason and main:
-                print(f"[ppo] stopping at step {step + 1}: {guards.stop_reason}", file=sys.stderr)
+            loop.kl_ctl.update(logs["ppo/kl"], p.rollout_batch_size)                                     # 4.5
+            logs |= observe(step + 1, logs["ppo/kl"], loop.guards, watch, roles, tokenizer, out, main,  # 4.6
+                            procs.device)
+            if loop.guards.stop_reason and main:
+                print(f"[ppo] stopping at step {step + 1}: {loop.guards.stop_reason}", file=sys.stderr)
             metrics.write(step + 1, logs)
             trackers.log(logs, step + 1)
             bar.set_postfix(score=f"{logs['ppo/score']:.3f}", kl=f"{logs['ppo/kl']:.3f}")
             stopping = stop.requested(procs.device) and step + 1 < p.steps  # agreed by every process
-            if (step + 1) % p.save_steps == 0 or step + 1 == p.steps or stopping or guards.stop_reason:
-                rngs = distributed.gather_objects(rng_state())  # every process's random state, saved by the main one
-                if main:
-                    save_checkpoint(out / "checkpoints", step + 1, roles, optimizer, scheduler,
-                                    {"kl": kl_ctl.state_dict(), "sampler": sampler.state_dict(),
-                                     "reward_shift": shift, "reward_scale": scale, "config": asdict(p),
-                                     "guards": guards.state_dict()}, rngs=rngs)
-                    prune_best(out, guards.best_step)
-                procs.wait_for_everyone()
+            if (step + 1) % p.save_steps == 0 or step + 1 == p.steps or stopping or loop.guards.stop_reason:
+                loop.step = step + 1
+                save_step(out, loop, roles, optimizer, scheduler, p, procs)
             if stopping:
                 trackers.close()
                 raise mark_preempted(out, "ppo", step + 1, stop.received, write=main)
@@ -299,20 +276,11 @@ def run(cfg: PipelineConfig) -> Path:
         return out
 
     # 5. the kept policy (rlhf/ppo/guards.py), then the trained adapters in PEFT format
-    last = guards.stop_step or p.steps
-    kept, why = guards.kept(last)
-    if kept != last:
-        load_best(out, kept, roles)
-    print(f"[ppo] {why}")
-    roles.model.save_pretrained(str(out), selected_adapters=list(roles.trained))
-    if roles.value_head is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in roles.value_head.state_dict().items()},
-                  str(out / VALUE / "value_head.safetensors"))
-    tokenizer.save_pretrained(out)
+    last, kept, why = save_policy(out, roles, loop.guards, p.steps, tokenizer)
 
     # 6. policy vs SFT on held-out prompts
     summary = {"steps": p.steps, "num_processes": world, "steps_run": last, "kept_step": kept, "kept_reason": why,
-               "stopped_early": guards.stop_reason is not None}
+               "stopped_early": loop.guards.stop_reason is not None}
     if eval_prompts:
         result = compare_with_sft(roles, tokenizer, eval_prompts, sampling(p), p.forward_batch_size, judge, seed=p.seed)
         (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -323,6 +291,82 @@ def run(cfg: PipelineConfig) -> Path:
     finish_stage(out, summary)
     procs.wait_for_everyone()
     return out
+
+
+@dataclass
+class LoopState:
+    """What PPO's loop carries from step to step besides the weights and the optimiser, all of it in every
+    checkpoint: the steps done, the KL controller, the prompt order, the guards, the reward normalisation."""
+
+    step: int
+    kl_ctl: object
+    sampler: PromptSampler
+    guards: Guards
+    shift: float
+    scale: float
+
+    def state_dict(self, p: PPOStageConfig) -> dict:
+        return {"kl": self.kl_ctl.state_dict(), "sampler": self.sampler.state_dict(), "reward_shift": self.shift,
+                "reward_scale": self.scale, "config": asdict(p), "guards": self.guards.state_dict()}
+
+
+def resume_or_start(out: Path, roles, optimizer, scheduler, p: PPOStageConfig, procs, tokenizer, prompt_ids,
+                    n_prompts: int) -> LoopState:
+    """The loop's state from the last complete checkpoint in out/checkpoints (weights, optimiser, scheduler and
+    every process's random state restored into the objects given), or a fresh one whose reward normalisation is
+    measured on the SFT policy (and the value head calibrated to it)."""
+    rank, world, main = procs.process_index, procs.num_processes, procs.is_main_process
+    loop = LoopState(0, kl_controller(p), PromptSampler(n_prompts, p.seed), Guards(guard_spec(p)), 0.0, 1.0)
+    with procs.main_process_first():  # the main process removes a half-written checkpoint first
+        state = load_checkpoint(out / "checkpoints", roles, optimizer, scheduler, rank, world)
+    if state is None:
+        loop.shift, loop.scale = reward_normalisation(roles, tokenizer, prompt_ids, p, rank, world)
+        check_finite({"ppo/reward_shift": loop.shift, "ppo/reward_scale": loop.scale}, "ppo reward normalisation")
+        if p.estimator == "gae" and p.value_from_reward:
+            calibrate_value_head(roles, loop.shift, loop.scale)
+        if main:
+            print(f"[ppo] reward normalisation from the SFT policy: shift {loop.shift:.3f}, scale {loop.scale:.3f}")
+        return loop
+    if not state["rng_restored"]:
+        torch.manual_seed(distributed.rank_seed(p.seed + state["step"], rank))
+        print(f"[ppo] warning: {state['path']} has no random state for process {rank} of {world}; "
+              f"reseeded (the run continues, but not as an uninterrupted run would)", file=sys.stderr)
+    if main:
+        print(f"[ppo] resuming from {state['path']} (step {state['step']})")
+        changed = sorted(k for k, v in asdict(p).items() if state.get("config", {}).get(k, v) != v)
+        if changed:
+            print(f"[ppo] warning: the ppo config changed since that checkpoint: {', '.join(changed)}", file=sys.stderr)
+    loop.kl_ctl.load_state_dict(state["kl"])
+    loop.sampler.load_state_dict(state["sampler"])
+    loop.guards.load_state_dict(state.get("guards", {}))
+    loop.shift, loop.scale, loop.step = state["reward_shift"], state["reward_scale"], state["step"]
+    return loop
+
+
+def save_step(out: Path, loop: LoopState, roles, optimizer, scheduler, p: PPOStageConfig, procs) -> None:
+    """A checkpoint after step loop.step: the adapters, optimiser and scheduler, the loop's state and every
+    process's random state (gathered; the main process writes). Every process calls it."""
+    rngs = distributed.gather_objects(rng_state())
+    if procs.is_main_process:
+        save_checkpoint(out / "checkpoints", loop.step, roles, optimizer, scheduler, loop.state_dict(p), rngs=rngs)
+        prune_best(out, loop.guards.best_step)
+    procs.wait_for_everyone()
+
+
+def save_policy(out: Path, roles, guards: Guards, steps: int, tokenizer) -> tuple[int, int, str]:
+    """The kept policy (ppo.keep_best) loaded back if it is not the last, then the trained adapters (PEFT format),
+    the value head and the tokenizer saved in out/. Returns (last step run, kept step, why)."""
+    last = guards.stop_step or steps
+    kept, why = guards.kept(last)
+    if kept != last:
+        load_best(out, kept, roles)
+    print(f"[ppo] {why}")
+    roles.model.save_pretrained(str(out), selected_adapters=list(roles.trained))
+    if roles.value_head is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in roles.value_head.state_dict().items()},
+                  str(out / VALUE / "value_head.safetensors"))
+    tokenizer.save_pretrained(out)
+    return last, kept, why
 
 
 def check_rollout(r, a, where: str) -> None:
