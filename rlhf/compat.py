@@ -40,12 +40,12 @@ class Needed:
 
 NEEDED = (
     Needed("transformers", "transformers:Trainer", "_remove_unused_columns",
-           "rlhf/rm.py GroupedRewardTrainer.get_train_dataloader"),
+           "rlhf/rm/train.py GroupedRewardTrainer.get_train_dataloader"),
     Needed("transformers", "transformers:Trainer", "_train_batch_size",
-           "rlhf/rm.py GroupedRewardTrainer.get_train_dataloader"),
+           "rlhf/rm/train.py GroupedRewardTrainer.get_train_dataloader"),
     Needed("transformers", "transformers:Trainer", "is_fsdp_enabled", "rlhf/runs.py save_trained_adapter"),
     Needed("transformers", "transformers:Trainer", "is_deepspeed_enabled", "rlhf/runs.py save_trained_adapter"),
-    Needed("trl", "trl:RewardTrainer", "compute_loss", "rlhf/rm.py GroupedRewardTrainer.compute_loss"),
+    Needed("trl", "trl:RewardTrainer", "compute_loss", "rlhf/rm/train.py GroupedRewardTrainer.compute_loss"),
     Needed("trl", "trl:DPOTrainer", "_prepare_dataset", "rlhf/dpo.py TokenizedDPOTrainer._prepare_dataset"),
 )
 

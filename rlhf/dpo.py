@@ -30,7 +30,7 @@ from rlhf import data as rdata
 from rlhf.chat import answer_ids, encode_prompt
 from rlhf.config import ConfigError, DPOStageConfig, PipelineConfig
 from rlhf.models import load_sft_model, load_tokenizer, lora_config, resolve_dtype
-from rlhf.rm import load_rm_data
+from rlhf.rm.train import load_rm_data
 from rlhf.runs import (finish_stage, read_metrics,
                        require_done)
 from rlhf.trainers import TrainerRun, start_stage, within_max_length, trainer_kwargs
@@ -53,7 +53,7 @@ def check_config(d: DPOStageConfig) -> None:
 
 def tokenize_preferences(pairs: list[rdata.PreferencePair], tokenizer, max_length: int, name: str) -> Dataset:
     """trl's tokenized preference layout (prompt_ids, chosen_ids, rejected_ids), built as the RM builds its rows
-    (`rlhf.reward.pair_ids` = encode_prompt + answer_ids). Pairs longer than max_length are dropped and counted:
+    (`rlhf.rm.scoring.pair_ids` = encode_prompt + answer_ids). Pairs longer than max_length are dropped and counted:
     truncating would cut off the end of turn."""
     rows = []
     for p in pairs:

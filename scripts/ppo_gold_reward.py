@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rlhf import reward  # noqa: E402
+from rlhf.rm import scoring as reward  # noqa: E402
 from rlhf.cli import stage_main  # noqa: E402
 from rlhf.demo import task  # noqa: E402
 from rlhf.ppo import train  # noqa: E402

@@ -1,8 +1,8 @@
-"""make rm: a reward model (LoRA adapter + score head on the SFT model) from preferences (see rlhf/rm.py)."""
+"""make rm: a reward model (LoRA adapter + score head on the SFT model) from preferences (see rlhf/rm/train.py)."""
 
 import sys
 
 from rlhf.cli import stage_main
 
 if __name__ == "__main__":
-    sys.exit(stage_main("rm", "rlhf.rm:run", check="rlhf.preflight:check_rm"))
+    sys.exit(stage_main("rm", "rlhf.rm.train:run", check="rlhf.preflight:check_rm"))

@@ -20,7 +20,7 @@ def test_a_missing_private_attribute_stops_the_stage_with_one_line_naming_the_su
     err = capsys.readouterr().err.strip()
     assert "\n" not in err
     assert err.startswith(f"error: transformers {transformers.__version__} has no Trainer._remove_unused_columns "
-                          "(used by rlhf/rm.py")
+                          "(used by rlhf/rm/train.py")
     assert "rlhf supports transformers >=5.23,<5.25, trl >=1.16,<1.17" in err and "constraints.txt" in err
 
 

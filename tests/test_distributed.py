@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 from rlhf import distributed
 from rlhf.config import ConfigError
-from rlhf.rm import GroupBatchSampler
+from rlhf.rm.train import GroupBatchSampler
 from conftest import ROOT, run_make
 
 TWO_CPU = ["LAUNCHER=accelerate", "ACCELERATE_CONFIG=configs/accelerate/cpu-2proc.yaml", "NPROC=2"]
@@ -168,7 +168,7 @@ def test_sft_with_two_processes(two_process_run, sft_run):
 def test_rm_with_two_processes(two_process_run, rm_run):
     from rlhf.config import ModelConfig
     from rlhf.models import load_sft_model, load_tokenizer
-    from rlhf.reward import RewardScorer
+    from rlhf.rm.scoring import RewardScorer
 
     if not (two_process_run / "sft" / "DONE").is_file():  # run alone: the demo's SFT stage will do
         shutil.copytree(rm_run / "sft", two_process_run / "sft", dirs_exist_ok=True)

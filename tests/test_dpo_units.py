@@ -15,7 +15,7 @@ from rlhf.config import ConfigError, PipelineConfig, load_config
 from rlhf.dpo import build_trainer, check_config, tokenize_preferences
 from rlhf.eval.checkpoints import parse_checkpoints
 from rlhf.models import load_tokenizer
-from rlhf.reward import pair_ids
+from rlhf.rm.scoring import pair_ids
 from rlhf.runs import begin_stage, finish_stage, is_done
 from tests.conftest import DEMO_CONFIG, ROOT
 from tests.tiny import LORA, randomize_lora_b, tiny_llama

@@ -30,8 +30,8 @@ from rlhf.generation import SamplingSpec, generate_ids, model_stop_ids
 from rlhf.config import ModelConfig, load_config
 from rlhf.models import load_causal_lm, load_sft_model, load_tokenizer
 from rlhf.ppo.train import run as ppo_run
-from rlhf.reward import pair_ids
-from rlhf.rm import run as rm_run
+from rlhf.rm.scoring import pair_ids
+from rlhf.rm.train import run as rm_run
 from rlhf.sft import run as sft_run
 
 pytestmark = pytest.mark.slow

@@ -38,7 +38,7 @@ def fake_finished_sft_and_rm(run, demo_dir, nan_head: bool):
     from safetensors.torch import load_file, save_file
     from rlhf.config import LoraSpec, ModelConfig
     from rlhf.models import load_causal_lm, load_sft_model, load_tokenizer, lora_config
-    from rlhf.reward import HEAD_FILE
+    from rlhf.rm.scoring import HEAD_FILE
     from rlhf.runs import finish_stage
     from tiny import tiny_rm_dir
 

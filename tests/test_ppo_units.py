@@ -82,7 +82,7 @@ def test_value_head_learns_on_a_bf16_base(tmp_path, tok):
 def test_reward_classifier_head_is_float32_on_a_bf16_backbone(tok):
     """The RM stage's classifier (trl's RewardTrainer calls `self.score(hidden)`): a float32 head, float32 logits,
     gradients into the head, also under a bf16 autocast (the Trainer's bf16=True)."""
-    from rlhf.reward import build_reward_model
+    from rlhf.rm.scoring import build_reward_model
     from tiny import tiny_llama
 
     clf = build_reward_model(tiny_llama(len(tok), torch.bfloat16, pad_token_id=tok.pad_token_id), seed=0)

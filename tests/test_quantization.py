@@ -17,8 +17,8 @@ from rlhf.sequences import left_pad
 from rlhf.models import (SFT_ADAPTER, keep_requires_grad, load_causal_lm, load_sft_model, load_tokenizer, lora_config,
                          set_active)
 from rlhf.ppo.roles import POLICY, VALUE, build_roles, policy_logits, reference_logits, values
-from rlhf.reward import pair_ids, save_head
-from rlhf.rm import reward_classifier
+from rlhf.rm.scoring import pair_ids, save_head
+from rlhf.rm.train import reward_classifier
 from rlhf.runs import read_metrics
 from test_bf16 import head_lines
 

@@ -13,7 +13,7 @@ from conftest import ROOT, kill_once_written, run_make, run_stage
 from rlhf.config import ModelConfig
 from rlhf.data import load_preferences
 from rlhf.models import load_sft_model, load_tokenizer
-from rlhf.reward import RewardScorer, build_reward_model, pair_ids
+from rlhf.rm.scoring import RewardScorer, build_reward_model, pair_ids
 from rlhf.runs import last_complete_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -102,7 +102,7 @@ def test_killed_make_rm_resumes(rm_run, tmp_path):
     ("margin_not_number.jsonl", "row 3: field 'margin'"),
 ])
 def test_bad_preference_file_stops_rm_before_the_model_loads(name, where, sft_run, tmp_path, monkeypatch, capsys):
-    from rlhf import rm
+    from rlhf.rm import train as rm
     from rlhf.cli import stage_main
     from conftest import DEMO_CONFIG
 
@@ -119,7 +119,7 @@ def test_bad_preference_file_stops_rm_before_the_model_loads(name, where, sft_ru
 def test_reward_ensemble_scores_with_the_mean_of_its_members(rm_run, demo_dir, tmp_path):
     """attach_reward loads rm/ and every rm/member-i/ as frozen adapters of one model and averages them."""
     from safetensors.torch import load_file, save_file
-    from rlhf.reward import RewardEnsemble, attach_reward, member_dirs
+    from rlhf.rm.scoring import RewardEnsemble, attach_reward, member_dirs
 
     rm = tmp_path / "rm"
     shutil.copytree(rm_run / "rm", rm, ignore=shutil.ignore_patterns("checkpoints", "tb"))
@@ -158,7 +158,7 @@ def test_rm_ensemble_trains_each_member_with_its_own_seed_and_ppo_scores_with_al
     from safetensors.torch import load_file
     from rlhf.config import LoraSpec
     from rlhf.ppo.roles import build_roles
-    from rlhf.reward import RewardEnsemble
+    from rlhf.rm.scoring import RewardEnsemble
 
     run = tmp_path / "run"
     shutil.copytree(rm_run / "sft", run / "sft")

@@ -5,8 +5,8 @@ import random
 import pytest
 import torch
 
-from rlhf import rm_diagnostics as d
-from rlhf import rm_probes as p
+from rlhf.rm import diagnostics as d
+from rlhf.rm import probes as p
 from rlhf.data import PreferencePair
 
 
@@ -76,7 +76,7 @@ def test_probe_table_is_scored_by_the_scorer_ppo_uses(demo_dir):
 
     from rlhf.data import load_preferences
     from rlhf.models import load_tokenizer
-    from rlhf.reward import RewardScorer
+    from rlhf.rm.scoring import RewardScorer
 
     tokenizer = load_tokenizer(str(demo_dir / "base"))
     base = AutoModelForCausalLM.from_pretrained(str(demo_dir / "base"))

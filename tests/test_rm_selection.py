@@ -1,6 +1,6 @@
 """Best-checkpoint selection of the RM stage on hand-made numbers."""
 
-from rlhf.rm_selection import best_checkpoint_args, describe_selection, selection_score
+from rlhf.rm.selection import best_checkpoint_args, describe_selection, selection_score
 
 
 def test_selection_prefers_accuracy_then_lower_loss():
@@ -47,8 +47,8 @@ def test_rm_trainer_stops_early_and_restores_the_best_checkpoint(tmp_path):
     from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast, TrainerCallback
 
     from rlhf.config import RMStageConfig, TrainSpec
-    from rlhf.rm import GroupedRewardTrainer, trainer_args
-    from rlhf.rm_selection import selection_callbacks
+    from rlhf.rm.train import GroupedRewardTrainer, trainer_args
+    from rlhf.rm.selection import selection_callbacks
 
     figures = iter([(0.6, 1.0), (0.8, 0.7), (0.8, 0.6), (0.7, 0.5), (0.75, 0.5), (0.9, 0.1)])
 

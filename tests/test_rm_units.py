@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from rlhf import rm_diagnostics as d
+from rlhf.rm import diagnostics as d
 from rlhf.data import PreferencePair
 from rlhf.sequences import last_token_index, position_ids
-from rlhf.rm import GroupBatchSampler, tokenize_pairs
+from rlhf.rm.train import GroupBatchSampler, tokenize_pairs
 
 
 def t(*xs):
@@ -46,7 +46,7 @@ def test_summary_keys():
 def test_reward_trainer_loss_with_margin_and_centring(tmp_path):
     """The loss the RM stage trains with: -log sigmoid(rc - rr - m) + c * mean((rc + rr)^2)."""
     from rlhf.config import RMStageConfig, TrainSpec
-    from rlhf.rm import GroupedRewardTrainer, trainer_args
+    from rlhf.rm.train import GroupedRewardTrainer, trainer_args
     from transformers import LlamaConfig, LlamaForSequenceClassification
     from datasets import Dataset
 
@@ -76,7 +76,7 @@ def test_each_distinct_answer_runs_once_with_the_same_loss_and_gradients(tmp_pat
     """A K = 3 ranking as its 3 pairs: 6 rows, 3 distinct answers; the grouped trainer runs 3 rows and
     gets trl's loss and gradients."""
     from rlhf.config import RMStageConfig, TrainSpec
-    from rlhf.rm import GroupedRewardTrainer, trainer_args
+    from rlhf.rm.train import GroupedRewardTrainer, trainer_args
     from trl import RewardTrainer
     from transformers import LlamaConfig, LlamaForSequenceClassification
     from datasets import Dataset
@@ -149,7 +149,7 @@ def test_pooling_index_and_positions_under_left_and_right_padding():
 
 
 def test_ensemble_objectives_by_hand():
-    from rlhf.reward import combine
+    from rlhf.rm.scoring import combine
     # 3 members x 2 answers: answer 0 the members agree on (1, 1, 1); answer 1 they do not (0, 3, 6)
     scores = t(1, 0, 1, 3, 1, 6).reshape(3, 2)
     assert combine(scores, "mean").tolist() == [1.0, 3.0]
@@ -163,7 +163,7 @@ def test_ensemble_objectives_by_hand():
 
 def test_ensemble_scores_with_its_objective():
     from types import SimpleNamespace
-    from rlhf.reward import RewardEnsemble
+    from rlhf.rm.scoring import RewardEnsemble
 
     def member(*rewards):
         return SimpleNamespace(model=None, tokenizer=None, head=None, name="reward",

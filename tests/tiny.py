@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from rlhf.config import LoraSpec
 from rlhf.models import disable_dropout, lora_config
 from rlhf.ppo.roles import build_roles
-from rlhf.reward import build_reward_model, save_head
+from rlhf.rm.scoring import build_reward_model, save_head
 
 LORA = LoraSpec(r=4, alpha=8)
 

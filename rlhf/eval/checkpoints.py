@@ -31,7 +31,7 @@ from rlhf import distributed
 from rlhf.config import ConfigError, PipelineConfig
 from rlhf.models import (active_adapter, disable_dropout, load_causal_lm, load_sft_model, load_tokenizer,
                          resolve_dtype, sft_only)
-from rlhf.reward import attach_reward
+from rlhf.rm.scoring import attach_reward
 from rlhf.runs import done_summary, is_done, require_done
 
 STAGES = ("base", "sft", "ppo", "dpo")

@@ -32,7 +32,7 @@ from peft.tuners.lora import LoraLayer
 
 from rlhf.config import LoraSpec
 from rlhf.models import active_adapter, lora_config, set_active, sft_only
-from rlhf.reward import REWARD_ADAPTER, RewardEnsemble, RewardScorer, ScalarHead, attach_reward
+from rlhf.rm.scoring import REWARD_ADAPTER, RewardEnsemble, RewardScorer, ScalarHead, attach_reward
 from rlhf.sequences import last_hidden, lm_logits
 
 POLICY, VALUE = "policy", "value"

@@ -39,7 +39,7 @@ from rlhf.ppo.update import UpdateSpec, check_batch_sizes, ppo_update
 from rlhf.ppo.ptx import ptx_batches
 from rlhf.progress import progress
 from rlhf import reward_sources as rs
-from rlhf.reward import ENSEMBLE_OBJECTIVES, RewardEnsemble
+from rlhf.rm.scoring import ENSEMBLE_OBJECTIVES, RewardEnsemble
 from rlhf.preempt import StopSignal, mark_preempted
 from rlhf.runs import MetricsFile, begin_stage, check_finite, finish_stage, require_done
 from rlhf.tracking import Trackers

@@ -25,12 +25,13 @@ from torch.utils.data import DataLoader
 from trl import RewardConfig, RewardTrainer
 
 from rlhf import data as rdata
-from rlhf import rm_diagnostics, rm_probes
-from rlhf.rm_selection import METRICS, best_checkpoint_args, describe_selection, selection_callbacks
+from rlhf.rm import diagnostics as rm_diagnostics
+from rlhf.rm import probes as rm_probes
+from rlhf.rm.selection import METRICS, best_checkpoint_args, describe_selection, selection_callbacks
 from rlhf.config import ConfigError, LoraSpec, PipelineConfig, RMStageConfig, TrainSpec
 from rlhf.models import load_sft_model, load_tokenizer, lora_config, resolve_dtype, stack_under
 from rlhf.plugins import import_callable
-from rlhf.reward import (HEAD_FILE, MEMBER_PREFIX, RewardEnsemble, RewardScorer, attach_reward, build_reward_model,
+from rlhf.rm.scoring import (HEAD_FILE, MEMBER_PREFIX, RewardEnsemble, RewardScorer, attach_reward, build_reward_model,
                          member_dir, member_index, pair_ids, save_head)
 from rlhf.runs import (MetricsFile, finish_stage, is_done, require_done)
 from rlhf.trainers import TrainerRun, start_stage, within_max_length, save_trained_adapter, trainer_kwargs

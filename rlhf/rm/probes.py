@@ -15,7 +15,7 @@ import re
 
 import torch
 
-from rlhf import rm_diagnostics
+from rlhf.rm import diagnostics as rm_diagnostics
 
 
 def _words(text: str) -> list[str]:
