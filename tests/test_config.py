@@ -102,6 +102,35 @@ def test_shipped_configs_mean_what_they_say_and_fit_together(path, tmp_path):
     assert dataclasses.asdict(load_config(save_config(cfg, tmp_path))) == dataclasses.asdict(cfg)
 
 
+# The demo's variants: configs/demo.yaml with only run_dir (runs/<name>) and these keys changed, so that their
+# figures (NOTES.md "Critic-free estimators") compare with the demo's PPO and differ by what the name says.
+DEMO_VARIANTS = {
+    "demo-grpo.yaml": {"ppo.estimator", "ppo.group_size", "ppo.grpo_std_norm", "ppo.kl_coef"},
+    "demo-rloo.yaml": {"ppo.estimator", "ppo.group_size"},
+    "demo-gold-reward.yaml": {"ppo.rewards"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEMO_VARIANTS))
+def test_demo_variants_change_only_what_their_name_says(name):
+    import yaml
+
+    demo = leaves(yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text()))
+    other = leaves(yaml.safe_load((ROOT / "configs" / name).read_text()))
+    changed = {k for k in demo.keys() | other.keys() if demo.get(k, "<unset>") != other.get(k, "<unset>")}
+    assert changed - {"run_dir"} <= DEMO_VARIANTS[name], f"{name}: also changes {sorted(changed - DEMO_VARIANTS[name])}"
+    assert other["run_dir"] == "runs/" + name.removesuffix(".yaml")
+
+
+def test_gold_reward_config_trains_on_the_gold_judge():
+    from rlhf.reward_sources import check_rewards, uses_functions
+
+    cfg = load_config(ROOT / "configs" / "demo-gold-reward.yaml")
+    assert [t.source for t in cfg.ppo.rewards] == [cfg.eval.judge] == ["rlhf.demo.task:gold_score"]
+    assert cfg.ppo.estimator == "gae" and uses_functions(cfg.ppo.rewards)
+    check_rewards(cfg.ppo.rewards)  # importable and callable as f(prompt, response), before any model loads
+
+
 def cli(*args):
     return subprocess.run([sys.executable, "-m", "stages.sft", *args], cwd=ROOT, capture_output=True, text=True)
 
