@@ -63,9 +63,10 @@ def demo_dir() -> Path:
     return DEMO
 
 
-def run_stage(stage: str, *overrides: str, check: bool = True, timeout: int = 600,
+def run_stage(stage: str, *overrides: str, check: bool = True, timeout: int = 1500,
               config: Path = DEMO_CONFIG) -> subprocess.CompletedProcess:
-    """Run `python -m stages.<stage> --config configs/demo.yaml ...` as a user would, from the repo root."""
+    """Run `python -m stages.<stage> --config configs/demo.yaml ...` as a user would, from the repo root. The
+    timeout catches a hung stage; it is generous because the demo's PPO (100 steps) shares 2 cores with the suite."""
     cmd = [sys.executable, "-m", f"stages.{stage}", "--config", str(config), *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

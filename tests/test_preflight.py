@@ -8,7 +8,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from rlhf import cli, preflight, rm  # noqa: E402
+from rlhf import cli, preflight  # noqa: E402
+from rlhf.rm import train as rm  # noqa: E402
 from rlhf.config import ConfigError, load_config  # noqa: E402
 
 BAD = Path(__file__).parent / "data_bad"
