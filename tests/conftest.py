@@ -74,12 +74,12 @@ def run_stage(stage: str, *overrides: str, check: bool = True, timeout: int = 15
     return proc
 
 
-def run_on(previous: Path | None, stage: str):
+def run_on(previous: Path | None, stage: str, *overrides: str):
     """A `shared` builder: the finished stages of `previous` copied in, then `stage` run with the demo config."""
     def build(run_dir: Path) -> None:
         for done in (d for d in (previous.iterdir() if previous else []) if (d / "DONE").is_file()):
             shutil.copytree(done, run_dir / done.name)
-        run_stage(stage, f"run_dir={run_dir}")
+        run_stage(stage, f"run_dir={run_dir}", *overrides)
     return build
 
 
@@ -91,8 +91,10 @@ def sft_run(demo_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def rm_run(sft_run, tmp_path_factory) -> Path:
-    """The SFT run above (copied) plus a finished RM stage, demo config as it ships."""
-    return shared(tmp_path_factory, "rm-run", run_on(sft_run, "rm"))
+    """The SFT run above (copied) plus a finished RM stage, demo config as it ships but for at most 2 epochs
+    (the shipped maximum of 8 with early stopping trains 5 on the demo, for the same held-out accuracy: 0.995;
+    the suite keeps the shorter run, ~6 minutes of one core less on its critical path)."""
+    return shared(tmp_path_factory, "rm-run", run_on(sft_run, "rm", "rm.train.epochs=2"))
 
 
 @pytest.fixture(scope="session")
