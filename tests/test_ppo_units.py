@@ -190,3 +190,22 @@ def test_a_nan_loss_stops_the_update_before_the_optimizer_step(roles32, tok):
     with pytest.raises(FloatingPointError, match=r"^ppo step 3: ppo/policy_loss is nan$"):
         ppo_update(roles32, optimizer, scheduler, r, a, spec, where="ppo step 3")
     assert all(torch.equal(b, p) for b, p in zip(before, params))
+
+
+def test_compare_with_sft_runs_evals_judging_path_on_the_roles_model(roles32, tok):
+    """PPO's end-of-stage comparison is eval's judging path on the roles' one model: the policy's KL is the
+    sequence log-ratio to the same model with its adapters off, the SFT model's own answers get none."""
+    from rlhf.generation import SamplingSpec, encode_prompt
+    from rlhf.ppo.evaluate import compare_with_sft, judged_answers
+
+    prompts = [[{"role": "user", "content": "list 2 fruits"}], [{"role": "user", "content": "list 3 trees"}]]
+    spec = SamplingSpec(max_new_tokens=4)
+    out = compare_with_sft(roles32, tok, prompts, spec, batch_size=2, judge=lambda p, a: float(len(a)), seed=3)
+    assert out["eval/n_prompts"] == 2 and len(out["samples"]) == 2
+    assert out["eval/reward_win_rate_low"] <= out["eval/reward_win_rate"] <= out["eval/reward_win_rate_high"]
+    ids = [encode_prompt(tok, p) for p in prompts]
+    a, judged = judged_answers(roles32, tok, ids, spec, 2, 3)
+    assert out["eval/kl"] == pytest.approx(sum(judged["kl"]) / 2)  # the same seed: the same answers and KL
+    assert a.logprob is not None and out["eval/kl"] != 0.0  # randomised policy adapter: it differs from SFT
+    _, sft = judged_answers(roles32, tok, ids, spec, 2, 3, view="sft")
+    assert sft["kl"] is None and len(sft["reward"]) == 2

@@ -1,10 +1,8 @@
 """The policy against the SFT model on held-out prompts, on the roles' one model: eval's judging path
 (rlhf/eval/judging.py) with the policy adapter on, and with the role adapters off (SFT). Used at the end of
-the PPO stage (`compare_with_sft`) and by the held-out monitor (`policy_answers`)."""
+the PPO stage (`compare_with_sft`) and by the held-out monitor (`judged_answers`)."""
 
 from __future__ import annotations
-
-from contextlib import contextmanager
 
 import torch
 
@@ -15,26 +13,20 @@ from rlhf.ppo.roles import POLICY, Roles
 
 
 def views(roles: Roles) -> dict:
-    """name -> a context manager factory that puts the roles' model in that role: the policy, the SFT model."""
+    """name -> a context manager factory that puts the roles' model in that role and yields it: the policy, the SFT
+    model (also the KL's reference)."""
     return {"policy": lambda: active_adapter(roles.model, POLICY), "sft": lambda: sft_only(roles.model)}
-
-
-def reference(roles: Roles):
-    """The KL's reference: the roles' model as the SFT model."""
-    @contextmanager
-    def sft():
-        with sft_only(roles.model):
-            yield roles.model
-    return sft
 
 
 @torch.no_grad()
 def judged_answers(roles: Roles, tokenizer, prompt_ids: list[list[int]], spec: SamplingSpec, batch_size: int,
                    seed: int, view: str = "policy", prompts: list | None = None, judge=None) -> tuple[Answers, dict]:
-    """(answers, judgements) of the roles' model as `view` (policy or sft), with the same seed for every view."""
+    """(answers, judgements) of the roles' model as `view` (policy or sft), with the same seed for every view.
+    The SFT model's own answers get no KL (it is 0 by definition: two forward passes saved)."""
+    policy = view == "policy"
     with views(roles)[view]():
-        a = answer(roles.model, tokenizer, prompt_ids, spec, batch_size, seed)
-    return a, judgements(a, roles.scorer, reference(roles), prompts, judge, batch_size)
+        a = answer(roles.model, tokenizer, prompt_ids, spec, batch_size, seed, with_logprob=policy)
+    return a, judgements(a, roles.scorer, views(roles)["sft"] if policy else None, prompts, judge, batch_size)
 
 
 def compare_with_sft(roles: Roles, tokenizer, prompts: list, spec: SamplingSpec, batch_size: int, judge=None,

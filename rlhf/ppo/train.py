@@ -42,6 +42,7 @@ from rlhf import reward_sources as rs
 from rlhf.rm.scoring import ENSEMBLE_OBJECTIVES, RewardEnsemble
 from rlhf.preempt import StopSignal, mark_preempted
 from rlhf.runs import MetricsFile, begin_stage, check_finite, finish_stage, require_done
+from rlhf.sequences import batches
 from rlhf.tracking import Trackers
 
 
@@ -104,7 +105,7 @@ def reward_normalisation(roles, tokenizer, prompt_ids, p: PPOStageConfig, rank: 
     mine = distributed.shard(prompt_ids[:p.reward_norm_samples], rank, world)
     ids, mask, _ = sample(roles, tokenizer, mine, sampling(p), p.forward_batch_size)
     scores = torch.cat([roles.scorer.score_ids(ids[rows], mask[rows])
-                        for rows in torch.arange(ids.shape[0]).split(p.forward_batch_size)])
+                        for rows in batches(ids.shape[0], p.forward_batch_size)])
     return core.reward_normalisation(distributed.gather_tensor(scores), p.reward_norm)
 
 
