@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -38,9 +39,10 @@ class Answers:
     def lengths(self) -> torch.Tensor:
         return self.mask[:, self.width:].sum(1).cpu()
 
-    @property
+    @cached_property
     def tokens(self) -> list[list[int]]:
-        """Each answer's real token ids (what the degeneration measures read)."""
+        """Each answer's real token ids (what the degeneration measures read; the judgements and PPO's monitor
+        both read them, so they are taken once)."""
         return dg.response_tokens(self.ids, self.mask, self.width)
 
 
