@@ -37,7 +37,8 @@ mkdir -p /run/munge /var/log/munge /var/lib/munge && chown munge:munge /run/mung
 pgrep -x munged >/dev/null || runuser -u munge -- /usr/sbin/munged
 
 host=$(hostname -s)
-cpus=$(nproc)
+# nproc obeys OMP_NUM_THREADS, which `make test` sets to 1 for its processes: the node's real CPUs
+cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 mem_mb=$(( $(awk '/MemTotal/{print $2}' /proc/meminfo) / 1024 - 1024 ))
 mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm
 cat > /etc/slurm/slurm.conf <<CONF
