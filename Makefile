@@ -19,9 +19,11 @@ CONFIG     ?= configs/demo.yaml
 ARGS       ?=
 PYTEST_ARGS ?=
 # The suite runs in TEST_PROCS processes (pytest-xdist; one torch thread each, so they do not fight over the
-# cores): `auto` is one per core, at most 4 (each holds its own tiny models). TEST_PROCS=0: one process.
-TEST_PROCS ?= auto
-XDIST       = $(if $(filter 0,$(TEST_PROCS)),-p no:xdist,-n $(TEST_PROCS) --maxprocesses 4 --dist loadgroup)
+# cores): one per core and one more (a process often waits: for a shared run another builds, for a stage it
+# started, for the SLURM queue), at most 4 (each holds its own tiny models). TEST_PROCS=0: one process.
+CORES      := $(shell getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)
+TEST_PROCS ?= $(shell echo $$(( $(CORES) + 1 < 4 ? $(CORES) + 1 : 4 )))
+XDIST       = $(if $(filter 0,$(TEST_PROCS)),-p no:xdist,-n $(TEST_PROCS) --dist loadgroup --no-loadscope-reorder)
 TEST_ENV    = $(if $(filter 0,$(TEST_PROCS)),,OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1})
 # The run directory: a run_dir=... in ARGS, else the config's top-level run_dir (or make sft RUN=runs/other).
 RUN        ?= $(or $(lastword $(patsubst run_dir=%,%,$(filter run_dir=%,$(ARGS)))),$(shell awk '/^run_dir:/{print $$2; exit}' $(CONFIG) 2>/dev/null),runs/default)

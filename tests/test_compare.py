@@ -225,12 +225,12 @@ def test_make_compare_judges_again_over_a_finished_eval_and_then_rests(tmp_path)
 
 
 @pytest.mark.slow
-def test_make_compare_on_the_demo_with_a_few_steps(ppo_run, tmp_path):
-    """The demo's finished SFT, RM and PPO (GAE) copied in; make compare trains DPO, GRPO and RLOO for a few
+def test_make_compare_on_the_demo_with_a_few_steps(rm_run, tmp_path):
+    """The demo's finished SFT and RM copied in; make compare trains PPO (GAE), DPO, GRPO and RLOO for a few
     steps and judges all of them in one report whose table names each algorithm and its stage's cost."""
     run = tmp_path / "demo"
-    for s in ("sft", "rm", "ppo"):
-        shutil.copytree(ppo_run / s, run / s)  # copy2: timestamps kept, make sees them finished in order
+    for s in ("sft", "rm"):
+        shutil.copytree(rm_run / s, run / s)  # copy2: timestamps kept, make sees them finished in order
     args = ("ppo.steps=2 dpo.train.max_steps=2 eval.samples=6 eval.samples_per_prompt=1 eval.decoding=[sample] "
             "eval.examples=0")
     proc = subprocess.run(run_make("compare", run, args=args), cwd=ROOT, capture_output=True, text=True, env=ENV,

@@ -3,8 +3,6 @@ is wired into the run directory's bookkeeping and into eval's checkpoint list.""
 
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,7 +15,7 @@ from rlhf.eval.checkpoints import parse_checkpoints
 from rlhf.models import load_tokenizer
 from rlhf.rm.scoring import pair_ids
 from rlhf.runs import begin_stage, finish_stage, is_done
-from tests.conftest import DEMO_CONFIG, ROOT
+from tests.conftest import DEMO_CONFIG, run_stage
 from tests.tiny import LORA, randomize_lora_b, tiny_llama
 
 
@@ -97,8 +95,7 @@ def test_settings_are_checked_first():
     with pytest.raises(ConfigError, match="dpo.loss_type must be one of"):
         check_config(cfg.dpo)
     # the CLI: one line, before any file or model is read
-    proc = subprocess.run([sys.executable, "-m", "stages.dpo", "--config", str(DEMO_CONFIG), "run_dir=/nonexistent",
-                           "beta=-1"], cwd=ROOT, capture_output=True, text=True)
+    proc = run_stage("dpo", "run_dir=/nonexistent", "beta=-1", check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: dpo.beta must be > 0, got -1.0"
 
 

@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from conftest import ROOT, kill_once_written, run_make, run_stage
+from conftest import PPO_RUN_STEPS, ROOT, kill_once_written, run_make, run_stage
 from rlhf.config import LoraSpec, ModelConfig
 from rlhf.data import load_prompts
 from rlhf.generation import SamplingSpec, generate_texts
@@ -33,11 +33,11 @@ def test_ppo_raises_rm_and_gold_scores_at_a_small_kl(ppo_run):
     assert 0 < e["eval/kl"] < 5
     monitor = read_metrics(out / "metrics.jsonl")
     rows = [r for r in monitor if "ppo/kl" in r]
-    assert [r["step"] for r in rows] == list(range(1, 101))
+    assert [r["step"] for r in rows] == list(range(1, PPO_RUN_STEPS + 1))
     # the held-out monitor at step 0 (SFT) and every 10 steps; the demo never reaches a guard
-    assert [r["step"] for r in monitor if "monitor/greedy/repeat" in r] == list(range(0, 101, 10))
+    assert [r["step"] for r in monitor if "monitor/greedy/repeat" in r] == list(range(0, PPO_RUN_STEPS + 1, 10))
     done = json.loads((out / "DONE").read_text())
-    assert not done["stopped_early"] and done["kept_step"] == 100 and done["steps_run"] == 100
+    assert not done["stopped_early"] and done["kept_step"] == PPO_RUN_STEPS and done["steps_run"] == PPO_RUN_STEPS
     first, last = rows[:10], rows[-10:]
     assert sum(r["ppo/score"] for r in last) > sum(r["ppo/score"] for r in first)
     assert all(abs(r["ppo/kl"]) < 5 for r in rows) and rows[0]["ppo/kl"] == 0.0
@@ -57,7 +57,7 @@ def test_saved_policy_reloads_with_the_same_greedy_generations(ppo_run, demo_dir
 
     exported = PeftModel.from_pretrained(load_sft_model(cfg, ppo_run / "sft", tok), str(ppo_run / "ppo" / "policy"))
     roles = build_roles(load_sft_model(cfg, ppo_run / "sft", tok), ppo_run / "rm", tok, LoraSpec(), True)
-    load_adapter_state(roles, load_file(str(ppo_run / "ppo" / "checkpoints" / "checkpoint-100" / "adapters.safetensors")))
+    load_adapter_state(roles, load_file(str(ppo_run / "ppo" / "checkpoints" / f"checkpoint-{PPO_RUN_STEPS}" / "adapters.safetensors")))
     with active_adapter(roles.model, POLICY):
         from_checkpoint = generate_texts(roles.model, tok, prompts, greedy)
     assert generate_texts(exported, tok, prompts, greedy) == from_checkpoint

@@ -1,8 +1,6 @@
 """ppo.rewards: reward functions checked before anything loads, scored on rollout rows, weighted with the RM."""
 
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ from rlhf.demo.task import gold_score
 from rlhf.sequences import left_pad
 from rlhf.models import load_tokenizer
 from rlhf.reward_sources import FunctionReward, RewardFunctionError, check_rewards, reward_source
-from tests.conftest import DEMO_CONFIG, ROOT
+from tests.conftest import DEMO_CONFIG, run_stage
 
 
 def raises(prompt, response):
@@ -58,8 +56,7 @@ def test_good_reward_terms_pass():
 
 
 def test_the_stage_refuses_a_bad_plugin_in_one_line_before_loading_anything(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "stages.ppo", "--config", str(DEMO_CONFIG), f"run_dir={tmp_path}",
-                           f'rewards=[{{source: "{HERE}:three_args"}}]'], cwd=ROOT, capture_output=True, text=True)
+    proc = run_stage("ppo", f"run_dir={tmp_path}", f'rewards=[{{source: "{HERE}:three_args"}}]', check=False)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: ppo.rewards[0].source: tests.test_reward_sources:three_args cannot be called")
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "ppo").exists()
