@@ -17,17 +17,27 @@ def head_lines(src, dst, n):
     return f"{dst}"
 
 
+def small_demo_files(demo_dir, data) -> dict[str, str]:
+    """The first rows of the demo's files, enough for a few steps: a stage tokenizes its whole training file
+    before step 1 (the RM's 3000 rankings are 18000 pairs: most of a 2-step RM stage's time) and evaluates on its
+    whole held-out file."""
+    data.mkdir(exist_ok=True)
+    rows = {"sft_train": 64, "sft_eval": 16, "rm_rankings_train": 16, "rm_pairs_eval": 16, "prompts_train": 64,
+            "prompts_eval": 8}
+    return {name: head_lines(demo_dir / f"{name}.jsonl", data / f"{name}.jsonl", n) for name, n in rows.items()}
+
+
 def test_bf16_demo_pipeline_end_to_end(demo_dir, tmp_path):
-    run, data = tmp_path / "run", tmp_path / "data"
-    data.mkdir()
-    sft_eval = head_lines(demo_dir / "sft_eval.jsonl", data / "sft_eval.jsonl", 16)
-    rm_eval = head_lines(demo_dir / "rm_pairs_eval.jsonl", data / "rm_pairs_eval.jsonl", 16)
-    prompts_eval = head_lines(demo_dir / "prompts_eval.jsonl", data / "prompts_eval.jsonl", 8)
+    run, f = tmp_path / "run", small_demo_files(demo_dir, tmp_path / "data")
+    prompts_eval = f["prompts_eval"]
     common = (f"run_dir={run}", "model.dtype=bfloat16")
     trainer = ("max_steps=2", "logging_steps=1", "eval_steps=2", "save_steps=2", "progress_bar=false")
-    run_stage("sft", *common, f"sft.eval_file={sft_eval}", *(f"sft.train.{k}" for k in trainer))
-    run_stage("rm", *common, f"rm.eval_file={rm_eval}", *(f"rm.train.{k}" for k in trainer))
-    run_stage("ppo", *common, f"ppo.eval_prompts_file={prompts_eval}", "ppo.steps=2", "ppo.rollout_batch_size=8",
+    run_stage("sft", *common, f"sft.train_file={f['sft_train']}", f"sft.eval_file={f['sft_eval']}",
+              *(f"sft.train.{k}" for k in trainer))
+    run_stage("rm", *common, f"rm.train_file={f['rm_rankings_train']}", f"rm.eval_file={f['rm_pairs_eval']}",
+              *(f"rm.train.{k}" for k in trainer))
+    run_stage("ppo", *common, f"ppo.prompts_file={f['prompts_train']}", f"ppo.eval_prompts_file={prompts_eval}",
+              "ppo.steps=2", "ppo.rollout_batch_size=8",
               "ppo.num_minibatches=2", "ppo.ppo_epochs=1", "ppo.reward_norm_samples=8", "ppo.save_steps=2",
               "ppo.progress_bar=false")
     run_stage("export", *common)

@@ -7,15 +7,18 @@ import subprocess
 import pytest
 
 from conftest import ROOT, kill_once_written, run_make, run_stage
+from test_bf16 import small_demo_files
 from rlhf.runs import last_complete_checkpoint, read_metrics
 
 
 @pytest.mark.slow
-def test_make_dpo_resumes_after_a_kill_and_eval_judges_it(sft_run, tmp_path):
+def test_make_dpo_resumes_after_a_kill_and_eval_judges_it(sft_run, demo_dir, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "sft").symlink_to(sft_run / "sft")  # the session's SFT stage, read only
-    args = "train.max_steps=6 train.save_steps=2 train.logging_steps=1 train.eval_steps=3 train.batch_size=8"
+    f = small_demo_files(demo_dir, tmp_path / "data")
+    args = (f"train_file={f['rm_rankings_train']} eval_file={f['rm_pairs_eval']} "  # small: trl tokenizes all of them
+            "train.max_steps=6 train.save_steps=2 train.logging_steps=1 train.eval_steps=3 train.batch_size=8")
     cmd = run_make("dpo", run, args=args)
     kill_once_written(cmd, run / "dpo" / "checkpoints" / "checkpoint-2" / "trainer_state.json")
     assert not (run / "dpo" / "DONE").exists()

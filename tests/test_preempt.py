@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import DEMO_CONFIG, ROOT
+from test_bf16 import small_demo_files
 from rlhf import cli
 from rlhf.preempt import EXIT_PREEMPTED, PREEMPTED, Preempted, StopSignal, mark_preempted
 from rlhf.runs import begin_stage, read_metrics
@@ -63,20 +64,22 @@ def signal_after(proc: subprocess.Popen, metrics: Path, rows: int, sig: int, tim
     raise AssertionError(f"{metrics} did not reach {rows} rows (process ended: {proc.poll()})")
 
 
-PPO_ARGS = ("ppo.steps=6 ppo.rollout_batch_size=16 ppo.num_minibatches=2 ppo.ppo_epochs=2 ppo.save_steps=100 "
-       "ppo.reward_norm_samples=16 ppo.eval_prompts_file=null")
+PPO_ARGS = ("ppo.steps=5 ppo.rollout_batch_size=8 ppo.num_minibatches=2 ppo.ppo_epochs=2 ppo.save_steps=100 "
+            "ppo.reward_norm_samples=8 ppo.eval_prompts_file=null")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["gae", "grpo"])
-def test_sigterm_during_ppo_checkpoints_that_step_and_the_rerun_ends_as_an_uninterrupted_run(rm_run, tmp_path,
-                                                                                            estimator):
-    """PPO (gae) and a critic-free estimator (grpo: 4 prompts x 4 answers a step, no value adapter)."""
+def test_sigterm_during_ppo_checkpoints_that_step_and_the_rerun_ends_as_an_uninterrupted_run(rm_run, demo_dir,
+                                                                                            tmp_path, estimator):
+    """PPO (gae) and a critic-free estimator (grpo: 2 prompts x 4 answers a step, no value adapter)."""
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     for run in (straight, stopped):
         for stage in ("sft", "rm"):
             shutil.copytree(rm_run / stage, run / stage)
-    PPO = PPO_ARGS + ("" if estimator == "gae" else f" ppo.estimator={estimator} ppo.group_size=4")
+    prompts = small_demo_files(demo_dir, tmp_path / "data")["prompts_train"]  # a stage reads all of its file
+    PPO = (PPO_ARGS + f" ppo.prompts_file={prompts}"
+           + ("" if estimator == "gae" else f" ppo.estimator={estimator} ppo.group_size=4"))
     proc = start_stage("ppo", straight, PPO)
     assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
 
@@ -85,7 +88,7 @@ def test_sigterm_during_ppo_checkpoints_that_step_and_the_rerun_ends_as_an_unint
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
     marker = json.loads((stopped / "ppo" / PREEMPTED).read_text())
-    assert marker["signal"] == "SIGTERM" and 2 <= marker["step"] < 6
+    assert marker["signal"] == "SIGTERM" and 2 <= marker["step"] < 5
     # save_steps=100: the only checkpoint is the one the signal asked for, at the step it arrived
     assert [p.name for p in (stopped / "ppo" / "checkpoints").iterdir()] == [f"checkpoint-{marker['step']}"]
     assert not (stopped / "ppo" / "DONE").exists()
@@ -100,7 +103,7 @@ def test_sigterm_during_ppo_checkpoints_that_step_and_the_rerun_ends_as_an_unint
     b = load_file(str(stopped / "ppo" / "policy" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     rows = read_metrics(stopped / "ppo" / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     same = [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))} for r in rows]
     expected = [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))}
                 for r in read_metrics(straight / "ppo" / "metrics.jsonl")]
@@ -112,14 +115,15 @@ def test_sigterm_during_ppo_checkpoints_that_step_and_the_rerun_ends_as_an_unint
 @pytest.mark.slow
 def test_sigusr1_during_sft_checkpoints_the_current_step_and_the_rerun_resumes(demo_dir, tmp_path):
     """The Trainer-based stages (SFT here, RM alike) stop through a TrainerCallback: checkpoint, exit 75."""
-    run = tmp_path / "run"
-    args = "sft.train.max_steps=120 sft.train.save_steps=1000 sft.train.logging_steps=5 sft.train.eval_steps=1000"
+    run, f = tmp_path / "run", small_demo_files(demo_dir, tmp_path / "data")
+    args = (f"sft.train_file={f['sft_train']} sft.eval_file={f['sft_eval']} sft.train.max_steps=40 "
+            "sft.train.save_steps=1000 sft.train.logging_steps=5 sft.train.eval_steps=1000")
     proc = start_stage("sft", run, args)
     signal_after(proc, run / "sft" / "metrics.jsonl", 2, signal.SIGUSR1)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
     step = json.loads((run / "sft" / PREEMPTED).read_text())["step"]
-    assert 0 < step < 120
+    assert 0 < step < 40
     ckpt = run / "sft" / "checkpoints" / f"checkpoint-{step}"
     assert json.loads((ckpt / "trainer_state.json").read_text())["global_step"] == step
     assert not (run / "sft" / "DONE").exists() and not (run / "sft" / "adapter_model.safetensors").exists()
@@ -130,4 +134,4 @@ def test_sigusr1_during_sft_checkpoints_the_current_step_and_the_rerun_resumes(d
     assert f"resuming from {ckpt}" in out
     assert (run / "sft" / "DONE").exists()
     steps = [r["step"] for r in read_metrics(run / "sft" / "metrics.jsonl") if "train/loss" in r]
-    assert steps == sorted(set(steps)) and steps[-1] == 120
+    assert steps == sorted(set(steps)) and steps[-1] == 40

@@ -20,7 +20,7 @@ from rlhf.ppo.roles import POLICY, VALUE, build_roles, policy_logits, reference_
 from rlhf.rm.scoring import pair_ids, save_head
 from rlhf.rm.train import reward_classifier
 from rlhf.runs import read_metrics
-from test_bf16 import head_lines
+from test_bf16 import small_demo_files
 
 LORA = LoraSpec(r=4, alpha=8)
 
@@ -138,16 +138,16 @@ def test_config_rejects_an_unknown_quantization_and_a_missing_backend(monkeypatc
 
 @pytest.mark.slow
 def test_4bit_demo_pipeline_end_to_end_and_a_full_precision_export(demo_dir, tmp_path):
-    run, data = tmp_path / "run", tmp_path / "data"
-    data.mkdir()
-    sft_eval = head_lines(demo_dir / "sft_eval.jsonl", data / "sft_eval.jsonl", 16)
-    rm_eval = head_lines(demo_dir / "rm_pairs_eval.jsonl", data / "rm_pairs_eval.jsonl", 16)
-    prompts_eval = head_lines(demo_dir / "prompts_eval.jsonl", data / "prompts_eval.jsonl", 8)
+    run, f = tmp_path / "run", small_demo_files(demo_dir, tmp_path / "data")
+    prompts_eval = f["prompts_eval"]
     common = (f"run_dir={run}", "model.quantization=4bit")
     trainer = ("max_steps=2", "logging_steps=1", "eval_steps=2", "save_steps=2", "progress_bar=false")
-    run_stage("sft", *common, f"sft.eval_file={sft_eval}", *(f"sft.train.{k}" for k in trainer))
-    run_stage("rm", *common, f"rm.eval_file={rm_eval}", "rm.probes.enabled=false", *(f"rm.train.{k}" for k in trainer))
-    run_stage("ppo", *common, f"ppo.eval_prompts_file={prompts_eval}", "ppo.steps=2", "ppo.rollout_batch_size=8",
+    run_stage("sft", *common, f"sft.train_file={f['sft_train']}", f"sft.eval_file={f['sft_eval']}",
+              *(f"sft.train.{k}" for k in trainer))
+    run_stage("rm", *common, f"rm.train_file={f['rm_rankings_train']}", f"rm.eval_file={f['rm_pairs_eval']}",
+              "rm.probes.enabled=false", *(f"rm.train.{k}" for k in trainer))
+    run_stage("ppo", *common, f"ppo.prompts_file={f['prompts_train']}", f"ppo.eval_prompts_file={prompts_eval}",
+              "ppo.steps=2", "ppo.rollout_batch_size=8",
               "ppo.num_minibatches=2", "ppo.ppo_epochs=1", "ppo.reward_norm_samples=8", "ppo.save_steps=2",
               "ppo.progress_bar=false")
     run_stage("export", *common)

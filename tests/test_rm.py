@@ -10,6 +10,7 @@ import torch
 from peft import PeftModel
 
 from conftest import ROOT, kill_once_written, run_make, run_stage
+from test_bf16 import small_demo_files
 from rlhf.config import ModelConfig
 from rlhf.data import load_preferences
 from rlhf.models import load_sft_model, load_tokenizer
@@ -66,24 +67,14 @@ def test_rm_needs_a_finished_sft_stage(tmp_path):
     assert proc.returncode == 2 and "no finished sft stage" in proc.stderr and "make sft" in proc.stderr
 
 
-def test_hh_sample_runs_from_a_config_alone(tmp_path):
-    """Real Anthropic HH data: `make rm` with configs/hh-sample.yaml builds SFT first, then reports."""
-    subprocess.run(["make", "data-hh", "-o", ".venv/.installed", f"PY={os.sys.executable}"], cwd=ROOT, check=True,
-                   capture_output=True)
-    proc = subprocess.run(run_make("rm", tmp_path, ROOT / "configs" / "hh-sample.yaml", "train.max_steps=6"),
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "sft" / "DONE").exists() and (tmp_path / "rm" / "DONE").exists()
-    diag = json.loads((tmp_path / "rm" / "diagnostics.json").read_text())
-    assert diag["rm/n_pairs"] == 40  # data/hh-tiny/hh_test.jsonl, split from the sample by `make data-hh`
-    assert "accuracy" in proc.stdout and "calibration error" in proc.stdout
-
-
-def test_killed_make_rm_resumes(rm_run, tmp_path):
-    run = tmp_path / "run"
+def test_killed_make_rm_resumes(rm_run, demo_dir, tmp_path):
+    """Small files (a stage tokenizes and evaluates all of them) and no probes: the resume is what counts."""
+    run, f = tmp_path / "run", small_demo_files(demo_dir, tmp_path / "data")
     shutil.copytree(rm_run / "sft", run / "sft")
-    cmd = run_make("rm", run, args="train.max_steps=200 train.save_steps=20 train.eval_steps=100")
-    kill_once_written(cmd, run / "rm" / "checkpoints" / "checkpoint-20" / "trainer_state.json")
+    args = (f"train_file={f['rm_rankings_train']} eval_file={f['rm_pairs_eval']} probes.enabled=false "
+            "train.max_steps=30 train.save_steps=10 train.eval_steps=100")
+    cmd = run_make("rm", run, args=args)
+    kill_once_written(cmd, run / "rm" / "checkpoints" / "checkpoint-10" / "trainer_state.json")
     assert not (run / "rm" / "DONE").exists()
     killed_at = last_complete_checkpoint(run / "rm" / "checkpoints")
 
@@ -154,15 +145,18 @@ def test_reward_ensemble_scores_with_the_mean_of_its_members(rm_run, demo_dir, t
                       RewardScorer)
 
 
-def test_rm_ensemble_trains_each_member_with_its_own_seed_and_ppo_scores_with_all(rm_run, tmp_path):
+def test_rm_ensemble_trains_each_member_with_its_own_seed_and_ppo_scores_with_all(rm_run, demo_dir, tmp_path):
     from safetensors.torch import load_file
     from rlhf.config import LoraSpec
     from rlhf.ppo.roles import build_roles
     from rlhf.rm.scoring import RewardEnsemble
 
-    run = tmp_path / "run"
+    run, f = tmp_path / "run", small_demo_files(demo_dir, tmp_path / "data")
     shutil.copytree(rm_run / "sft", run / "sft")
-    proc = run_stage("rm", f"run_dir={run}", "ensemble=2", "train.max_steps=3", "train.eval_steps=100")
+    # small files (a stage tokenizes and evaluates all of them), no probes: the members are what counts
+    small = (f"train_file={f['rm_rankings_train']}", f"eval_file={f['rm_pairs_eval']}", "probes.enabled=false",
+             "train.max_steps=3", "train.eval_steps=100")
+    proc = run_stage("rm", f"run_dir={run}", "ensemble=2", *small)
     assert "ensemble member 2 of 2 (seed 1)" in proc.stdout
     member = run / "rm" / "member-1"
     for name in ("adapter_model.safetensors", "score_head.safetensors", "DONE"):
@@ -184,24 +178,28 @@ def test_rm_ensemble_trains_each_member_with_its_own_seed_and_ppo_scores_with_al
 
     # a rerun keeps the finished member (its DONE) and does not train it again
     (run / "rm" / "DONE").unlink()
-    again = run_stage("rm", f"run_dir={run}", "ensemble=2", "train.max_steps=3", "train.eval_steps=100")
+    again = run_stage("rm", f"run_dir={run}", "ensemble=2", *small)
     assert "ensemble member 2 of 2" not in again.stdout and (run / "rm" / "DONE").is_file()
     # a smaller ensemble removes the members it no longer has: PPO must not score with them
     (run / "rm" / "DONE").unlink()
-    single = run_stage("rm", f"run_dir={run}", "ensemble=1", "train.max_steps=3", "train.eval_steps=100")
+    single = run_stage("rm", f"run_dir={run}", "ensemble=1", *small)
     assert f"removing {member}" in single.stdout and not member.exists()
     assert "member_accuracy" not in json.loads((run / "rm" / "diagnostics.json").read_text())
 
 
 def test_hh_sample_runs_every_stage_from_a_config_alone(tmp_path):
-    """`make all` with configs/hh-sample.yaml: SFT, RM, PPO on HH prompts, eval on held-out HH prompts, report."""
+    """Real Anthropic HH data: `make all` with configs/hh-sample.yaml builds every stage from the config alone
+    (SFT, RM and its report, PPO on HH prompts, eval on held-out HH prompts, the report)."""
     subprocess.run(["make", "data-hh", "-o", ".venv/.installed", f"PY={os.sys.executable}"], cwd=ROOT, check=True,
                    capture_output=True)
-    args = "sft.train.max_steps=4 rm.train.max_steps=4 ppo.steps=2 ppo.eval_samples=4 eval.samples=6"
+    args = "sft.train.max_steps=4 rm.train.max_steps=4 ppo.steps=2 eval.samples=6"  # make all: ppo.eval_samples=0
     proc = subprocess.run(run_make("all", tmp_path, ROOT / "configs" / "hh-sample.yaml", args),
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[ppo] 360 prompts" in proc.stdout  # the HH training prompts, not the demo's
+    diag = json.loads((tmp_path / "rm" / "diagnostics.json").read_text())
+    assert diag["rm/n_pairs"] == 40  # data/hh-tiny/hh_test.jsonl, split from the sample by `make data-hh`
+    assert "accuracy" in proc.stdout and "calibration error" in proc.stdout
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["prompts_file"] == "data/hh-tiny/hh_test.jsonl" and metrics["n_prompts"] == 6
     ppo = metrics["results"]["sample"]["ppo"]
