@@ -6,25 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_stage
+from conftest import run_stage, small_demo_files
 from rlhf.runs import read_metrics
 
 pytestmark = pytest.mark.slow
-
-
-def head_lines(src, dst, n):
-    dst.write_text("".join(src.read_text().splitlines(keepends=True)[:n]))
-    return f"{dst}"
-
-
-def small_demo_files(demo_dir, data) -> dict[str, str]:
-    """The first rows of the demo's files, enough for a few steps: a stage tokenizes its whole training file
-    before step 1 (the RM's 3000 rankings are 18000 pairs: most of a 2-step RM stage's time) and evaluates on its
-    whole held-out file."""
-    data.mkdir(exist_ok=True)
-    rows = {"sft_train": 64, "sft_eval": 16, "rm_rankings_train": 16, "rm_pairs_eval": 16, "prompts_train": 64,
-            "prompts_eval": 8}
-    return {name: head_lines(demo_dir / f"{name}.jsonl", data / f"{name}.jsonl", n) for name, n in rows.items()}
 
 
 def test_bf16_demo_pipeline_end_to_end(demo_dir, tmp_path):

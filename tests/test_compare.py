@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT, run_make
+from conftest import ROOT, run_make, small_demo_files
 from rlhf.eval.checkpoints import Checkpoint, parse_checkpoints, provenance
 from rlhf.eval.report import render
 
@@ -225,14 +225,16 @@ def test_make_compare_judges_again_over_a_finished_eval_and_then_rests(tmp_path)
 
 
 @pytest.mark.slow
-def test_make_compare_on_the_demo_with_a_few_steps(rm_run, tmp_path):
+def test_make_compare_on_the_demo_with_a_few_steps(rm_run, demo_dir, tmp_path):
     """The demo's finished SFT and RM copied in; make compare trains PPO (GAE), DPO, GRPO and RLOO for a few
     steps and judges all of them in one report whose table names each algorithm and its stage's cost."""
     run = tmp_path / "demo"
     for s in ("sft", "rm"):
         shutil.copytree(rm_run / s, run / s)  # copy2: timestamps kept, make sees them finished in order
-    args = ("ppo.steps=2 dpo.train.max_steps=2 eval.samples=6 eval.samples_per_prompt=1 eval.decoding=[sample] "
-            "eval.examples=0")
+    f = small_demo_files(demo_dir, tmp_path / "data")  # DPO tokenizes its whole file (18000 pairs) before step 1
+    args = ("ppo.steps=2 ppo.rollout_batch_size=16 ppo.reward_norm_samples=16 ppo.monitor_prompts=8 "
+            f"dpo.train_file={f['rm_rankings_train']} dpo.eval_file={f['rm_pairs_eval']} dpo.train.max_steps=2 "
+            "eval.samples=6 eval.samples_per_prompt=1 eval.decoding=[sample] eval.examples=0")
     proc = subprocess.run(run_make("compare", run, args=args), cwd=ROOT, capture_output=True, text=True, env=ENV,
                           timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

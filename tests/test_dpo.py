@@ -6,8 +6,7 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT, kill_once_written, run_make, run_stage
-from test_bf16 import small_demo_files
+from conftest import ROOT, kill_once_written, run_make, run_stage, small_demo_files
 from rlhf.runs import last_complete_checkpoint, read_metrics
 
 

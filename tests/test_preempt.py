@@ -14,8 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DEMO_CONFIG, ROOT
-from test_bf16 import small_demo_files
+from conftest import DEMO_CONFIG, ROOT, small_demo_files
 from rlhf import cli
 from rlhf.preempt import EXIT_PREEMPTED, PREEMPTED, Preempted, StopSignal, mark_preempted
 from rlhf.runs import begin_stage, read_metrics

@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from conftest import run_stage
+from conftest import run_stage, small_demo_files
 from rlhf.chat import encode_prompt
 from rlhf.config import ConfigError, LoraSpec, ModelConfig, load_config
 from rlhf.data import load_preferences
@@ -20,7 +20,6 @@ from rlhf.ppo.roles import POLICY, VALUE, build_roles, policy_logits, reference_
 from rlhf.rm.scoring import pair_ids, save_head
 from rlhf.rm.train import reward_classifier
 from rlhf.runs import read_metrics
-from test_bf16 import small_demo_files
 
 LORA = LoraSpec(r=4, alpha=8)
 
