@@ -16,7 +16,6 @@ import torch.multiprocessing as mp
 
 from rlhf import distributed
 from rlhf.config import ConfigError
-from rlhf.rm.train import GroupBatchSampler
 from conftest import ROOT, run_make
 
 TWO_CPU = ["LAUNCHER=accelerate", "ACCELERATE_CONFIG=configs/accelerate/cpu-2proc.yaml", "NPROC=2"]
@@ -49,6 +48,7 @@ def test_group_batches_are_split_by_whole_groups_across_processes():
     gets different whole groups, every group is used once, and the epoch reshuffles (the Trainer reaches our
     sampler's set_epoch through accelerate's wrapper)."""
     from accelerate.data_loader import BatchSamplerShard
+    from rlhf.rm.train import GroupBatchSampler  # here, not at the top: the spawned processes below import this module
 
     groups = [g for g in range(9) for _ in range(6)]  # 9 prompts x 6 pairs
     sampler = GroupBatchSampler(groups, max_pairs=12, seed=0)
@@ -152,14 +152,14 @@ def test_sft_with_two_processes(two_process_run, sft_run):
     from rlhf.config import ModelConfig
     from rlhf.models import load_causal_lm, load_tokenizer
 
-    make_two_processes("sft", two_process_run, "sft.train.max_steps=20 sft.train.logging_steps=10")
+    make_two_processes("sft", two_process_run, "sft.train.max_steps=6 sft.train.logging_steps=3")
     out = two_process_run / "sft"
     assert (out / "DONE").is_file() and files(out) == files(sft_run / "sft")
     assert len(list((out / "tb").iterdir())) == 1  # one event file: only the main process writes
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "train/loss" in r] == [10, 20]  # one row per log, not one per process
-    # 20 steps x 16 examples x 2 processes of the 2000 demonstrations: each process took its own batches
-    assert rows[-2]["train/epoch"] == pytest.approx(20 * 16 * 2 / 2000, rel=0.02)
+    assert [r["step"] for r in rows if "train/loss" in r] == [3, 6]  # one row per log, not one per process
+    # 6 steps x 16 examples x 2 processes of the 2000 demonstrations: each process took its own batches
+    assert rows[-2]["train/epoch"] == pytest.approx(6 * 16 * 2 / 2000, rel=0.02)
     tok = load_tokenizer(str(out))
     PeftModel.from_pretrained(load_causal_lm(ModelConfig(name_or_path="data/demo/base"), tok), str(out))
 
@@ -172,57 +172,74 @@ def test_rm_with_two_processes(two_process_run, rm_run):
 
     if not (two_process_run / "sft" / "DONE").is_file():  # run alone: the demo's SFT stage will do
         shutil.copytree(rm_run / "sft", two_process_run / "sft", dirs_exist_ok=True)
-    make_two_processes("rm", two_process_run, "rm.train.max_steps=20 rm.train.logging_steps=10")
+    make_two_processes("rm", two_process_run, "rm.train.max_steps=6 rm.train.logging_steps=3")
     out = two_process_run / "rm"
     assert (out / "DONE").is_file() and files(out) == files(rm_run / "rm")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "train/loss" in r] == [10, 20]
+    assert [r["step"] for r in rows if "train/loss" in r] == [3, 6]
     assert json.loads((out / "diagnostics.json").read_text())["rm/n_pairs"] == 400
     tok = load_tokenizer(str(out))
     sft = load_sft_model(ModelConfig(name_or_path="data/demo/base"), two_process_run / "sft", tok)
     assert RewardScorer.attach(sft, out, tok).score(["list two fruits"], ["apple pear"]).shape == (1,)
 
 
+def ppo_args(estimator: str) -> str:
+    args = ("ppo.steps=2 ppo.save_steps=1 ppo.rollout_batch_size=16 ppo.eval_samples=8 ppo.monitor_prompts=8 "
+            "ppo.reward_norm_samples=16")
+    return args if estimator == "gae" else args + f" ppo.estimator={estimator} ppo.group_size=4"
+
+
+@pytest.fixture(scope="module")
+def two_process_ppo(rm_run, tmp_path_factory):
+    """`two_process_ppo(estimator)`: a finished 2-process PPO run of 2 steps on the demo's SFT and RM (run on
+    first use, once per module): its run directory and make's stdout. The PPO test checks it, then resumes it
+    from its step-1 checkpoint (ending where it ended); the eval test evaluates its policy."""
+    runs = {}
+
+    def get(estimator: str) -> tuple[Path, str]:
+        if estimator not in runs:
+            run = tmp_path_factory.mktemp(f"two-proc-ppo-{estimator}")
+            for stage in ("sft", "rm"):
+                shutil.copytree(rm_run / stage, run / stage, ignore=shutil.ignore_patterns("checkpoints"))
+            runs[estimator] = run, make_two_processes("ppo", run, ppo_args(estimator)).stdout
+        return runs[estimator]
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["gae", "rloo"])
-def test_ppo_with_two_processes_splits_the_work_and_resumes_exactly(rm_run, tmp_path, estimator):
-    """Two processes, 8 rollouts each per step: the same outputs as one process, identical weights on both
-    processes, every process's random state in the checkpoint, and a rerun from the step-2 checkpoint ends
-    bit-for-bit where the uninterrupted run ended. rloo: 2 prompts x 4 answers per process (whole groups), no
-    value adapter."""
+def test_ppo_with_two_processes_splits_the_work_and_resumes_exactly(two_process_ppo, estimator):
+    """Two processes, 8 rollouts each per step: identical weights on both processes, every process's random
+    state in the checkpoint, and a rerun from the step-1 checkpoint ends bit-for-bit where the uninterrupted
+    run ended. rloo: 2 prompts x 4 answers per process (whole groups), no value adapter."""
     from peft import PeftModel
     from rlhf.config import ModelConfig
     from rlhf.models import load_sft_model, load_tokenizer
 
-    for stage in ("sft", "rm"):
-        shutil.copytree(rm_run / stage, tmp_path / stage, ignore=shutil.ignore_patterns("checkpoints"))
-    args = "ppo.steps=4 ppo.rollout_batch_size=16 ppo.eval_samples=16 ppo.save_steps=2 ppo.reward_norm_samples=64"
-    if estimator != "gae":
-        args += f" ppo.estimator={estimator} ppo.group_size=4"
-    proc = make_two_processes("ppo", tmp_path, args)
-    out = tmp_path / "ppo"
-    assert "4 steps of 16 rollouts (8 per process, 2 processes)" in proc.stdout
-    assert "2 processes hold identical trained weights" in proc.stdout
+    run, stdout = two_process_ppo(estimator)
+    out = run / "ppo"
+    assert "2 steps of 16 rollouts (8 per process, 2 processes)" in stdout
+    assert "2 processes hold identical trained weights" in stdout
     done = json.loads((out / "DONE").read_text())
-    assert done["num_processes"] == 2 and done["eval/n_prompts"] == 16
+    assert done["num_processes"] == 2 and done["eval/n_prompts"] == 8
     assert {"policy", "eval.json", "metrics.jsonl", "tb", "config.yaml", "DONE"} <= files(out)
     assert ("value" in files(out)) == (estimator == "gae")
     assert len(list((out / "tb").iterdir())) == 1
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]  # 0: the held-out monitor on the SFT policy
-    rest = torch.load(out / "checkpoints" / "checkpoint-4" / "optimizer.pt", weights_only=False)
+    assert [r["step"] for r in rows] == [0, 1, 2]  # 0: the held-out monitor on the SFT policy
+    rest = torch.load(out / "checkpoints" / "checkpoint-2" / "optimizer.pt", weights_only=False)
     rngs = rest["rng_per_process"]
     assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])  # each process samples its own
     tok = load_tokenizer(str(out))
-    PeftModel.from_pretrained(load_sft_model(ModelConfig(name_or_path="data/demo/base"), out.parent / "sft", tok),
+    PeftModel.from_pretrained(load_sft_model(ModelConfig(name_or_path="data/demo/base"), run / "sft", tok),
                               str(out / "policy"))
 
-    # "killed" after the step-2 checkpoint: the rerun resumes there and ends exactly where the run ended
+    # "killed" after the step-1 checkpoint: the rerun resumes there and ends exactly where the run ended
     policy = (out / "policy" / "adapter_model.safetensors").read_bytes()
-    shutil.rmtree(out / "checkpoints" / "checkpoint-4")
+    shutil.rmtree(out / "checkpoints" / "checkpoint-2")
     (out / "DONE").unlink()
-    proc = make_two_processes("ppo", tmp_path, args)
-    assert "resuming from" in proc.stdout and "checkpoint-2" in proc.stdout
+    proc = make_two_processes("ppo", run, ppo_args(estimator))
+    assert "resuming from" in proc.stdout and "checkpoint-1" in proc.stdout
     again = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [without_timings(r) for r in again] == [without_timings(r) for r in rows]
     assert (out / "policy" / "adapter_model.safetensors").read_bytes() == policy
@@ -233,13 +250,15 @@ def without_timings(row: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_eval_with_two_processes_answers_every_prompt_once_in_order(ppo_run, tmp_path):
-    """Each process answers its share of the prompts; the main one gathers them back in prompt order and writes
-    the same files as one process. Greedy answers do not depend on the split: they equal one process's."""
+def test_eval_with_two_processes_answers_every_prompt_once_in_order(two_process_ppo, tmp_path):
+    """Each process answers its share of the prompts (7: 4 and 3); the main one gathers them back in prompt
+    order and writes the same files as one process. Greedy answers do not depend on the split: they equal one
+    process's. The policy: the 2-process PPO run above (any finished PPO adapter will do)."""
+    run, _ = two_process_ppo("gae")
     for stage in ("sft", "rm", "ppo"):
-        shutil.copytree(ppo_run / stage, tmp_path / "two" / stage, ignore=shutil.ignore_patterns("checkpoints"))
+        shutil.copytree(run / stage, tmp_path / "two" / stage, ignore=shutil.ignore_patterns("checkpoints"))
     shutil.copytree(tmp_path / "two", tmp_path / "one")
-    args = "eval.samples=16 eval.samples_per_prompt=2 eval.checkpoints=[sft,ppo] eval.max_new_tokens=8"
+    args = "eval.samples=7 eval.samples_per_prompt=2 eval.checkpoints=[sft,ppo] eval.max_new_tokens=8"
     one = subprocess.run(run_make("eval", tmp_path / "one", args=args), cwd=ROOT, capture_output=True, text=True,
                          timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -249,11 +268,11 @@ def test_eval_with_two_processes_answers_every_prompt_once_in_order(ppo_run, tmp
     rows1, rows2 = ([json.loads(line) for line in (d / "samples.jsonl").read_text().splitlines()] for d in (out1, out2))
     key = [(r["decoding"], r["checkpoint"], r["prompt_index"], r["prompt"]) for r in rows1]
     assert [(r["decoding"], r["checkpoint"], r["prompt_index"], r["prompt"]) for r in rows2] == key
-    assert len(rows2) == 2 * 16 * 2 + 2 * 16  # sampled: 2 answers per prompt; greedy: 1, for sft and ppo
+    assert len(rows2) == 2 * 7 * 2 + 2 * 7  # sampled: 2 answers per prompt; greedy: 1, for sft and ppo
     greedy = [(r["response"], round(r["reward"], 4)) for r in rows1 if r["decoding"] == "greedy"]
     assert [(r["response"], round(r["reward"], 4)) for r in rows2 if r["decoding"] == "greedy"] == greedy
     m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (out1, out2))
-    assert m2["results"].keys() == m1["results"].keys() and m2["n_prompts"] == m1["n_prompts"] == 16
+    assert m2["results"].keys() == m1["results"].keys() and m2["n_prompts"] == m1["n_prompts"] == 7
 
 
 def test_makefile_run_dir_in_args_is_the_directory_make_checks():

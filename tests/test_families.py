@@ -68,7 +68,7 @@ HOSTILE = {"do_sample": True, "temperature": 0.3, "top_k": 3, "top_p": 0.5, "rep
            "max_new_tokens": 3}
 CHECKS = {"sft": preflight.check_sft, "rm": preflight.check_rm, "ppo": preflight.check_ppo,
           "export": preflight.check_export}
-PRETRAIN_STEPS = 150
+PRETRAIN_STEPS = 100
 SLICES = {"sft_train.jsonl": 512, "sft_eval.jsonl": 32, "rm_rankings_train.jsonl": 64, "rm_pairs_eval.jsonl": 32,
           "prompts_train.jsonl": 64, "prompts_eval.jsonl": 16}
 
@@ -113,7 +113,7 @@ def family_config(data: Path, model_dir: Path, run_dir: Path) -> dict:
         "run_dir": str(run_dir),
         "model": {"name_or_path": str(model_dir), "dtype": "float32"},
         "sft": {"train_file": str(data / "sft_train.jsonl"), "eval_file": str(data / "sft_eval.jsonl"), **lengths,
-                "train": {"lr": 3e-3, "max_steps": 48, "batch_size": 16, **quiet}},
+                "train": {"lr": 3e-3, "max_steps": 32, "batch_size": 16, **quiet}},
         "rm": {"train_file": str(data / "rm_rankings_train.jsonl"), "eval_file": str(data / "rm_pairs_eval.jsonl"),
                **lengths, "train": {"lr": 1e-3, "max_steps": 6, "batch_size": 24, **quiet}},
         "ppo": {"prompts_file": str(data / "prompts_train.jsonl"), "eval_prompts_file": str(data / "prompts_eval.jsonl"),

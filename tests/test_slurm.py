@@ -242,10 +242,10 @@ def checkpoints(stage_dir: Path) -> int:
     return max(ckpts, default=0)
 
 
-CHAIN = ("sft.train.max_steps=30 rm.train.max_steps=20 ppo.steps=40 ppo.rollout_batch_size=16 "
-         "ppo.num_minibatches=2 ppo.ppo_epochs=2 ppo.save_steps=1 ppo.reward_norm_samples=16 ppo.eval_samples=16 "
+CHAIN = ("sft.train.max_steps=10 rm.train.max_steps=10 ppo.steps=24 ppo.rollout_batch_size=16 "
+         "ppo.num_minibatches=2 ppo.ppo_epochs=2 ppo.save_steps=1 ppo.reward_norm_samples=16 ppo.eval_samples=8 "
          "ppo.monitor_every=0 ppo.kl_budget=0 slurm.cpus_per_task=2 slurm.time=30m")
-# The RM of 20 steps is weak: PPO exploits it and its KL passes the guard's 6-nat budget by step ~18, which
+# The RM of 10 steps is weak: PPO exploits it and its KL passes the guard's 6-nat budget by step ~18, which
 # would end the run before the requeues this test makes (session 8's CI failure). The test is about requeue
 # and resume, so the run has no KL budget and no held-out monitor.
 
@@ -257,7 +257,7 @@ def test_demo_chain_on_a_real_cluster_survives_requeue_time_limit_signal_and_sca
     1. requeued by SLURM (`scontrol requeue`: SIGTERM, then back to the queue), as a preemption would;
     2. sent SIGUSR1 as before its time limit: it checkpoints and requeues itself;
     3. cancelled (`scancel`): it checkpoints and stops; `make ppo LAUNCHER=slurm` again submits PPO alone;
-    and every time it resumes from its checkpoint, to a complete run of 40 steps."""
+    and every time it resumes from its checkpoint, to a complete run of 24 steps."""
     run = tmp_path / "run"
     make = run_make("ppo", run, args=CHAIN) + ["LAUNCHER=slurm"]
     subprocess.run(make, cwd=ROOT, check=True, capture_output=True, text=True)
@@ -271,12 +271,12 @@ def test_demo_chain_on_a_real_cluster_survives_requeue_time_limit_signal_and_sca
     subprocess.run(["scontrol", "requeue", ppo], check=True, capture_output=True)
     start_now_if_pending(ppo)
     # 2. the time-limit warning: SIGUSR1 to the batch script, which passes it on and requeues the job
-    wait_for(lambda: checkpoints(ppo_dir) >= at + 8, "ppo to go on after the first requeue", timeout=600, job=ppo)
+    wait_for(lambda: checkpoints(ppo_dir) >= at + 4, "ppo to go on after the first requeue", timeout=600, job=ppo)
     subprocess.run(["scancel", "--batch", "--signal=USR1", ppo], check=True, capture_output=True)
     start_now_if_pending(ppo)
     # 3. cancelled: the stage checkpoints and stops; the user submits again
     second = checkpoints(ppo_dir)
-    wait_for(lambda: checkpoints(ppo_dir) >= second + 8, "ppo to go on after the second requeue", timeout=600,
+    wait_for(lambda: checkpoints(ppo_dir) >= second + 4, "ppo to go on after the second requeue", timeout=600,
              job=ppo)
     subprocess.run(["scancel", ppo], check=True, capture_output=True)
     wait_for(lambda: job_state(ppo) in ("CANCELLED", "GONE") and (ppo_dir / "PREEMPTED").exists(),
@@ -296,8 +296,8 @@ def test_demo_chain_on_a_real_cluster_survives_requeue_time_limit_signal_and_sca
     assert "SIGUSR1: asking the stage to checkpoint and stop" in log and "requeueing job" in log
     assert log.count("[ppo] resuming from") == 2, log[-3000:]
     assert "[ppo] resuming from" in (run / "slurm" / f"ppo-{last}.out").read_text()
-    assert [r["step"] for r in read_metrics(ppo_dir / "metrics.jsonl") if "ppo/kl" in r] == list(range(1, 41))
-    assert json.loads((ppo_dir / "DONE").read_text())["steps"] == 40
+    assert [r["step"] for r in read_metrics(ppo_dir / "metrics.jsonl") if "ppo/kl" in r] == list(range(1, 25))
+    assert json.loads((ppo_dir / "DONE").read_text())["steps"] == 24
 
 
 @pytest.mark.slow
@@ -308,8 +308,8 @@ def test_two_process_ppo_job_stops_together_on_the_time_limit_signal_and_resumes
     run = tmp_path / "run"
     for stage in ("sft", "rm"):
         shutil.copytree(rm_run / stage, run / stage)
-    args = ("ppo.steps=30 ppo.rollout_batch_size=16 ppo.num_minibatches=2 ppo.ppo_epochs=2 ppo.save_steps=100 "
-            "ppo.reward_norm_samples=16 ppo.eval_samples=16 slurm.processes_per_node=2 "
+    args = ("ppo.steps=12 ppo.rollout_batch_size=16 ppo.num_minibatches=2 ppo.ppo_epochs=2 ppo.save_steps=100 "
+            "ppo.reward_norm_samples=16 ppo.eval_samples=8 ppo.monitor_prompts=8 slurm.processes_per_node=2 "
             "slurm.accelerate_config=configs/accelerate/cpu-2proc.yaml")
     subprocess.run(run_make("ppo", run, args=args) + ["LAUNCHER=slurm"], cwd=ROOT, check=True, capture_output=True)
     job = jobs_of(run)["ppo"]
@@ -325,4 +325,4 @@ def test_two_process_ppo_job_stops_together_on_the_time_limit_signal_and_resumes
     assert log.count("received SIGUSR1") == 2, log[-3000:]  # both processes
     assert "restart 1" in log and "[ppo] resuming from" in log and "(8 per process, 2 processes)" in log
     assert "2 processes hold identical trained weights" in log
-    assert [r["step"] for r in read_metrics(metrics)] == list(range(0, 31))  # 0: the monitor on the SFT policy
+    assert [r["step"] for r in read_metrics(metrics)] == list(range(0, 13))  # 0: the monitor on the SFT policy
