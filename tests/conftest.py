@@ -60,23 +60,23 @@ def _group(item) -> str | None:
 
 
 def pytest_collection_modifyitems(items):
-    """Groups (`_group`) stay on one xdist process. Order, for two processes on two cores: first one test that
+    """Groups (`_group`) stay on one xdist process. Order, for the processes on two cores: first one test that
     needs the whole demo chain (its process builds SFT, RM and PPO, some minutes), then every test that needs
     none of it (the other process works through them meanwhile), then those that need SFT, RM, PPO, in that
     order, so that a process seldom waits for a run that the other is still building. A group goes where its
     latest test would (its tests run together), and first among its equals (one process works through it)."""
-    groups: dict[str, int] = {}
+    group = {id(item): _group(item) for item in items}
+    level = {id(item): max((i + 1 for i, name in enumerate(CHAIN) if name in item.fixturenames), default=0)
+             for item in items}
+    group_level: dict[str, int] = {}
     for item in items:
-        if (group := _group(item)) is not None:
-            item.add_marker(pytest.mark.xdist_group(group))
-    level = lambda item: max((i + 1 for i, name in enumerate(CHAIN) if name in item.fixturenames), default=0)
-    for item in items:
-        if (group := _group(item)) is not None:
-            groups[group] = max(groups.get(group, 0), level(item))
-    rank = {id(item): groups[g] if (g := _group(item)) is not None else level(item) for item in items}
-    chain = [item for item in items if rank[id(item)] == len(CHAIN) and _group(item) is None]
+        if (g := group[id(item)]) is not None:
+            item.add_marker(pytest.mark.xdist_group(g))
+            group_level[g] = max(group_level.get(g, 0), level[id(item)])
+    rank = {i: group_level[g] if g is not None else level[i] for i, g in group.items()}
+    chain = [item for item in items if rank[id(item)] == len(CHAIN) and group[id(item)] is None]
     starter = next((item for item in chain if item.nodeid == STARTER), chain[0] if chain else None)
-    items.sort(key=lambda item: (item is not starter, rank[id(item)], _group(item) is None))
+    items.sort(key=lambda item: (item is not starter, rank[id(item)], group[id(item)] is None))
 
 
 @pytest.fixture(scope="session")
@@ -111,8 +111,12 @@ def _stage_process(module: str, argv: list[str], env: dict, out: str, err: str) 
     code = 0
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else (print(e.code, file=sys.stderr), 1)[1])
+    except SystemExit as e:  # as the interpreter does: None is 0, an int is the code, anything else printed and 1
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+            code = 1
     except BaseException:
         traceback.print_exc()
         code = 1
@@ -150,16 +154,17 @@ def run_stage(stage: str, *overrides: str, check: bool = True, timeout: int = 15
               config: Path = DEMO_CONFIG) -> subprocess.CompletedProcess:
     """Run `python -m stages.<stage> --config configs/demo.yaml ...` as a user would, from the repo root (in a
     process forked from the pre-imported server: `stage_process`). The timeout catches a hung stage; it is
-    generous because the demo's PPO (100 steps) shares 2 cores with the suite."""
+    generous because the demo's PPO (`ppo_run`) shares 2 cores with the suite."""
     proc = stage_process(stage, ["--config", str(config), *overrides], timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(proc.args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
 
 
-def head_lines(src, dst, n):
+def head_lines(src: Path, dst: Path, n: int) -> str:
+    """The first `n` lines of `src` written to `dst`; its path, as an override's value."""
     dst.write_text("".join(src.read_text().splitlines(keepends=True)[:n]))
-    return f"{dst}"
+    return str(dst)
 
 
 def small_demo_files(demo_dir, data) -> dict[str, str]:

@@ -9,8 +9,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from conftest import ROOT, kill_once_written, run_make, run_stage
-from test_bf16 import small_demo_files
+from conftest import ROOT, kill_once_written, run_make, run_stage, small_demo_files
 from rlhf.config import ModelConfig
 from rlhf.data import load_preferences
 from rlhf.models import load_sft_model, load_tokenizer

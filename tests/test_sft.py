@@ -7,8 +7,7 @@ import subprocess
 import pytest
 from peft import PeftModel
 
-from conftest import DEMO_CONFIG, ROOT, kill_once_written, run_make
-from test_bf16 import small_demo_files
+from conftest import DEMO_CONFIG, ROOT, kill_once_written, run_make, small_demo_files
 from rlhf import sft
 from rlhf.cli import stage_main
 from rlhf.config import ModelConfig, load_config
