@@ -177,6 +177,24 @@ def small_demo_files(demo_dir, data) -> dict[str, str]:
     return {name: head_lines(demo_dir / f"{name}.jsonl", data / f"{name}.jsonl", n) for name, n in rows.items()}
 
 
+def small_pipeline(run: Path, files: dict[str, str], *common: str, rm: tuple[str, ...] = ()) -> None:
+    """Every stage of the demo end to end on `small_demo_files`: SFT, RM and PPO 2 steps each, export, eval.
+    `common`: overrides for every stage (e.g. model.dtype=bfloat16); `rm`: the RM stage's own."""
+    common = (f"run_dir={run}", *common)
+    trainer = ("max_steps=2", "logging_steps=1", "eval_steps=2", "save_steps=2", "progress_bar=false")
+    run_stage("sft", *common, f"sft.train_file={files['sft_train']}", f"sft.eval_file={files['sft_eval']}",
+              *(f"sft.train.{k}" for k in trainer))
+    run_stage("rm", *common, f"rm.train_file={files['rm_rankings_train']}", f"rm.eval_file={files['rm_pairs_eval']}",
+              *rm, *(f"rm.train.{k}" for k in trainer))
+    run_stage("ppo", *common, f"ppo.prompts_file={files['prompts_train']}",
+              f"ppo.eval_prompts_file={files['prompts_eval']}", "ppo.steps=2", "ppo.rollout_batch_size=8",
+              "ppo.num_minibatches=2", "ppo.ppo_epochs=1", "ppo.reward_norm_samples=8", "ppo.save_steps=2",
+              "ppo.progress_bar=false")
+    run_stage("export", *common)
+    run_stage("eval", *common, f"eval.prompts_file={files['prompts_eval']}", "eval.samples_per_prompt=1",
+              "eval.progress_bar=false")
+
+
 def run_on(previous: Path | None, stage: str, *overrides: str):
     """A `shared` builder: the finished stages of `previous` copied in, then `stage` run with the demo config."""
     def build(run_dir: Path) -> None:

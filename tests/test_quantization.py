@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from conftest import run_stage, small_demo_files
+from conftest import small_demo_files, small_pipeline
 from rlhf.chat import encode_prompt
 from rlhf.config import ConfigError, LoraSpec, ModelConfig, load_config
 from rlhf.data import load_preferences
@@ -137,21 +137,9 @@ def test_config_rejects_an_unknown_quantization_and_a_missing_backend(monkeypatc
 
 @pytest.mark.slow
 def test_4bit_demo_pipeline_end_to_end_and_a_full_precision_export(demo_dir, tmp_path):
-    run, f = tmp_path / "run", small_demo_files(demo_dir, tmp_path / "data")
-    prompts_eval = f["prompts_eval"]
-    common = (f"run_dir={run}", "model.quantization=4bit")
-    trainer = ("max_steps=2", "logging_steps=1", "eval_steps=2", "save_steps=2", "progress_bar=false")
-    run_stage("sft", *common, f"sft.train_file={f['sft_train']}", f"sft.eval_file={f['sft_eval']}",
-              *(f"sft.train.{k}" for k in trainer))
-    run_stage("rm", *common, f"rm.train_file={f['rm_rankings_train']}", f"rm.eval_file={f['rm_pairs_eval']}",
-              "rm.probes.enabled=false", *(f"rm.train.{k}" for k in trainer))
-    run_stage("ppo", *common, f"ppo.prompts_file={f['prompts_train']}", f"ppo.eval_prompts_file={prompts_eval}",
-              "ppo.steps=2", "ppo.rollout_batch_size=8",
-              "ppo.num_minibatches=2", "ppo.ppo_epochs=1", "ppo.reward_norm_samples=8", "ppo.save_steps=2",
-              "ppo.progress_bar=false")
-    run_stage("export", *common)
-    run_stage("eval", *common, f"eval.prompts_file={prompts_eval}", "eval.samples_per_prompt=1",
-              "eval.progress_bar=false")
+    run = tmp_path / "run"
+    small_pipeline(run, small_demo_files(demo_dir, tmp_path / "data"), "model.quantization=4bit",
+                   rm=("rm.probes.enabled=false",))
     for stage in ("sft", "rm", "ppo", "export-ppo", "eval"):
         assert (run / stage / "DONE").is_file(), stage
     rows = read_metrics(run / "ppo" / "metrics.jsonl")
