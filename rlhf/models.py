@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
 from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GenerationConfig,
                           PreTrainedModel, PreTrainedTokenizerBase)
 
@@ -249,32 +251,82 @@ def keep_requires_grad(model: torch.nn.Module):
             p.requires_grad_(flags[n])
 
 
+def _tuner_layers(model: PeftModel) -> list[BaseTunerLayer] | None:
+    """The model's LoRA layers, listed once per set of adapters (the list is kept on the model); None when the model
+    also has layers a plain switch cannot handle (modules_to_save wrappers, merged adapters): those go through peft."""
+    key = tuple(model.peft_config)
+    cached = model.__dict__.get("_rlhf_tuner_layers")
+    if cached is None or cached[0] != key:
+        modules = list(model.modules())
+        plain = not any(isinstance(m, AuxiliaryTrainingWrapper) for m in modules)
+        cached = (key, [m for m in modules if isinstance(m, BaseTunerLayer)] if plain else None)
+        model.__dict__["_rlhf_tuner_layers"] = cached
+    layers = cached[1]
+    if layers is None or any(layer.merged_adapters for layer in layers):
+        return None
+    return layers
+
+
+@contextmanager
+def _switched(model: PeftModel, names: list[str], disabled: bool = False):
+    """Run with exactly `names` active in every LoRA layer (every layer bypassed if `disabled`), then put each layer
+    back as it was: what peft's set_adapter and disable_adapter do to the forward pass, without their walks over
+    every module and parameter (to set requires_grad flags, which are left alone here). PPO switches adapters about
+    a hundred times a step, and those walks took ~17 ms each on the demo's small model. Falls back to peft (flags
+    kept) where `_tuner_layers` says so."""
+    layers = _tuner_layers(model)
+    if layers is None:
+        yield from _switched_by_peft(model, names, disabled)
+        return
+    saved = [(layer._active_adapter, layer._disable_adapters) for layer in layers]
+    saved_tuner = model.base_model.active_adapter
+    for layer in layers:
+        layer._active_adapter = list(names)
+        layer._disable_adapters = disabled
+    model.base_model.active_adapter = list(names)
+    try:
+        yield model
+    finally:
+        for layer, (active, off) in zip(layers, saved):
+            layer._active_adapter = active
+            layer._disable_adapters = off
+        model.base_model.active_adapter = saved_tuner
+
+
+def _switched_by_peft(model: PeftModel, names: list[str], disabled: bool):
+    """`_switched` through peft's own calls, every requires_grad flag put back after each."""
+    if disabled:
+        with keep_requires_grad(model), model.disable_adapter():
+            yield model
+        return
+    previous, previous_name = list(model.active_adapters), model.active_adapter
+    with keep_requires_grad(model):
+        model.base_model.set_adapter(names, inference_mode=True)
+    try:
+        yield model
+    finally:
+        with keep_requires_grad(model):
+            model.base_model.set_adapter(previous, inference_mode=True)
+            model.active_adapter = previous_name
+
+
 @contextmanager
 def active_adapter(model: PeftModel, name: str):
     """Run with adapter `name` active (over the stacked SFT adapter, if any), then restore the previous
     adapters; requires_grad flags never change."""
-    previous, previous_name = list(model.active_adapters), model.active_adapter
-    set_active(model, name)
-    try:
-        with keep_requires_grad(model):
-            yield model
-    finally:
-        with keep_requires_grad(model):
-            if len(previous) == 1 and not stacked_adapters(model):
-                model.set_adapter(previous[0], inference_mode=True)
-            else:
-                model.base_model.set_adapter(previous, inference_mode=True)
-                model.active_adapter = previous_name
+    below = stacked_adapters(model)
+    with _switched(model, below + [a for a in [name] if a not in below]):
+        yield model
 
 
 @contextmanager
 def sft_only(model: torch.nn.Module):
     """The SFT model (the KL reference): every role adapter off. A stacked SFT adapter stays on, alone."""
     if stacked_adapters(model):
-        with active_adapter(model, SFT_ADAPTER):
+        with _switched(model, [SFT_ADAPTER]):
             yield model
     elif isinstance(model, PeftModel):
-        with keep_requires_grad(model), model.disable_adapter():
+        with _switched(model, list(model.active_adapters), disabled=True):
             yield model
     else:
         yield model

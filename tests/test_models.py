@@ -1,4 +1,4 @@
-"""Tokenizer fixes (pad != EOS, chat template) and deterministic embedding growth."""
+"""Tokenizer fixes (pad != EOS, chat template), deterministic embedding growth, and switching adapters."""
 
 import pytest
 import torch
@@ -76,3 +76,67 @@ def test_dropout_is_off(tmp_path, family):
     assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
     fields = {k: v for k, v in model.config.to_dict().items() if k.endswith(("dropout", "pdrop"))}
     assert fields and all(v == 0.0 for v in fields.values()), fields
+
+
+def _two_adapter_model(modules_to_save=None):
+    """A tiny Llama with LoRA adapters "first" and "second" (B randomised: each changes the logits); only
+    "first" trainable."""
+    from peft import get_peft_model
+
+    from rlhf.config import LoraSpec
+    from rlhf.models import lora_config
+    from tiny import randomize_lora_b, tiny_llama
+
+    model = get_peft_model(tiny_llama(50), lora_config(LoraSpec(r=4, alpha=8), modules_to_save=modules_to_save),
+                           adapter_name="first")
+    model.add_adapter("second", lora_config(LoraSpec(r=4, alpha=8), modules_to_save=modules_to_save))
+    randomize_lora_b(model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(".first." in name)
+    return model
+
+
+@pytest.mark.parametrize("modules_to_save", [None, ["lm_head"]], ids=["lora-layers", "peft-fallback"])
+def test_adapter_switch_gives_peft_outputs_restores_the_active_adapter_and_never_touches_requires_grad(modules_to_save):
+    from rlhf.models import _tuner_layers, active_adapter, sft_only
+
+    model = _two_adapter_model(modules_to_save)
+    assert (_tuner_layers(model) is None) == (modules_to_save is not None)  # the plain switch, or peft's
+    ids = torch.randint(0, 50, (2, 7))
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+
+    def logits_by_peft(name=None):
+        if name is None:
+            with model.disable_adapter():
+                return model(ids).logits
+        model.set_adapter(name)
+        out = model(ids).logits
+        model.set_adapter("first")
+        return out
+
+    expected = {name: logits_by_peft(name) for name in ("first", "second", None)}
+    for n, p in model.named_parameters():
+        p.requires_grad_(flags[n])
+    assert not torch.allclose(expected["first"], expected["second"]) and not torch.allclose(expected["first"], expected[None])
+    with torch.no_grad():
+        with active_adapter(model, "second"):
+            assert torch.equal(model(ids).logits, expected["second"])
+            with sft_only(model):  # nested: the base alone, then "second" again
+                assert torch.equal(model(ids).logits, expected[None])
+            assert torch.equal(model(ids).logits, expected["second"])
+        assert model.active_adapters == ["first"]
+        assert torch.equal(model(ids).logits, expected["first"])
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_adapter_switch_is_undone_when_the_body_raises():
+    from rlhf.models import active_adapter, sft_only
+
+    model = _two_adapter_model()
+    ids = torch.randint(0, 50, (1, 5))
+    with torch.no_grad():
+        before = model(ids).logits
+        for switch in (lambda: active_adapter(model, "second"), lambda: sft_only(model)):
+            with pytest.raises(KeyError), switch():
+                raise KeyError("boom")
+            assert torch.equal(model(ids).logits, before)
