@@ -1,6 +1,6 @@
 """The library internals rlhf relies on, checked once before a stage loads anything.
 
-We subclass trl's RewardTrainer and DPOTrainer and reach into a few private or instance-only Trainer attributes; a release
+We subclass trl's RewardTrainer and DPOTrainer and reach into a few private or instance-only Trainer (and peft layer) attributes; a release
 that renames one would otherwise fail deep inside training with an AttributeError. `check()` names the missing
 attribute, where we use it, and the versions we test (pinned in constraints.txt, installed by `make setup`).
 """
@@ -47,6 +47,8 @@ NEEDED = (
     Needed("transformers", "transformers:Trainer", "is_deepspeed_enabled", "rlhf/runs.py save_trained_adapter"),
     Needed("trl", "trl:RewardTrainer", "compute_loss", "rlhf/rm/train.py GroupedRewardTrainer.compute_loss"),
     Needed("trl", "trl:DPOTrainer", "_prepare_dataset", "rlhf/dpo.py TokenizedDPOTrainer._prepare_dataset"),
+    Needed("peft", "peft.tuners.tuners_utils:BaseTunerLayer", "_active_adapter", "rlhf/models.py _switched"),
+    Needed("peft", "peft.tuners.tuners_utils:BaseTunerLayer", "_disable_adapters", "rlhf/models.py _switched"),
 )
 
 
