@@ -1,8 +1,9 @@
 """The library internals rlhf relies on, checked once before a stage loads anything.
 
-We subclass trl's RewardTrainer and DPOTrainer and reach into a few private or instance-only Trainer (and peft layer) attributes; a release
-that renames one would otherwise fail deep inside training with an AttributeError. `check()` names the missing
-attribute, where we use it, and the versions we test (pinned in constraints.txt, installed by `make setup`).
+We subclass trl's RewardTrainer and DPOTrainer and reach into a few private or instance-only attributes of
+transformers' Trainer and peft's LoRA layers; a release that renames one would otherwise fail deep inside training
+with an AttributeError. `check()` names the missing attribute, where we use it, and the versions we test (pinned in
+constraints.txt, installed by `make setup`).
 """
 
 from __future__ import annotations
