@@ -2,8 +2,8 @@
 
 `make test` runs the suite in several processes (pytest-xdist, `-n`): a session fixture that trains is built
 once, by the first process that needs it, and shared by the others (`shared`); the tests of one family's
-pipeline (tests/test_families.py) and the SLURM cluster tests stay together on one process (`--dist
-loadgroup`).
+pipeline (tests/test_families.py), the SLURM cluster tests and the 2-process tests stay together on one process
+(`--dist loadgroup`, with the groups of `_group`).
 """
 
 import os
@@ -48,30 +48,46 @@ PPO_RUN_STEPS = 50  # ppo_run's steps
 STARTER = "tests/test_ppo.py::test_ppo_raises_rm_and_gold_scores_at_a_small_kl"  # needs the chain, and little else
 
 
-def _group(item) -> str | None:
-    """One family's pipeline is built once (tests/test_families.py): its tests run on one xdist process. The
-    SLURM cluster has one node: its tests take turns there; the 2-process runs build on each other."""
-    family = getattr(getattr(item, "callspec", None), "params", {}).get("family_run")
-    if family is not None:
-        return f"family-{family}"
-    if item.nodeid.startswith(("tests/test_slurm.py", "tests/test_distributed.py")):
-        return item.nodeid.split("::")[0]  # module fixtures built once
+def _group(nodeid: str) -> str | None:
+    """The group a test runs in, on one xdist process: one family's pipeline is built once
+    (tests/test_families.py, a session fixture parametrized by family); the SLURM cluster has one node, so its
+    tests take turns there; the 2-process runs build on each other (module fixtures)."""
+    module = nodeid.split("::")[0]
+    if module in ("tests/test_slurm.py", "tests/test_distributed.py"):
+        return module
+    if module == "tests/test_families.py" and nodeid.endswith("]"):
+        return "family-" + nodeid[nodeid.index("[") + 1:-1]
     return None
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of xdist's: unknown under TEST_PROCS=0 (-p no:xdist)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadgroup` with the groups of `_group`, read from the test ids. (xdist's own grouping, by
+    `xdist_group` marks, appends the group to each test's id, which pytest 9.2 no longer lets it do: its groups
+    silently became single tests, and each family's pipeline was built on two or three processes.)"""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class Grouped(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid) or nodeid
+
+    return Grouped(config, log)
+
+
 def pytest_collection_modifyitems(items):
-    """Groups (`_group`) stay on one xdist process. Order, for the processes on two cores: first one test that
-    needs the whole demo chain (its process builds SFT, RM and PPO, some minutes), then every test that needs
-    none of it (the other process works through them meanwhile), then those that need SFT, RM, PPO, in that
-    order, so that a process seldom waits for a run that the other is still building. A group goes where its
-    latest test would (its tests run together), and first among its equals (one process works through it)."""
-    group = {id(item): _group(item) for item in items}
+    """The order, for the processes on two cores: first one test that needs the whole demo chain (its process
+    builds SFT, RM and PPO, some minutes), then every test that needs none of it (the other processes work
+    through them meanwhile), then those that need SFT, RM, PPO, in that order, so that a process seldom waits
+    for a run that another is still building. A group (`_group`) goes where its latest test would (its tests
+    run together, on one process), and first among its equals (one process works through it)."""
+    group = {id(item): _group(item.nodeid) for item in items}
     level = {id(item): max((i + 1 for i, name in enumerate(CHAIN) if name in item.fixturenames), default=0)
              for item in items}
     group_level: dict[str, int] = {}
     for item in items:
         if (g := group[id(item)]) is not None:
-            item.add_marker(pytest.mark.xdist_group(g))
             group_level[g] = max(group_level.get(g, 0), level[id(item)])
     rank = {i: group_level[g] if g is not None else level[i] for i, g in group.items()}
     chain = [item for item in items if rank[id(item)] == len(CHAIN) and group[id(item)] is None]

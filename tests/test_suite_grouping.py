@@ -1,0 +1,61 @@
+"""The suite's own scheduling (tests/conftest.py): a group's tests run on one pytest-xdist process."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import _group
+
+ROOT = Path(__file__).resolve().parent.parent
+
+FAKE_CONFTEST = f'''
+import importlib.util
+spec = importlib.util.spec_from_file_location("suite_conftest", {str(ROOT / "tests" / "conftest.py")!r})
+suite = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(suite)
+pytest_xdist_make_scheduler = suite.pytest_xdist_make_scheduler
+pytest_collection_modifyitems = suite.pytest_collection_modifyitems
+'''
+FAKE_FAMILIES = '''
+import os, time, pytest
+
+@pytest.fixture(scope="session", params=["alpha", "beta", "gamma"])
+def family_run(request):
+    with open(os.environ["BUILDS"], "a") as f:
+        f.write(f"{request.param} {os.environ['PYTEST_XDIST_WORKER']}\\n")
+    return request.param
+
+@pytest.mark.parametrize("n", range(4))
+def test_unrelated(n):
+    time.sleep(0.1)
+
+def test_one(family_run): time.sleep(0.1)
+def test_two(family_run): time.sleep(0.1)
+def test_three(family_run): time.sleep(0.1)
+'''
+
+
+def test_group_of_a_test_id():
+    assert _group("tests/test_families.py::test_pad_is_no_stop_token[qwen2.5-instruct]") == "family-qwen2.5-instruct"
+    assert _group("tests/test_families.py::test_every_family_has_its_expected_rendering") is None
+    assert _group("tests/test_slurm.py::test_chain[x]") == "tests/test_slurm.py"
+    assert _group("tests/test_distributed.py::test_two_process_ppo[gae]") == "tests/test_distributed.py"
+    assert _group("tests/test_ppo.py::test_x") is None
+
+
+def test_each_family_pipeline_is_built_once_on_one_process(tmp_path):
+    """Three processes and three families: each family's session fixture is built once (it would be built on
+    every process that runs one of its tests if the group were not kept together)."""
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "conftest.py").write_text(FAKE_CONFTEST)
+    (tmp_path / "tests" / "test_families.py").write_text(FAKE_FAMILIES)
+    builds = tmp_path / "builds.txt"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")} | {"BUILDS": str(builds)}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "3", "--dist",
+                           "loadgroup", "--rootdir", str(tmp_path), "tests"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "13 passed" in done.stdout
+    built = builds.read_text().split()[::2]
+    assert sorted(built) == ["alpha", "beta", "gamma"], builds.read_text()
