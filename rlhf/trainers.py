@@ -126,11 +126,14 @@ class TrainerRun:
         train_or_preempt(trainer, self.resume, self.stage, self.out)
 
     def evaluate_and_save(self, trainer, tokenizer, procs, final: dict[str, str]) -> bool:
-        """A last held-out evaluation into metrics.jsonl (`final`: our metric name -> the Trainer's), the adapter
-        and the tokenizer saved; every process waits for the others. Returns whether this is the main process,
-        which alone goes on to write the summary and DONE."""
-        logs = trainer.evaluate()
-        self.metrics.write(trainer.state.global_step, {ours: logs[theirs] for ours, theirs in final.items()})
+        """A held-out evaluation of the final weights in metrics.jsonl (`final`: our metric name -> the Trainer's),
+        the adapter and the tokenizer saved; every process waits for the others. Returns whether this is the main
+        process, which alone goes on to write the summary and DONE. The Trainer's own evaluation at the last step
+        (the end of the last epoch, or an eval_steps multiple) is that evaluation: it is not run twice."""
+        step = trainer.state.global_step
+        if not any(h.get("step") == step and all(t in h for t in final.values()) for h in trainer.state.log_history):
+            logs = trainer.evaluate()
+            self.metrics.write(step, {ours: logs[theirs] for ours, theirs in final.items()})
         save_trained_adapter(trainer, self.out)
         procs.wait_for_everyone()
         if self.main:
