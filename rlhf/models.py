@@ -215,14 +215,19 @@ def stacked_adapters(model: torch.nn.Module) -> list[str]:
     return [SFT_ADAPTER] if isinstance(model, PeftModel) and SFT_ADAPTER in model.peft_config else []
 
 
+def over_stacked(model: torch.nn.Module, name: str) -> list[str]:
+    """The adapters that are on when `name` is active: the stacked ones (`stacked_adapters`), then `name`."""
+    below = stacked_adapters(model)
+    return below if name in below else below + [name]
+
+
 def set_active(model: PeftModel, name: str) -> None:
     """Make `name` the active adapter, on top of the stacked ones; requires_grad flags never change."""
     with keep_requires_grad(model):
-        below = stacked_adapters(model)
-        if not below:
+        if not stacked_adapters(model):
             model.set_adapter(name, inference_mode=True)
             return
-        model.base_model.set_adapter(below + [a for a in [name] if a not in below], inference_mode=True)
+        model.base_model.set_adapter(over_stacked(model, name), inference_mode=True)
         model.active_adapter = name  # PeftModel's own record (one name); the layers hold the list
 
 
@@ -314,8 +319,7 @@ def _switched_by_peft(model: PeftModel, names: list[str], disabled: bool):
 def active_adapter(model: PeftModel, name: str):
     """Run with adapter `name` active (over the stacked SFT adapter, if any), then restore the previous
     adapters; requires_grad flags never change."""
-    below = stacked_adapters(model)
-    with _switched(model, below + [a for a in [name] if a not in below]):
+    with _switched(model, over_stacked(model, name)):
         yield model
 
 
