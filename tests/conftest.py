@@ -141,29 +141,55 @@ def _stage_process(module: str, argv: list[str], env: dict, out: str, err: str) 
     os._exit(code)
 
 
-def stage_process(stage: str, argv: list[str], timeout: float) -> subprocess.CompletedProcess:
+class ForkedStage:
     """`python -m stages.<stage> <argv>` as a process of its own (its own globals, seeds, signal handlers, exit
     code) forked from a server that has already imported what stages import: the same run as a fresh
-    interpreter's, without the ~10 s of imports. Exceptions: the tests of what happens before torch loads, of
-    `make` and of signals start real interpreters."""
-    import multiprocessing
-    import tempfile
-    global _forks
-    if _forks is None:
-        _forks = multiprocessing.get_context("forkserver")
-        _forks.set_forkserver_preload(STAGE_IMPORTS)
-    with tempfile.TemporaryDirectory() as tmp:
-        out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
-        proc = _forks.Process(target=_stage_process, args=(f"stages.{stage}", argv, dict(os.environ), out, err))
-        proc.start()
-        proc.join(timeout)
-        if proc.exitcode is None:
-            proc.kill()
-            proc.join()
-            raise subprocess.TimeoutExpired([f"stages.{stage}", *argv], timeout)
+    interpreter's, without the ~10 s of imports. Like `subprocess.Popen`: `pid`, `poll()`, `send_signal()`,
+    `communicate(timeout)` -> (stdout, stderr), `returncode`. Exceptions: the tests of what happens before torch
+    loads and of `make` start real interpreters."""
+
+    def __init__(self, stage: str, argv: list[str]):
+        import multiprocessing
+        import tempfile
+        global _forks
+        if _forks is None:
+            _forks = multiprocessing.get_context("forkserver")
+            _forks.set_forkserver_preload(STAGE_IMPORTS)
+        self.args = [sys.executable, "-m", f"stages.{stage}", *argv]
+        self._tmp = tempfile.TemporaryDirectory()
+        self._out, self._err = (os.path.join(self._tmp.name, n) for n in ("out", "err"))
+        self._proc = _forks.Process(target=_stage_process,
+                                    args=(f"stages.{stage}", argv, dict(os.environ), self._out, self._err))
+        self._proc.start()
+        self.pid = self._proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.exitcode
+
+    def poll(self) -> int | None:
+        return self._proc.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self._proc.join(timeout)
+        if self._proc.exitcode is None:
+            self._proc.kill()
+            self._proc.join()
+            raise subprocess.TimeoutExpired(self.args, timeout)
         read = lambda path: Path(path).read_text(errors="replace") if os.path.exists(path) else ""
-        return subprocess.CompletedProcess([sys.executable, "-m", f"stages.{stage}", *argv], proc.exitcode,
-                                           read(out), read(err))
+        out, err = read(self._out), read(self._err)
+        self._tmp.cleanup()
+        return out, err
+
+
+def stage_process(stage: str, argv: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """`ForkedStage` run to its end: stdout, stderr and the exit code."""
+    proc = ForkedStage(stage, argv)
+    out, err = proc.communicate(timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def run_stage(stage: str, *overrides: str, check: bool = True, timeout: int = 1500,

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 from rlhf import distributed
 from rlhf.config import ConfigError
-from conftest import ROOT, run_make
+from conftest import ROOT, run_make, run_stage, small_demo_files
 
 TWO_CPU = ["LAUNCHER=accelerate", "ACCELERATE_CONFIG=configs/accelerate/cpu-2proc.yaml", "NPROC=2"]
 
@@ -146,6 +146,13 @@ def two_process_run(demo_dir, tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("two-proc")
 
 
+@pytest.fixture(scope="module")
+def small_files(demo_dir, tmp_path_factory) -> dict[str, str]:
+    """The first rows of the demo's files: each of the two processes tokenizes a stage's whole file (the RM's
+    18000 training pairs) and scores its whole held-out file."""
+    return small_demo_files(demo_dir, tmp_path_factory.mktemp("two-proc-data"))
+
+
 @pytest.mark.slow
 def test_sft_with_two_processes(two_process_run, sft_run):
     from peft import PeftModel
@@ -165,32 +172,34 @@ def test_sft_with_two_processes(two_process_run, sft_run):
 
 
 @pytest.mark.slow
-def test_rm_with_two_processes(two_process_run, rm_run):
+def test_rm_with_two_processes(two_process_run, rm_run, small_files):
     from rlhf.config import ModelConfig
     from rlhf.models import load_sft_model, load_tokenizer
     from rlhf.rm.scoring import RewardScorer
 
     if not (two_process_run / "sft" / "DONE").is_file():  # run alone: the demo's SFT stage will do
         shutil.copytree(rm_run / "sft", two_process_run / "sft", dirs_exist_ok=True)
-    make_two_processes("rm", two_process_run, "rm.train.max_steps=6 rm.train.logging_steps=3")
+    make_two_processes("rm", two_process_run, f"rm.train_file={small_files['rm_rankings_train']} "
+                       f"rm.eval_file={small_files['rm_pairs_eval']} rm.train.max_steps=6 rm.train.logging_steps=3")
     out = two_process_run / "rm"
     assert (out / "DONE").is_file() and files(out) == files(rm_run / "rm")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [3, 6]
-    assert json.loads((out / "diagnostics.json").read_text())["rm/n_pairs"] == 400
+    assert json.loads((out / "diagnostics.json").read_text())["rm/n_pairs"] == 16  # every held-out pair, once
     tok = load_tokenizer(str(out))
     sft = load_sft_model(ModelConfig(name_or_path="data/demo/base"), two_process_run / "sft", tok)
     assert RewardScorer.attach(sft, out, tok).score(["list two fruits"], ["apple pear"]).shape == (1,)
 
 
-def ppo_args(estimator: str) -> str:
-    args = ("ppo.steps=2 ppo.save_steps=1 ppo.rollout_batch_size=16 ppo.eval_samples=8 ppo.monitor_prompts=8 "
+def ppo_args(estimator: str, files: dict[str, str]) -> str:
+    args = (f"ppo.prompts_file={files['prompts_train']} ppo.eval_prompts_file={files['prompts_eval']} ppo.steps=2 "
+            "ppo.save_steps=1 ppo.rollout_batch_size=16 ppo.eval_samples=8 ppo.monitor_prompts=8 "
             "ppo.reward_norm_samples=16")
     return args if estimator == "gae" else args + f" ppo.estimator={estimator} ppo.group_size=4"
 
 
 @pytest.fixture(scope="module")
-def two_process_ppo(rm_run, tmp_path_factory):
+def two_process_ppo(rm_run, small_files, tmp_path_factory):
     """`two_process_ppo(estimator)`: a finished 2-process PPO run of 2 steps on the demo's SFT and RM (run on
     first use, once per module): its run directory and make's stdout. The PPO test checks it, then resumes it
     from its step-1 checkpoint (ending where it ended); the eval test evaluates its policy."""
@@ -201,14 +210,14 @@ def two_process_ppo(rm_run, tmp_path_factory):
             run = tmp_path_factory.mktemp(f"two-proc-ppo-{estimator}")
             for stage in ("sft", "rm"):
                 shutil.copytree(rm_run / stage, run / stage, ignore=shutil.ignore_patterns("checkpoints"))
-            runs[estimator] = run, make_two_processes("ppo", run, ppo_args(estimator)).stdout
+            runs[estimator] = run, make_two_processes("ppo", run, ppo_args(estimator, small_files)).stdout
         return runs[estimator]
     return get
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["gae", "rloo"])
-def test_ppo_with_two_processes_splits_the_work_and_resumes_exactly(two_process_ppo, estimator):
+def test_ppo_with_two_processes_splits_the_work_and_resumes_exactly(two_process_ppo, small_files, estimator):
     """Two processes, 8 rollouts each per step: identical weights on both processes, every process's random
     state in the checkpoint, and a rerun from the step-1 checkpoint ends bit-for-bit where the uninterrupted
     run ended. rloo: 2 prompts x 4 answers per process (whole groups), no value adapter."""
@@ -238,7 +247,7 @@ def test_ppo_with_two_processes_splits_the_work_and_resumes_exactly(two_process_
     policy = (out / "policy" / "adapter_model.safetensors").read_bytes()
     shutil.rmtree(out / "checkpoints" / "checkpoint-2")
     (out / "DONE").unlink()
-    proc = make_two_processes("ppo", run, ppo_args(estimator))
+    proc = make_two_processes("ppo", run, ppo_args(estimator, small_files))
     assert "resuming from" in proc.stdout and "checkpoint-1" in proc.stdout
     again = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [without_timings(r) for r in again] == [without_timings(r) for r in rows]
@@ -259,9 +268,7 @@ def test_eval_with_two_processes_answers_every_prompt_once_in_order(two_process_
         shutil.copytree(run / stage, tmp_path / "two" / stage, ignore=shutil.ignore_patterns("checkpoints"))
     shutil.copytree(tmp_path / "two", tmp_path / "one")
     args = "eval.samples=7 eval.samples_per_prompt=2 eval.checkpoints=[sft,ppo] eval.max_new_tokens=8"
-    one = subprocess.run(run_make("eval", tmp_path / "one", args=args), cwd=ROOT, capture_output=True, text=True,
-                         timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
+    run_stage("eval", f"run_dir={tmp_path / 'one'}", *args.split())  # one process: the stage as `make eval` runs it
     make_two_processes("eval", tmp_path / "two", args)
     out1, out2 = tmp_path / "one" / "eval", tmp_path / "two" / "eval"
     assert files(out2) == files(out1) and (out2 / "DONE").is_file()

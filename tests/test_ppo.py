@@ -76,7 +76,7 @@ def test_killed_make_ppo_resumes_to_the_same_result(rm_run, tmp_path):
     for run in (straight, killed):
         for stage in ("sft", "rm"):
             shutil.copytree(rm_run / stage, run / stage)
-    subprocess.run(run_make("ppo", straight, args=SMALL), cwd=ROOT, check=True, capture_output=True)
+    run_stage("ppo", f"run_dir={straight}", *SMALL.split())  # the reference: the same stage, never interrupted
 
     cmd = run_make("ppo", killed, args=SMALL)
     kill_once_written(cmd, killed / "ppo" / "checkpoints" / "checkpoint-2" / "state.json")

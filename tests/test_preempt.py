@@ -5,8 +5,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DEMO_CONFIG, ROOT, small_demo_files
+from conftest import DEMO_CONFIG, ForkedStage, small_demo_files
 from rlhf import cli
 from rlhf.preempt import EXIT_PREEMPTED, PREEMPTED, Preempted, StopSignal, mark_preempted
 from rlhf.runs import begin_stage, read_metrics
@@ -46,13 +44,12 @@ def test_preempted_stage_exits_75_with_its_message(tmp_path, capsys):
 
 # --- slow: real stages, real signals ---------------------------------------------------------------------
 
-def start_stage(stage: str, run_dir: Path, overrides: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", f"stages.{stage}", "--config", str(DEMO_CONFIG), f"run_dir={run_dir}",
-           *overrides.split()]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start_stage(stage: str, run_dir: Path, overrides: str) -> ForkedStage:
+    """The stage as a process of its own (forked from the suite's pre-imported server), which the test signals."""
+    return ForkedStage(stage, ["--config", str(DEMO_CONFIG), f"run_dir={run_dir}", *overrides.split()])
 
 
-def signal_after(proc: subprocess.Popen, metrics: Path, rows: int, sig: int, timeout: float = 300) -> None:
+def signal_after(proc: ForkedStage, metrics: Path, rows: int, sig: int, timeout: float = 300) -> None:
     """Send `sig` once `metrics` has `rows` rows (training is under way, between two regular checkpoints)."""
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
@@ -80,7 +77,8 @@ def test_sigterm_during_ppo_checkpoints_that_step_and_the_rerun_ends_as_an_unint
     PPO = (PPO_ARGS + f" ppo.prompts_file={prompts}"
            + ("" if estimator == "gae" else f" ppo.estimator={estimator} ppo.group_size=4"))
     proc = start_stage("ppo", straight, PPO)
-    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
 
     proc = start_stage("ppo", stopped, PPO)
     signal_after(proc, stopped / "ppo" / "metrics.jsonl", 2, signal.SIGTERM)
