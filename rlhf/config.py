@@ -270,7 +270,8 @@ class PPOStageConfig:
     are this sum."""
     kl_coef: float = 0.05
     """beta of the KL penalty to the SFT policy (the reference): per token in the reward (gae, reinforce_pp),
-    summed per answer (rloo), or a loss term (grpo). With adaptive_kl, the starting value."""
+    summed per answer (rloo), or a loss term (grpo; or summed per answer with grpo_kl: reward). With adaptive_kl,
+    the starting value."""
     kl_estimator: str = "k1"
     """k1 (log-ratio, unbiased, the classic choice) or k3 ((r - 1) - log r, never negative)."""
     adaptive_kl: bool = False
@@ -302,7 +303,7 @@ class PPOStageConfig:
     estimator: str = "gae"
     """gae: PPO, a value adapter and head trained beside the policy, GAE(gamma, lam), per-token KL in the reward.
     Critic-free (no value adapter or head in memory or in the optimiser, no value loss): grpo (score normalised
-    within each prompt's group; KL as a k3 loss term, beta = kl_coef), rloo (leave-one-out baseline over the
+    within each prompt's group; KL as a k3 loss term, beta = kl_coef, or in the reward: grpo_kl), rloo (leave-one-out baseline over the
     group; the answer's summed KL in its reward), reinforce_pp (REINFORCE++: reward to go with the per-token KL
     in the reward, whitened over the batch)."""
     group_size: int = 1
@@ -310,6 +311,10 @@ class PPOStageConfig:
     it must be a multiple of k (per process). grpo and rloo need k >= 2; gae and reinforce_pp take any k."""
     grpo_std_norm: bool = True
     """grpo: divide by the std of the group's scores (GRPO); false: only subtract the group mean (Dr. GRPO)."""
+    grpo_kl: str = "loss"
+    """grpo: where the KL to the reference goes. loss: a k3 term beside the clipped objective, beta = kl_coef
+    (GRPO's paper); reward: the answer's summed KL subtracted from its score before the group normalisation
+    (score - kl_coef x KL, as rloo does), so the advantage itself trades reward against KL."""
     # update
     ppo_epochs: int = 4
     """Passes over each step's rollouts."""

@@ -62,6 +62,8 @@ def test_each_checkpoint_is_traced_to_the_stage_that_produced_it(tmp_path):
     # Dr. GRPO, RLOO, and a PPO stage without a readable config
     (grpo / "ppo" / "config.yaml").write_text("ppo:\n  estimator: grpo\n  grpo_std_norm: false\n")
     assert provenance(ckpts[4], run)["algorithm"] == "Dr. GRPO"
+    (grpo / "ppo" / "config.yaml").write_text("ppo:\n  estimator: grpo\n  grpo_std_norm: false\n  grpo_kl: reward\n")
+    assert provenance(ckpts[4], run)["algorithm"] == "Dr. GRPO, KL in reward"
     (grpo / "ppo" / "config.yaml").write_text("ppo:\n  estimator: rloo\n")
     assert provenance(ckpts[4], run)["algorithm"] == "RLOO"
     (grpo / "ppo" / "config.yaml").unlink()

@@ -103,6 +103,15 @@ def test_where_each_estimator_puts_the_kl():
     assert torch.allclose(rloo.returns, est.to_tokens(seq, mask))
     assert torch.allclose(rloo.advantages, est.to_tokens(torch.tensor([-2.05, 2.05, 0.1, -0.1]), mask), atol=1e-6)
 
+    # grpo_kl="reward": the summed KL leaves each score first (0.85, 2.9 | 1.95, 1.85), then the group
+    # normalisation; without the std division that is RLOO's advantage x (k - 1) / k
+    dr = run_estimator(r, "grpo", std_norm=False, grpo_kl="reward")
+    assert torch.allclose(dr.returns, est.to_tokens(seq, mask))
+    assert torch.allclose(dr.advantages, est.to_tokens(torch.tensor([-1.025, 1.025, 0.05, -0.05]), mask), atol=1e-6)
+    assert torch.allclose(dr.non_score[mask], torch.full((9,), -0.05))
+    std = run_estimator(r, "grpo", grpo_kl="reward")  # each group's two answers are one std either side
+    assert torch.allclose(std.advantages, est.to_tokens(torch.tensor([-g, g, g, -g]), mask), atol=1e-5)
+
     rpp = run_estimator(r, "reinforce_pp")
     assert torch.allclose(rpp.non_score[mask], torch.full((9,), -0.05))  # per-token KL in the reward
     assert torch.allclose(rpp.returns[0], torch.tensor([1.0 - 0.15, 1.0 - 0.10, 1.0 - 0.05]))
@@ -125,6 +134,7 @@ def test_repeat_prompts_lays_groups_out_contiguously():
     ({"estimator": "grpo", "group_size": 1}, "ppo.group_size=1: ppo.estimator=grpo needs at least 2 answers"),
     ({"estimator": "rloo", "group_size": 3}, "ppo.rollout_batch_size=64 must be a multiple of ppo.group_size=3"),
     ({"estimator": "rloo", "group_size": 4, "whiten_rewards": True}, "set ppo.whiten_rewards=false"),
+    ({"estimator": "grpo", "group_size": 4, "grpo_kl": "both"}, "ppo.grpo_kl must be loss (a k3 loss term"),
 ])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
@@ -134,5 +144,6 @@ def test_config_errors_name_the_key(overrides, message):
 
 def test_kl_loss_coefficient_joins_the_update_for_grpo_only():
     assert update_spec(PPOStageConfig(estimator="grpo", group_size=4), 0.04).kl_loss_coef == 0.04
+    assert update_spec(PPOStageConfig(estimator="grpo", group_size=4, grpo_kl="reward"), 0.04).kl_loss_coef == 0.0
     for name in ("gae", "rloo", "reinforce_pp"):
         assert update_spec(PPOStageConfig(estimator=name, group_size=4), 0.04).kl_loss_coef == 0.0

@@ -155,9 +155,11 @@ def _algorithm(stage: Path, summary: dict) -> str:
             estimator = ppo.get("estimator", "gae")  # configs from before the estimators: PPO
         except Exception:  # no readable config beside it: the stage's name is all that is known
             return "ppo"
-        if estimator == "grpo" and ppo.get("grpo_std_norm") is False:
-            return "Dr. GRPO"
-        return ALGORITHMS.get(estimator, estimator)
+        name = ALGORITHMS.get(estimator, estimator)
+        if estimator == "grpo":
+            name = "Dr. GRPO" if ppo.get("grpo_std_norm") is False else name
+            name += ", KL in reward" if ppo.get("grpo_kl") == "reward" else ""
+        return name
     return stage.name.upper() if stage.name in ("sft", "dpo") else stage.name
 
 

@@ -129,6 +129,7 @@ class AdvantageSpec:
     estimator: str = "gae"
     group_size: int = 1
     std_norm: bool = True             # grpo: divide by the group's std (false: Dr. GRPO)
+    grpo_kl: str = "loss"             # grpo: the KL as a loss term (update.py) or in the answer's reward
 
 
 def advantages(r: Rollout, kl_coef: float, spec: AdvantageSpec) -> Advantages:
@@ -138,8 +139,9 @@ def advantages(r: Rollout, kl_coef: float, spec: AdvantageSpec) -> Advantages:
     gae           per-token KL in the reward, GAE(gamma, lam) on the value adapter's values (PPO);
     reinforce_pp  per-token KL in the reward, reward to go (gamma), whitened over the batch (REINFORCE++);
     rloo          summed KL in the answer's reward, leave-one-out baseline over each group of group_size;
-    grpo          no KL in the reward (GRPO's KL is a loss term, `estimators.kl_loss`), group-normalised
-                  score (std_norm=False: not divided by the group's std, Dr. GRPO).
+    grpo          group-normalised score (std_norm=False: not divided by the group's std, Dr. GRPO); no KL in
+                  the reward (GRPO's KL is a loss term, `estimators.kl_loss`), or with grpo_kl="reward" the
+                  answer's summed KL in its reward before the normalisation, as rloo.
     whiten_rewards applies to the per-token rewards of gae and reinforce_pp, whiten_advantages to gae only:
     the other estimators bring their own normalisation."""
     mask = r.response_mask
@@ -148,7 +150,7 @@ def advantages(r: Rollout, kl_coef: float, spec: AdvantageSpec) -> Advantages:
         scores = core.missing_eos_penalty(scores, r.ended, spec.missing_eos_penalty)
     kl = kl_penalty(r.logprobs, r.ref_logprobs, spec.kl_estimator)
     estimator, group_size = spec.estimator, spec.group_size
-    in_reward = 0.0 if estimator == "grpo" else kl_coef
+    in_reward = 0.0 if estimator == "grpo" and spec.grpo_kl == "loss" else kl_coef
     rewards, non_score = core.per_token_rewards(scores, kl, mask, in_reward)
     if spec.whiten_rewards and estimator in ("gae", "reinforce_pp"):
         rewards = core.masked_whiten(rewards, mask, shift_mean=False)
@@ -162,8 +164,9 @@ def advantages(r: Rollout, kl_coef: float, spec: AdvantageSpec) -> Advantages:
         seq = estimators.sequence_kl_rewards(scores, kl, mask, kl_coef)
         adv, returns = (estimators.to_tokens(x, mask) for x in (estimators.leave_one_out(seq, group_size), seq))
     elif estimator == "grpo":
-        seq = estimators.group_normalised(scores, group_size, spec.std_norm)
-        adv, returns = estimators.to_tokens(seq, mask), estimators.to_tokens(scores, mask)
+        seq = estimators.sequence_kl_rewards(scores, kl, mask, in_reward)  # in_reward 0: the scores themselves
+        adv = estimators.group_normalised(seq, group_size, spec.std_norm)
+        adv, returns = estimators.to_tokens(adv, mask), estimators.to_tokens(seq, mask)
     else:
         raise ValueError(f"unknown advantage estimator {estimator!r}; choose one of {', '.join(estimators.ESTIMATORS)}")
     return Advantages(kl=kl, non_score=non_score, rewards=rewards, advantages=adv, returns=returns, scores=scores)

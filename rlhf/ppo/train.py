@@ -51,11 +51,11 @@ def sampling(p: PPOStageConfig) -> SamplingSpec:
 
 
 def update_spec(p: PPOStageConfig, kl_coef: float = 0.0) -> UpdateSpec:
-    """kl_coef: this step's beta (the KL controller's); it joins the loss for grpo only."""
+    """kl_coef: this step's beta (the KL controller's); it joins the loss for grpo only (grpo_kl: loss)."""
     return UpdateSpec(ppo_epochs=p.ppo_epochs, num_minibatches=p.num_minibatches, grad_accum=p.grad_accum,
                       clip_range=p.clip_range, clip_range_value=p.clip_range_value, vf_coef=p.vf_coef,
                       max_grad_norm=p.max_grad_norm, temperature=p.temperature, ptx_coef=p.ptx_coef,
-                      kl_loss_coef=kl_coef if p.estimator == "grpo" else 0.0)
+                      kl_loss_coef=kl_coef if p.estimator == "grpo" and p.grpo_kl == "loss" else 0.0)
 
 
 def advantage_spec(p: PPOStageConfig, shift: float, scale: float) -> AdvantageSpec:
@@ -63,7 +63,7 @@ def advantage_spec(p: PPOStageConfig, shift: float, scale: float) -> AdvantageSp
     return AdvantageSpec(reward_shift=shift, reward_scale=scale, kl_estimator=p.kl_estimator,
                          missing_eos_penalty=p.missing_eos_penalty, whiten_rewards=p.whiten_rewards,
                          whiten_advantages=p.whiten_advantages, gamma=p.gamma, lam=p.lam, estimator=p.estimator,
-                         group_size=p.group_size, std_norm=p.grpo_std_norm)
+                         group_size=p.group_size, std_norm=p.grpo_std_norm, grpo_kl=p.grpo_kl)
 
 
 def guard_spec(p: PPOStageConfig) -> GuardSpec:
@@ -144,6 +144,9 @@ def check_estimator(p: PPOStageConfig) -> None:
         raise ConfigError(f"ppo.rollout_batch_size={p.rollout_batch_size} must be a multiple of "
                           f"ppo.group_size={p.group_size} (it counts answers: rollout_batch_size / group_size prompts "
                           f"a step, each answered group_size times)")
+    if p.grpo_kl not in ("loss", "reward"):
+        raise ConfigError(f"ppo.grpo_kl must be loss (a k3 loss term, GRPO's paper) or reward (the answer's summed "
+                          f"KL in its reward, as rloo), not {p.grpo_kl!r}")
     if p.whiten_rewards and p.estimator in estimators.GROUP_ESTIMATORS:
         raise ConfigError(f"ppo.whiten_rewards scales per-token rewards (gae, reinforce_pp); "
                           f"ppo.estimator={p.estimator} normalises within groups: set ppo.whiten_rewards=false")
