@@ -76,12 +76,18 @@ def pytest_xdist_make_scheduler(config, log):
     return Grouped(config, log)
 
 
+# The longest groups (minutes on one process): started right after the chain, so that they do not end last. Their
+# processes wait for the chain's SFT and RM (a lock, no CPU) while the chain's and a third process use the cores.
+FIRST_GROUPS = ("tests/test_slurm.py", "tests/test_distributed.py")
+
+
 def pytest_collection_modifyitems(items):
     """The order, for the processes on two cores: first one test that needs the whole demo chain (its process
-    builds SFT, RM and PPO, some minutes), then every test that needs none of it (the other processes work
-    through them meanwhile), then those that need SFT, RM, PPO, in that order, so that a process seldom waits
-    for a run that another is still building. A group (`_group`) goes where its latest test would (its tests
-    run together, on one process), and first among its equals (one process works through it)."""
+    builds SFT, RM and PPO, some minutes), then the longest groups (`FIRST_GROUPS`), then every test that needs
+    none of the chain (the other processes work through them meanwhile), then those that need SFT, RM, PPO, in
+    that order, so that a process seldom waits for a run that another is still building. A group (`_group`)
+    goes where its latest test would (its tests run together, on one process), and first among its equals (one
+    process works through it)."""
     group = {id(item): _group(item.nodeid) for item in items}
     level = {id(item): max((i + 1 for i, name in enumerate(CHAIN) if name in item.fixturenames), default=0)
              for item in items}
@@ -92,7 +98,9 @@ def pytest_collection_modifyitems(items):
     rank = {i: group_level[g] if g is not None else level[i] for i, g in group.items()}
     chain = [item for item in items if rank[id(item)] == len(CHAIN) and group[id(item)] is None]
     starter = next((item for item in chain if item.nodeid == STARTER), chain[0] if chain else None)
-    items.sort(key=lambda item: (item is not starter, rank[id(item)], group[id(item)] is None))
+    first = {g: i for i, g in enumerate(FIRST_GROUPS)}
+    items.sort(key=lambda item: (item is not starter, first.get(group[id(item)], len(first)), rank[id(item)],
+                                 group[id(item)] is None))
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import _group
+from conftest import STARTER, _group, pytest_collection_modifyitems
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,3 +59,23 @@ def test_each_family_pipeline_is_built_once_on_one_process(tmp_path):
     assert "13 passed" in done.stdout
     built = builds.read_text().split()[::2]
     assert sorted(built) == ["alpha", "beta", "gamma"], builds.read_text()
+
+
+class Item:
+    def __init__(self, nodeid: str, *fixtures: str):
+        self.nodeid, self.fixturenames = nodeid, list(fixtures)
+
+
+def test_order_the_chain_then_the_long_groups_then_by_the_runs_each_test_needs():
+    """The test that builds the demo's chain first, then the SLURM and 2-process groups (each whole, on one
+    process, minutes long), then tests by the shared runs they need: none, SFT, RM, PPO; a group among its
+    equals first."""
+    items = [Item("tests/test_a.py::test_needs_ppo", "ppo_run"), Item("tests/test_a.py::test_plain"),
+             Item("tests/test_slurm.py::test_chain"), Item("tests/test_a.py::test_needs_sft", "sft_run"),
+             Item(STARTER, "ppo_run"), Item("tests/test_distributed.py::test_rm", "rm_run"),
+             Item("tests/test_families.py::test_x[gpt2]"), Item("tests/test_a.py::test_needs_rm", "rm_run"),
+             Item("tests/test_distributed.py::test_units"), Item("tests/test_slurm.py::test_2proc", "rm_run")]
+    pytest_collection_modifyitems(items)
+    assert [i.nodeid.split("::")[1] for i in items] == [
+        STARTER.split("::")[1], "test_chain", "test_2proc", "test_rm", "test_units", "test_x[gpt2]", "test_plain",
+        "test_needs_sft", "test_needs_rm", "test_needs_ppo"]
