@@ -243,9 +243,9 @@ def test_make_compare_on_the_demo_with_a_few_steps(rm_run, demo_dir, tmp_path):
     assert "stages.sft" not in proc.stdout and "stages.rm " not in proc.stdout  # RUN's finished stages stay
     m = json.loads((run / "eval" / "metrics.json").read_text())
     algorithms = {c["name"]: c.get("algorithm") for c in m["checkpoints"]}
-    # configs/demo-grpo.yaml runs Dr. GRPO (grpo_std_norm: false)
-    assert algorithms == {"base": "base", "sft": "SFT", "ppo": "PPO (GAE)", "dpo": "DPO", "grpo": "Dr. GRPO",
-                          "rloo": "RLOO"}
+    # configs/demo-grpo.yaml runs GRPO with the KL in the reward (grpo_kl: reward)
+    assert algorithms == {"base": "base", "sft": "SFT", "ppo": "PPO (GAE)", "dpo": "DPO",
+                          "grpo": "GRPO, KL in reward", "rloo": "RLOO"}
     for c in m["checkpoints"][1:]:
         assert c["wall_s"] > 0 and c["peak_rss_mb"] > 0, c
     _, rows = comparison_rows((run / "eval" / "report.md").read_text())
