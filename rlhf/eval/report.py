@@ -333,8 +333,7 @@ def _pyplot():
 def _save(fig, path: Path) -> Path:
     """Write the figure (atomically: a report never links a half-written image) and free it."""
     tmp = path.with_name(path.stem + ".tmp.png")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=110)  # laid out as it is drawn: the figures are made with layout="constrained"
     os.replace(tmp, path)
     _pyplot().close(fig)
     return path
@@ -361,7 +360,7 @@ def plot_ppo(rows: list[dict], path: Path) -> Path:
     panels = [(k, label) for k, label in (("ppo/score", "RM score of rollouts"), ("ppo/kl", "KL to SFT (nats)"),
                                           ("ppo/reward", "total reward"), ("ppo/response_length", "answer length"))
               if any(k in r for r in rows)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False, layout="constrained")
     window = max(1, len(rows) // 20)
     for ax, (key, label) in zip(axes[0], panels):
         steps = [r["step"] for r in rows if key in r]
@@ -384,7 +383,7 @@ def plot_monitor(rows: list[dict], path: Path) -> Path | None:
     if not rows:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(MONITOR_PANELS), figsize=(4 * len(MONITOR_PANELS), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(MONITOR_PANELS), figsize=(4 * len(MONITOR_PANELS), 3.2), squeeze=False, layout="constrained")
     for ax, (name, label) in zip(axes[0], MONITOR_PANELS):
         for decoding, color in (("sample", "tab:blue"), ("greedy", "tab:orange")):
             key = f"monitor/{decoding}/{name}"
@@ -405,7 +404,7 @@ def plot_distributions(samples: list[dict], m: dict, path: Path) -> Path | None:
     if not keys:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.4), squeeze=False, layout="constrained")
     for ax, (key, label) in zip(axes[0], keys):
         series = {name: [s[key] for s in samples if s["decoding"] == decoding and s["checkpoint"] == name and key in s]
                   for name in names}
@@ -437,7 +436,7 @@ def plot_comparison(m: dict, path: Path) -> Path | None:
     if not panels:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False, layout="constrained")
     color = {name: f"C{i}" for i, name in enumerate(judged)}  # a checkpoint's colour in every panel
     for ax, (x, label, names) in zip(axes[0], panels):
         for name in names:
@@ -461,7 +460,7 @@ def plot_rm(d: dict, path: Path) -> Path | None:
         return None
     plt = _pyplot()
     n = 1 + bool(tags)
-    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.6), squeeze=False, layout="constrained")
     ax = axes[0][0]
     ax.plot([0.5, 1], [0.5, 1], linestyle="--", color="gray", label="perfect calibration")
     if bins:
@@ -486,7 +485,7 @@ def plot_sft(rows: list[dict], path: Path) -> Path | None:
     if not any(series.values()):
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = plt.subplots(figsize=(5, 3.2), layout="constrained")
     for label, points in series.items():
         if points:
             ax.plot(*zip(*points), marker="o" if len(points) < 20 else None, label=label)
