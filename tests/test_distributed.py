@@ -154,19 +154,20 @@ def small_files(demo_dir, tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_sft_with_two_processes(two_process_run, sft_run):
+def test_sft_with_two_processes(two_process_run, sft_run, small_files):
     from peft import PeftModel
     from rlhf.config import ModelConfig
     from rlhf.models import load_causal_lm, load_tokenizer
 
-    make_two_processes("sft", two_process_run, "sft.train.max_steps=6 sft.train.logging_steps=3")
+    make_two_processes("sft", two_process_run, f"sft.train_file={small_files['sft_train']} "
+                       f"sft.eval_file={small_files['sft_eval']} sft.train.max_steps=6 sft.train.logging_steps=3")
     out = two_process_run / "sft"
     assert (out / "DONE").is_file() and files(out) == files(sft_run / "sft")
     assert len(list((out / "tb").iterdir())) == 1  # one event file: only the main process writes
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [3, 6]  # one row per log, not one per process
-    # 6 steps x 16 examples x 2 processes of the 2000 demonstrations: each process took its own batches
-    assert rows[-2]["train/epoch"] == pytest.approx(6 * 16 * 2 / 2000, rel=0.02)
+    # 6 steps x 16 examples x 2 processes of the 64 demonstrations: each process took its own batches
+    assert rows[-2]["train/epoch"] == pytest.approx(6 * 16 * 2 / 64, rel=0.02)
     tok = load_tokenizer(str(out))
     PeftModel.from_pretrained(load_causal_lm(ModelConfig(name_or_path="data/demo/base"), tok), str(out))
 

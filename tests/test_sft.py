@@ -121,21 +121,21 @@ def test_killed_make_sft_resumes_from_last_checkpoint(demo_dir, tmp_path):
     then run it again: it resumes from that checkpoint and finishes; DONE appears only at the end."""
     run, f = tmp_path / "run", small_demo_files(demo_dir, tmp_path / "data")
     args = (f"train_file={f['sft_train']} eval_file={f['sft_eval']} "  # small: a stage tokenizes all of them
-            "train.max_steps=60 train.save_steps=10 train.logging_steps=10 train.eval_steps=100")
+            "train.max_steps=30 train.save_steps=10 train.logging_steps=10 train.eval_steps=100")
     cmd = run_make("sft", run, args=args)
     kill_once_written(cmd, run / "sft" / "checkpoints" / "checkpoint-10" / "trainer_state.json")
     assert not (run / "sft" / "DONE").exists()
     killed_at = last_complete_checkpoint(run / "sft" / "checkpoints")
-    assert killed_at is not None and int(killed_at.name.split("-")[1]) < 60
+    assert killed_at is not None and int(killed_at.name.split("-")[1]) < 30
 
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming from {killed_at}" in again.stdout
     assert (run / "sft" / "DONE").exists()
-    state = json.loads((run / "sft" / "checkpoints" / "checkpoint-60" / "trainer_state.json").read_text())
-    assert state["global_step"] == 60
+    state = json.loads((run / "sft" / "checkpoints" / "checkpoint-30" / "trainer_state.json").read_text())
+    assert state["global_step"] == 30
     steps = [r["step"] for r in read_metrics(run / "sft" / "metrics.jsonl") if "train/loss" in r]
-    assert steps == sorted(set(steps)) and steps[-1] == 60  # no step logged twice after the resume
+    assert steps == sorted(set(steps)) and steps[-1] == 30  # no step logged twice after the resume
 
     # Up to date now: make does nothing.
     done_mtime = (run / "sft" / "DONE").stat().st_mtime
