@@ -303,9 +303,9 @@ class PPOStageConfig:
     estimator: str = "gae"
     """gae: PPO, a value adapter and head trained beside the policy, GAE(gamma, lam), per-token KL in the reward.
     Critic-free (no value adapter or head in memory or in the optimiser, no value loss): grpo (score normalised
-    within each prompt's group; KL as a k3 loss term, beta = kl_coef, or in the reward: grpo_kl), rloo (leave-one-out baseline over the
-    group; the answer's summed KL in its reward), reinforce_pp (REINFORCE++: reward to go with the per-token KL
-    in the reward, whitened over the batch)."""
+    within each prompt's group; KL as a k3 loss term, beta = kl_coef, or in the reward: grpo_kl), rloo
+    (leave-one-out baseline over the group; the answer's summed KL in its reward), reinforce_pp (REINFORCE++:
+    reward to go with the per-token KL in the reward, whitened over the batch)."""
     group_size: int = 1
     """k, answers sampled per prompt each step (the prompt repeated k times); rollout_batch_size counts answers, so
     it must be a multiple of k (per process). grpo and rloo need k >= 2; gae and reinforce_pp take any k."""

@@ -227,17 +227,28 @@ def small_demo_files(demo_dir, data) -> dict[str, str]:
     return {name: head_lines(demo_dir / f"{name}.jsonl", data / f"{name}.jsonl", n) for name, n in rows.items()}
 
 
+# Which of `small_demo_files` each stage reads: its config key -> the file's name there.
+STAGE_FILES = {"sft": {"train_file": "sft_train", "eval_file": "sft_eval"},
+               "rm": {"train_file": "rm_rankings_train", "eval_file": "rm_pairs_eval"},
+               "dpo": {"train_file": "rm_rankings_train", "eval_file": "rm_pairs_eval"},
+               "ppo": {"prompts_file": "prompts_train", "eval_prompts_file": "prompts_eval"}}
+
+
+def small_file_args(files: dict[str, str], *stages: str, prefixed: bool = True) -> list[str]:
+    """The overrides that point `stages` at `small_demo_files`: `sft.train_file=...`, ... (prefixed=False:
+    `train_file=...`, for `make <stage> ARGS=...`, which reads them relative to the stage)."""
+    return [f"{stage + '.' if prefixed else ''}{key}={files[name]}"
+            for stage in stages for key, name in STAGE_FILES[stage].items()]
+
+
 def small_pipeline(run: Path, files: dict[str, str], *common: str, rm: tuple[str, ...] = ()) -> None:
     """Every stage of the demo end to end on `small_demo_files`: SFT, RM and PPO 2 steps each, export, eval.
     `common`: overrides for every stage (e.g. model.dtype=bfloat16); `rm`: the RM stage's own."""
     common = (f"run_dir={run}", *common)
     trainer = ("max_steps=2", "logging_steps=1", "eval_steps=2", "save_steps=2", "progress_bar=false")
-    run_stage("sft", *common, f"sft.train_file={files['sft_train']}", f"sft.eval_file={files['sft_eval']}",
-              *(f"sft.train.{k}" for k in trainer))
-    run_stage("rm", *common, f"rm.train_file={files['rm_rankings_train']}", f"rm.eval_file={files['rm_pairs_eval']}",
-              *rm, *(f"rm.train.{k}" for k in trainer))
-    run_stage("ppo", *common, f"ppo.prompts_file={files['prompts_train']}",
-              f"ppo.eval_prompts_file={files['prompts_eval']}", "ppo.steps=2", "ppo.rollout_batch_size=8",
+    run_stage("sft", *common, *small_file_args(files, "sft"), *(f"sft.train.{k}" for k in trainer))
+    run_stage("rm", *common, *small_file_args(files, "rm"), *rm, *(f"rm.train.{k}" for k in trainer))
+    run_stage("ppo", *common, *small_file_args(files, "ppo"), "ppo.steps=2", "ppo.rollout_batch_size=8",
               "ppo.num_minibatches=2", "ppo.ppo_epochs=1", "ppo.reward_norm_samples=8", "ppo.save_steps=2",
               "ppo.progress_bar=false")
     run_stage("export", *common)

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT, run_make, small_demo_files
+from conftest import ROOT, run_make, small_demo_files, small_file_args
 from rlhf.eval.checkpoints import Checkpoint, parse_checkpoints, provenance
 from rlhf.eval.report import render
 
@@ -236,7 +236,7 @@ def test_make_compare_on_the_demo_with_a_few_steps(rm_run, demo_dir, tmp_path):
         shutil.copytree(rm_run / s, run / s)  # copy2: timestamps kept, make sees them finished in order
     f = small_demo_files(demo_dir, tmp_path / "data")  # DPO tokenizes its whole file (18000 pairs) before step 1
     args = ("ppo.steps=2 ppo.rollout_batch_size=16 ppo.reward_norm_samples=16 ppo.monitor_prompts=8 "
-            f"dpo.train_file={f['rm_rankings_train']} dpo.eval_file={f['rm_pairs_eval']} dpo.train.max_steps=2 "
+            + " ".join(small_file_args(f, "dpo")) + " dpo.train.max_steps=2 "
             "eval.samples=6 eval.samples_per_prompt=1 eval.decoding=[sample] eval.examples=0")
     proc = subprocess.run(run_make("compare", run, args=args) + ["COMPARE=rloo"], cwd=ROOT, capture_output=True,
                           text=True, env=ENV, timeout=1200)

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 from rlhf import distributed
 from rlhf.config import ConfigError
-from conftest import ROOT, run_make, run_stage, small_demo_files
+from conftest import ROOT, run_make, run_stage, small_demo_files, small_file_args
 
 TWO_CPU = ["LAUNCHER=accelerate", "ACCELERATE_CONFIG=configs/accelerate/cpu-2proc.yaml", "NPROC=2"]
 
@@ -159,8 +159,8 @@ def test_sft_with_two_processes(two_process_run, sft_run, small_files):
     from rlhf.config import ModelConfig
     from rlhf.models import load_causal_lm, load_tokenizer
 
-    make_two_processes("sft", two_process_run, f"sft.train_file={small_files['sft_train']} "
-                       f"sft.eval_file={small_files['sft_eval']} sft.train.max_steps=6 sft.train.logging_steps=3")
+    make_two_processes("sft", two_process_run, " ".join(small_file_args(small_files, "sft"))
+                       + " sft.train.max_steps=6 sft.train.logging_steps=3")
     out = two_process_run / "sft"
     assert (out / "DONE").is_file() and files(out) == files(sft_run / "sft")
     assert len(list((out / "tb").iterdir())) == 1  # one event file: only the main process writes
@@ -180,8 +180,8 @@ def test_rm_with_two_processes(two_process_run, rm_run, small_files):
 
     if not (two_process_run / "sft" / "DONE").is_file():  # run alone: the demo's SFT stage will do
         shutil.copytree(rm_run / "sft", two_process_run / "sft", dirs_exist_ok=True)
-    make_two_processes("rm", two_process_run, f"rm.train_file={small_files['rm_rankings_train']} "
-                       f"rm.eval_file={small_files['rm_pairs_eval']} rm.train.max_steps=6 rm.train.logging_steps=3")
+    make_two_processes("rm", two_process_run, " ".join(small_file_args(small_files, "rm"))
+                       + " rm.train.max_steps=6 rm.train.logging_steps=3")
     out = two_process_run / "rm"
     assert (out / "DONE").is_file() and files(out) == files(rm_run / "rm")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -193,9 +193,8 @@ def test_rm_with_two_processes(two_process_run, rm_run, small_files):
 
 
 def ppo_args(estimator: str, files: dict[str, str]) -> str:
-    args = (f"ppo.prompts_file={files['prompts_train']} ppo.eval_prompts_file={files['prompts_eval']} ppo.steps=2 "
-            "ppo.save_steps=1 ppo.rollout_batch_size=16 ppo.eval_samples=8 ppo.monitor_prompts=8 "
-            "ppo.reward_norm_samples=16")
+    args = (" ".join(small_file_args(files, "ppo")) + " ppo.steps=2 ppo.save_steps=1 ppo.rollout_batch_size=16 "
+            "ppo.eval_samples=8 ppo.monitor_prompts=8 ppo.reward_norm_samples=16")
     return args if estimator == "gae" else args + f" ppo.estimator={estimator} ppo.group_size=4"
 
 

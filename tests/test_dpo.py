@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT, kill_once_written, run_make, run_stage, small_demo_files
+from conftest import ROOT, kill_once_written, run_make, run_stage, small_demo_files, small_file_args
 from rlhf.runs import last_complete_checkpoint, read_metrics
 
 
@@ -16,8 +16,8 @@ def test_make_dpo_resumes_after_a_kill_and_eval_judges_it(sft_run, demo_dir, tmp
     run.mkdir()
     (run / "sft").symlink_to(sft_run / "sft")  # the session's SFT stage, read only
     f = small_demo_files(demo_dir, tmp_path / "data")
-    args = (f"train_file={f['rm_rankings_train']} eval_file={f['rm_pairs_eval']} "  # small: trl tokenizes all of them
-            "train.max_steps=6 train.save_steps=2 train.logging_steps=1 train.eval_steps=3 train.batch_size=8")
+    args = (" ".join(small_file_args(f, "dpo", prefixed=False))  # small: trl tokenizes all of them
+            + " train.max_steps=6 train.save_steps=2 train.logging_steps=1 train.eval_steps=3 train.batch_size=8")
     cmd = run_make("dpo", run, args=args)
     kill_once_written(cmd, run / "dpo" / "checkpoints" / "checkpoint-2" / "trainer_state.json")
     assert not (run / "dpo" / "DONE").exists()

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DEMO_CONFIG, ForkedStage, small_demo_files
+from conftest import DEMO_CONFIG, ForkedStage, small_demo_files, small_file_args
 from rlhf import cli
 from rlhf.preempt import EXIT_PREEMPTED, PREEMPTED, Preempted, StopSignal, mark_preempted
 from rlhf.runs import begin_stage, read_metrics
@@ -113,7 +113,7 @@ def test_sigterm_during_ppo_checkpoints_that_step_and_the_rerun_ends_as_an_unint
 def test_sigusr1_during_sft_checkpoints_the_current_step_and_the_rerun_resumes(demo_dir, tmp_path):
     """The Trainer-based stages (SFT here, RM alike) stop through a TrainerCallback: checkpoint, exit 75."""
     run, f = tmp_path / "run", small_demo_files(demo_dir, tmp_path / "data")
-    args = (f"sft.train_file={f['sft_train']} sft.eval_file={f['sft_eval']} sft.train.max_steps=40 "
+    args = (" ".join(small_file_args(f, "sft")) + " sft.train.max_steps=40 "
             "sft.train.save_steps=1000 sft.train.logging_steps=5 sft.train.eval_steps=1000")
     proc = start_stage("sft", run, args)
     signal_after(proc, run / "sft" / "metrics.jsonl", 2, signal.SIGUSR1)

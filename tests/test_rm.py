@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from conftest import ROOT, kill_once_written, run_make, run_stage, small_demo_files
+from conftest import ROOT, kill_once_written, run_make, run_stage, small_demo_files, small_file_args
 from rlhf.config import ModelConfig
 from rlhf.data import load_preferences
 from rlhf.models import load_sft_model, load_tokenizer
@@ -70,7 +70,7 @@ def test_killed_make_rm_resumes(rm_run, demo_dir, tmp_path):
     """Small files (a stage tokenizes and evaluates all of them) and no probes: the resume is what counts."""
     run, f = tmp_path / "run", small_demo_files(demo_dir, tmp_path / "data")
     shutil.copytree(rm_run / "sft", run / "sft")
-    args = (f"train_file={f['rm_rankings_train']} eval_file={f['rm_pairs_eval']} probes.enabled=false "
+    args = (" ".join(small_file_args(f, "rm", prefixed=False)) + " probes.enabled=false "
             "train.max_steps=30 train.save_steps=10 train.eval_steps=100")
     cmd = run_make("rm", run, args=args)
     kill_once_written(cmd, run / "rm" / "checkpoints" / "checkpoint-10" / "trainer_state.json")
@@ -153,7 +153,7 @@ def test_rm_ensemble_trains_each_member_with_its_own_seed_and_ppo_scores_with_al
     run, f = tmp_path / "run", small_demo_files(demo_dir, tmp_path / "data")
     shutil.copytree(rm_run / "sft", run / "sft")
     # small files (a stage tokenizes and evaluates all of them), no probes: the members are what counts
-    small = (f"train_file={f['rm_rankings_train']}", f"eval_file={f['rm_pairs_eval']}", "probes.enabled=false",
+    small = (*small_file_args(f, "rm", prefixed=False), "probes.enabled=false",
              "train.max_steps=3", "train.eval_steps=100")
     proc = run_stage("rm", f"run_dir={run}", "ensemble=2", *small)
     assert "ensemble member 2 of 2 (seed 1)" in proc.stdout

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 from peft import PeftModel
 
-from conftest import DEMO_CONFIG, ROOT, kill_once_written, run_make, small_demo_files
+from conftest import DEMO_CONFIG, ROOT, kill_once_written, run_make, small_demo_files, small_file_args
 from rlhf import sft
 from rlhf.cli import stage_main
 from rlhf.config import ModelConfig, load_config
@@ -120,8 +120,8 @@ def test_killed_make_sft_resumes_from_last_checkpoint(demo_dir, tmp_path):
     """Kill `make sft` (the whole process group, as Ctrl-C or a scheduler would) once a checkpoint exists,
     then run it again: it resumes from that checkpoint and finishes; DONE appears only at the end."""
     run, f = tmp_path / "run", small_demo_files(demo_dir, tmp_path / "data")
-    args = (f"train_file={f['sft_train']} eval_file={f['sft_eval']} "  # small: a stage tokenizes all of them
-            "train.max_steps=30 train.save_steps=10 train.logging_steps=10 train.eval_steps=100")
+    args = (" ".join(small_file_args(f, "sft", prefixed=False))  # small: a stage tokenizes all of them
+            + " train.max_steps=30 train.save_steps=10 train.logging_steps=10 train.eval_steps=100")
     cmd = run_make("sft", run, args=args)
     kill_once_written(cmd, run / "sft" / "checkpoints" / "checkpoint-10" / "trainer_state.json")
     assert not (run / "sft" / "DONE").exists()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEMO_CONFIG, ROOT, run_make, small_demo_files
+from conftest import DEMO_CONFIG, ROOT, run_make, small_demo_files, small_file_args
 from rlhf.config import ConfigError, load_config
 from rlhf.runs import read_metrics
 from rlhf.slurm import main as slurm_main
@@ -244,10 +244,8 @@ def checkpoints(stage_dir: Path) -> int:
 
 def chain_args(files: dict[str, str]) -> str:
     """A short chain on the first rows of the demo's files (each job tokenizes and scores its whole files)."""
-    return (f"sft.train_file={files['sft_train']} sft.eval_file={files['sft_eval']} "
-            f"rm.train_file={files['rm_rankings_train']} rm.eval_file={files['rm_pairs_eval']} "
-            f"ppo.prompts_file={files['prompts_train']} ppo.eval_prompts_file={files['prompts_eval']} "
-            "sft.train.max_steps=10 rm.train.max_steps=10 ppo.steps=12 ppo.rollout_batch_size=16 "
+    return (" ".join(small_file_args(files, "sft", "rm", "ppo"))
+            + " sft.train.max_steps=10 rm.train.max_steps=10 ppo.steps=12 ppo.rollout_batch_size=16 "
             "ppo.num_minibatches=2 ppo.ppo_epochs=2 ppo.save_steps=1 ppo.reward_norm_samples=16 ppo.eval_samples=8 "
             "ppo.monitor_every=0 ppo.kl_budget=0 slurm.cpus_per_task=2 slurm.time=30m")
 # The RM of 10 steps is weak: PPO exploits it and its KL can pass the guard's 6-nat budget, which would end the
@@ -307,8 +305,8 @@ def test_two_process_ppo_job_stops_together_on_the_time_limit_signal_and_resumes
     for stage in ("sft", "rm"):
         shutil.copytree(rm_run / stage, run / stage)
     f = small_demo_files(demo_dir, tmp_path / "data")
-    args = (f"ppo.prompts_file={f['prompts_train']} ppo.eval_prompts_file={f['prompts_eval']} "
-            "ppo.steps=8 ppo.rollout_batch_size=16 ppo.num_minibatches=2 ppo.ppo_epochs=2 ppo.save_steps=100 "
+    args = (" ".join(small_file_args(f, "ppo"))
+            + " ppo.steps=8 ppo.rollout_batch_size=16 ppo.num_minibatches=2 ppo.ppo_epochs=2 ppo.save_steps=100 "
             "ppo.reward_norm_samples=16 ppo.eval_samples=8 ppo.monitor_prompts=8 slurm.processes_per_node=2 "
             "slurm.accelerate_config=configs/accelerate/cpu-2proc.yaml")
     subprocess.run(run_make("ppo", run, args=args) + ["LAUNCHER=slurm"], cwd=ROOT, check=True, capture_output=True)

@@ -383,7 +383,8 @@ def plot_monitor(rows: list[dict], path: Path) -> Path | None:
     if not rows:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(MONITOR_PANELS), figsize=(4 * len(MONITOR_PANELS), 3.2), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(1, len(MONITOR_PANELS), figsize=(4 * len(MONITOR_PANELS), 3.2), squeeze=False,
+                             layout="constrained")
     for ax, (name, label) in zip(axes[0], MONITOR_PANELS):
         for decoding, color in (("sample", "tab:blue"), ("greedy", "tab:orange")):
             key = f"monitor/{decoding}/{name}"
