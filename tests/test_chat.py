@@ -54,6 +54,36 @@ def test_the_answer_is_what_the_template_writes_after_the_prompt():
     assert full[:len(ids)] == ids and tok.decode(full[len(ids):]) == "\n"
 
 
+def test_prompts_and_answers_are_rendered_once_and_afresh_when_the_tokenizer_changes(monkeypatch):
+    """The same prompt and answer (a K-way ranking's pairs, eval's k samples) go through the template once; a
+    changed template or vocabulary renders again, and a caller that edits the ids it got edits no cached ones."""
+    import rlhf.chat as chat
+    tok = family_tokenizer("qwen2.5-base")
+    renders = []
+    real = type(tok).apply_chat_template
+    monkeypatch.setattr(type(tok), "apply_chat_template", lambda self, *a, **k: renders.append(1) or real(self, *a, **k))
+    first = encode_prompt(tok, PROMPT) + answer_ids(tok, PROMPT, "apple pear fig")
+    n = len(renders)
+    for _ in range(3):
+        assert encode_prompt(tok, PROMPT) + answer_ids(tok, PROMPT, "apple pear fig") == first
+    assert len(renders) == n
+    encode_prompt(tok, PROMPT).append(-1)
+    assert encode_prompt(tok, PROMPT) + answer_ids(tok, PROMPT, "apple pear fig") == first
+    tok.chat_template = tok.chat_template.replace("<|im_start|>", "<|im_start|>user says ")
+    changed = encode_prompt(tok, PROMPT)
+    assert len(renders) == n + 1 and changed != first[:len(changed)]
+    n = len(renders)
+    tok.add_tokens(["zebra"])
+    encode_prompt(tok, PROMPT)
+    assert len(renders) == n + 1
+    monkeypatch.setattr(chat, "RENDERED_CACHE_SIZE", 2)
+    for text in ["a", "b", "c"]:
+        answer_ids(tok, PROMPT, text)
+    n = len(renders)
+    answer_ids(tok, PROMPT, "a")                     # pushed out by the two after it
+    assert len(renders) == n + 1
+
+
 def test_family_eos_ids_count_only_if_special():
     """A generation config naming an ordinary word as EOS would cut answers in the middle: only special
     tokens of the tokenizer are taken from it."""
