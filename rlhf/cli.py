@@ -39,7 +39,7 @@ def stage_main(stage: str, run: StageFunction, argv: list[str] | None = None, ch
             return 0
         if check is not None:
             resolve(check)(cfg)
-        check_libraries()  # trl/transformers internals we rely on, before any model loads
+        check_libraries(stage)  # the trl/transformers internals this stage relies on, before any model loads
         resolve(run)(cfg)
     except (ConfigError, DataError, FileNotFoundError, StageFinished, UnsafeCheckpointError, CompatError) as e:
         # Input errors, and a finished stage started again: one clear message, no traceback.

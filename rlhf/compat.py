@@ -32,6 +32,8 @@ class Needed:
     """module:Class"""
     attr: str
     used_by: str
+    stages: tuple[str, ...]
+    """The stages that use it: a stage imports only its own owners (trl's trainers cost PPO ~110 MB of memory)."""
 
     def present(self) -> bool:
         module, name = self.owner.split(":")
@@ -39,17 +41,23 @@ class Needed:
         return hasattr(cls, self.attr) or self.attr in _set_in_init(cls)
 
 
+TRAINER_STAGES = ("sft", "rm", "dpo")
+ADAPTER_STAGES = ("rm", "ppo", "dpo", "eval", "export")
 NEEDED = (
     Needed("transformers", "transformers:Trainer", "_remove_unused_columns",
-           "rlhf/rm/train.py GroupedRewardTrainer.get_train_dataloader"),
+           "rlhf/rm/train.py GroupedRewardTrainer.get_train_dataloader", ("rm",)),
     Needed("transformers", "transformers:Trainer", "_train_batch_size",
-           "rlhf/rm/train.py GroupedRewardTrainer.get_train_dataloader"),
-    Needed("transformers", "transformers:Trainer", "is_fsdp_enabled", "rlhf/runs.py save_trained_adapter"),
-    Needed("transformers", "transformers:Trainer", "is_deepspeed_enabled", "rlhf/runs.py save_trained_adapter"),
-    Needed("trl", "trl:RewardTrainer", "compute_loss", "rlhf/rm/train.py GroupedRewardTrainer.compute_loss"),
-    Needed("trl", "trl:DPOTrainer", "_prepare_dataset", "rlhf/dpo.py TokenizedDPOTrainer._prepare_dataset"),
-    Needed("peft", "peft.tuners.tuners_utils:BaseTunerLayer", "_active_adapter", "rlhf/models.py _switched"),
-    Needed("peft", "peft.tuners.tuners_utils:BaseTunerLayer", "_disable_adapters", "rlhf/models.py _switched"),
+           "rlhf/rm/train.py GroupedRewardTrainer.get_train_dataloader", ("rm",)),
+    Needed("transformers", "transformers:Trainer", "is_fsdp_enabled", "rlhf/runs.py save_trained_adapter",
+           TRAINER_STAGES),
+    Needed("transformers", "transformers:Trainer", "is_deepspeed_enabled", "rlhf/runs.py save_trained_adapter",
+           TRAINER_STAGES),
+    Needed("trl", "trl:RewardTrainer", "compute_loss", "rlhf/rm/train.py GroupedRewardTrainer.compute_loss", ("rm",)),
+    Needed("trl", "trl:DPOTrainer", "_prepare_dataset", "rlhf/dpo.py TokenizedDPOTrainer._prepare_dataset", ("dpo",)),
+    Needed("peft", "peft.tuners.tuners_utils:BaseTunerLayer", "_active_adapter", "rlhf/models.py _switched",
+           ADAPTER_STAGES),
+    Needed("peft", "peft.tuners.tuners_utils:BaseTunerLayer", "_disable_adapters", "rlhf/models.py _switched",
+           ADAPTER_STAGES),
 )
 
 
@@ -73,9 +81,12 @@ def supported() -> str:
     return ", ".join(f"{p} >={lo},<{hi}" for p, (lo, hi) in SUPPORTED.items())
 
 
-def check(needed: tuple[Needed, ...] = NEEDED) -> None:
-    """Raise CompatError naming the first missing attribute; warn (stderr) about untested versions."""
+def check(stage: str | None = None, needed: tuple[Needed, ...] = NEEDED) -> None:
+    """Raise CompatError naming the first missing attribute `stage` uses (None: any stage's); warn (stderr) about
+    untested versions."""
     for n in needed:
+        if stage is not None and stage not in n.stages:
+            continue
         if not n.present():
             cls = n.owner.split(":")[1]
             raise CompatError(f"{n.package} {_installed(n.package)} has no {cls}.{n.attr} (used by {n.used_by}); "
