@@ -1,7 +1,8 @@
 # rlhf: SFT -> reward model -> PPO on one LoRA-adapted base.
 #   make test            create .venv if missing (exact versions: constraints.txt), run the test suite
 #   make setup-latest    the newest releases instead; `make lock` then records them in constraints.txt
-#   make demo            build the embedded demo and run the pipeline on it
+#   make demo            build the embedded demo and run the pipeline on it, on a short schedule (~5 min)
+#   make all             the same on CONFIG (configs/demo.yaml: the full schedule, the one a new task copies)
 #   make sft             one stage; CONFIG=configs/<x>.yaml ARGS="key=value ..." to configure
 #   make compare         PPO (GAE), GRPO, RLOO and DPO on the demo, judged in one report (README "Which RL estimator")
 # Stage targets are real files (<run_dir>/<stage>/DONE): a finished stage is not run again;
@@ -134,11 +135,17 @@ data-hh: data/hh-tiny/DONE
 data/hh-tiny/DONE: $(STAMP) rlhf/demo/hh_tiny.py data/hh/hh-harmless-sample.jsonl
 	$(PY) data/build_hh_tiny.py data/hh-tiny
 
+# make demo: `make all` on DEMO_CONFIG, the demo on a short schedule (~5 min from a fresh clone on 2 cores, venv
+# included; README "Two commands"). `make all` runs configs/demo.yaml's full schedule, the one to copy for a new task.
+DEMO_CONFIG ?= configs/demo-quick.yaml
+demo:
+	$(MAKE) --no-print-directory all CONFIG=$(DEMO_CONFIG)
+
 ifeq ($(LAUNCHER),slurm)
 sft rm ppo eval: $(STAMP) $(DATA_DEPS)
 	$(call SUBMIT,$@)
 
-demo all: $(STAMP) $(DATA_DEPS)
+all: $(STAMP) $(DATA_DEPS)
 	$(call SUBMIT,eval)
 
 compare:
@@ -152,7 +159,7 @@ dpo: $(RUN)/dpo/DONE
 # Judge base, SFT and PPO on held-out prompts (RM, gold judge, KL, win rates): <run_dir>/eval/report.md
 eval: $(RUN)/eval/DONE
 # data -> SFT -> RM -> PPO -> eval, which writes the report (`make report` only redraws it: not run again here)
-demo all: eval
+all: eval
 # PPO (GAE), DPO and the COMPARE estimators on one SFT and RM, judged together: see "make compare" below
 compare: $(RUN)/eval/COMPARED
 endif
