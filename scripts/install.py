@@ -1,4 +1,4 @@
-"""`pip install` for the Makefile's venv, through uv when it can be had: the same arguments, ~6x faster.
+"""`pip install` for the Makefile's venv, through uv when it can be had: the same arguments, half the time.
 
     .venv/bin/python scripts/install.py -c constraints.txt -e '.[test]'
 
