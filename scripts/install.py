@@ -24,12 +24,13 @@ def pip(*args: str, quiet: bool = False) -> subprocess.CompletedProcess:
 
 
 def pip_sources(config_list: str) -> list[str]:
-    """uv's flags for the package sources in `pip config list` output (environment entries win over files)."""
+    """uv's flags for the package sources in `pip config list` output. It lists pip's settings in the order pip
+    loads them (global, user and site files, then the environment), so a later line wins, as in pip."""
     found: dict[str, str] = {}
     for line in config_list.splitlines():
         scope_key, _, value = line.partition("=")
-        scope, _, key = scope_key.rpartition(".")
-        if key in SOURCES and (key not in found or scope == ":env:"):
+        key = scope_key.rpartition(".")[2]
+        if key in SOURCES:
             found[key] = value.strip().strip("'\"")
     flags = []
     for key in SOURCES:
