@@ -471,6 +471,8 @@ class EvalConfig:
     """Score answers with this run's reward model (needs a finished RM stage)."""
     examples: int = 8
     """Prompts shown with every checkpoint's answer side by side in the report."""
+    plots: bool = True
+    """The report's figures (plots/*.png, drawn with matplotlib in a few seconds); false: its text alone."""
     progress_bar: bool = True
     """A progress bar per checkpoint on a terminal."""
 

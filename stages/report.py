@@ -7,7 +7,7 @@ from rlhf.eval.report import render
 
 
 def run(cfg):
-    path = render(cfg.run_dir)
+    path = render(cfg.run_dir, plots=cfg.eval.plots)
     print(f"[report] {path}")
     return path
 

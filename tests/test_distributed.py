@@ -1,5 +1,8 @@
 """Several processes: the helpers in rlhf.distributed (fast, two gloo processes where a collective is involved)
-and every stage as `make <stage> LAUNCHER=accelerate` with two CPU processes (slow)."""
+and every stage with two CPU processes (slow): SFT as `make sft LAUNCHER=accelerate` (make, `accelerate launch`,
+torchrun), the others with the same two ranks forked from the suite's pre-imported server
+(`conftest.accelerate_processes`: accelerate's own environment for the ranks, without the launch's fresh
+interpreters)."""
 
 from __future__ import annotations
 
@@ -16,9 +19,10 @@ import torch.multiprocessing as mp
 
 from rlhf import distributed
 from rlhf.config import ConfigError
-from conftest import ROOT, run_make, run_stage, small_demo_files, small_file_args
+from conftest import DEMO_CONFIG, ROOT, accelerate_processes, run_make, run_stage, small_demo_files, small_file_args
 
-TWO_CPU = ["LAUNCHER=accelerate", "ACCELERATE_CONFIG=configs/accelerate/cpu-2proc.yaml", "NPROC=2"]
+TWO_CPU_CONFIG = "configs/accelerate/cpu-2proc.yaml"
+TWO_CPU = ["LAUNCHER=accelerate", f"ACCELERATE_CONFIG={TWO_CPU_CONFIG}", "NPROC=2"]
 
 
 # --- fast: the pieces ----------------------------------------------------------------------------------
@@ -128,12 +132,24 @@ def test_makefile_runs_stages_under_accelerate_launch():
             "-m stages.sft --config configs/demo.yaml run_dir=/tmp/x") in launched
 
 
-# --- slow: every stage as two CPU processes, through the Makefile ---------------------------------------
+# --- slow: every stage as two CPU processes ----------------------------------------------------------
 
 def make_two_processes(target: str, run_dir: Path, args: str) -> subprocess.CompletedProcess:
+    """`make <target> LAUNCHER=accelerate ...` as a user types it: make, `accelerate launch`, torchrun, two fresh
+    interpreters (the SFT test; ~25 s of CPU more than `two_processes`)."""
     cmd = run_make(target, run_dir, args=args) + TWO_CPU
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def two_processes(stage: str, run_dir: Path, args: str) -> subprocess.CompletedProcess:
+    """The stage line `make_two_processes` runs (`make <stage>` runs it on the demo config with the run directory
+    first), with the two ranks forked from the pre-imported server and accelerate's environment
+    (`conftest.accelerate_processes`)."""
+    proc = accelerate_processes(stage, ["--config", str(DEMO_CONFIG), f"run_dir={run_dir}", *args.split()],
+                                TWO_CPU_CONFIG)
+    assert proc.returncode == 0, f"{' '.join(proc.args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 
 
@@ -180,7 +196,7 @@ def test_rm_with_two_processes(two_process_run, rm_run, small_files):
 
     if not (two_process_run / "sft" / "DONE").is_file():  # run alone: the demo's SFT stage will do
         shutil.copytree(rm_run / "sft", two_process_run / "sft", dirs_exist_ok=True)
-    make_two_processes("rm", two_process_run, " ".join(small_file_args(small_files, "rm"))
+    two_processes("rm", two_process_run, " ".join(small_file_args(small_files, "rm"))
                        + " rm.train.max_steps=6 rm.train.logging_steps=3")
     out = two_process_run / "rm"
     assert (out / "DONE").is_file() and files(out) == files(rm_run / "rm")
@@ -210,7 +226,7 @@ def two_process_ppo(rm_run, small_files, tmp_path_factory):
             run = tmp_path_factory.mktemp(f"two-proc-ppo-{estimator}")
             for stage in ("sft", "rm"):
                 shutil.copytree(rm_run / stage, run / stage, ignore=shutil.ignore_patterns("checkpoints"))
-            runs[estimator] = run, make_two_processes("ppo", run, ppo_args(estimator, small_files)).stdout
+            runs[estimator] = run, two_processes("ppo", run, ppo_args(estimator, small_files)).stdout
         return runs[estimator]
     return get
 
@@ -247,7 +263,7 @@ def test_ppo_with_two_processes_splits_the_work_and_resumes_exactly(two_process_
     policy = (out / "policy" / "adapter_model.safetensors").read_bytes()
     shutil.rmtree(out / "checkpoints" / "checkpoint-2")
     (out / "DONE").unlink()
-    proc = make_two_processes("ppo", run, ppo_args(estimator, small_files))
+    proc = two_processes("ppo", run, ppo_args(estimator, small_files))
     assert "resuming from" in proc.stdout and "checkpoint-1" in proc.stdout
     again = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [without_timings(r) for r in again] == [without_timings(r) for r in rows]
@@ -267,9 +283,9 @@ def test_eval_with_two_processes_answers_every_prompt_once_in_order(two_process_
     for stage in ("sft", "rm", "ppo"):
         shutil.copytree(run / stage, tmp_path / "two" / stage, ignore=shutil.ignore_patterns("checkpoints"))
     shutil.copytree(tmp_path / "two", tmp_path / "one")
-    args = "eval.samples=7 eval.samples_per_prompt=2 eval.checkpoints=[sft,ppo] eval.max_new_tokens=8"
+    args = "eval.samples=7 eval.samples_per_prompt=2 eval.checkpoints=[sft,ppo] eval.max_new_tokens=8 eval.plots=false"
     run_stage("eval", f"run_dir={tmp_path / 'one'}", *args.split())  # one process: the stage as `make eval` runs it
-    make_two_processes("eval", tmp_path / "two", args)
+    two_processes("eval", tmp_path / "two", args)
     out1, out2 = tmp_path / "one" / "eval", tmp_path / "two" / "eval"
     assert files(out2) == files(out1) and (out2 / "DONE").is_file()
     rows1, rows2 = ([json.loads(line) for line in (d / "samples.jsonl").read_text().splitlines()] for d in (out1, out2))

@@ -1,31 +1,29 @@
-"""`make dpo` end to end on the demo: outputs, a kill and a resume, and `make eval` judging the DPO policy."""
+"""The DPO stage end to end on the demo: outputs, a kill and a resume, and the eval stage judging the DPO policy."""
 
 import json
 import math
-import subprocess
 
 import pytest
 
-from conftest import ROOT, kill_once_written, run_make, run_stage, small_demo_files, small_file_args
+from conftest import kill_stage_once_written, run_stage, small_demo_files, small_file_args
 from rlhf.runs import last_complete_checkpoint, read_metrics
 
 
 @pytest.mark.slow
-def test_make_dpo_resumes_after_a_kill_and_eval_judges_it(sft_run, demo_dir, tmp_path):
+def test_dpo_resumes_after_a_kill_and_eval_judges_it(sft_run, demo_dir, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "sft").symlink_to(sft_run / "sft")  # the session's SFT stage, read only
     f = small_demo_files(demo_dir, tmp_path / "data")
-    args = (" ".join(small_file_args(f, "dpo", prefixed=False))  # small: trl tokenizes all of them
-            + " train.max_steps=6 train.save_steps=2 train.logging_steps=1 train.eval_steps=3 train.batch_size=8")
-    cmd = run_make("dpo", run, args=args)
-    kill_once_written(cmd, run / "dpo" / "checkpoints" / "checkpoint-2" / "trainer_state.json")
+    args = [f"run_dir={run}", *small_file_args(f, "dpo", prefixed=False),  # small: trl tokenizes all of them
+            "train.max_steps=6", "train.save_steps=2", "train.logging_steps=1", "train.eval_steps=3",
+            "train.batch_size=8"]
+    kill_stage_once_written("dpo", args, run / "dpo" / "checkpoints" / "checkpoint-2" / "trainer_state.json")
     assert not (run / "dpo" / "DONE").exists()
     killed_at = last_complete_checkpoint(run / "dpo" / "checkpoints")
     assert killed_at is not None and int(killed_at.name.split("-")[1]) < 6
 
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0, again.stderr[-3000:]
+    again = run_stage("dpo", *args)
     assert f"resuming from {killed_at}" in again.stdout
     out = run / "dpo"
     for name in ("DONE", "adapter_model.safetensors", "adapter_config.json", "config.yaml", "metrics.jsonl",
@@ -45,7 +43,7 @@ def test_make_dpo_resumes_after_a_kill_and_eval_judges_it(sft_run, demo_dir, tmp
 
     # make eval judges it next to SFT (the default list's `dpo?`: present now), as an adapter over the SFT model
     run_stage("eval", f"run_dir={run}", "checkpoints=[sft,dpo?]", "reward_model=false", "samples=16",
-              "samples_per_prompt=1", "decoding=[sample]")
+              "samples_per_prompt=1", "decoding=[sample]", "plots=false")
     m = json.loads((run / "eval" / "metrics.json").read_text())
     sample = m["results"]["sample"]
     assert list(sample) == ["sft", "dpo"]

@@ -114,6 +114,21 @@ def test_report_renders_from_saved_metrics_with_plots(tmp_path):
     assert "answer sft 2" not in text  # only `examples` prompts in the table
 
 
+def test_report_without_plots_has_the_same_text_and_no_figures(tmp_path):
+    """eval.plots=false: the report's text, with no figure linked and no plots/ directory."""
+    write_saved_run(tmp_path)
+    with_plots = render(tmp_path).read_text()
+    shutil.rmtree(tmp_path / "eval" / "plots")
+    text = render(tmp_path, plots=False).read_text()
+    assert "![" not in text and not (tmp_path / "eval" / "plots").exists()
+    assert "gold-judge win rate **0.777 (0.731–0.819)**, better" in text and "Wall time 125 s" in text
+    figures = [line for line in with_plots.splitlines() if line.startswith("![")]
+    assert len(figures) >= 4
+    # the same text but for the figures (and the SFT section, which is its loss figure alone)
+    kept = [line for line in with_plots.splitlines() if line and line not in figures and line != "## SFT"]
+    assert [line for line in text.splitlines() if line] == kept
+
+
 def test_report_renders_without_the_optional_files(tmp_path):
     write_saved_run(tmp_path, with_optional=False)
     text = render(tmp_path).read_text()

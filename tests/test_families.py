@@ -127,7 +127,7 @@ def family_config(data: Path, model_dir: Path, run_dir: Path) -> dict:
         "eval": {"checkpoints": ["sft", "ppo", f"export={run_dir}/export-ppo", f"hostile={run_dir}/hostile"],
                  "prompts_file": str(data / "prompts_eval.jsonl"), "samples": 8, "max_prompt_length": 160,
                  "decoding": ["sample", "greedy"], "max_new_tokens": 16, "temperature": 1.0, "judge": judge,
-                 "progress_bar": False},
+                 "plots": False, "progress_bar": False},
     }
 
 

@@ -120,7 +120,7 @@ def test_greetings_pipeline_end_to_end_small(tmp_path):
                      "ppo.steps=2", "ppo.rollout_batch_size=8", "ppo.num_minibatches=2", "ppo.ppo_epochs=1",
                      "ppo.reward_norm_samples=8", "ppo.save_steps=2", "ppo.monitor_every=1", "ppo.progress_bar=false"],
              "eval": [f"eval.prompts_file={data / 'prompts_eval.jsonl'}", "eval.samples_per_prompt=1",
-                      "eval.decoding=[sample]", "eval.progress_bar=false"]}
+                      "eval.decoding=[sample]", "eval.progress_bar=false", "eval.plots=false"]}
     for name in ("sft", "rm", "ppo", "eval"):
         run_stage(name, *paths, *stage[name], config=cfg)
         assert (run / name / "DONE").is_file(), name

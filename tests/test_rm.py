@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from conftest import ROOT, kill_once_written, run_make, run_stage, small_demo_files, small_file_args
+from conftest import ROOT, kill_stage_once_written, run_stage, small_demo_files, small_file_args
 from rlhf.config import ModelConfig
 from rlhf.data import load_preferences
 from rlhf.models import load_sft_model, load_tokenizer
@@ -66,22 +66,22 @@ def test_rm_needs_a_finished_sft_stage(tmp_path):
     assert proc.returncode == 2 and "no finished sft stage" in proc.stderr and "make sft" in proc.stderr
 
 
-def test_killed_make_rm_resumes(rm_run, demo_dir, tmp_path):
-    """Small files (a stage tokenizes and evaluates all of them) and no probes: the resume is what counts."""
+def test_killed_rm_resumes(rm_run, demo_dir, tmp_path):
+    """Small files (a stage tokenizes and evaluates all of them) and no probes: the resume is what counts.
+    (tests/test_sft.py kills `make sft` and reruns make; here the stage itself is killed and run again.)"""
     run, f = tmp_path / "run", small_demo_files(demo_dir, tmp_path / "data")
     shutil.copytree(rm_run / "sft", run / "sft")
-    args = (" ".join(small_file_args(f, "rm", prefixed=False)) + " probes.enabled=false "
-            "train.max_steps=30 train.save_steps=10 train.eval_steps=100")
-    cmd = run_make("rm", run, args=args)
-    kill_once_written(cmd, run / "rm" / "checkpoints" / "checkpoint-10" / "trainer_state.json")
+    args = [f"run_dir={run}", *small_file_args(f, "rm", prefixed=False), "probes.enabled=false",
+            "train.max_steps=30", "train.save_steps=10", "train.eval_steps=100"]
+    kill_stage_once_written("rm", args, run / "rm" / "checkpoints" / "checkpoint-10" / "trainer_state.json")
     assert not (run / "rm" / "DONE").exists()
     killed_at = last_complete_checkpoint(run / "rm" / "checkpoints")
 
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
+    again = run_stage("rm", *args)
     assert f"resuming from {killed_at}" in again.stdout
-    assert "[sft]" not in again.stdout  # SFT was up to date
     assert (run / "rm" / "DONE").exists()
+    state = json.loads((run / "rm" / "checkpoints" / "checkpoint-30" / "trainer_state.json").read_text())
+    assert state["global_step"] == 30
 
 
 @pytest.mark.parametrize("name,where", [
@@ -199,7 +199,7 @@ def test_hh_sample_runs_every_stage_from_a_config_alone(tmp_path):
     # all (eval follows)
     args = (f"run_dir={tmp_path}", "sft.train.max_steps=2", "rm.train.max_steps=2", "rm.probes.enabled=false",
             "ppo.steps=2", "ppo.reward_norm_samples=16", "ppo.monitor_every=0", "ppo.eval_samples=0",
-            "eval.samples=6", "eval.decoding=[sample]")
+            "eval.samples=6", "eval.decoding=[sample]", "eval.plots=false")
     out = {stage: run_stage(stage, *args, config=config).stdout for stage in ("sft", "rm", "ppo", "eval")}
     assert "[ppo] 360 prompts" in out["ppo"]  # the HH training prompts, not the demo's
     diag = json.loads((tmp_path / "rm" / "diagnostics.json").read_text())

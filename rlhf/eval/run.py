@@ -137,7 +137,7 @@ def run(cfg: PipelineConfig) -> Path:
     trackers.log(headline(metrics), step=0)  # the summary figures, in TensorBoard (eval/tb/) and report_to
     trackers.close()
     (out / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    report = render(run_dir, out)
+    report = render(run_dir, out, plots=e.plots)
     print(format_results(metrics))
     for line in metrics["warnings"]:
         print(f"[eval] WARNING: {line}")
