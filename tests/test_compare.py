@@ -227,13 +227,13 @@ def test_make_compare_judges_again_over_a_finished_eval_and_then_rests(tmp_path)
 
 
 @pytest.mark.slow
-def test_make_compare_on_the_demo_with_a_few_steps(rm_run, demo_dir, tmp_path):
-    """The demo's finished SFT and RM copied in; make compare trains PPO (GAE), DPO and an estimator's run
-    (COMPARE=rloo: the default list's commands are checked above, dry) for a few steps and judges all of them
-    in one report whose table names each algorithm and its stage's cost."""
+def test_make_compare_on_the_demo_with_a_few_steps(ppo_run, demo_dir, tmp_path):
+    """The demo's finished SFT, RM and PPO (GAE) copied in, as after `make demo`; make compare trains DPO and an
+    estimator's run (COMPARE=rloo: the default list's commands are checked above, dry) for a few steps and
+    judges all of them in one report whose table names each algorithm and its stage's cost."""
     run = tmp_path / "demo"
-    for s in ("sft", "rm"):
-        shutil.copytree(rm_run / s, run / s)  # copy2: timestamps kept, make sees them finished in order
+    for s in ("sft", "rm", "ppo"):
+        shutil.copytree(ppo_run / s, run / s)  # copy2: timestamps kept, make sees them finished in order
     f = small_demo_files(demo_dir, tmp_path / "data")  # DPO tokenizes its whole file (18000 pairs) before step 1
     args = ("ppo.steps=2 ppo.rollout_batch_size=16 ppo.reward_norm_samples=16 ppo.monitor_prompts=8 "
             + " ".join(small_file_args(f, "dpo")) + " dpo.train.max_steps=2 "
@@ -241,7 +241,10 @@ def test_make_compare_on_the_demo_with_a_few_steps(rm_run, demo_dir, tmp_path):
     proc = subprocess.run(run_make("compare", run, args=args) + ["COMPARE=rloo"], cwd=ROOT, capture_output=True,
                           text=True, env=ENV, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "stages.sft" not in proc.stdout and "stages.rm " not in proc.stdout  # RUN's finished stages stay
+    # RUN's finished stages stay; the estimator's run starts from its SFT and RM
+    assert "stages.sft" not in proc.stdout and "stages.rm " not in proc.stdout
+    assert [line.split()[2] for line in proc.stdout.splitlines() if " -m stages." in line] == \
+        ["stages.dpo", "stages.ppo", "stages.eval"], proc.stdout
     m = json.loads((run / "eval" / "metrics.json").read_text())
     algorithms = {c["name"]: c.get("algorithm") for c in m["checkpoints"]}
     assert algorithms == {"base": "base", "sft": "SFT", "ppo": "PPO (GAE)", "dpo": "DPO", "rloo": "RLOO"}
