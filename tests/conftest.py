@@ -79,13 +79,19 @@ def pytest_xdist_make_scheduler(config, log):
 # The longest groups (minutes on one process): started right after the chain, so that they do not end last. Their
 # processes wait for the chain's SFT and RM (a lock, no CPU) while the chain's and a third process use the cores.
 FIRST_GROUPS = ("tests/test_slurm.py", "tests/test_distributed.py")
+# The longest single tests (~50 s and more on a process of 2 cores' suite): first among the tests that need
+# the same runs, so that none of them starts last and leaves the other processes idle at the end.
+LONGEST = ("tests/test_compare.py::test_make_compare_on_the_demo_with_a_few_steps",
+           "tests/test_rm.py::test_hh_sample_runs_every_stage_from_a_config_alone",
+           "tests/test_sft.py::test_killed_make_sft_resumes_from_last_checkpoint")
 
 
 def pytest_collection_modifyitems(items):
     """The order, for the processes on two cores: first one test that needs the whole demo chain (its process
     builds SFT, RM and PPO, some minutes), then the longest groups (`FIRST_GROUPS`), then every test that needs
     none of the chain (the other processes work through them meanwhile), then those that need SFT, RM, PPO, in
-    that order, so that a process seldom waits for a run that another is still building. A group (`_group`)
+    that order, so that a process seldom waits for a run that another is still building; among equals the
+    `LONGEST` tests first, after the groups. A group (`_group`)
     goes where its latest test would (its tests run together, on one process), and first among its equals (one
     process works through it)."""
     group = {id(item): _group(item.nodeid) for item in items}
@@ -100,7 +106,7 @@ def pytest_collection_modifyitems(items):
     starter = next((item for item in chain if item.nodeid == STARTER), chain[0] if chain else None)
     first = {g: i for i, g in enumerate(FIRST_GROUPS)}
     items.sort(key=lambda item: (item is not starter, first.get(group[id(item)], len(first)), rank[id(item)],
-                                 group[id(item)] is None))
+                                 group[id(item)] is None, item.nodeid not in LONGEST))
 
 
 @pytest.fixture(scope="session")

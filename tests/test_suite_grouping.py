@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import STARTER, _group, pytest_collection_modifyitems
+from conftest import LONGEST, STARTER, _group, pytest_collection_modifyitems
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,8 +69,9 @@ class Item:
 def test_order_the_chain_then_the_long_groups_then_by_the_runs_each_test_needs():
     """The test that builds the demo's chain first, then the SLURM and 2-process groups (each whole, on one
     process, minutes long), then tests by the shared runs they need: none, SFT, RM, PPO; a group among its
-    equals first."""
+    equals first, then the longest single tests."""
     items = [Item("tests/test_a.py::test_needs_ppo", "ppo_run"), Item("tests/test_a.py::test_plain"),
+             Item(LONGEST[0], "ppo_run"),
              Item("tests/test_slurm.py::test_chain"), Item("tests/test_a.py::test_needs_sft", "sft_run"),
              Item(STARTER, "ppo_run"), Item("tests/test_distributed.py::test_rm", "rm_run"),
              Item("tests/test_families.py::test_x[gpt2]"), Item("tests/test_a.py::test_needs_rm", "rm_run"),
@@ -78,4 +79,11 @@ def test_order_the_chain_then_the_long_groups_then_by_the_runs_each_test_needs()
     pytest_collection_modifyitems(items)
     assert [i.nodeid.split("::")[1] for i in items] == [
         STARTER.split("::")[1], "test_chain", "test_2proc", "test_rm", "test_units", "test_x[gpt2]", "test_plain",
-        "test_needs_sft", "test_needs_rm", "test_needs_ppo"]
+        "test_needs_sft", "test_needs_rm", LONGEST[0].split("::")[1], "test_needs_ppo"]
+
+
+def test_the_named_tests_exist():
+    """A renamed test would silently lose its place in the order."""
+    for nodeid in (STARTER, *LONGEST):
+        path, name = nodeid.split("::")
+        assert f"def {name}(" in (ROOT / path).read_text(), nodeid
