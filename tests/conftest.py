@@ -225,7 +225,7 @@ def accelerate_processes(stage: str, argv: list[str], accelerate_config: str, nu
         port = s.getsockname()[1]
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(num_processes),
                LOCAL_WORLD_SIZE=str(num_processes), GROUP_RANK="0", GROUP_WORLD_SIZE="1",
-               ROLE_WORLD_SIZE=str(num_processes), OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
+               ROLE_WORLD_SIZE=str(num_processes), OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))  # as torchrun
     ranks = [ForkedStage(stage, argv, env | {"RANK": str(r), "LOCAL_RANK": str(r), "ROLE_RANK": str(r)})
              for r in range(num_processes)]
     deadline = time.time() + timeout  # as torchrun: one rank failing (or the time running out) stops the others
@@ -235,10 +235,11 @@ def accelerate_processes(stage: str, argv: list[str], accelerate_config: str, nu
     for r in late:
         r.send_signal(signal.SIGKILL)
     outs = [rank.communicate(60) for rank in ranks]
-    if late and all(r.returncode == -signal.SIGKILL for r in late) and not any(r.returncode for r in ranks if r not in late):
-        raise subprocess.TimeoutExpired(ranks[0].args, timeout, "".join(o for o, _ in outs))
+    out, err = "".join(o for o, _ in outs), "".join(e for _, e in outs)
+    if late and not any(r.returncode for r in ranks if r not in late):  # none failed: the time ran out
+        raise subprocess.TimeoutExpired(ranks[0].args, timeout, out, err)
     code = next((rank.returncode for rank in ranks if rank.returncode), 0)
-    return subprocess.CompletedProcess(ranks[0].args, code, "".join(o for o, _ in outs), "".join(e for _, e in outs))
+    return subprocess.CompletedProcess(ranks[0].args, code, out, err)
 
 
 def run_stage(stage: str, *overrides: str, check: bool = True, timeout: int = 1500,

@@ -153,6 +153,12 @@ def two_processes(stage: str, run_dir: Path, args: str) -> subprocess.CompletedP
     return proc
 
 
+def test_forked_ranks_report_a_rank_that_fails(tmp_path):
+    """`two_processes`' launcher: each rank runs the stage and the first nonzero exit code is the result."""
+    proc = accelerate_processes("ppo", ["--config", str(DEMO_CONFIG), f"run_dir={tmp_path}"], TWO_CPU_CONFIG)
+    assert proc.returncode == 2 and proc.stderr.count("no finished sft stage") == 2, proc.stderr
+
+
 def files(stage_dir: Path) -> set[str]:
     return {p.name for p in stage_dir.iterdir() if p.name != "checkpoints"}
 
