@@ -6,6 +6,7 @@ pipeline (tests/test_families.py), the SLURM cluster tests and the 2-process tes
 (`--dist loadgroup`, with the groups of `_group`).
 """
 
+import json
 import os
 import shutil
 import signal
@@ -342,25 +343,35 @@ def run_make(target: str, run_dir: Path, config: Path = DEMO_CONFIG, args: str =
             f"PY={sys.executable}", f"CONFIG={config}", f"RUN={run_dir}", f"ARGS={args}"]
 
 
+def written(mark: Path) -> bool:
+    """`mark`, a checkpoint's JSON file written last, is there whole (it exists, empty, while it is being written:
+    a kill then leaves a checkpoint that the stage rightly removes as incomplete)."""
+    try:
+        json.loads(mark.read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def kill_once_written(cmd: list[str], mark: Path, timeout: float = 300) -> None:
     """Start `cmd` in its own process group and SIGKILL the whole group (make and the stage under it, as
-    Ctrl-C or a scheduler would) as soon as the file `mark` exists."""
+    Ctrl-C or a scheduler would) as soon as the JSON file `mark` is written."""
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + timeout
-    while not mark.exists() and proc.poll() is None and time.time() < deadline:
+    while not written(mark) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert mark.exists(), f"{mark} was not written before the kill"
+    assert written(mark), f"{mark} was not written before the kill"
 
 
 def kill_stage_once_written(stage: str, overrides: list[str], mark: Path, timeout: float = 300) -> None:
     """`python -m stages.<stage> --config configs/demo.yaml <overrides>` (`ForkedStage`) killed with SIGKILL as
-    soon as the file `mark` exists: a job that dies mid-run (tests/test_sft.py kills `make sft` itself)."""
+    soon as the JSON file `mark` is written: a job that dies mid-run (tests/test_sft.py kills `make sft`)."""
     proc = ForkedStage(stage, ["--config", str(DEMO_CONFIG), *overrides])
     deadline = time.time() + timeout
-    while not mark.exists() and proc.poll() is None and time.time() < deadline:
+    while not written(mark) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     out, err = proc.communicate(60)
-    assert mark.exists(), f"{mark} was not written before the kill:\n{out[-2000:]}\n{err[-3000:]}"
+    assert written(mark), f"{mark} was not written before the kill:\n{out[-2000:]}\n{err[-3000:]}"
