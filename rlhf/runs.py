@@ -153,7 +153,8 @@ def require_done(out_dir: str | Path, stage: str) -> Path:
     return out
 
 
-def _is_complete(ckpt: Path, marker: str) -> bool:
+def checkpoint_complete(ckpt: Path, marker: str = "trainer_state.json") -> bool:
+    """`marker`, the JSON file a checkpoint writes last, is there whole (it exists, empty, while being written)."""
     try:
         json.loads((ckpt / marker).read_text())
         return True
@@ -172,7 +173,7 @@ def last_complete_checkpoint(ckpt_dir: str | Path, marker: str = "trainer_state.
     ckpts = sorted((p for p in root.iterdir() if p.is_dir() and _CKPT.match(p.name)),
                    key=lambda p: int(_CKPT.match(p.name).group(1)))
     for ckpt in reversed(ckpts):
-        if _is_complete(ckpt, marker):
+        if checkpoint_complete(ckpt, marker):
             return ckpt
         print(f"[rlhf] removing incomplete checkpoint {ckpt}", file=sys.stderr)
         shutil.rmtree(ckpt)

@@ -6,7 +6,6 @@ pipeline (tests/test_families.py), the SLURM cluster tests and the 2-process tes
 (`--dist loadgroup`, with the groups of `_group`).
 """
 
-import json
 import os
 import shutil
 import signal
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import pytest
 from filelock import FileLock
+
+from rlhf.runs import checkpoint_complete
 
 # Any accidental hub download fails at once instead of hanging (there is no network here or in CI).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -213,7 +214,8 @@ def accelerate_processes(stage: str, argv: list[str], accelerate_config: str, nu
     the ranks forked from the pre-imported server (`ForkedStage`) instead of started by torchrun as fresh
     interpreters (~25 s of CPU a launch on 2 cores). Each rank gets the environment accelerate's launcher
     computes from the config (its own `prepare_multi_gpu_env`) plus torchrun's rank variables; rank 0 hosts
-    the rendezvous. stdout and stderr: the ranks' in rank order; the exit code: the first nonzero one.
+    the rendezvous. stdout and stderr: the ranks' in rank order; the exit code: a failed rank's (not that of
+    a rank stopped because another failed).
     The real launcher runs in tests/test_distributed.py's SFT test and the SLURM 2-process job."""
     import socket
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
@@ -239,7 +241,7 @@ def accelerate_processes(stage: str, argv: list[str], accelerate_config: str, nu
     out, err = "".join(o for o, _ in outs), "".join(e for _, e in outs)
     if late and not any(r.returncode for r in ranks if r not in late):  # none failed: the time ran out
         raise subprocess.TimeoutExpired(ranks[0].args, timeout, out, err)
-    code = next((rank.returncode for rank in ranks if rank.returncode), 0)
+    code = next((r.returncode for r in ranks if r not in late and r.returncode), 0)  # a failure, not our kill
     return subprocess.CompletedProcess(ranks[0].args, code, out, err)
 
 
@@ -343,35 +345,30 @@ def run_make(target: str, run_dir: Path, config: Path = DEMO_CONFIG, args: str =
             f"PY={sys.executable}", f"CONFIG={config}", f"RUN={run_dir}", f"ARGS={args}"]
 
 
-def written(mark: Path) -> bool:
-    """`mark`, a checkpoint's JSON file written last, is there whole (it exists, empty, while it is being written:
-    a kill then leaves a checkpoint that the stage rightly removes as incomplete)."""
-    try:
-        json.loads(mark.read_text())
-        return True
-    except (OSError, ValueError):
-        return False
+def wait_until_written(proc, mark: Path, timeout: float) -> None:
+    """Poll until the checkpoint file `mark` (its JSON written last) is whole, `proc` (a `Popen` or `ForkedStage`)
+    has ended, or `timeout` seconds have passed. A file exists, empty, while it is being written: a kill then
+    leaves a checkpoint that the stage rightly removes as incomplete, so its own check decides."""
+    deadline = time.time() + timeout
+    while not checkpoint_complete(mark.parent, mark.name) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
 
 
 def kill_once_written(cmd: list[str], mark: Path, timeout: float = 300) -> None:
     """Start `cmd` in its own process group and SIGKILL the whole group (make and the stage under it, as
     Ctrl-C or a scheduler would) as soon as the JSON file `mark` is written."""
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + timeout
-    while not written(mark) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    wait_until_written(proc, mark, timeout)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert written(mark), f"{mark} was not written before the kill"
+    assert checkpoint_complete(mark.parent, mark.name), f"{mark} was not written before the kill"
 
 
 def kill_stage_once_written(stage: str, overrides: list[str], mark: Path, timeout: float = 300) -> None:
     """`python -m stages.<stage> --config configs/demo.yaml <overrides>` (`ForkedStage`) killed with SIGKILL as
     soon as the JSON file `mark` is written: a job that dies mid-run (tests/test_sft.py kills `make sft`)."""
     proc = ForkedStage(stage, ["--config", str(DEMO_CONFIG), *overrides])
-    deadline = time.time() + timeout
-    while not written(mark) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    wait_until_written(proc, mark, timeout)
     proc.send_signal(signal.SIGKILL)
     out, err = proc.communicate(60)
-    assert written(mark), f"{mark} was not written before the kill:\n{out[-2000:]}\n{err[-3000:]}"
+    assert checkpoint_complete(mark.parent, mark.name), f"{mark} was not written before the kill:\n{out[-2000:]}\n{err[-3000:]}"

@@ -154,9 +154,10 @@ def two_processes(stage: str, run_dir: Path, args: str) -> subprocess.CompletedP
 
 
 def test_forked_ranks_report_a_rank_that_fails(tmp_path):
-    """`two_processes`' launcher: each rank runs the stage and the first nonzero exit code is the result."""
+    """`two_processes`' launcher: each rank runs the stage and the first nonzero exit code is the result. (The
+    first rank to fail stops the other, as torchrun does: the other may be killed before it prints its error.)"""
     proc = accelerate_processes("ppo", ["--config", str(DEMO_CONFIG), f"run_dir={tmp_path}"], TWO_CPU_CONFIG)
-    assert proc.returncode == 2 and proc.stderr.count("no finished sft stage") == 2, proc.stderr
+    assert proc.returncode == 2 and proc.stderr.count("no finished sft stage") in (1, 2), proc.stderr
 
 
 def files(stage_dir: Path) -> set[str]:
@@ -203,7 +204,7 @@ def test_rm_with_two_processes(two_process_run, rm_run, small_files):
     if not (two_process_run / "sft" / "DONE").is_file():  # run alone: the demo's SFT stage will do
         shutil.copytree(rm_run / "sft", two_process_run / "sft", dirs_exist_ok=True)
     two_processes("rm", two_process_run, " ".join(small_file_args(small_files, "rm"))
-                       + " rm.train.max_steps=6 rm.train.logging_steps=3")
+                  + " rm.train.max_steps=6 rm.train.logging_steps=3")
     out = two_process_run / "rm"
     assert (out / "DONE").is_file() and files(out) == files(rm_run / "rm")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

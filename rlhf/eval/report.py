@@ -42,24 +42,25 @@ def render(run_dir: str | Path, eval_dir: str | Path | None = None, plots: bool 
     sft = read_metrics(run_dir / "sft" / "metrics.jsonl") if (run_dir / "sft" / "metrics.jsonl").is_file() else []
     ppo_done = done_summary(run_dir / "ppo")
 
+    figures: dict[str, Path | None] = {}  # a figure's name -> its PNG; none drawn with plots=False
     if plots:
         (out / PLOTS).mkdir(parents=True, exist_ok=True)
-    plots = {
-        "ppo": plot_ppo(ppo, out / PLOTS / "ppo_training.png") if ppo else None,
-        "monitor": plot_monitor(ppo, out / PLOTS / "ppo_monitor.png") if ppo else None,
-        "distributions": plot_distributions(samples, metrics, out / PLOTS / "score_distributions.png") if samples else None,
-        "rm": plot_rm(rm, out / PLOTS / "rm_calibration.png") if rm else None,
-        "sft": plot_sft(sft, out / PLOTS / "sft_loss.png") if sft else None,
-        "comparison": plot_comparison(metrics, out / PLOTS / "comparison.png"),
-    } if plots else dict.fromkeys(("ppo", "monitor", "distributions", "rm", "sft", "comparison"))
+        figures = {
+            "ppo": plot_ppo(ppo, out / PLOTS / "ppo_training.png") if ppo else None,
+            "monitor": plot_monitor(ppo, out / PLOTS / "ppo_monitor.png") if ppo else None,
+            "distributions": plot_distributions(samples, metrics, out / PLOTS / "score_distributions.png") if samples else None,
+            "rm": plot_rm(rm, out / PLOTS / "rm_calibration.png") if rm else None,
+            "sft": plot_sft(sft, out / PLOTS / "sft_loss.png") if sft else None,
+            "comparison": plot_comparison(metrics, out / PLOTS / "comparison.png"),
+        }
     text = "\n".join(part for part in (
         summary_section(metrics),
-        comparison_section(metrics, plots["comparison"]),
+        comparison_section(metrics, figures.get("comparison")),
         results_section(metrics),
-        _figure("Scores of each checkpoint's answers", plots["distributions"]),
-        ppo_section(ppo, ppo_done, plots["ppo"], plots["monitor"]),
-        rm_section(rm, plots["rm"]),
-        _figure("SFT loss", plots["sft"], "## SFT"),
+        _figure("Scores of each checkpoint's answers", figures.get("distributions")),
+        ppo_section(ppo, ppo_done, figures.get("ppo"), figures.get("monitor")),
+        rm_section(rm, figures.get("rm")),
+        _figure("SFT loss", figures.get("sft"), "## SFT"),
         samples_section(samples, metrics),
         method_section(metrics),
     ) if part)
