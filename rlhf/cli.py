@@ -32,11 +32,13 @@ def stage_main(stage: str, run: StageFunction, argv: list[str] | None = None, ch
                              "once the new run has finished (same as force=true)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)  # `make <stage> ARGS="--force lr=1e-4"` puts flags anywhere
+    without_bitsandbytes = False
     try:
         cfg = load_config(args.config, args.overrides + (["force=true"] if args.force else []), stage=stage)
         if args.print_config:
             print(to_yaml(cfg))
             return 0
+        without_bitsandbytes = skip_bitsandbytes(cfg)
         if check is not None:
             resolve(check)(cfg)
         check_libraries(stage)  # the trl/transformers internals this stage relies on, before any model loads
@@ -57,7 +59,23 @@ def stage_main(stage: str, run: StageFunction, argv: list[str] | None = None, ch
         # A signal (SLURM preemption or time limit, scancel, kill): the checkpoint is saved; a rerun resumes.
         print(f"[{stage}] {e}", file=sys.stderr)
         return EXIT_PREEMPTED
+    finally:
+        if without_bitsandbytes:
+            sys.modules.pop("bitsandbytes", None)
     return 0
+
+
+def skip_bitsandbytes(cfg: PipelineConfig) -> bool:
+    """peft imports bitsandbytes whenever it is installed (and transformers notes that it is): 2-4 s of CPU at
+    every stage's start on 2 cores, for nothing unless something loads a quantized model. When nothing can
+    (`preflight.bitsandbytes_unused`), a None entry in sys.modules makes it look not installed to this process;
+    stage_main removes it when the stage ends. Only in a process that has not imported it yet (a stage's own)."""
+    from rlhf.preflight import bitsandbytes_unused
+
+    if "bitsandbytes" in sys.modules or not bitsandbytes_unused(cfg):
+        return False
+    sys.modules["bitsandbytes"] = None
+    return True
 
 
 def resolve(fn: StageFunction) -> Callable[[PipelineConfig], object]:

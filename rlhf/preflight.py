@@ -9,6 +9,7 @@ itself (that needs every prompt tokenized), after begin_stage, which no longer c
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -59,6 +60,41 @@ def offline() -> bool:
     from huggingface_hub import constants
 
     return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def bitsandbytes_unused(cfg: PipelineConfig) -> bool:
+    """Whether nothing a stage of `cfg` loads can need bitsandbytes: no model.quantization, a base model whose
+    config.json (a local directory, or the hub cache) holds no quantization_config, no model directory among
+    eval.checkpoints that does, and no plugin outside rlhf (a user's judge or reward may load a quantized model of
+    its own). When unsure (a hub model not in the cache), False."""
+    if cfg.model.quantization != "none":
+        return False
+    plugins = [cfg.rm.pair_tags, cfg.ppo.judge, cfg.eval.judge, *(t.source for t in cfg.ppo.rewards)]
+    if any(spec and spec != "rm" and not spec.startswith("rlhf.") for spec in plugins):
+        return False
+    models = [cfg.model.name_or_path] + [entry.partition("=")[2] or entry for entry in cfg.eval.checkpoints]
+    for name in models:
+        path = Path(name).expanduser()
+        if path.is_dir():
+            config = path / "config.json"
+        elif name == cfg.model.name_or_path:
+            from huggingface_hub import try_to_load_from_cache
+
+            try:
+                cached = try_to_load_from_cache(name, "config.json", revision=cfg.model.revision)
+            except Exception:  # not a valid hub id: the stage's check says so
+                return False
+            if not isinstance(cached, str):
+                return False
+            config = Path(cached)
+        else:  # base, sft, ppo, ...: this run's adapters on the base
+            continue
+        try:
+            if config.is_file() and "quantization_config" in json.loads(config.read_text()):
+                return False
+        except (OSError, ValueError):
+            return False
+    return True
 
 
 def check_chat_template(cfg: PipelineConfig, tokenizer_dir: str, examples: list) -> None:

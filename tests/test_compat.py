@@ -38,15 +38,21 @@ def test_an_instance_attribute_set_in_init_counts_as_present_and_its_absence_is_
     assert "_train_batch_size" not in compat._set_in_init(Old)
 
 
-def test_each_stage_imports_only_the_libraries_it_checks():
+def test_each_stage_imports_only_the_libraries_it_checks(tmp_path):
     """PPO never uses trl's trainers: checking them cost its process ~110 MB (their modules and datasets'),
-    which is what moved `make bench`'s PPO / SFT peak memory on the large setup from 1.06 to 1.15."""
+    which is what moved `make bench`'s PPO / SFT peak memory on the large setup from 1.06 to 1.15. And a stage
+    that loads no quantized model never imports bitsandbytes (`cli.skip_bitsandbytes`), which peft would."""
     import subprocess
     import sys
-    probe = ("import sys; from rlhf.compat import check\n"
+    (tmp_path / "config.json").write_text("{}")
+    probe = ("import sys; from rlhf.compat import check; from rlhf.cli import skip_bitsandbytes\n"
+             "from rlhf.config import load_config\n"
+             f"print(skip_bitsandbytes(load_config(None, ['model.name_or_path={tmp_path}'])))\n"
              "for stage in ('ppo', 'rm'):\n"
              "    check(stage); print(sorted(m for m in ('trl.trainer.reward_trainer', 'trl.trainer.dpo_trainer', "
-             "'transformers.trainer') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
-    assert out.splitlines() == ["[]", "['transformers.trainer', 'trl.trainer.reward_trainer']"]
+             "'transformers.trainer') if m in sys.modules))\n"
+             "import peft, bitsandbytes\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.stdout.splitlines() == ["True", "[]", "['transformers.trainer', 'trl.trainer.reward_trainer']"]
+    assert "ModuleNotFoundError: import of bitsandbytes halted; None in sys.modules" in out.stderr, out.stderr
     assert {n.attr for n in compat.NEEDED if "ppo" in n.stages} == {"_active_adapter", "_disable_adapters"}

@@ -101,3 +101,25 @@ def test_good_inputs_on_a_finished_stage_refuse_without_force(tmp_path, capsys):
     assert err == (f"error: {run / 'rm'} holds a finished rm stage ({run / 'rm' / 'DONE'}); to train it again, add "
                    f"--force (the finished outputs stay until the new run finishes) or run `make clean-rm` first\n")
     assert files(run) == before
+
+
+def test_bitsandbytes_is_skipped_only_when_nothing_can_load_a_quantized_model(tmp_path):
+    """`cli.skip_bitsandbytes` hides bitsandbytes from a stage's process (2-4 s of imports) only when this says
+    nothing can need it."""
+    base = model_dir(tmp_path / "base")
+    plain = [f"model.name_or_path={base}"]
+    assert preflight.bitsandbytes_unused(load_config(None, plain))
+    assert not preflight.bitsandbytes_unused(load_config(None, plain + ["model.quantization=4bit"]))
+    # a user's judge or reward may load a quantized model; the shipped ones (rlhf.*) do not
+    assert preflight.bitsandbytes_unused(load_config(None, plain + ["ppo.judge=rlhf.demo.task:gold_score"]))
+    assert not preflight.bitsandbytes_unused(load_config(None, plain + ["eval.judge=mine.judge:score"]))
+    assert not preflight.bitsandbytes_unused(load_config(None, plain + ["ppo.rewards=[{source: mine.r:f}]"]))
+    # a pre-quantized checkpoint, as the base or as a model eval judges
+    quantized = tmp_path / "quantized"
+    quantized.mkdir()
+    (quantized / "config.json").write_text(json.dumps({"quantization_config": {"load_in_4bit": True}}))
+    assert not preflight.bitsandbytes_unused(load_config(None, [f"model.name_or_path={quantized}"]))
+    assert not preflight.bitsandbytes_unused(load_config(None, plain + [f"eval.checkpoints=[sft, q={quantized}]"]))
+    assert preflight.bitsandbytes_unused(load_config(None, plain + [f"eval.checkpoints=[sft, b={base}]"]))
+    # a hub id not in the cache: unknown, so not skipped
+    assert not preflight.bitsandbytes_unused(load_config(None, ["model.name_or_path=nobody-has/this-model-17"]))

@@ -1,0 +1,144 @@
+"""Where the test suite's CPU goes: a pytest plugin that charges every process's CPU time to the test it ran for.
+
+    PYTHONPATH=scripts .venv/bin/python -m pytest -n 3 --dist loadgroup -p suite_profile   # or PYTEST_ADDOPTS
+    SUITE_PROFILE=/tmp/profile.json (default: suite-profile.json in the working directory)
+
+Wall time per test (pytest's --durations) says little on 2 cores shared by 3 workers and their stages; CPU time
+does. The controller samples /proc twice a second: each process's user+system time, and the xdist worker named
+in its environment (PYTEST_XDIST_WORKER: inherited by everything a worker starts, fork-server stages, `make`,
+`accelerate launch` and SLURM jobs included). Workers log when each test starts and ends; at the end each sampled
+increment of CPU is charged to the test its worker was running then. Printed: the total, the tests and files
+that cost most, and each worker's busy time. Linux only (/proc).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+TICK = os.sysconf("SC_CLK_TCK")
+EVERY = 0.5
+
+
+def _cpu_parent_worker(pid: str) -> tuple[float, str, str] | None:
+    """CPU seconds so far, the parent's pid, and PYTEST_XDIST_WORKER from the environment the process was
+    started with ("" if none: a worker sets it after it starts, so it and what it forks lack it there)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        cpu = (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+        env = Path(f"/proc/{pid}/environ").read_bytes()
+    except (OSError, ValueError, IndexError):
+        return None
+    for item in env.split(b"\0"):
+        if item.startswith(b"PYTEST_XDIST_WORKER="):
+            return cpu, fields[1], item.split(b"=", 1)[1].decode()
+    return cpu, fields[1], ""
+
+
+class _Sampler(threading.Thread):
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.stop = threading.Event()
+        self.seen: dict[str, float] = {}  # pid -> CPU seconds at the last sample
+        self.charges: list[tuple[float, str, float]] = []  # (time, pid, CPU seconds since the last sample)
+        self.parent: dict[str, str] = {}
+        self.worker: dict[str, str] = {}  # pid -> the worker in its environment
+        self.sample(charge=False)  # what ran before the suite is not the suite's
+
+    def sample(self, charge: bool = True):
+        now = time.time()
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            got = _cpu_parent_worker(pid)
+            if got is None:
+                continue
+            cpu, self.parent[pid], self.worker[pid] = got
+            delta = cpu - self.seen.get(pid, 0.0)  # a process born since the last sample: all its CPU
+            self.seen[pid] = cpu
+            if charge and delta > 0:
+                self.charges.append((now, pid, delta))
+
+    def worker_of(self, pid: str, worker_pids: dict[str, str]) -> str:
+        """The worker a process ran for: in its environment, or the worker it descends from."""
+        seen = set()
+        while pid and pid not in seen:
+            seen.add(pid)
+            if self.worker.get(pid):
+                return self.worker[pid]
+            if pid in worker_pids:
+                return worker_pids[pid]
+            pid = self.parent.get(pid, "")
+        return ""
+
+    def run(self):
+        while not self.stop.wait(EVERY):
+            self.sample()
+
+
+def _log_path(config) -> Path:
+    return Path(os.environ.get("SUITE_PROFILE", "suite-profile.json")).with_suffix(".tests.jsonl")
+
+
+def pytest_configure(config):
+    if hasattr(config, "workerinput"):
+        return
+    path = _log_path(config)
+    path.unlink(missing_ok=True)
+    config._suite_sampler = _Sampler()
+    config._suite_started = time.time()
+    config._suite_sampler.start()
+
+
+def pytest_runtest_protocol(item, nextitem):
+    item._suite_start = time.time()
+
+
+def pytest_runtest_makereport(item, call):
+    if call.when != "teardown":
+        return
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    line = json.dumps({"test": item.nodeid, "worker": worker, "pid": str(os.getpid()),
+                       "start": getattr(item, "_suite_start", call.start), "end": time.time()})
+    with _log_path(item.config).open("a") as f:
+        f.write(line + "\n")
+
+
+def pytest_unconfigure(config):
+    sampler = getattr(config, "_suite_sampler", None)
+    if sampler is None:
+        return
+    sampler.stop.set()
+    sampler.join()
+    wall = time.time() - config._suite_started
+    spans = defaultdict(list)  # worker -> [(start, end, test)]
+    worker_pids = {}
+    path = _log_path(config)
+    for line in path.read_text().splitlines() if path.exists() else []:
+        r = json.loads(line)
+        spans[r["worker"]].append((r["start"], r["end"], r["test"]))
+        worker_pids[r["pid"]] = r["worker"]
+    per_test: dict[str, float] = defaultdict(float)
+    for when, pid, cpu in sampler.charges:
+        worker = sampler.worker_of(pid, worker_pids)
+        test = next((t for s, e, t in spans.get(worker, ()) if s <= when <= e + EVERY), None)
+        per_test[test or (f"{worker}: between tests" if worker else "not a worker (controller, others)")] += cpu
+    per_file: dict[str, float] = defaultdict(float)
+    for test, cpu in per_test.items():
+        per_file[test.split("::")[0]] += cpu
+    total = sum(per_test.values())
+    busy = {w: round(sum(e - s for s, e, _ in v)) for w, v in sorted(spans.items())}
+    report = {"wall_s": round(wall), "cpu_s": round(total), "busy_s_per_worker": busy,
+              "files": {k: round(v, 1) for k, v in sorted(per_file.items(), key=lambda kv: -kv[1])},
+              "tests": {k: round(v, 1) for k, v in sorted(per_test.items(), key=lambda kv: -kv[1])}}
+    out = Path(os.environ.get("SUITE_PROFILE", "suite-profile.json"))
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"\n[suite_profile] wall {wall:.0f} s, CPU {total:.0f} core-s (all processes); workers busy {busy}; "
+          f"{out}")
+    for test, cpu in list(report["tests"].items())[:25]:
+        print(f"  {cpu:7.1f}  {test}")
