@@ -48,12 +48,19 @@ def shared(tmp_path_factory, name: str, build) -> Path:
 CHAIN = ("sft_run", "rm_run", "ppo_run")
 PPO_RUN_STEPS = 10  # ppo_run's steps
 STARTER = "tests/test_ppo.py::test_ppo_raises_rm_and_gold_scores_at_a_small_kl"  # needs the chain, and little else
+# Long tests that need the whole chain, run right after the starter on its process (the "chain" group): queued
+# with the other tests that need PPO they started last, minutes after the chain was ready, and the suite ended
+# with them while the other processes had nothing left to do.
+AFTER_STARTER = ("tests/test_compare.py::test_make_compare_on_the_demo_with_a_few_steps",)
 
 
 def _group(nodeid: str) -> str | None:
     """The group a test runs in, on one xdist process: one family's pipeline is built once
     (tests/test_families.py, a session fixture parametrized by family); the SLURM cluster has one node, so its
-    tests take turns there; the 2-process runs build on each other (module fixtures)."""
+    tests take turns there; the 2-process runs build on each other (module fixtures); the starter and the long
+    tests that wait for the chain it builds (`AFTER_STARTER`)."""
+    if nodeid == STARTER or nodeid in AFTER_STARTER:
+        return "chain"
     module = nodeid.split("::")[0]
     if module in ("tests/test_slurm.py", "tests/test_distributed.py"):
         return module
@@ -83,14 +90,13 @@ def pytest_xdist_make_scheduler(config, log):
 FIRST_GROUPS = ("tests/test_slurm.py", "tests/test_distributed.py")
 # The longest single tests (~50 s and more on a process of 2 cores' suite): first among the tests that need
 # the same runs, so that none of them starts last and leaves the other processes idle at the end.
-LONGEST = ("tests/test_compare.py::test_make_compare_on_the_demo_with_a_few_steps",
-           "tests/test_rm.py::test_hh_sample_runs_every_stage_from_a_config_alone",
+LONGEST = ("tests/test_rm.py::test_hh_sample_runs_every_stage_from_a_config_alone",
            "tests/test_sft.py::test_killed_make_sft_resumes_from_last_checkpoint")
 
 
 def pytest_collection_modifyitems(items):
-    """The order, for the processes on two cores: first one test that needs the whole demo chain (its process
-    builds SFT, RM and PPO, some minutes), then the longest groups (`FIRST_GROUPS`), then every test that needs
+    """The order, for the processes on two cores: first the "chain" group (`STARTER`, which needs the whole demo
+    chain, so its process builds SFT, RM and PPO, some minutes; then `AFTER_STARTER`), then the longest groups (`FIRST_GROUPS`), then every test that needs
     none of the chain (the other processes work through them meanwhile), then those that need SFT, RM, PPO, in
     that order, so that a process seldom waits for a run that another is still building; among equals the
     `LONGEST` tests first, after the groups. A group (`_group`)
@@ -104,10 +110,8 @@ def pytest_collection_modifyitems(items):
         if (g := group[id(item)]) is not None:
             group_level[g] = max(group_level.get(g, 0), level[id(item)])
     rank = {i: group_level[g] if g is not None else level[i] for i, g in group.items()}
-    chain = [item for item in items if rank[id(item)] == len(CHAIN) and group[id(item)] is None]
-    starter = next((item for item in chain if item.nodeid == STARTER), chain[0] if chain else None)
-    first = {g: i for i, g in enumerate(FIRST_GROUPS)}
-    items.sort(key=lambda item: (item is not starter, first.get(group[id(item)], len(first)), rank[id(item)],
+    first = {g: i for i, g in enumerate(("chain", *FIRST_GROUPS))}
+    items.sort(key=lambda item: (first.get(group[id(item)], len(first)), item.nodeid != STARTER, rank[id(item)],
                                  group[id(item)] is None, item.nodeid not in LONGEST))
 
 

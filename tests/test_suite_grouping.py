@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import LONGEST, STARTER, _group, pytest_collection_modifyitems
+from conftest import AFTER_STARTER, LONGEST, STARTER, _group, pytest_collection_modifyitems
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,6 +42,7 @@ def test_group_of_a_test_id():
     assert _group("tests/test_slurm.py::test_chain[x]") == "tests/test_slurm.py"
     assert _group("tests/test_distributed.py::test_two_process_ppo[gae]") == "tests/test_distributed.py"
     assert _group("tests/test_ppo.py::test_x") is None
+    assert _group(STARTER) == _group(AFTER_STARTER[0]) == "chain"
 
 
 def test_each_family_pipeline_is_built_once_on_one_process(tmp_path):
@@ -67,23 +68,24 @@ class Item:
 
 
 def test_order_the_chain_then_the_long_groups_then_by_the_runs_each_test_needs():
-    """The test that builds the demo's chain first, then the SLURM and 2-process groups (each whole, on one
-    process, minutes long), then tests by the shared runs they need: none, SFT, RM, PPO; a group among its
-    equals first, then the longest single tests."""
+    """The test that builds the demo's chain first, with the long tests that need that chain after it on its
+    process; then the SLURM and 2-process groups (each whole, on one process, minutes long), then tests by the
+    shared runs they need: none, SFT, RM, PPO; a group among its equals first, then the longest single tests."""
     items = [Item("tests/test_a.py::test_needs_ppo", "ppo_run"), Item("tests/test_a.py::test_plain"),
-             Item(LONGEST[0], "ppo_run"),
+             Item(AFTER_STARTER[0], "ppo_run"), Item(LONGEST[0]),
              Item("tests/test_slurm.py::test_chain"), Item("tests/test_a.py::test_needs_sft", "sft_run"),
              Item(STARTER, "ppo_run"), Item("tests/test_distributed.py::test_rm", "rm_run"),
              Item("tests/test_families.py::test_x[gpt2]"), Item("tests/test_a.py::test_needs_rm", "rm_run"),
              Item("tests/test_distributed.py::test_units"), Item("tests/test_slurm.py::test_2proc", "rm_run")]
     pytest_collection_modifyitems(items)
-    assert [i.nodeid.split("::")[1] for i in items] == [
-        STARTER.split("::")[1], "test_chain", "test_2proc", "test_rm", "test_units", "test_x[gpt2]", "test_plain",
-        "test_needs_sft", "test_needs_rm", LONGEST[0].split("::")[1], "test_needs_ppo"]
+    name = lambda nodeid: nodeid.split("::")[1]
+    assert [name(i.nodeid) for i in items] == [
+        name(STARTER), name(AFTER_STARTER[0]), "test_chain", "test_2proc", "test_rm", "test_units", "test_x[gpt2]",
+        name(LONGEST[0]), "test_plain", "test_needs_sft", "test_needs_rm", "test_needs_ppo"]
 
 
 def test_the_named_tests_exist():
     """A renamed test would silently lose its place in the order."""
-    for nodeid in (STARTER, *LONGEST):
+    for nodeid in (STARTER, *AFTER_STARTER, *LONGEST):
         path, name = nodeid.split("::")
         assert f"def {name}(" in (ROOT / path).read_text(), nodeid
