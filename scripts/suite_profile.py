@@ -4,10 +4,11 @@
     SUITE_PROFILE=/tmp/profile.json (default: suite-profile.json in the working directory)
 
 Wall time per test (pytest's --durations) says little on 2 cores shared by 3 workers and their stages; CPU time
-does. The controller samples /proc twice a second: each process's user+system time, and the xdist worker named
-in its environment (PYTEST_XDIST_WORKER: inherited by everything a worker starts, fork-server stages, `make`,
-`accelerate launch` and SLURM jobs included). Workers log when each test starts and ends; at the end each sampled
-increment of CPU is charged to the test its worker was running then. Printed: the total, the tests and files
+does. The controller samples /proc twice a second: each process's user+system time and the xdist worker it
+ran for: the one that asked the suite's stage server for it (tests/stage_server.py lists the stages it forks
+in SUITE_PROFILE.pids), the one named in its environment (PYTEST_XDIST_WORKER: inherited by `make`,
+`accelerate launch` and SLURM jobs), or the worker it descends from. Workers log when each test starts and ends;
+at the end each sampled increment of CPU is charged to the test its worker was running then. Printed: the total, the tests and files
 that cost most, and each worker's busy time. Linux only (/proc).
 """
 
@@ -64,11 +65,14 @@ class _Sampler(threading.Thread):
             if charge and delta > 0:
                 self.charges.append((now, pid, delta))
 
-    def worker_of(self, pid: str, worker_pids: dict[str, str]) -> str:
-        """The worker a process ran for: in its environment, or the worker it descends from."""
+    def worker_of(self, pid: str, worker_pids: dict[str, str], forked: dict[str, str]) -> str:
+        """The worker a process ran for: the one that asked the stage server for it (`forked`), the one in its
+        environment, or the worker it descends from."""
         seen = set()
         while pid and pid not in seen:
             seen.add(pid)
+            if pid in forked:
+                return forked[pid]
             if self.worker.get(pid):
                 return self.worker[pid]
             if pid in worker_pids:
@@ -81,8 +85,12 @@ class _Sampler(threading.Thread):
             self.sample()
 
 
+def out_path() -> Path:
+    return Path(os.environ.setdefault("SUITE_PROFILE", str(Path("suite-profile.json").resolve())))
+
+
 def _log_path(config) -> Path:
-    return Path(os.environ.get("SUITE_PROFILE", "suite-profile.json")).with_suffix(".tests.jsonl")
+    return out_path().with_suffix(".tests.jsonl")
 
 
 def pytest_configure(config):
@@ -90,6 +98,7 @@ def pytest_configure(config):
         return
     path = _log_path(config)
     path.unlink(missing_ok=True)
+    Path(str(out_path()) + ".pids").unlink(missing_ok=True)
     config._suite_sampler = _Sampler()
     config._suite_started = time.time()
     config._suite_sampler.start()
@@ -123,9 +132,11 @@ def pytest_unconfigure(config):
         r = json.loads(line)
         spans[r["worker"]].append((r["start"], r["end"], r["test"]))
         worker_pids[r["pid"]] = r["worker"]
+    pids = Path(str(out_path()) + ".pids")  # tests/stage_server.py: the stages it forked, for which worker
+    forked = dict(line.split(" ", 1) for line in pids.read_text().splitlines()) if pids.exists() else {}
     per_test: dict[str, float] = defaultdict(float)
     for when, pid, cpu in sampler.charges:
-        worker = sampler.worker_of(pid, worker_pids)
+        worker = sampler.worker_of(pid, worker_pids, forked)
         test = next((t for s, e, t in spans.get(worker, ()) if s <= when <= e + EVERY), None)
         per_test[test or (f"{worker}: between tests" if worker else "not a worker (controller, others)")] += cpu
     per_file: dict[str, float] = defaultdict(float)
@@ -136,7 +147,7 @@ def pytest_unconfigure(config):
     report = {"wall_s": round(wall), "cpu_s": round(total), "busy_s_per_worker": busy,
               "files": {k: round(v, 1) for k, v in sorted(per_file.items(), key=lambda kv: -kv[1])},
               "tests": {k: round(v, 1) for k, v in sorted(per_test.items(), key=lambda kv: -kv[1])}}
-    out = Path(os.environ.get("SUITE_PROFILE", "suite-profile.json"))
+    out = out_path()
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"\n[suite_profile] wall {wall:.0f} s, CPU {total:.0f} core-s (all processes); workers busy {busy}; "
           f"{out}")

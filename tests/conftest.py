@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
+import stage_server  # tests/stage_server.py (pytest puts tests/ on sys.path for its conftest)
 from rlhf.runs import checkpoint_complete
 
 # Any accidental hub download fails at once instead of hanging (there is no network here or in CI).
@@ -126,61 +127,41 @@ def demo_dir() -> Path:
 
 
 # The heavy imports every stage makes (~10 s of CPU each time: torch, transformers, peft, trl, datasets). A
-# suite that started each stage as a fresh interpreter spent a third of its time on them.
+# suite that started each stage as a fresh interpreter spent a third of its time on them; the stage server
+# (tests/stage_server.py) imports them once for the session and forks each stage from there.
 STAGE_IMPORTS = ["torch", "transformers", "peft", "trl", "datasets", "accelerate", "rlhf.sft", "rlhf.rm.train",
                  "rlhf.ppo.train", "rlhf.dpo", "rlhf.eval.run", "rlhf.export", "rlhf.preflight", "rlhf.cli"]
-_forks = None
 
 
-def _stage_process(module: str, argv: list[str], env: dict, out: str, err: str) -> None:
-    """In a process forked from the pre-imported server: `python -m <module> <argv>` from the repo root, with the
-    caller's environment, stdout and stderr into files; the exit code is the stage's."""
-    import runpy
-    import traceback
-    os.environ.clear()
-    os.environ.update(env)
-    os.chdir(ROOT)
-    sys.path.insert(0, str(ROOT))
-    for fd, path in ((1, out), (2, err)):
-        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-    sys.argv = [module, *argv]
-    code = 0
-    try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
-    except SystemExit as e:  # as the interpreter does: None is 0, an int is the code, anything else printed and 1
-        if e.code is None or isinstance(e.code, int):
-            code = e.code or 0
-        else:
-            print(e.code, file=sys.stderr)
-            code = 1
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+def pytest_configure(config):
+    """The controller (or the only process) names the session's stage-server directory for every process."""
+    if not hasattr(config, "workerinput"):
+        import tempfile
+        config._stage_server = tempfile.mkdtemp(prefix="rlhf-stages-")
+        os.environ[stage_server.ENV] = config._stage_server
+        os.environ[stage_server.ENV + "_WATCH"] = str(os.getpid())
+
+
+def pytest_unconfigure(config):
+    if directory := getattr(config, "_stage_server", None):
+        stage_server.stop(Path(directory))
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 class ForkedStage:
     """`python -m stages.<stage> <argv>` as a process of its own (its own globals, seeds, signal handlers, exit
-    code) forked from a server that has already imported what stages import: the same run as a fresh
-    interpreter's, without the ~10 s of imports. Like `subprocess.Popen`: `pid`, `poll()`, `send_signal()`,
-    `communicate(timeout)` -> (stdout, stderr), `returncode`. Exceptions: the tests of what happens before torch
-    loads and of `make` start real interpreters."""
+    code) forked from the session's stage server, which has already imported what stages import: the same run as
+    a fresh interpreter's, without the ~10 s of imports. Like `subprocess.Popen`: `pid`, `poll()`,
+    `send_signal()`, `communicate(timeout)` -> (stdout, stderr), `returncode`. Exceptions: the tests of what
+    happens before torch loads and of `make` start real interpreters."""
 
     def __init__(self, stage: str, argv: list[str], env: dict[str, str] | None = None):
-        import multiprocessing
         import tempfile
-        global _forks
-        if _forks is None:
-            _forks = multiprocessing.get_context("forkserver")
-            _forks.set_forkserver_preload(STAGE_IMPORTS)
         self.args = [sys.executable, "-m", f"stages.{stage}", *argv]
         self._tmp = tempfile.TemporaryDirectory()
         self._out, self._err = (os.path.join(self._tmp.name, n) for n in ("out", "err"))
-        self._proc = _forks.Process(target=_stage_process, args=(f"stages.{stage}", argv, dict(env or os.environ),
-                                                                 self._out, self._err))
-        self._proc.start()
+        self._proc = stage_server.Client(stage_server.ensure(STAGE_IMPORTS), f"stages.{stage}", argv,
+                                         dict(env or os.environ), self._out, self._err)
         self.pid = self._proc.pid
 
     @property
@@ -188,17 +169,19 @@ class ForkedStage:
         return self._proc.exitcode
 
     def poll(self) -> int | None:
-        return self._proc.exitcode
+        return self._proc.poll()
 
     def send_signal(self, sig: int) -> None:
-        os.kill(self.pid, sig)
+        if self._proc.poll() is None:
+            os.kill(self.pid, sig)
 
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
-        self._proc.join(timeout)
-        if self._proc.exitcode is None:
-            self._proc.kill()
-            self._proc.join()
-            raise subprocess.TimeoutExpired(self.args, timeout)
+        try:
+            self._proc.wait(timeout)
+        except TimeoutError:
+            self.send_signal(signal.SIGKILL)
+            self._proc.wait(60)
+            raise subprocess.TimeoutExpired(self.args, timeout) from None
         read = lambda path: Path(path).read_text(errors="replace") if os.path.exists(path) else ""
         out, err = read(self._out), read(self._err)
         self._tmp.cleanup()

@@ -10,7 +10,8 @@ from conftest import AFTER_STARTER, LONGEST, STARTER, _group, pytest_collection_
 ROOT = Path(__file__).resolve().parent.parent
 
 FAKE_CONFTEST = f'''
-import importlib.util
+import importlib.util, sys
+sys.path.insert(0, {str(ROOT / "tests")!r})  # the suite's conftest imports tests/stage_server.py
 spec = importlib.util.spec_from_file_location("suite_conftest", {str(ROOT / "tests" / "conftest.py")!r})
 suite = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(suite)
