@@ -1,15 +1,16 @@
 """Where the test suite's CPU goes: a pytest plugin that charges every process's CPU time to the test it ran for.
 
-    PYTHONPATH=scripts .venv/bin/python -m pytest -n 3 --dist loadgroup -p suite_profile   # or PYTEST_ADDOPTS
-    SUITE_PROFILE=/tmp/profile.json (default: suite-profile.json in the working directory)
+    PYTHONPATH=scripts make test PYTEST_ARGS="-p suite_profile"
+    SUITE_PROFILE=/tmp/profile.json (default: suite-profile.json in the working directory; beside it
+    .tests.jsonl, each test's start and end, and .pids, the stages the stage server forked)
 
 Wall time per test (pytest's --durations) says little on 2 cores shared by 3 workers and their stages; CPU time
 does. The controller samples /proc twice a second: each process's user+system time and the xdist worker it
 ran for: the one that asked the suite's stage server for it (tests/stage_server.py lists the stages it forks
 in SUITE_PROFILE.pids), the one named in its environment (PYTEST_XDIST_WORKER: inherited by `make`,
 `accelerate launch` and SLURM jobs), or the worker it descends from. Workers log when each test starts and ends;
-at the end each sampled increment of CPU is charged to the test its worker was running then. Printed: the total, the tests and files
-that cost most, and each worker's busy time. Linux only (/proc).
+at the end each sampled increment of CPU is charged to the test its worker was running then. Printed: the
+total, the tests and files that cost most, and each worker's busy time. Linux only (/proc).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """The suite's own scheduling (tests/conftest.py): a group's tests run on one pytest-xdist process."""
 
+import json
 import os
 import subprocess
 import sys
@@ -90,3 +91,28 @@ def test_the_named_tests_exist():
     for nodeid in (STARTER, *AFTER_STARTER, *LONGEST):
         path, name = nodeid.split("::")
         assert f"def {name}(" in (ROOT / path).read_text(), nodeid
+
+
+BURN = '''
+import subprocess, sys, time
+
+def test_burns_in_a_child():
+    subprocess.run([sys.executable, "-c", "import time\\nt = time.process_time()\\nwhile time.process_time() - t < 1.5: pass"])
+
+def test_idles():
+    time.sleep(1.0)
+'''
+
+
+def test_suite_profile_charges_a_child_process_s_cpu_to_its_test(tmp_path):
+    """scripts/suite_profile.py: the CPU of a process a test starts is charged to that test."""
+    (tmp_path / "test_burn.py").write_text(BURN)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env |= {"PYTHONPATH": str(ROOT / "scripts"), "SUITE_PROFILE": str(tmp_path / "profile.json")}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", "-p",
+                           "suite_profile", "--rootdir", str(tmp_path), str(tmp_path)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    tests = json.loads((tmp_path / "profile.json").read_text())["tests"]
+    assert tests["test_burn.py::test_burns_in_a_child"] >= 1.0, tests
+    assert tests.get("test_burn.py::test_idles", 0) < 0.5, tests
