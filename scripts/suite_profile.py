@@ -90,14 +90,14 @@ def out_path() -> Path:
     return Path(os.environ.setdefault("SUITE_PROFILE", str(Path("suite-profile.json").resolve())))
 
 
-def _log_path(config) -> Path:
+def _log_path() -> Path:
     return out_path().with_suffix(".tests.jsonl")
 
 
 def pytest_configure(config):
     if hasattr(config, "workerinput"):
         return
-    path = _log_path(config)
+    path = _log_path()
     path.unlink(missing_ok=True)
     Path(str(out_path()) + ".pids").unlink(missing_ok=True)
     config._suite_sampler = _Sampler()
@@ -115,7 +115,7 @@ def pytest_runtest_makereport(item, call):
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     line = json.dumps({"test": item.nodeid, "worker": worker, "pid": str(os.getpid()),
                        "start": getattr(item, "_suite_start", call.start), "end": time.time()})
-    with _log_path(item.config).open("a") as f:
+    with _log_path().open("a") as f:
         f.write(line + "\n")
 
 
@@ -128,7 +128,7 @@ def pytest_unconfigure(config):
     wall = time.time() - config._suite_started
     spans = defaultdict(list)  # worker -> [(start, end, test)]
     worker_pids = {}
-    path = _log_path(config)
+    path = _log_path()
     for line in path.read_text().splitlines() if path.exists() else []:
         r = json.loads(line)
         spans[r["worker"]].append((r["start"], r["end"], r["test"]))

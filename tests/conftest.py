@@ -97,10 +97,10 @@ LONGEST = ("tests/test_rm.py::test_hh_sample_runs_every_stage_from_a_config_alon
 
 def pytest_collection_modifyitems(items):
     """The order, for the processes on two cores: first the "chain" group (`STARTER`, which needs the whole demo
-    chain, so its process builds SFT, RM and PPO, some minutes; then `AFTER_STARTER`), then the longest groups (`FIRST_GROUPS`), then every test that needs
-    none of the chain (the other processes work through them meanwhile), then those that need SFT, RM, PPO, in
-    that order, so that a process seldom waits for a run that another is still building; among equals the
-    `LONGEST` tests first, after the groups. A group (`_group`)
+    chain, so its process builds SFT, RM and PPO, some minutes; then `AFTER_STARTER`), then the longest groups
+    (`FIRST_GROUPS`), then every test that needs none of the chain (the other processes work through them
+    meanwhile), then those that need SFT, RM, PPO, in that order, so that a process seldom waits for a run that
+    another is still building; among equals the `LONGEST` tests first, after the groups. A group (`_group`)
     goes where its latest test would (its tests run together, on one process), and first among its equals (one
     process works through it)."""
     group = {id(item): _group(item.nodeid) for item in items}

@@ -123,18 +123,10 @@ def serve(directory: Path, watch: int, preload: list[str]) -> None:
                 break
             conn = children.pop(pid, None)
             if conn is not None:
-                if _registered(select, conn):
+                if conn in select.get_map():  # not if its client had gone (unregistered then)
                     select.unregister(conn)
                 _send(conn, {"exit": os.waitstatus_to_exitcode(status)})
                 conn.close()
-
-
-def _registered(select: selectors.BaseSelector, conn: socket.socket) -> bool:
-    try:
-        select.get_key(conn)
-    except KeyError:
-        return False
-    return True
 
 
 def _kill(pid: int) -> None:
@@ -158,9 +150,9 @@ def ensure(preload: list[str], timeout: float = 600) -> Path:
     sock = directory / "sock"
     with FileLock(str(directory / "lock")):
         if not sock.exists():
-            log = open(directory / "log", "ab")
-            server = subprocess.Popen([sys.executable, __file__, str(directory), str(os.environ[ENV + "_WATCH"]),
-                                       *preload], cwd=ROOT, stdout=log, stderr=log, start_new_session=True)
+            with open(directory / "log", "ab") as log:
+                server = subprocess.Popen([sys.executable, __file__, str(directory), os.environ[ENV + "_WATCH"],
+                                           *preload], cwd=ROOT, stdout=log, stderr=log, start_new_session=True)
             (directory / "pid").write_text(str(server.pid))
             deadline = time.time() + timeout
             while not sock.exists():
