@@ -1,5 +1,5 @@
 """The library's layers: every module of rlhf/ belongs to one, imports only point down (or within its layer),
-and no modules import each other in a circle. A new module must be given a layer here (README "Layout")."""
+and no modules import each other in a circle. A new module must be given a layer here (and in docs/design.md, "Module layers")."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def imports(path: Path, known: set[str]) -> set[str]:
 def layer_of(name: str) -> int:
     found = [i for i, (_, patterns) in enumerate(LAYERS) if any(fnmatch(name, p) for p in patterns)]
     if not found:
-        pytest.fail(f"{name} is in no layer of tests/test_layout.py: give it one (and a row in README's Layout)")
+        pytest.fail(f"{name} is in no layer of tests/test_layout.py: give it one (and a row in docs/design.md, "Module layers")")
     return found[0]
 
 
