@@ -54,7 +54,7 @@ def imports(path: Path, known: set[str]) -> set[str]:
 def layer_of(name: str) -> int:
     found = [i for i, (_, patterns) in enumerate(LAYERS) if any(fnmatch(name, p) for p in patterns)]
     if not found:
-        pytest.fail(f"{name} is in no layer of tests/test_layout.py: give it one (and a row in docs/design.md, "Module layers")")
+        pytest.fail(f"{name} is in no layer of tests/test_layout.py: give it one (and a row in docs/design.md, 'Module layers')")
     return found[0]
 
 
