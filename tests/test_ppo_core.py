@@ -139,9 +139,20 @@ def test_reward_normalisation_modes_by_hand():
     assert reward_normalisation(scores, "shift_scale") == (3.0, 2.0)
     assert reward_normalisation(scores, "shift") == (3.0, 1.0)
     assert reward_normalisation(scores, "none") == (0.0, 1.0)
-    assert reward_normalisation(torch.full((3,), 2.0), "shift_scale") == (2.0, 1e-6)  # all alike: no 0 division
+    assert reward_normalisation(torch.full((3,), 2.0), "shift_scale") == (2.0, 1.0)  # all alike: no 0 division
     with pytest.raises(ValueError, match="shift_scale, shift, none"):
         reward_normalisation(scores, "std")
+
+
+def test_reward_normalisation_of_an_all_zero_rule_reward_keeps_its_units():
+    from rlhf.ppo.core import REWARD_STD_FLOOR, reward_normalisation
+    shift, scale = reward_normalisation(torch.zeros(256), "shift_scale")  # a rule SFT never passes
+    assert (shift, scale) == (0.0, 1.0)
+    assert (1.0 - shift) / scale == 1.0  # the first success is worth 1, as the rule says, not 1e6
+    nearly = torch.tensor([5.0, 5.0 + REWARD_STD_FLOOR / 10])  # a saturated RM: shift only
+    assert reward_normalisation(nearly, "shift_scale")[1] == 1.0
+    spread = torch.tensor([0.0, 1.0, 0.0, 1.0])  # a real spread is still divided by
+    assert reward_normalisation(spread, "shift_scale") == pytest.approx((0.5, spread.std().item()))
 
 
 def test_truncate_after_eos():

@@ -209,3 +209,63 @@ def test_compare_with_sft_runs_evals_judging_path_on_the_roles_model(roles32, to
     assert a.logprob is not None and out["eval/kl"] != 0.0  # randomised policy adapter: it differs from SFT
     _, sft = judged_answers(roles32, tok, ids, spec, 2, 3, view="sft")
     assert sft["kl"] is None and len(sft["reward"]) == 2
+
+
+def fake_sampling(monkeypatch, n):
+    """train.sample replaced: n answers whose first id is their row, so fake scorers can tell them apart."""
+    from rlhf.ppo import train
+    ids = torch.arange(n)[:, None].repeat(1, 3)
+    monkeypatch.setattr(train, "sample", lambda roles, tok, prompts, spec, bs: (ids[:len(prompts)],
+                                                                                 torch.ones(len(prompts), 3, dtype=torch.bool), 1))
+    return ids
+
+
+def test_reward_normalisation_of_an_all_zero_reward_falls_back_to_shift_and_says_so(monkeypatch, capsys):
+    from rlhf.config import PPOStageConfig
+    from rlhf.ppo import train
+    fake_sampling(monkeypatch, 8)
+    roles = SimpleNamespace(scorer=SimpleNamespace(score_ids=lambda ids, mask: torch.zeros(ids.shape[0])))
+    p = PPOStageConfig(reward_norm_samples=8)
+    assert train.reward_normalisation(roles, None, [[1]] * 8, p) == (0.0, 1.0)
+    assert "falls back to shift" in capsys.readouterr().err
+    assert train.reward_norm_used("shift_scale", 1.0) == "shift" and train.reward_norm_used("shift_scale", 0.5) == "shift_scale"
+
+
+def test_reward_normalisation_prompts_are_a_seeded_random_sample_not_the_first_rows():
+    from rlhf.ppo.train import normalisation_prompts
+    chosen = normalisation_prompts(1000, 10, seed=0)
+    assert len(set(chosen)) == 10 and chosen != list(range(10)) and max(chosen) >= 10
+    assert chosen == normalisation_prompts(1000, 10, seed=0) and chosen != normalisation_prompts(1000, 10, seed=1)
+    assert normalisation_prompts(5, 10, seed=0) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("objective", ["min", "mean_minus_std"])
+def test_a_constant_added_to_one_ensemble_member_changes_no_advantage(monkeypatch, objective):
+    from rlhf.config import PPOStageConfig
+    from rlhf.ppo import train
+    from rlhf.ppo.rollout import AdvantageSpec, Rollout, advantages
+    from rlhf.rm.scoring import RewardEnsemble
+    n = 8
+    fake_sampling(monkeypatch, n)
+    gen = torch.Generator().manual_seed(0)
+    tables = [torch.randn(n, generator=gen) for _ in range(3)]  # each member's score of answer i (first id i)
+
+    def member(table, offset):
+        return SimpleNamespace(model=None, tokenizer=None, head=None, name="reward",
+                               score_ids=lambda ids, mask: table[ids[:, 0]] + offset)
+
+    def run(offset):
+        ensemble = RewardEnsemble([member(tables[0], 0.0), member(tables[1], offset), member(tables[2], 0.0)])
+        roles = SimpleNamespace(scorer=ensemble.with_objective(objective, 1.0))
+        p = PPOStageConfig(reward_norm_samples=n, ensemble_objective=objective)
+        shift, scale = train.reward_normalisation(roles, None, [[1]] * n, p)
+        rows = torch.tensor([3, 1, 4, 1])  # a rollout of 2 prompts x 2 answers
+        ids = torch.stack([rows, rows, rows], 1)
+        mask = torch.ones(4, 3, dtype=torch.bool)
+        r = Rollout(ids=ids, mask=mask, prompt_width=1, logprobs=torch.zeros(4, 2), ref_logprobs=torch.zeros(4, 2),
+                    values=None, scores=roles.scorer.score_ids(ids, mask), ended=torch.ones(4, dtype=torch.bool))
+        return [advantages(r, 0.1, AdvantageSpec(shift, scale, estimator=e, group_size=2)).advantages
+                for e in ("grpo", "rloo", "reinforce_pp")]
+
+    for before, after in zip(run(0.0), run(5.0)):
+        assert torch.allclose(before, after, atol=1e-5)

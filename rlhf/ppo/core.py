@@ -88,23 +88,27 @@ def per_token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) 
 
 
 REWARD_NORMS = ("shift_scale", "shift", "none")
+REWARD_STD_FLOOR = 1e-2
+"""shift_scale divides by the SFT answers' score std only when it is at least this (in the reward's units)."""
 
 
-def reward_normalisation(scores: Tensor, mode: str) -> tuple[float, float]:
+def reward_normalisation(scores: Tensor, mode: str, std_floor: float = REWARD_STD_FLOOR) -> tuple[float, float]:
     """(N,) RM scores of the SFT policy's own answers -> (shift, scale); PPO's rewards are (score - shift) / scale.
 
     shift_scale  (mean, std): SFT's answers score mean 0 and std 1, whatever the RM's units;
     shift        (mean, 1): a bias only, so SFT's answers score mean 0 and the RM's spread is kept, as InstructGPT
                  and N+ do (N+ adds the bias to the RM's head; neither divides by a std);
     none         (0, 1): raw RM scores.
-    The std is floored at 1e-6 (an RM that scores every answer alike would otherwise divide by 0).
+    shift_scale falls back to shift (scale 1, the reward's own units) when the std is below `std_floor`: a
+    reward that is (nearly) constant on SFT's answers, e.g. a rule SFT never passes, would otherwise make the
+    first success worth 1/std and the KL penalty negligible beside it.
     """
     if mode not in REWARD_NORMS:
         raise ValueError(f"reward normalisation must be one of {', '.join(REWARD_NORMS)}, not {mode!r}")
     if mode == "none":
         return 0.0, 1.0
-    mean = scores.float().mean().item()
-    return (mean, max(scores.float().std().item(), 1e-6)) if mode == "shift_scale" else (mean, 1.0)
+    mean, std = scores.float().mean().item(), scores.float().std().item()
+    return (mean, std) if mode == "shift_scale" and std >= std_floor else (mean, 1.0)
 
 
 # -------------------------------------------------------------------------------------------------- GAE

@@ -11,6 +11,7 @@ held-out prompts; not with ppo.eval_samples=0, which `make demo` passes as `make
 from __future__ import annotations
 
 import json
+import random
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -94,19 +95,41 @@ def load_prompt_ids(source: str, split: str, p: PPOStageConfig, tokenizer) -> tu
     return [e.prompt for e in examples], [encode_prompt(tokenizer, e.prompt) for e in examples]
 
 
+def ensemble_in(scorer) -> RewardEnsemble | None:
+    """The reward-model ensemble in what PPO maximises (alone or as a term of ppo.rewards), if any."""
+    parts = [source for _, source in scorer.terms] if isinstance(scorer, rs.WeightedRewards) else [scorer]
+    return next((s for s in parts if isinstance(s, RewardEnsemble)), None)
+
+
+def normalisation_prompts(n_prompts: int, samples: int, seed: int) -> list[int]:
+    """Indices of the prompts the reward normalisation is measured on: a seeded random sample of `samples` (all
+    prompts if fewer), not the first rows of the file, which a sorted file would bias."""
+    return sorted(random.Random(seed).sample(range(n_prompts), min(samples, n_prompts)))
+
+
 @torch.no_grad()
 def reward_normalisation(roles, tokenizer, prompt_ids, p: PPOStageConfig, rank: int = 0,
                          world: int = 1) -> tuple[float, float]:
     """(shift, scale) of p.reward_norm (core.reward_normalisation) from RM scores of the SFT policy's own answers
     (the policy is SFT before any update). With several processes each samples a share of the prompts; the
-    statistics are over all the scores."""
-    if p.reward_norm == "none":
+    statistics are over all the scores. An ensemble's members are centred on the same answers first (their
+    means become its offsets), so that its objective does not depend on a constant added to one member."""
+    ensemble = ensemble_in(roles.scorer)
+    if p.reward_norm == "none" and ensemble is None:
         return 0.0, 1.0
-    mine = distributed.shard(prompt_ids[:p.reward_norm_samples], rank, world)
+    chosen = normalisation_prompts(len(prompt_ids), p.reward_norm_samples, p.seed)
+    mine = distributed.shard([prompt_ids[i] for i in chosen], rank, world)
     ids, mask, _ = sample(roles, tokenizer, mine, sampling(p), p.forward_batch_size)
-    scores = torch.cat([roles.scorer.score_ids(ids[rows], mask[rows])
-                        for rows in batches(ids.shape[0], p.forward_batch_size)])
-    return core.reward_normalisation(distributed.gather_tensor(scores), p.reward_norm)
+    rows = list(batches(ids.shape[0], p.forward_batch_size))
+    if ensemble is not None:
+        members = torch.cat([ensemble.member_scores_ids(ids[r], mask[r]) for r in rows], dim=1)
+        ensemble.offsets = torch.stack([distributed.gather_tensor(m) for m in members]).float().mean(dim=1).cpu()
+    scores = distributed.gather_tensor(torch.cat([roles.scorer.score_ids(ids[r], mask[r]) for r in rows]))
+    if rank == 0 and p.reward_norm == "shift_scale" and scores.float().std().item() < core.REWARD_STD_FLOOR:
+        print(f"[ppo] warning: the SFT policy's answers all score alike (std {scores.float().std().item():.2g} < "
+              f"{core.REWARD_STD_FLOOR}): ppo.reward_norm=shift_scale falls back to shift (the reward's own units)",
+              file=sys.stderr)
+    return core.reward_normalisation(scores, p.reward_norm)
 
 
 def check_sampling(p: PPOStageConfig) -> None:
@@ -284,7 +307,8 @@ def run(cfg: PipelineConfig) -> Path:
 
     # 6. policy vs SFT on held-out prompts
     summary = {"steps": p.steps, "num_processes": world, "steps_run": last, "kept_step": kept, "kept_reason": why,
-               "stopped_early": loop.guards.stop_reason is not None}
+               "stopped_early": loop.guards.stop_reason is not None, "reward_shift": loop.shift,
+               "reward_scale": loop.scale, "reward_norm": reward_norm_used(p.reward_norm, loop.scale)}
     if eval_prompts:
         result = compare_with_sft(roles, tokenizer, eval_prompts, sampling(p), p.forward_batch_size, judge, seed=p.seed)
         (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -308,10 +332,12 @@ class LoopState:
     guards: Guards
     shift: float
     scale: float
+    member_offsets: list[float] | None = None  # a reward-model ensemble's (RewardEnsemble.offsets)
 
     def state_dict(self, p: PPOStageConfig) -> dict:
         return {"kl": self.kl_ctl.state_dict(), "sampler": self.sampler.state_dict(), "reward_shift": self.shift,
-                "reward_scale": self.scale, "config": asdict(p), "guards": self.guards.state_dict()}
+                "reward_scale": self.scale, "member_offsets": self.member_offsets, "config": asdict(p),
+                "guards": self.guards.state_dict()}
 
 
 def resume_or_start(out: Path, roles, optimizer, scheduler, p: PPOStageConfig, procs, tokenizer, prompt_ids,
@@ -325,6 +351,8 @@ def resume_or_start(out: Path, roles, optimizer, scheduler, p: PPOStageConfig, p
         state = load_checkpoint(out / "checkpoints", roles, optimizer, scheduler, rank, world)
     if state is None:
         loop.shift, loop.scale = reward_normalisation(roles, tokenizer, prompt_ids, p, rank, world)
+        if ensemble_in(roles.scorer) is not None:
+            loop.member_offsets = ensemble_in(roles.scorer).offsets.tolist()
         check_finite({"ppo/reward_shift": loop.shift, "ppo/reward_scale": loop.scale}, "ppo reward normalisation")
         if p.estimator == "gae" and p.value_from_reward:
             calibrate_value_head(roles, loop.shift, loop.scale)
@@ -344,7 +372,16 @@ def resume_or_start(out: Path, roles, optimizer, scheduler, p: PPOStageConfig, p
     loop.sampler.load_state_dict(state["sampler"])
     loop.guards.load_state_dict(state.get("guards", {}))
     loop.shift, loop.scale, loop.step = state["reward_shift"], state["reward_scale"], state["step"]
+    loop.member_offsets = state.get("member_offsets")
+    if loop.member_offsets is not None and ensemble_in(roles.scorer) is not None:
+        ensemble_in(roles.scorer).offsets = torch.tensor(loop.member_offsets)
     return loop
+
+
+def reward_norm_used(mode: str, scale: float) -> str:
+    """The reward normalisation a run applied: shift_scale measured a spread too small to divide by (scale 1)
+    ran as shift (core.reward_normalisation)."""
+    return "shift" if mode == "shift_scale" and scale == 1.0 else mode
 
 
 def save_step(out: Path, loop: LoopState, roles, optimizer, scheduler, p: PPOStageConfig, procs) -> None:

@@ -174,8 +174,13 @@ def combine(scores: torch.Tensor, objective: str = "mean", std_coef: float = 0.0
     """(M, B) scores of M ensemble members -> (B,) one score per sequence.
 
     mean: the members' mean. min: the worst case over members (WCO). mean_minus_std: mean - std_coef x std over
-    members (UWO, the population std), which penalises answers the members disagree on: where the policy has left
+    members (the population std), which penalises answers the members disagree on: where the policy has left
     the data the RMs agree on (Coste et al. 2024, "Reward model ensembles help mitigate overoptimization").
+    Coste et al.'s UWO subtracts lambda x the variance; the std is a deliberate departure: it is in the scores'
+    units, so std_coef means the same whatever the RMs' scale, and it grows less on the few answers the
+    members disagree on most.
+    Bradley-Terry members are defined up to a constant each: centre them first (`centre_members`), or min
+    picks the member with the lowest offset and the std measures the gap between offsets.
     """
     if objective == "mean":
         return scores.mean(dim=0)
@@ -184,6 +189,13 @@ def combine(scores: torch.Tensor, objective: str = "mean", std_coef: float = 0.0
     if objective == "mean_minus_std":
         return scores.mean(dim=0) - std_coef * scores.std(dim=0, correction=0)
     raise ValueError(f"unknown ensemble objective {objective!r}: use one of {', '.join(ENSEMBLE_OBJECTIVES)}")
+
+
+def centre_members(scores: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """(M, B) member scores, (M,) offsets -> (M, B) scores - offsets: each member measured from its own mean on
+    a reference set of answers (the SFT policy's, as Gao et al. 2022 do), so that `combine` does not depend on
+    a constant added to one member."""
+    return scores - offsets.to(scores.dtype)[:, None]
 
 
 class RewardEnsemble(_ScoresText):
@@ -203,14 +215,22 @@ class RewardEnsemble(_ScoresText):
         self.members, self.objective, self.std_coef = members, objective, std_coef
         self.model, self.tokenizer = members[0].model, members[0].tokenizer
         self.head, self.name = members[0].head, members[0].name  # what a value model copied from "the RM" starts from
+        # (M,) subtracted from each member before combining (`centre_members`); PPO sets them on SFT's answers
+        self.offsets = torch.zeros(len(members))
 
     def with_objective(self, objective: str, std_coef: float = 0.0) -> "RewardEnsemble":
         """The same members (no copy), combined with another objective."""
         return RewardEnsemble(self.members, objective, std_coef)
 
     @torch.no_grad()
+    def member_scores_ids(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids and bool mask -> (M, B) raw scores of each member."""
+        return torch.stack([m.score_ids(input_ids, mask) for m in self.members])
+
+    @torch.no_grad()
     def score_ids(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return combine(torch.stack([m.score_ids(input_ids, mask) for m in self.members]), self.objective, self.std_coef)
+        scores = self.member_scores_ids(input_ids, mask)
+        return combine(centre_members(scores, self.offsets.to(scores.device)), self.objective, self.std_coef)
 
     def member_scores(self, prompts: list, responses: list[str], batch_size: int = 32) -> torch.Tensor:
         """(members, N) scores of each member, for diagnostics."""
