@@ -77,7 +77,7 @@ setup: $(TEST_STAMP)
 # The exact versions CI passed with are in constraints.txt (torch aside: TORCH_SPEC pins it, installed first).
 # $(STAMP): what the stages need (make demo, make sft, ...); $(TEST_STAMP) adds the test extra (pytest, wandb and
 # its ~40 dependencies). INSTALL is `pip install` through uv (scripts/install.py: uv into the venv, pip's package
-# sources handed on; pip itself where uv cannot be had): a fresh venv in ~1 min instead of ~2 (NOTES "Session 14").
+# sources handed on; pip itself where uv cannot be had): a fresh venv in ~1 min instead of ~2 (docs/results.md).
 # INSTALLER=pip: pip alone.
 INSTALLER  ?= uv
 INSTALL     = INSTALLER=$(INSTALLER) $(PY) scripts/install.py

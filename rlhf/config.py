@@ -206,7 +206,7 @@ class RMStageConfig(DataFiles):
     """The reward adapter on the SFT model (the score head is trained beside it)."""
     train: TrainSpec = field(default_factory=lambda: TrainSpec(lr=1e-4, epochs=8))
     """train.epochs is the most epochs; with early_stopping the best held-out checkpoint is kept (1 epoch left a
-    new small task's RM at 0.64 held-out accuracy, 8 reached 0.78: issue 14)."""
+    new small task's RM at 0.64 held-out accuracy, 8 reached 0.78)."""
 
 
 @dataclass

@@ -103,7 +103,7 @@ def test_shipped_configs_mean_what_they_say_and_fit_together(path, tmp_path):
 
 
 # The demo's variants: configs/demo.yaml with only run_dir (runs/<name>) and these keys changed, so that their
-# figures (NOTES.md "Critic-free estimators") compare with the demo's PPO and differ by what the name says.
+# figures (docs/results.md) compare with the demo's PPO and differ by what the name says.
 DEMO_VARIANTS = {
     "demo-grpo.yaml": {"ppo.estimator", "ppo.group_size", "ppo.grpo_kl"},
     "demo-rloo.yaml": {"ppo.estimator", "ppo.group_size"},

@@ -124,9 +124,9 @@ def test_base_model_knows_a_list_does_not_repeat(demo_dir):
     """The base gives an item already listed a much lower probability than a new one of the category, in a
     list and in a chat answer.
 
-    A base without this (pre-trained at lr 3e-3, sessions 1-4: both probabilities equal) left the RM
+    A base without this (pre-trained at lr 3e-3: both probabilities equal) left the RM
     unable to tell "oak elm oak" from "oak elm ash" and the PPO policy repeating items; one that knew it in
-    lists only (sessions 5-6: P(listed) / P(new) 0.29 in a list, 0.77 after a chat prompt) gave an SFT model that repeated
+    lists only (P(listed) / P(new) 0.29 in a list, 0.77 after a chat prompt) gave an SFT model that repeated
     more than its demonstrations and a PPO policy that kept the repeats."""
     import torch
     tok = AutoTokenizer.from_pretrained(demo_dir / "base")

@@ -1,4 +1,4 @@
-"""PPO_CHECKLIST.md items that need the real model: the four roles on one base, rollouts, the update loop.
+"""The PPO checks that need the real model: the four roles on one base, rollouts, the update loop.
 
 The pure formulas (GAE, whitening, losses, KL estimators, controllers, EOS truncation) are in test_ppo_core.py.
 """

@@ -60,7 +60,7 @@ def test_a_chat_template_that_fails_to_render_is_one_line(tmp_path):
                                f"the first message must be a system message")
 
 
-# --- the case of issue 17: a finished RM stage, run again with a file that is not UTF-8 ---
+# --- a finished RM stage, run again with a file that is not UTF-8 ---
 
 def finished_run(tmp_path: Path) -> Path:
     run = tmp_path / "run"

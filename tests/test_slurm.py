@@ -249,7 +249,7 @@ def chain_args(files: dict[str, str]) -> str:
             "ppo.num_minibatches=2 ppo.ppo_epochs=2 ppo.save_steps=1 ppo.reward_norm_samples=16 ppo.eval_samples=8 "
             "ppo.monitor_every=0 ppo.kl_budget=0 slurm.cpus_per_task=2 slurm.time=30m")
 # The RM of 10 steps is weak: PPO exploits it and its KL can pass the guard's 6-nat budget, which would end the
-# run before the requeues this test makes (session 8's CI failure). The test is about requeue and resume, so the
+# run before the requeues this test makes. The test is about requeue and resume, so the
 # run has no KL budget and no held-out monitor.
 
 

@@ -34,7 +34,7 @@ class BuildSpec:
     p_perfect: float = 0.25
     """The demonstrator's share of perfect answers; the rest have one or two flaws. It sets the headroom RL has
     over imitation: a win rate over SFT (ties half) cannot pass 1 - (SFT's perfect share) / 2. 0.25 gives SFT
-    33 % perfect answers, a ceiling of about 0.83 (why not 0.4: NOTES.md, "Evaluation and report", session 7)."""
+    33 % perfect answers, a ceiling of about 0.83 (why not 0.4: docs/results.md, "The full schedule")."""
     n_rank_prompts: int = 3000
     k: int = 4
     """Answers ranked per prompt (InstructGPT used K = 4..9)."""
@@ -57,13 +57,13 @@ class BuildSpec:
     pretrain_lr: float = 5e-4
     """At 3e-3 the base never learned that a list does not repeat its items: it gave an item
     already listed the same probability as a new one, so neither an RM nor a policy built on it could tell
-    "a b a" from "a b c" (NOTES: "Evaluation and report")."""
+    "a b a" from "a b c" (docs/design.md, "The demo task")."""
     pretrain_list_max: int = 12
     """Pre-training lists hold 2..this many items of a category (of 12): long lists make "no repeats" pay."""
     pretrain_chat_repeats: bool = False
     """Whether the pre-training dialogues' poor answers may repeat an item. They have the demonstrator's other
     flaws either way. With repeats the base learns that chat answers repeat, and SFT then repeats items more
-    often than its demonstrations (NOTES.md, "Evaluation and report", session 7)."""
+    often than its demonstrations (docs/design.md, "The demo task")."""
     hidden_size: int = 192
     layers: int = 4
     heads: int = 4

@@ -3,7 +3,7 @@
 Task-agnostic: every function takes token ids (or any hashable items, e.g. words) of one answer, so the same
 numbers come out for any tokenizer, language or answer shape. Over-optimised policies typically repeat a
 favourite of the reward model ("X, X, X.") and answer every prompt the same way; sampled answers can hide
-it while greedy answers show it (issue 14).
+it while greedy answers show it.
 
 Per answer:
   length        tokens in the answer;

@@ -1,7 +1,7 @@
 """Over-optimisation guards that need no gold judge: a KL budget, a degeneration stop, and the kept policy.
 
 A weak reward model lets PPO drag the policy far from SFT onto answers the RM likes and nobody else does
-(issue 14: KL 7.3 nats, greedy answers "X, X, X.", gold win rate 0.39). The guards watch two signals:
+(on one task: KL 7.3 nats, greedy answers "X, X, X.", gold win rate 0.39). The guards watch two signals:
 
 * the rollout KL (`ppo/kl`, summed over an answer): above `kl_budget` nats for `patience` consecutive
   steps, the run stops;

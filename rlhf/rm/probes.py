@@ -4,8 +4,8 @@ task, and see whether the reward model notices.
 Each perturbation is a pure function of the answer (and a seeded `random.Random`); it returns the answer
 unchanged when it cannot damage it (a one-word answer has no order to shuffle), and such cases are left out.
 What PPO learns first is what the RM fails to punish: a policy that repeats items, stops mid-answer or
-answers another question wins reward if the RM prefers those answers (PITFALLS.md: the demo's PPO learned to
-repeat an item the RM could not see).
+answers another question wins reward if the RM prefers those answers (the demo's PPO learned to repeat an
+item the RM could not see: docs/design.md).
 """
 
 from __future__ import annotations
