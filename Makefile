@@ -4,7 +4,7 @@
 #   make demo            build the embedded demo and run the pipeline on it, on a short schedule (~5 min)
 #   make all             the same on CONFIG (configs/demo.yaml: the full schedule, the one a new task copies)
 #   make sft             one stage; CONFIG=configs/<x>.yaml ARGS="key=value ..." to configure
-#   make compare         PPO (GAE), GRPO, RLOO and DPO on the demo, judged in one report (README "Which RL estimator")
+#   make compare         PPO (GAE), GRPO, RLOO and DPO on the demo, judged in one report (docs/algorithms.md, "Which estimator")
 # Stage targets are real files (<run_dir>/<stage>/DONE): a finished stage is not run again;
 # `make rm FORCE=1` trains it again (its outputs are replaced once the new run has finished);
 # `make clean-rm` removes it.

@@ -299,7 +299,7 @@ class PPOStageConfig:
     """Discount per token (1.0: none, as in RLHF practice)."""
     lam: float = 0.95
     """GAE's lambda: 1 gives Monte-Carlo returns (no bias, more variance), 0 one-step TD (gae only)."""
-    # advantage estimator (rlhf/ppo/estimators.py; README "Which RL estimator")
+    # advantage estimator (rlhf/ppo/estimators.py; docs/algorithms.md, "Which estimator")
     estimator: str = "gae"
     """gae: PPO, a value adapter and head trained beside the policy, GAE(gamma, lam), per-token KL in the reward.
     Critic-free (no value adapter or head in memory or in the optimiser, no value loss): grpo (score normalised
@@ -348,7 +348,7 @@ class PPOStageConfig:
     """Demonstrations for PPO-ptx (any SFT format); needed when ptx_coef > 0."""
     ptx_batch_size: int = 8
     """Demonstrations per optimiser step (per process) for PPO-ptx."""
-    # over-optimisation guards (rlhf/ppo/monitor.py, rlhf/ppo/guards.py; README "PPO")
+    # over-optimisation guards (rlhf/ppo/monitor.py, rlhf/ppo/guards.py; docs/guards.md)
     monitor_every: int = 10
     """Every N steps (and at step 0, the SFT policy) the policy answers the first monitor_prompts held-out
     prompts (eval_prompts_file), sampled and greedy with a fixed seed: RM score, KL, degeneration, logged as

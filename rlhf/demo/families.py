@@ -16,7 +16,7 @@ Where the base and instruct checkpoints of a family end a turn with a token that
 (Llama-3.1 base: EOS `<|end_of_text|>`, turns end with `<|eot_id|>`; Qwen2.5 base: EOS `<|endoftext|>`,
 turns end with `<|im_end|>`), both variants are here.
 
-Adding a family: one `Family` entry (README, "Model families").
+Adding a family: one `Family` entry (docs/models.md).
 """
 
 from __future__ import annotations

@@ -116,7 +116,7 @@ def _stage_checkpoint(stage: str, run_dir: Path) -> Checkpoint:
     return Checkpoint("ppo", "adapter", str(require_done(run_dir / "ppo", "ppo") / "policy"))
 
 
-# ppo.estimator -> the algorithm's usual name (README "Which RL estimator")
+# ppo.estimator -> the algorithm's usual name (docs/algorithms.md, "Which estimator")
 ALGORITHMS = {"gae": "PPO (GAE)", "grpo": "GRPO", "rloo": "RLOO", "reinforce_pp": "REINFORCE++"}
 PERF = {"wall_s": "perf/wall_s", "peak_rss_mb": "perf/peak_rss_mb", "peak_cuda_mb": "perf/peak_cuda_mb"}
 
