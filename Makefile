@@ -50,7 +50,7 @@ STAGE      = $(call STAGE_IN,$(1),$(CONFIG),$(RUN),$(ARGS))
 #   make ppo LAUNCHER=accelerate ACCELERATE_CONFIG=configs/accelerate/ddp.yaml NPROC=4
 # runs sft, rm, ppo and eval as `accelerate launch [--config_file C] [--num_processes N] -m stages.<stage> ...`
 # (without ACCELERATE_CONFIG accelerate uses its own default config; without NPROC the config's
-# num_processes). report and export stay one process. Configs: configs/accelerate/ (README: "Several GPUs").
+# num_processes). report and export stay one process. Configs: configs/accelerate/ (docs/cluster.md).
 LAUNCHER   ?= local
 ifeq ($(LAUNCHER),accelerate)
 ACCELERATE_CONFIG ?=
@@ -149,7 +149,7 @@ all: $(STAMP) $(DATA_DEPS)
 	$(call SUBMIT,eval)
 
 compare:
-	@echo "make compare runs its stages here, not through LAUNCHER=slurm: submit them one by one (README \"Which RL estimator\")" >&2; exit 2
+	@echo "make compare runs its stages here, not through LAUNCHER=slurm: submit them one by one (docs/results.md)" >&2; exit 2
 else
 sft: $(RUN)/sft/DONE
 rm: $(RUN)/rm/DONE
