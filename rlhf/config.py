@@ -363,10 +363,10 @@ class PPOStageConfig:
     policy's by more than this at guard_patience consecutive monitor points. None: no such stop."""
     guard_patience: int = 3
     """Consecutive steps (KL budget) or monitor points (degeneration) before a guard stops the run."""
-    keep_best: str = "none"
-    """Which policy policy/ holds: none (the last, as trained), monitor_reward (the monitor point with the best
-    RM score of sampled answers, SFT at step 0 included) or monitor_reward_guarded (the same among points
-    within the KL budget and the degeneration margin)."""
+    keep_best: str = "monitor_reward_guarded"
+    """Which policy policy/ holds: monitor_reward_guarded (the monitor point with the best RM score of sampled
+    answers among those within the KL budget and the degeneration margin, SFT at step 0 included),
+    monitor_reward (the same among all points) or none (the last, as trained, even after a guard's stop)."""
     # bookkeeping
     save_steps: int = 10
     """Steps between checkpoints (a killed or preempted run resumes from the last one)."""

@@ -105,6 +105,24 @@ def test_sft_is_kept_when_no_later_point_beats_it():
     assert g.kept(10)[0] == 0
 
 
+def test_kept_says_which_step_and_why_in_one_line():
+    """SFT when no later point is within the guards (no improvement, said so); the last policy, unguarded, without a
+    monitor; the default is the guarded choice."""
+    from rlhf.config import PPOStageConfig
+    assert PPOStageConfig().keep_best == "monitor_reward_guarded"
+    g = Guards(spec(keep_best="monitor_reward_guarded", patience=2))
+    for step, repeat in ((0, 0.1), (10, 0.3), (20, 0.4)):  # every point after SFT degenerate: a stop at 20
+        g.after_monitor(step, step / 10, repeat, kl_ok=True)
+    step, why = g.kept(20)
+    assert step == 0 and g.guarded_points == 0 and "\n" not in why
+    assert why.startswith("stopped early at step 20: greedy answers more repetitive") and "raise ppo.kl_coef" in why
+    assert "kept SFT (step 0), no improvement: no monitor point after step 0 passed the guards" in why
+    blind = Guards(spec(keep_best="monitor_reward_guarded"))
+    blind.after_step(1, 0.5)
+    assert blind.kept(5) == (5, "kept the last policy (step 5), unguarded: no held-out monitor to choose among "
+                                "(ppo.monitor_every, ppo.monitor_prompts, ppo.eval_prompts_file)")
+
+
 def test_guard_state_round_trips_through_json():
     import json
     g = Guards(spec(keep_best="monitor_reward"))

@@ -156,3 +156,35 @@ def test_guards_stop_on_the_kl_budget_and_keep_the_best_monitored_policy(rm_run,
     kept = load_file(str(tmp_path / "ppo" / "best" / f"step-{done['kept_step']}.safetensors"))
     saved = load_file(str(tmp_path / "ppo" / "policy" / "adapter_model.safetensors"))
     assert saved and all(torch.equal(value, kept[f"{POLICY}.{key}"]) for key, value in saved.items())
+
+
+def pays_for_repeats(prompt, response):
+    """A planted reward that pays for repeated words: PPO on it degenerates within a few steps."""
+    from rlhf.eval.degeneration import repeated_transitions
+    return repeated_transitions(response.split())
+
+
+def test_the_default_never_ships_a_degenerated_policy(rm_run, tmp_path):
+    """On a reward that pays for repeats the greedy answers degenerate and the degeneration stop fires; the shipped
+    default (ppo.keep_best as configs/demo.yaml and PPOStageConfig leave it) keeps a point within the guards or SFT
+    (step 0: the policy adapter still at zero), never the degenerated last policy, and says so."""
+    for stage in ("sft", "rm"):
+        shutil.copytree(rm_run / stage, tmp_path / stage, ignore=shutil.ignore_patterns("checkpoints"))
+    proc = run_stage("ppo", f"run_dir={tmp_path}", "ppo.steps=12", "ppo.rollout_batch_size=16",
+                     "ppo.num_minibatches=2", "ppo.reward_norm_samples=16", "ppo.eval_samples=16",
+                     "ppo.monitor_every=2", "ppo.monitor_prompts=16", "ppo.guard_patience=2", "ppo.kl_coef=0.01",
+                     "ppo.lr=1e-3", 'ppo.rewards=[{source: "tests.test_ppo:pays_for_repeats", weight: 1}]')
+    done = json.loads((tmp_path / "ppo" / "DONE").read_text())
+    rows = {r["step"]: r for r in read_metrics(tmp_path / "ppo" / "metrics.jsonl") if "monitor/greedy/repeat" in r}
+    repeat = {step: r["monitor/greedy/repeat"] for step, r in rows.items()}
+    last = done["steps_run"]
+    assert done["stopped_early"] and repeat[last] > repeat[0] + 0.1  # the planted collapse happened
+    kept = done["kept_step"]
+    assert kept != last and repeat[kept] <= repeat[0] + 0.1
+    assert f"[ppo] stopped early at step {last}" in proc.stdout and done["kept_reason"] in proc.stdout
+    saved = load_file(str(tmp_path / "ppo" / "policy" / "adapter_model.safetensors"))
+    if kept == 0:  # SFT itself: every LoRA B of the policy adapter is still zero
+        assert "kept SFT (step 0), no improvement" in done["kept_reason"]
+        assert all(not v.any() for k, v in saved.items() if "lora_B" in k)
+    snapshot = load_file(str(tmp_path / "ppo" / "best" / f"step-{kept}.safetensors"))
+    assert all(torch.equal(value, snapshot[f"{POLICY}.{key}"]) for key, value in saved.items())

@@ -9,10 +9,12 @@ A weak reward model lets PPO drag the policy far from SFT onto answers the RM li
   exceeds the SFT model's own (measured at step 0) by more than `degeneration_margin` at `patience`
   consecutive monitor points, the run stops.
 
-The kept policy (`keep_best`): `none` the last one (the one at the stop, after a stop); `monitor_reward`
-the monitor point with the highest RM score of sampled answers (step 0, the SFT policy, included);
-`monitor_reward_guarded` the same among points within both guards only. Its adapters are written to
-`<ppo>/best/` at each new best and loaded before the stage saves `policy/`.
+The kept policy (`keep_best`): `monitor_reward_guarded` (the default) the monitor point with the highest RM
+score of sampled answers among the points within both guards, step 0 (the SFT policy: the policy adapter
+still at zero) included, so a run the guards flag keeps SFT and says so; `monitor_reward` the same among all
+points; `none` the last one (the one at the stop, after a stop). Its adapters are written to `<ppo>/best/` at
+each new best and loaded before the stage saves `policy/`. Without a monitor there is nothing to choose
+among: the last policy is kept, unguarded, and the reason says so.
 
 `Guards` is plain state (JSON in the PPO checkpoint) and decisions; it never touches a model.
 """
@@ -28,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from rlhf.ppo.roles import Roles, adapter_state, load_adapter_state
 
-KEEP_BEST = ("none", "monitor_reward", "monitor_reward_guarded")
+KEEP_BEST = ("monitor_reward_guarded", "monitor_reward", "none")
 BEST_DIR = "best"
 
 
@@ -48,6 +50,7 @@ class Guards:
     baseline_repeat: float | None = None   # the SFT policy's greedy `repeat` (monitor at step 0)
     best_step: int | None = None
     best_score: float = -math.inf
+    guarded_points: int = 0                # monitor points after step 0 within both guards
     stop_reason: str | None = None
     stop_step: int | None = None
 
@@ -57,7 +60,8 @@ class Guards:
         self.kl_streak = self.kl_streak + 1 if b and b > 0 and kl > b else 0
         if self.kl_streak >= self.spec.patience and self.stop_reason is None:
             self._stop(step, f"rollout KL above the budget of {b:g} nats for {self.kl_streak} consecutive steps "
-                             f"(last {kl:.2f}; ppo.kl_budget)")
+                             f"(last {kl:.2f}; ppo.kl_budget): the policy left SFT faster than the reward justifies; "
+                             f"raise ppo.kl_coef or set ppo.adaptive_kl=true with ppo.target_kl under the budget")
         return self.stop_reason
 
     def after_monitor(self, step: int, sampled_reward: float, greedy_repeat: float, kl_ok: bool) -> bool:
@@ -71,22 +75,37 @@ class Guards:
         if self.degeneration_streak >= self.spec.patience and self.stop_reason is None:
             self._stop(step, f"greedy answers more repetitive than SFT's (repeat {greedy_repeat:.3f} vs "
                              f"{self.baseline_repeat:.3f} + margin {margin:g}) at {self.degeneration_streak} "
-                             f"consecutive monitor points (ppo.degeneration_margin)")
+                             f"consecutive monitor points (ppo.degeneration_margin): the reward pays for repeats; "
+                             f"check the RM's repeat probe (rm/diagnostics.json), raise ppo.kl_coef")
         keep = self.spec.keep_best
-        eligible = keep == "monitor_reward" or (keep == "monitor_reward_guarded" and not degenerate and kl_ok)
+        guarded = not degenerate and kl_ok
+        self.guarded_points += step > 0 and guarded
+        eligible = keep == "monitor_reward" or (keep == "monitor_reward_guarded" and guarded)
         if eligible and sampled_reward > self.best_score:
             self.best_step, self.best_score = step, sampled_reward
             return True
         return False
 
     def kept(self, last_step: int) -> tuple[int, str]:
-        """The step whose policy the stage keeps, and why (for the DONE summary and the printout)."""
+        """The step whose policy the stage keeps, and why, in one line (DONE, the printout and the report).
+        Step 0 is the SFT policy (the policy adapter before any update)."""
         stopped = f"stopped early at step {self.stop_step}: {self.stop_reason}; " if self.stop_reason else ""
-        if self.spec.keep_best == "none" or self.best_step is None:
-            why = "ppo.keep_best=none" if self.spec.keep_best == "none" else "no monitor point qualified"
-            return last_step, f"{stopped}kept the last policy ({why})"
-        return self.best_step, (f"{stopped}kept the policy of step {self.best_step}: the best held-out RM score "
-                                f"of sampled answers ({self.best_score:.3f}) by ppo.keep_best={self.spec.keep_best}")
+        keep = self.spec.keep_best
+        if keep == "none":
+            return last_step, f"{stopped}kept the last policy (step {last_step}) by ppo.keep_best=none, unguarded"
+        if self.best_step is None:
+            return last_step, (f"{stopped}kept the last policy (step {last_step}), unguarded: no held-out monitor "
+                               f"to choose among (ppo.monitor_every, ppo.monitor_prompts, ppo.eval_prompts_file)")
+        if self.best_step == 0 and keep == "monitor_reward_guarded" and self.guarded_points == 0:
+            return 0, (f"{stopped}kept SFT (step 0), no improvement: no monitor point after step 0 passed the "
+                       f"guards (ppo.keep_best={keep})")
+        among = " among the points within the guards" if keep == "monitor_reward_guarded" else ""
+        if self.best_step == 0:
+            within = " within the guards" if keep == "monitor_reward_guarded" else ""
+            return 0, (f"{stopped}kept SFT (step 0), no improvement: no later monitor point{within} scored above "
+                       f"SFT's held-out RM score of sampled answers ({self.best_score:.3f}) (ppo.keep_best={keep})")
+        return self.best_step, (f"{stopped}kept the policy of step {self.best_step}: the best held-out RM score of "
+                                f"sampled answers ({self.best_score:.3f}){among} (ppo.keep_best={keep})")
 
     def _stop(self, step: int, reason: str) -> None:
         self.stop_reason, self.stop_step = reason, step
@@ -95,7 +114,7 @@ class Guards:
         return {"kl_streak": self.kl_streak, "degeneration_streak": self.degeneration_streak,
                 "baseline_repeat": self.baseline_repeat, "best_step": self.best_step,
                 "best_score": self.best_score if math.isfinite(self.best_score) else None,
-                "stop_reason": self.stop_reason, "stop_step": self.stop_step}
+                "guarded_points": self.guarded_points, "stop_reason": self.stop_reason, "stop_step": self.stop_step}
 
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():

@@ -1,7 +1,7 @@
 """Held-out monitoring during PPO: every `ppo.monitor_every` steps the policy answers a fixed set of held-out
 prompts, sampled (at the PPO temperature) and greedy, always with the same seed, so successive points
-differ only by the policy. Logged as `monitor/<decoding>/<name>` (RM score, KL to SFT of the sampled
-answers, and rlhf/eval/degeneration.py's measures).
+differ only by the policy (the last step is a monitor point too). Logged as `monitor/<decoding>/<name>` (RM
+score, KL to SFT of the sampled answers, and rlhf/eval/degeneration.py's measures).
 
 The global random state PPO samples its rollouts from is saved and restored around it: a run with
 monitoring samples exactly the rollouts of a run without.
@@ -31,9 +31,10 @@ class MonitorSpec:
     batch_size: int
     seed: int
     every: int                   # steps between monitor points; 0: none
+    last: int = 0                # the run's last step, also a monitor point (the kept policy may be the last)
 
     def due(self, step: int) -> bool:
-        return bool(self.prompt_ids) and self.every > 0 and step % self.every == 0
+        return bool(self.prompt_ids) and self.every > 0 and (step % self.every == 0 or step == self.last)
 
 
 @contextmanager

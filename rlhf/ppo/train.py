@@ -78,7 +78,8 @@ def check_guards(p: PPOStageConfig) -> None:
     if p.monitor_every < 0 or p.guard_patience < 1:
         raise ConfigError(f"ppo.monitor_every must be >= 0 and ppo.guard_patience >= 1, got {p.monitor_every} "
                           f"and {p.guard_patience}")
-    if p.keep_best != "none" and not (p.monitor_every > 0 and p.eval_prompts_file and p.monitor_prompts > 0):
+    # the default (monitor_reward_guarded) falls back to the last policy without a monitor, and says so in DONE
+    if p.keep_best == "monitor_reward" and not (p.monitor_every > 0 and p.eval_prompts_file and p.monitor_prompts > 0):
         raise ConfigError(f"ppo.keep_best={p.keep_best} chooses among monitor points: it needs ppo.monitor_every "
                           f"> 0, ppo.monitor_prompts > 0 and ppo.eval_prompts_file")
 
@@ -238,7 +239,7 @@ def run(cfg: PipelineConfig) -> Path:
     total_updates = p.steps * p.ppo_epochs * p.num_minibatches
     warmup = int(p.warmup * total_updates) if p.warmup < 1 else int(p.warmup)
     scheduler = get_scheduler(p.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_updates)
-    watch = MonitorSpec(monitor_ids, sampling(p), p.forward_batch_size, p.seed, p.monitor_every)
+    watch = MonitorSpec(monitor_ids, sampling(p), p.forward_batch_size, p.seed, p.monitor_every, p.steps)
 
     # 3. resume, or measure the reward normalisation on the SFT policy
     loop = resume_or_start(out, roles, optimizer, scheduler, p, procs, tokenizer, prompt_ids, len(prompts))
