@@ -315,6 +315,9 @@ class PPOStageConfig:
     """grpo: where the KL to the reference goes. loss: a k3 term beside the clipped objective, beta = kl_coef
     (GRPO's paper); reward: the answer's summed KL subtracted from its score before the group normalisation
     (score - kl_coef x KL, as rloo does), so the advantage itself trades reward against KL."""
+    grpo_kl_estimator: str = "k3+"
+    """grpo_kl: loss only. k3+ (k3's value, the gradient of KL(policy || ref)), k2, or k3 (GRPO's paper: its
+    gradient is that of KL(ref || policy))."""
     # update
     ppo_epochs: int = 4
     """Passes over each step's rollouts."""
@@ -322,6 +325,9 @@ class PPOStageConfig:
     """Minibatches per pass: one optimiser step each (per process, rollout_batch_size / N / num_minibatches rows)."""
     grad_accum: int = 1
     """Micro-batches per minibatch: an optimiser step still happens once per minibatch."""
+    loss_agg: str = "token_mean"
+    """Policy loss over an optimiser step (all micro-batches and processes): token_mean, seq_mean_token_mean,
+    seq_mean_token_sum, or seq_mean_token_sum_norm (sum / (answers x max_new_tokens), Dr. GRPO's)."""
     lr: float = 3e-4
     """Learning rate of the policy (and value) adapters, AdamW."""
     lr_scheduler: str = "linear"

@@ -66,12 +66,43 @@ def test_grpo_kl_loss_is_the_k3_mean_and_its_gradient_pulls_toward_the_reference
     logp = torch.log(torch.tensor([[0.5, 0.25, 0.9]])).requires_grad_()
     ref = torch.log(torch.tensor([[0.25, 0.25, 0.1]]))
     mask = torch.tensor([[True, True, False]])
-    loss = est.kl_loss(logp, ref, mask)
+    loss = est.kl_loss(logp, ref, mask, kind="k3")
     # r = ref / p = 0.5 and 1: (0.5 - 1) - log 0.5 and 0, mean over 2 valid tokens
     assert loss.item() == pytest.approx((-0.5 + math.log(2)) / 2, rel=1e-6)
     loss.backward()
     # d/dlogp [r - 1 - log r] with r = exp(ref - logp): 1 - r, over 2 tokens; padding gets none
     assert torch.allclose(logp.grad, torch.tensor([[0.25, 0.0, 0.0]]), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["k3+", "k2", "k3"])
+def test_kl_loss_expected_gradient_by_enumeration(kind):
+    """Over a 4-token distribution, the gradient of E_{x ~ policy}[term(x)] (the sampling weights held fixed, as
+    in a loss on sampled tokens) is that of KL(policy || ref) for k3+ and k2; for k3 that of KL(ref || policy)."""
+    from rlhf.ppo.kl import kl_loss_terms
+    theta = torch.tensor([0.3, -1.2, 2.0, 0.1], dtype=torch.float64, requires_grad=True)
+    ref = torch.log_softmax(torch.tensor([1.0, 0.5, -0.7, 0.2], dtype=torch.float64), 0)
+    logp = torch.log_softmax(theta, 0)
+    expected = (logp.exp().detach() * kl_loss_terms(logp[None], ref[None], kind)[0]).sum()
+    (grad,) = torch.autograd.grad(expected, theta)
+    logp = torch.log_softmax(theta, 0)
+    forward = (logp.exp() * (logp - ref)).sum() if kind != "k3" else (ref.exp() * (ref - logp)).sum()
+    (exact,) = torch.autograd.grad(forward, theta)
+    assert torch.allclose(grad, exact, atol=1e-12)
+    if kind == "k3+":  # the value is k3's: unbiased for KL(policy || ref)
+        with torch.no_grad():
+            assert (logp.exp() * kl_loss_terms(logp[None], ref[None], "k3+")[0]).sum().item() == pytest.approx(
+                (logp.exp() * (logp - ref)).sum().item(), rel=1e-9)
+
+
+def test_kl_loss_of_an_extreme_log_ratio_is_finite():
+    logp = torch.tensor([[-100.0, -1.0]], requires_grad=True)
+    ref = torch.tensor([[0.0, -1.0]])
+    mask = torch.tensor([[True, True]])
+    for kind in ("k3+", "k2", "k3"):
+        loss = est.kl_loss(logp, ref, mask, kind=kind)
+        loss.backward()
+        assert math.isfinite(loss.item()) and torch.isfinite(logp.grad).all()
+        logp.grad = None
 
 
 def toy_rollout(values=None):
@@ -135,6 +166,9 @@ def test_repeat_prompts_lays_groups_out_contiguously():
     ({"estimator": "rloo", "group_size": 3}, "ppo.rollout_batch_size=64 must be a multiple of ppo.group_size=3"),
     ({"estimator": "rloo", "group_size": 4, "whiten_rewards": True}, "set ppo.whiten_rewards=false"),
     ({"estimator": "grpo", "group_size": 4, "grpo_kl": "both"}, "ppo.grpo_kl must be loss (a k3 loss term"),
+    ({"estimator": "grpo", "group_size": 4, "grpo_kl_estimator": "k1"},
+     "ppo.grpo_kl_estimator must be one of k3"),
+    ({"loss_agg": "seq_mean"}, "ppo.loss_agg must be one of token_mean, seq_mean_token_mean"),
 ])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
@@ -144,6 +178,7 @@ def test_config_errors_name_the_key(overrides, message):
 
 def test_kl_loss_coefficient_joins_the_update_for_grpo_only():
     assert update_spec(PPOStageConfig(estimator="grpo", group_size=4), 0.04).kl_loss_coef == 0.04
+    assert update_spec(PPOStageConfig(estimator="grpo", group_size=4), 0.04).kl_loss_estimator == "k3+"
     assert update_spec(PPOStageConfig(estimator="grpo", group_size=4, grpo_kl="reward"), 0.04).kl_loss_coef == 0.0
     for name in ("gae", "rloo", "reinforce_pp"):
         assert update_spec(PPOStageConfig(estimator=name, group_size=4), 0.04).kl_loss_coef == 0.0

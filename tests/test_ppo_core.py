@@ -265,6 +265,27 @@ def test_policy_loss_ignores_masked_tokens():
     assert logp.grad[0, 2].item() == 0.0 and torch.isfinite(logp.grad).all()
 
 
+def test_policy_loss_with_an_extreme_log_ratio_is_finite():
+    logp = torch.zeros(2, requires_grad=True)  # float32: e^100 overflows
+    old = torch.tensor([-100.0, 100.0])  # ratios e^100 and e^-100: inf and 0 without the clamp
+    loss, stats = clipped_policy_loss(logp[None], old[None], torch.tensor([[-1.0, 1.0]]), m([T_, T_]), 0.2)
+    loss.backward()
+    assert math.isfinite(loss.item()) and torch.isfinite(logp.grad).all() and math.isfinite(float(stats["ratio_mean"]))
+
+
+def test_loss_aggregations_by_hand():
+    from rlhf.ppo.core import aggregate_loss, loss_units
+    x = t([1.0, 2.0, 3.0], [4.0, NAN, NAN])
+    mask = m([T_, T_, T_], [T_, F_, F_])
+    assert aggregate_loss(x, mask, "token_mean").item() == pytest.approx(10 / 4)
+    assert aggregate_loss(x, mask, "seq_mean_token_mean").item() == pytest.approx((2 + 4) / 2)
+    assert aggregate_loss(x, mask, "seq_mean_token_sum").item() == pytest.approx((6 + 4) / 2)
+    assert aggregate_loss(x, mask, "seq_mean_token_sum_norm", max_tokens=5).item() == pytest.approx(10 / (2 * 5))
+    assert loss_units(mask, "token_mean") == 4 and loss_units(mask, "seq_mean_token_sum") == 2
+    with pytest.raises(ValueError, match="loss aggregation must be one of"):
+        aggregate_loss(x, mask, "mean")
+
+
 def test_value_loss_by_hand():
     # token 0: old 1, v 1.1, R 2 -> inside the range, both errors .81
     # token 1: old 0, v 2, R 2 -> error 0, clipped v = .2, error 1.8^2 = 3.24 (taken)

@@ -269,3 +269,35 @@ def test_a_constant_added_to_one_ensemble_member_changes_no_advantage(monkeypatc
 
     for before, after in zip(run(0.0), run(5.0)):
         assert torch.allclose(before, after, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
+                                      "seq_mean_token_sum_norm"])
+def test_grad_accum_and_process_count_do_not_change_the_update(monkeypatch, loss_agg):
+    """Rows of 6, 6 | 1, 1 tokens: split into micro-batches and processes, the step's gradient is the loss
+    aggregated over all four rows (token_mean: every token weighs 1/14, not 1/24 and 1/4)."""
+    from rlhf.ppo import core, update
+    lengths = torch.tensor([6, 6, 1, 1])
+    mask = torch.arange(6)[None] < lengths[:, None]
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def gradient(rows):  # d/dtheta of the policy (loss_agg) and value (token mean) aggregates of theta * x
+        theta = torch.ones((), dtype=torch.float64, requires_grad=True)
+        policy = core.aggregate_loss(theta * x[rows], mask[rows], loss_agg, max_tokens=8)
+        value = core.aggregate_loss(theta * x[rows], mask[rows], "token_mean")
+        return [torch.autograd.grad(loss, theta)[0].item() for loss in (policy, value)]
+
+    whole = gradient(torch.arange(4))
+    for split in ([[[0, 1], [2, 3]]], [[[0, 1]], [[2, 3]]], [[[0], [1]], [[2], [3]]], [[[0, 2]], [[1, 3]]]):
+        processes = [[torch.tensor(micro) for micro in micros] for micros in split]  # processes -> micro-batches
+        sums = [{"policy": sum(core.loss_units(mask[mb], loss_agg) for mb in micros),
+                 "value": sum(core.loss_units(mask[mb], "token_mean") for mb in micros)} for micros in processes]
+        mean = {k: sum(s[k] for s in sums) / len(sums) for k in ("policy", "value")}
+        monkeypatch.setattr(update.distributed, "mean_over_processes", lambda values, device=None: mean)
+        per_process = []
+        for micros in processes:
+            weights = update.micro_weights([mask[mb] for mb in micros], loss_agg)
+            grads = [gradient(mb) for mb in micros]
+            per_process.append([sum(w[i] * g[i] for w, g in zip(weights, grads)) for i in (0, 1)])
+        averaged = [sum(g[i] for g in per_process) / len(per_process) for i in (0, 1)]  # average_gradients
+        assert averaged == pytest.approx(whole, rel=1e-9), split

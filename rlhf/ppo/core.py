@@ -145,13 +145,52 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
 
 # ----------------------------------------------------------------------------------------------- losses
 
+LOG_RATIO_CLAMP = 20.0
+"""|log-ratio| bound before any exp (verl's): a ratio of e^100 would overflow to inf and stop the run."""
+
+LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
+
+
+def loss_units(mask: Tensor, mode: str) -> int:
+    """(B, T) bool mask -> what `aggregate_loss` divides by before any constant: the valid tokens (token_mean)
+    or the rows (the seq_mean modes). An optimiser step's loss is the sum over its micro-batches (and processes)
+    of each one's aggregate times its units / the step's units, so neither grad_accum nor the number of
+    processes changes the weight of a token."""
+    if mode not in LOSS_AGGS:
+        raise ValueError(f"loss aggregation must be one of {', '.join(LOSS_AGGS)}, not {mode!r}")
+    return int(mask.sum()) if mode == "token_mean" else mask.shape[0]
+
+
+def aggregate_loss(per_token: Tensor, mask: Tensor, mode: str = "token_mean", max_tokens: int | None = None) -> Tensor:
+    """(B, T) per-token losses and bool mask -> scalar, over these rows:
+
+    token_mean               sum over valid tokens / their number: every token weighs the same;
+    seq_mean_token_mean      each row's token mean, averaged over rows: every answer weighs the same;
+    seq_mean_token_sum       each row's token sum, averaged over rows;
+    seq_mean_token_sum_norm  sum over valid tokens / (rows x max_tokens): Dr. GRPO's constant normaliser (Liu et
+                             al. 2025); max_tokens is the sampling budget (default T).
+    Padded entries may hold anything.
+    """
+    loss_units(mask, mode)  # ValueError on an unknown mode
+    zero = torch.zeros((), dtype=per_token.dtype, device=per_token.device)
+    per_token, rows = torch.where(mask, per_token, zero), mask.shape[0]
+    if mode == "token_mean":
+        return masked_mean(per_token, mask)
+    if mode == "seq_mean_token_mean":
+        return (per_token.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum() / rows
+    if mode == "seq_mean_token_sum":
+        return per_token.sum() / rows
+    return per_token.sum() / (rows * (max_tokens or mask.shape[1]))
+
+
 def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
-                        clip_range: float) -> tuple[Tensor, dict[str, Tensor]]:
+                        clip_range: float, loss_agg: str = "token_mean",
+                        max_tokens: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO's clipped surrogate (Schulman et al. 2017) on (B, T) tensors -> (scalar loss, stats).
 
-    loss = masked mean of max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)), ratio = exp(logp - old):
-    the pessimistic of the two, so where the ratio has left the clip range in the direction the advantage
-    pushes, the gradient is exactly 0.
+    loss = `aggregate_loss` (loss_agg, max_tokens) of max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)),
+    ratio = exp(logp - old), the log-ratio clamped to +/- LOG_RATIO_CLAMP: the pessimistic of the two, so where
+    the ratio has left the clip range in the direction the advantage pushes, the gradient is exactly 0.
 
     stats (detached scalars):
       clipfrac   share of valid tokens where the clipped term was strictly greater (the one taken);
@@ -161,12 +200,12 @@ def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tens
     """
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     # where before exp: padded log-probs may be anything, and exp(inf) would turn the gradient into nan
-    log_ratio = torch.where(mask, logprobs - old_logprobs, zero)
+    log_ratio = torch.where(mask, logprobs - old_logprobs, zero).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     advantages = torch.where(mask, advantages, zero)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = aggregate_loss(torch.maximum(unclipped, clipped), mask, loss_agg, max_tokens)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),

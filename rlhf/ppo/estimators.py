@@ -9,7 +9,8 @@ Where the KL to the reference goes differs by method, as each paper does it (the
 
 * GAE (PPO) and REINFORCE++: a per-token penalty -beta * KL_t in the reward (`core.per_token_rewards`);
 * RLOO: the sequence's summed KL in its reward, r = score - beta * sum_t KL_t (Ahmadian et al. 2024);
-* GRPO: no KL in the reward; a k3 KL term beta * KL in the loss (Shao et al. 2024, DeepSeekMath, eq. 3-4).
+* GRPO: no KL in the reward; a KL term beta * KL in the loss (Shao et al. 2024, DeepSeekMath, eq. 3-4; by default
+  with k3's value and the gradient of KL(policy || ref), `kl_loss`).
 
 Sources: Shao et al. 2024 (GRPO); Liu et al. 2025, "Understanding R1-Zero-like training" (Dr. GRPO: the same
 without the division by the group's std); Kool et al. 2019 and Ahmadian et al. 2024, "Back to basics" (RLOO);
@@ -21,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from rlhf.ppo import core
-from rlhf.ppo.kl import kl_penalty
+from rlhf.ppo.kl import kl_loss_terms
 
 Tensor = torch.Tensor
 
@@ -102,10 +103,14 @@ def reinforce_pp(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> tuple[Ten
     return core.masked_whiten(returns, mask), returns
 
 
-def kl_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor:
-    """GRPO's KL term: (B, T) policy and reference log-probs of the sampled tokens -> scalar masked mean of the
-    k3 estimator (r - 1) - log r, r = ref / policy (Shao et al. 2024, eq. 4). Differentiable in `logprobs`:
-    it is added to the policy loss (times beta) instead of entering the reward."""
+def kl_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, kind: str = "k3+", loss_agg: str = "token_mean",
+            max_tokens: int | None = None) -> Tensor:
+    """GRPO's KL term: (B, T) policy and reference log-probs of the sampled tokens -> scalar, the `kl.kl_loss_terms`
+    of `kind` aggregated as the policy loss is (`core.aggregate_loss`). Differentiable in `logprobs`: it is added
+    to the policy loss (times beta) instead of entering the reward. GRPO's paper (Shao et al. 2024, eq. 4) uses
+    k3, whose expected gradient is that of KL(ref || policy); the default k3+ has k3's value and the gradient
+    of KL(policy || ref)."""
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     log_ratio = torch.where(mask, logprobs - ref_logprobs, zero)  # padded log-probs may be anything
-    return core.masked_mean(kl_penalty(log_ratio, torch.zeros_like(log_ratio), "k3"), mask)
+    terms = kl_loss_terms(log_ratio, torch.zeros_like(log_ratio), kind, core.LOG_RATIO_CLAMP)
+    return core.aggregate_loss(terms, mask, loss_agg, max_tokens)

@@ -11,6 +11,8 @@ import torch
 Tensor = torch.Tensor
 
 KL_KINDS = ("k1", "k3", "abs", "mse")
+KL_LOSS_KINDS = ("k3+", "k2", "k3")
+"""Estimators for a KL loss term (`kl_loss_terms`)."""
 
 
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str) -> Tensor:
@@ -33,6 +35,27 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str) -> Tensor:
     if kind == "mse":
         return 0.5 * log_ratio.square()
     raise ValueError(f"unknown KL estimator {kind!r}; choose one of {', '.join(KL_KINDS)}")
+
+
+def kl_loss_terms(logprobs: Tensor, ref_logprobs: Tensor, kind: str, clamp: float = 20.0) -> Tensor:
+    """(B, T) log-probs of the sampled tokens under the policy (differentiable) and the reference -> (B, T) terms
+    of a KL LOSS: what matters is the gradient, whose expectation over tokens sampled from the policy should be
+    that of KL(policy || ref):
+      k2   0.5 * (log p - log ref)^2: its expected gradient is exactly that of KL(policy || ref);
+      k3+  k3's value (unbiased, >= 0) with k2's gradient (verl's "k3+"): logged as k3, optimised as k2;
+      k3   (r - 1) - log r as a loss: its expected gradient is that of KL(ref || policy), the reverse
+           direction (GRPO's paper uses it so); kept to compare with.
+    The log-ratio is clamped to +/- clamp first (verl: 20): exp(100) would make the loss inf; beyond it the
+    gradient is 0.
+    """
+    if kind not in KL_LOSS_KINDS:
+        raise ValueError(f"unknown KL loss estimator {kind!r}; choose one of {', '.join(KL_LOSS_KINDS)}")
+    log_ratio = (logprobs - ref_logprobs).clamp(-clamp, clamp)
+    k2 = 0.5 * log_ratio.square()
+    if kind == "k2":
+        return k2
+    k3 = kl_penalty(log_ratio, torch.zeros_like(log_ratio), "k3")
+    return k3 if kind == "k3" else k2 - k2.detach() + k3.detach()
 
 
 class FixedKLController:

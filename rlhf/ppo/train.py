@@ -31,7 +31,7 @@ from rlhf.plugins import import_callable
 from rlhf.ppo import core, estimators
 from rlhf.ppo.evaluate import compare_with_sft
 from rlhf.ppo.guards import KEEP_BEST, Guards, GuardSpec, load_best, prune_best
-from rlhf.ppo.kl import AdaptiveKLController, FixedKLController
+from rlhf.ppo.kl import KL_LOSS_KINDS, AdaptiveKLController, FixedKLController
 from rlhf.ppo.monitor import MonitorSpec, observe
 from rlhf.ppo.roles import VALUE, build_roles, calibrate_value_head
 from rlhf.ppo.rollout import AdvantageSpec, PromptSampler, advantages, repeat_prompts, sample, score
@@ -56,7 +56,8 @@ def update_spec(p: PPOStageConfig, kl_coef: float = 0.0) -> UpdateSpec:
     return UpdateSpec(ppo_epochs=p.ppo_epochs, num_minibatches=p.num_minibatches, grad_accum=p.grad_accum,
                       clip_range=p.clip_range, clip_range_value=p.clip_range_value, vf_coef=p.vf_coef,
                       max_grad_norm=p.max_grad_norm, temperature=p.temperature, ptx_coef=p.ptx_coef,
-                      kl_loss_coef=kl_coef if p.estimator == "grpo" and p.grpo_kl == "loss" else 0.0)
+                      kl_loss_coef=kl_coef if p.estimator == "grpo" and p.grpo_kl == "loss" else 0.0,
+                      kl_loss_estimator=p.grpo_kl_estimator, loss_agg=p.loss_agg, max_new_tokens=p.max_new_tokens)
 
 
 def advantage_spec(p: PPOStageConfig, shift: float, scale: float) -> AdvantageSpec:
@@ -171,6 +172,10 @@ def check_estimator(p: PPOStageConfig) -> None:
     if p.grpo_kl not in ("loss", "reward"):
         raise ConfigError(f"ppo.grpo_kl must be loss (a k3 loss term, GRPO's paper) or reward (the answer's summed "
                           f"KL in its reward, as rloo), not {p.grpo_kl!r}")
+    if p.grpo_kl_estimator not in KL_LOSS_KINDS:
+        raise ConfigError(f"ppo.grpo_kl_estimator must be one of {', '.join(KL_LOSS_KINDS)}, not {p.grpo_kl_estimator!r}")
+    if p.loss_agg not in core.LOSS_AGGS:
+        raise ConfigError(f"ppo.loss_agg must be one of {', '.join(core.LOSS_AGGS)}, not {p.loss_agg!r}")
     if p.whiten_rewards and p.estimator in estimators.GROUP_ESTIMATORS:
         raise ConfigError(f"ppo.whiten_rewards scales per-token rewards (gae, reinforce_pp); "
                           f"ppo.estimator={p.estimator} normalises within groups: set ppo.whiten_rewards=false")

@@ -34,6 +34,12 @@ class UpdateSpec:
     ptx_coef: float = 0.0
     kl_loss_coef: float = 0.0
     """beta of GRPO's KL loss term (`estimators.kl_loss`); 0 for the estimators that put the KL in the reward."""
+    kl_loss_estimator: str = "k3+"
+    """The estimator of that term (`kl.KL_LOSS_KINDS`)."""
+    loss_agg: str = "token_mean"
+    """How the policy loss is aggregated over an optimiser step's tokens (`core.aggregate_loss`)."""
+    max_new_tokens: int | None = None
+    """The sampling budget: the constant of loss_agg seq_mean_token_sum_norm (None: the rollout's width)."""
 
 
 def check_batch_sizes(rollout_batch_size: int, num_minibatches: int, grad_accum: int) -> None:
@@ -85,8 +91,10 @@ def _ppo_epochs(roles: Roles, optimizer, scheduler, r: Rollout, a: Advantages, s
         order = torch.randperm(n, device=r.ids.device)
         for start in range(0, n, minibatch):
             optimizer.zero_grad(set_to_none=True)
-            for micro in order[start:start + minibatch].chunk(spec.grad_accum):
-                micro_stats = micro_backward(roles, r, a, micro, spec, scale=1.0 / spec.grad_accum)
+            micros = order[start:start + minibatch].chunk(spec.grad_accum)
+            weights = micro_weights([r.response_mask[m] for m in micros], spec.loss_agg)
+            for micro, (w_policy, w_value) in zip(micros, weights):
+                micro_stats = micro_backward(roles, r, a, micro, spec, scale=w_policy, value_scale=w_value)
                 check_finite({k: micro_stats[k] for k in ("ppo/policy_loss", "ppo/value_loss") if k in micro_stats},
                              where)
                 for k, v in micro_stats.items():
@@ -108,6 +116,19 @@ def _ppo_epochs(roles: Roles, optimizer, scheduler, r: Rollout, a: Advantages, s
     return out
 
 
+def micro_weights(masks: list[torch.Tensor], loss_agg: str) -> list[tuple[float, float]]:
+    """(policy, value) loss weight of each micro-batch of one optimiser step, from their (b, R) bool response masks:
+    its units (`core.loss_units`: tokens for token_mean, rows otherwise; tokens for the value loss) x the number
+    of processes (their gradients are averaged) / the step's units on all processes. The step's loss is then its
+    aggregate over all its tokens or rows, however they are split into micro-batches and processes (trl's
+    num_items_in_batch, verl's global token count). Every process must call it (it reduces over them)."""
+    units = [(core.loss_units(m, loss_agg), core.loss_units(m, "token_mean")) for m in masks]
+    # the mean over processes of their units = the step's units / the number of processes
+    mean = distributed.mean_over_processes({"policy": sum(u for u, _ in units), "value": sum(v for _, v in units)},
+                                           masks[0].device)
+    return [(u / mean["policy"], v / mean["value"]) for u, v in units]
+
+
 def policy_loss(roles: Roles, r: Rollout, a: Advantages, rows: torch.Tensor, spec: UpdateSpec):
     """Clipped policy loss on some rows of the rollout (plus GRPO's KL term when spec.kl_loss_coef > 0), and its
     statistics. The clipped surrogate is the same for every estimator; only the advantages differ."""
@@ -115,10 +136,12 @@ def policy_loss(roles: Roles, r: Rollout, a: Advantages, rows: torch.Tensor, spe
     resp_mask = mask[:, r.prompt_width:]
     logits = policy_logits(roles, ids, mask, keep=response_width(ids, r.prompt_width))  # response positions only
     logprobs = response_logprobs(logits, ids, r.prompt_width, spec.temperature)
-    loss, pg = core.clipped_policy_loss(logprobs, r.logprobs[rows], a.advantages[rows], resp_mask, spec.clip_range)
+    loss, pg = core.clipped_policy_loss(logprobs, r.logprobs[rows], a.advantages[rows], resp_mask, spec.clip_range,
+                                        spec.loss_agg, spec.max_new_tokens)
     stats = {"ppo/policy_loss": loss.item()}
     if spec.kl_loss_coef > 0:  # the reference's log-probs do not change: the rollout's are exact
-        kl = estimators.kl_loss(logprobs, r.ref_logprobs[rows], resp_mask)
+        kl = estimators.kl_loss(logprobs, r.ref_logprobs[rows], resp_mask, spec.kl_loss_estimator, spec.loss_agg,
+                                spec.max_new_tokens)
         loss = loss + spec.kl_loss_coef * kl
         stats["ppo/kl_loss"] = kl.item()
     with torch.no_grad():
@@ -137,10 +160,11 @@ def value_loss(roles: Roles, r: Rollout, a: Advantages, rows: torch.Tensor, spec
     return loss, {"ppo/value_loss": loss.item(), "ppo/vf_clipfrac": float(vf["vf_clipfrac"])}
 
 
-def micro_backward(roles: Roles, r: Rollout, a: Advantages, rows: torch.Tensor, spec: UpdateSpec, scale: float):
-    """Gradients of (policy loss + vf_coef x value loss) x scale on some rows (the policy loss alone without a
-    critic). The two losses use different adapters and share no graph, so each is backpropagated at once: only
-    one graph is alive at a time.
+def micro_backward(roles: Roles, r: Rollout, a: Advantages, rows: torch.Tensor, spec: UpdateSpec, scale: float,
+                   value_scale: float | None = None):
+    """Gradients of policy loss x scale + vf_coef x value loss x value_scale (default: scale) on some rows (the
+    policy loss alone without a critic). The two losses use different adapters and share no graph, so each is
+    backpropagated at once: only one graph is alive at a time.
 
     Each backward runs with its own adapter active: with activation checkpointing the forward is recomputed
     during backward, and peft reads the active adapter then, not at the first forward."""
@@ -151,7 +175,7 @@ def micro_backward(roles: Roles, r: Rollout, a: Advantages, rows: torch.Tensor, 
         return stats
     with active_adapter(roles.model, VALUE):
         vf_loss, vf_stats = value_loss(roles, r, a, rows, spec)
-        (scale * spec.vf_coef * vf_loss).backward()
+        ((scale if value_scale is None else value_scale) * spec.vf_coef * vf_loss).backward()
     return stats | vf_stats
 
 
