@@ -109,9 +109,12 @@ test: $(TEST_STAMP)
 test-fast: $(TEST_STAMP)
 	$(TEST_ENV) $(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
-# Time and peak memory of each stage, on the demo, the greetings task and a ~150M-parameter random model (full
-# precision and a 4-bit base: BENCH_ARGS="--setup large --setup large-4bit"): bench/results/*.json
-bench: $(STAMP) data/demo/DONE data/greetings/DONE
+# Time and peak memory of each stage into bench/results/*.json. By default in minutes: the demo's short schedule
+# and a ~150M-parameter random model's few steps. BENCH_ARGS=--full: the demo's and the greetings task's full
+# schedules and the large model in full precision and on a 4-bit base (over 40 minutes on 2 CPU cores);
+# BENCH_ARGS="--setup large --setup large-4bit": those setups alone.
+BENCH_DATA := data/demo/DONE $(if $(findstring --full,$(BENCH_ARGS))$(findstring greetings,$(BENCH_ARGS)),data/greetings/DONE)
+bench: $(STAMP) $(BENCH_DATA)
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 data: data/demo/DONE

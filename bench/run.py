@@ -1,7 +1,12 @@
 """make bench: time and memory of SFT, RM and PPO, written as JSON you can compare across commits and machines.
 
-Three setups:
-  demo   the embedded demo as `make demo` runs it (tiny model: the Python runtime dominates memory);
+`make bench` (no arguments) answers in minutes: `demo-quick` and `large` with the RM's probes off (under 10
+minutes on 2 CPU cores). `--full` (`make bench BENCH_ARGS=--full`) runs the full schedules: `demo`,
+`greetings`, `large` and `large-4bit`, the RM's probes on (over 40 minutes on 2 CPU cores).
+
+Setups:
+  demo-quick  the embedded demo as `make demo` runs it (configs/demo-quick.yaml: its short schedule);
+  demo   the embedded demo on configs/demo.yaml's full schedule (tiny model: the Python runtime dominates memory);
   greetings  the second task (configs/greetings.yaml: demo.yaml with only the paths changed) as `make all`
          runs it: a second small task of another kind, its own tokenizer and base (`make data-greetings`);
   large  a randomly initialised ~150M-parameter Llama built from a config (the demo's tokenizer and data),
@@ -25,8 +30,8 @@ BENCH_DEFAULT_MALLOC=1 keeps the default everywhere.
 `--estimator grpo --estimator rloo` also runs the PPO stage with those advantage estimators (ppo.group_size 4,
 no value adapter) on the same SFT and RM, recorded as stages `ppo-grpo`, ... next to `ppo` (GAE).
 
-Usage: python bench/run.py [--setup demo] [--setup greetings] [--setup large] [--setup large-4bit] [--estimator grpo]
-                           [--out bench/results]
+Usage: python bench/run.py [--full] [--setup demo] [--setup greetings] [--setup large] [--setup large-4bit]
+                           [--estimator grpo] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -80,8 +85,15 @@ def stage_env(setup: str) -> dict:
     return env
 
 
-CONFIGS = {"demo": "demo.yaml", "greetings": "greetings.yaml", "large": "demo.yaml", "large-4bit": "demo.yaml",
-           "large-8bit": "demo.yaml"}
+CONFIGS = {"demo-quick": "demo-quick.yaml", "demo": "demo.yaml", "greetings": "greetings.yaml", "large": "demo.yaml",
+           "large-4bit": "demo.yaml", "large-8bit": "demo.yaml"}
+QUICK_SETUPS = ("demo-quick", "large")
+"""`make bench`'s default: the demo's short schedule and the large model's few steps."""
+FULL_SETUPS = ("demo", "greetings", "large", "large-4bit")
+"""`--full`: the demo's and the greetings task's full schedules, the large model in full precision and 4-bit."""
+QUICK_ARGS = {"rm": ["rm.probes.enabled=false"]}
+"""Without --full the large setups skip the RM's probes: forward passes on 1,000 damaged answers with a 154M
+model, most of the RM stage's time and none of what the bench is about."""
 
 
 def run_stage(stage: str, run_dir: Path, extra: list[str], setup: str) -> dict:
@@ -110,14 +122,14 @@ def throughput(stage: str, rows: list[dict]) -> dict:
             "generated_tokens_per_s": mean("perf/generated_tokens_per_s")}
 
 
-def bench(setup: str, work: Path, estimators: list[str] = ()) -> dict:
+def bench(setup: str, work: Path, estimators: list[str] = (), full: bool = True) -> dict:
     run_dir = work / setup
     extra: dict[str, list[str]] = {"sft": [], "rm": [], "ppo": []}
     info: dict = {}
     if setup.startswith("large"):
         model_dir = work / "large-model"
         info["parameters"] = build_large_model(model_dir)
-        extra = large_args(setup, model_dir)
+        extra = large_args(setup, model_dir, full)
     result = {"setup": setup, **info, "malloc_mmap_threshold": stage_env(setup).get("MALLOC_MMAP_THRESHOLD_", "default"),
               "stages": {}}
     for stage in ("sft", "rm", "ppo"):
@@ -141,10 +153,12 @@ def bench(setup: str, work: Path, estimators: list[str] = ()) -> dict:
 SETUPS = tuple(CONFIGS)
 
 
-def large_args(setup: str, model_dir: Path) -> dict[str, list[str]]:
-    """Each stage's overrides for a `large` setup: the random model, few steps, and the base's quantization."""
+def large_args(setup: str, model_dir: Path, full: bool = True) -> dict[str, list[str]]:
+    """Each stage's overrides for a `large` setup: the random model, few steps, and the base's quantization
+    (without `full`, QUICK_ARGS too)."""
     quantization = setup.removeprefix("large").removeprefix("-") or "none"
-    return {k: [f"model.name_or_path={model_dir}", f"model.quantization={quantization}", *v]
+    return {k: [f"model.name_or_path={model_dir}", f"model.quantization={quantization}", *v,
+                *([] if full else QUICK_ARGS.get(k, []))]
             for k, v in LARGE_ARGS.items()}
 
 
@@ -171,19 +185,29 @@ def machine() -> dict:
             "date": time.strftime("%Y-%m-%d")}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; `setup` is filled in: the given setups, else FULL_SETUPS with --full, else QUICK_SETUPS."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--full", action="store_true",
+                   help="the full schedules (demo, greetings, large, large-4bit; the RM's probes on): over 40 minutes "
+                        "on 2 CPU cores")
     p.add_argument("--setup", action="append", choices=SETUPS)
     p.add_argument("--estimator", action="append", default=[], choices=["grpo", "rloo", "reinforce_pp"],
                    help="also run the PPO stage with this advantage estimator (no value adapter)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    a = p.parse_args()
+    a = p.parse_args(argv)
+    a.setup = a.setup or list(FULL_SETUPS if a.full else QUICK_SETUPS)
+    return a
+
+
+def main() -> None:
+    a = parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"machine": machine(), "results": []}
+    report = {"machine": machine(), "full": a.full, "results": []}
     with tempfile.TemporaryDirectory() as work:
-        for setup in a.setup or ["demo", "greetings", "large", "large-4bit"]:
-            report["results"].append(bench(setup, Path(work), a.estimator))
+        for setup in a.setup:
+            report["results"].append(bench(setup, Path(work), a.estimator, a.full))
     if quantized_vs_full(report["results"]):
         report["quantized_vs_full"] = quantized_vs_full(report["results"])
     path = out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"

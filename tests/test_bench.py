@@ -56,3 +56,14 @@ def test_quantized_large_setups_load_the_base_quantized_and_compare_with_full_pr
     assert bench.quantized_vs_full(results) == {"large-4bit": {"sft_peak_memory": 0.4, "rm_peak_memory": 0.4,
                                                                "ppo_peak_memory": 0.4, "ppo_step_time": 1.5}}
     assert bench.quantized_vs_full(results[1:]) == {}
+
+
+def test_make_bench_answers_in_minutes_by_default_and_runs_the_full_schedules_with_full(tmp_path):
+    quick = bench.parse_args([])
+    assert quick.setup == ["demo-quick", "large"] and not quick.full
+    assert bench.CONFIGS["demo-quick"] == "demo-quick.yaml"  # make demo's short schedule
+    assert "rm.probes.enabled=false" in bench.large_args("large", tmp_path, full=False)["rm"]
+    full = bench.parse_args(["--full"])
+    assert full.setup == ["demo", "greetings", "large", "large-4bit"] and full.full
+    assert "rm.probes.enabled=false" not in bench.large_args("large", tmp_path, full=True)["rm"]
+    assert bench.parse_args(["--setup", "large", "--setup", "large-4bit"]).setup == ["large", "large-4bit"]
