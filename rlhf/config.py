@@ -313,8 +313,8 @@ class PPOStageConfig:
     """grpo: divide by the std of the group's scores (GRPO); false: only subtract the group mean (Dr. GRPO)."""
     grpo_kl: str = "loss"
     """grpo: where the KL to the reference goes. loss: a k3 term beside the clipped objective, beta = kl_coef
-    (GRPO's paper); reward: the answer's summed KL subtracted from its score before the group normalisation
-    (score - kl_coef x KL, as rloo does), so the advantage itself trades reward against KL."""
+    (GRPO's paper); reward: minus kl_coef x the answer's group-centred summed KL in the advantage, beside the
+    group-normalised score (never divided by the std), so the advantage itself trades reward against KL."""
     grpo_kl_estimator: str = "k3+"
     """grpo_kl: loss only. k3+ (k3's value, the gradient of KL(policy || ref)), k2, or k3 (GRPO's paper: its
     gradient is that of KL(ref || policy))."""

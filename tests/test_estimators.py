@@ -140,8 +140,11 @@ def test_where_each_estimator_puts_the_kl():
     assert torch.allclose(dr.returns, est.to_tokens(seq, mask))
     assert torch.allclose(dr.advantages, est.to_tokens(torch.tensor([-1.025, 1.025, 0.05, -0.05]), mask), atol=1e-6)
     assert torch.allclose(dr.non_score[mask], torch.full((9,), -0.05))
-    std = run_estimator(r, "grpo", grpo_kl="reward")  # each group's two answers are one std either side
-    assert torch.allclose(std.advantages, est.to_tokens(torch.tensor([-g, g, g, -g]), mask), atol=1e-5)
+    # with the std division only the scores are divided: group (1, 3) -/+ g, plus -beta x the centred KL
+    # (-/+ 0.025); the tied group (2, 2) keeps beta's weight: -0.5 x 0.1 x (1 - 2, 3 - 2) = +/- 0.05
+    std = run_estimator(r, "grpo", grpo_kl="reward")
+    hand = torch.tensor([-g - 0.025, g + 0.025, 0.05, -0.05])
+    assert torch.allclose(std.advantages, est.to_tokens(hand, mask), atol=1e-5)
 
     rpp = run_estimator(r, "reinforce_pp")
     assert torch.allclose(rpp.non_score[mask], torch.full((9,), -0.05))  # per-token KL in the reward
@@ -153,6 +156,22 @@ def test_where_each_estimator_puts_the_kl():
     assert torch.allclose(gae.advantages, rpp.returns)  # V = 0, lambda = 1: GAE is the reward to go
     with pytest.raises(ValueError, match="unknown advantage estimator 'ppo'"):
         run_estimator(r, "ppo")
+
+
+def test_grpo_kl_in_reward_keeps_beta_weight_in_a_tied_group():
+    """Binary rewards: a group whose answers all score 1 still differs in KL; its advantage is beta x the
+    centred KL, so it shrinks with beta instead of being a full-unit update on the KL alone."""
+    scores = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    seq_kl = torch.tensor([0.5, 1.5, 2.0, 4.0])
+    for beta in (0.1, 0.01):
+        adv = est.group_normalised_with_kl(scores, seq_kl, 4, beta)
+        assert torch.allclose(adv, -beta * (seq_kl - seq_kl.mean()), atol=1e-6)
+    assert torch.equal(est.group_normalised_with_kl(scores, seq_kl, 4, 0.0), torch.zeros(4))
+    r = toy_rollout()
+    r = Rollout(**{**r.__dict__, "scores": torch.ones(4)})  # every group tied
+    for beta in (0.5, 0.05):
+        a = advantages(r, beta, AdvantageSpec(estimator="grpo", group_size=2, grpo_kl="reward"))
+        assert a.advantages.abs().max().item() == pytest.approx(beta * 0.1, rel=1e-4)  # KL gaps of 1 token x 0.1
 
 
 def test_repeat_prompts_lays_groups_out_contiguously():

@@ -56,6 +56,18 @@ def group_normalised(rewards: Tensor, k: int, std_norm: bool = True, eps: float 
     return centred.reshape(-1)
 
 
+def group_normalised_with_kl(scores: Tensor, seq_kl: Tensor, k: int, kl_coef: float, std_norm: bool = True,
+                             eps: float = 1e-6) -> Tensor:
+    """GRPO's advantage with the KL in the reward (grpo_kl: reward): (B,) scores and summed KLs in contiguous
+    groups of k -> (B,) group_normalised(scores) - kl_coef * (KL_i - mean_g KL).
+
+    Only the scores are divided by their group's std: dividing score - beta * KL by its own std would turn a
+    group whose scores tie (binary rewards: all 0 or all 1) into a full-unit "reduce the KL" update whatever
+    beta is. Here beta keeps its weight in every group; without the std division this is the group-centred
+    score - beta * KL, as before."""
+    return group_normalised(scores, k, std_norm, eps) - kl_coef * group_normalised(seq_kl, k, std_norm=False)
+
+
 def leave_one_out(rewards: Tensor, k: int) -> Tensor:
     """RLOO's advantage: (B,) rewards in contiguous groups of k -> (B,) r_i - mean of the OTHER k - 1 answers.
 

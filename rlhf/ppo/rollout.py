@@ -140,8 +140,9 @@ def advantages(r: Rollout, kl_coef: float, spec: AdvantageSpec) -> Advantages:
     reinforce_pp  per-token KL in the reward, reward to go (gamma), whitened over the batch (REINFORCE++);
     rloo          summed KL in the answer's reward, leave-one-out baseline over each group of group_size;
     grpo          group-normalised score (std_norm=False: not divided by the group's std, Dr. GRPO); no KL in
-                  the reward (GRPO's KL is a loss term, `estimators.kl_loss`), or with grpo_kl="reward" the
-                  answer's summed KL in its reward before the normalisation, as rloo.
+                  the reward (GRPO's KL is a loss term, `estimators.kl_loss`), or with grpo_kl="reward" minus
+                  beta x the answer's group-centred summed KL, never divided by the std
+                  (`estimators.group_normalised_with_kl`).
     whiten_rewards applies to the per-token rewards of gae and reinforce_pp, whiten_advantages to gae only:
     the other estimators bring their own normalisation."""
     mask = r.response_mask
@@ -165,7 +166,8 @@ def advantages(r: Rollout, kl_coef: float, spec: AdvantageSpec) -> Advantages:
         adv, returns = (estimators.to_tokens(x, mask) for x in (estimators.leave_one_out(seq, group_size), seq))
     elif estimator == "grpo":
         seq = estimators.sequence_kl_rewards(scores, kl, mask, in_reward)  # in_reward 0: the scores themselves
-        adv = estimators.group_normalised(seq, group_size, spec.std_norm)
+        adv = estimators.group_normalised_with_kl(scores, core.masked_sum(kl, mask, dim=1), group_size, in_reward,
+                                                  spec.std_norm)
         adv, returns = estimators.to_tokens(adv, mask), estimators.to_tokens(seq, mask)
     else:
         raise ValueError(f"unknown advantage estimator {estimator!r}; choose one of {', '.join(estimators.ESTIMATORS)}")
