@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from rlhf.config import PipelineConfig, to_yaml
+from rlhf.eval.flags import win_rate_text
 
 UNSET_LICENCE = " (not set: `export.license`; it must respect the base model's licence)"
 _EVAL_COLUMNS = (("reward_mean", "RM score"), ("reward_win_rate", "RM win rate"), ("gold_mean", "gold"),
@@ -80,8 +81,9 @@ def eval_section(run_dir: Path) -> list[str]:
 def _figure(row: dict, key: str) -> str:
     if key not in row:
         return "-"
-    low, high = row.get(key + "_low"), row.get(key + "_high")
-    return f"{row[key]:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else "")
+    if row.get(key + "_low") is None or row.get(key + "_high") is None:
+        return f"{row[key]:.3f}"
+    return win_rate_text(row, key)
 
 
 def card(cfg: PipelineConfig, stage: str) -> str:

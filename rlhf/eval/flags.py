@@ -15,6 +15,12 @@ from rlhf.eval.degeneration import DEGENERATION_MARGIN
 JUDGES = (("gold", "the gold judge"), ("reward", "the reward model"))
 
 
+def win_rate_text(row: dict, key: str) -> str:
+    """`row`'s win rate `key` (e.g. gold_win_rate) with its 95 % interval, as every printout and page writes it:
+    "0.777 [0.754, 0.801]"."""
+    return f"{row[key]:.3f} [{row[key + '_low']:.3f}, {row[key + '_high']:.3f}]"
+
+
 def flags(m: dict) -> list[str]:
     """One line per problem, in decoding then checkpoint order (markdown bold around names)."""
     base, out = m["baseline"], []
@@ -25,8 +31,7 @@ def flags(m: dict) -> list[str]:
             for key, judge in JUDGES:
                 if row.get(f"{key}_win_rate_high", 1.0) < 0.5:
                     out.append(f"**{name}** is worse than **{base}** by {judge} ({decoding} answers: win rate "
-                               f"{row[f'{key}_win_rate']:.3f}, 95 % interval {row[f'{key}_win_rate_low']:.3f}–"
-                               f"{row[f'{key}_win_rate_high']:.3f}).")
+                               f"{win_rate_text(row, f'{key}_win_rate')}).")
             if degenerate(row, rows.get(base, {})):
                 out.append(f"**{name}**: {decoding} answers degenerate: repeat {row['repeat_mean']:.3f} vs "
                            f"{rows[base]['repeat_mean']:.3f} for {base} (share of tokens repeating an earlier one), "

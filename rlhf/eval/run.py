@@ -25,7 +25,7 @@ from rlhf.config import ConfigError, EvalConfig, PipelineConfig, save_config
 from rlhf.eval import degeneration as dg
 from rlhf.eval.checkpoints import (Checkpoint, SharedSFTModel, parse_checkpoints, provenance, same_vocabulary,
                                     standalone)
-from rlhf.eval.flags import flags
+from rlhf.eval.flags import flags, win_rate_text
 from rlhf.eval.judging import Answers, answer, judgements, prompt_text, summarize
 from rlhf.eval.report import render
 from rlhf.generation import SamplingSpec, encode_prompt
@@ -192,8 +192,7 @@ def format_results(metrics: dict) -> str:
                 if f"{key}_mean" in row:
                     parts.append(f"{label} {row[f'{key}_mean']:.3f}")
                 if f"{key}_win_rate" in row:
-                    parts.append(f"win {row[f'{key}_win_rate']:.3f} "
-                                 f"[{row[f'{key}_win_rate_low']:.3f}, {row[f'{key}_win_rate_high']:.3f}]")
+                    parts.append(f"win {win_rate_text(row, f'{key}_win_rate')}")
             if "kl_mean" in row:
                 parts.append(f"KL {row['kl_mean']:.3f}")
             parts.append(f"len {row['length_mean']:.1f}")
