@@ -278,8 +278,9 @@ class PPOStageConfig:
     """Adapt kl_coef towards target_kl (Ziegler et al. 2019) instead of keeping it fixed."""
     target_kl: float = 6.0
     """Adaptive controller target: KL summed over a response (Ziegler et al. 2019)."""
-    kl_horizon: int = 10000
-    """Adaptive controller horizon, in rollouts: how fast kl_coef moves."""
+    kl_horizon: int | None = None
+    """Adaptive controller horizon, in rollouts: how fast kl_coef moves. None: a tenth of the run's rollouts
+    (steps x rollout_batch_size / 10)."""
     reward_norm: str = "shift_scale"
     """How RM scores become rewards, from the SFT policy's answers on reward_norm_samples prompts (measured
     before the first update): shift_scale (default) subtracts their mean and divides by their std (mean 0,

@@ -130,12 +130,12 @@ def test_report_compares_quality_and_cost_in_one_table_and_plot(tmp_path):
     section, rows = comparison_rows(text)
     assert rows["checkpoint"] == ("| checkpoint | algorithm | gold win rate | RM win rate | KL to SFT | length | "
                                   "stage wall time | peak RSS |")
-    assert rows["ppo"] == ("| ppo | PPO (GAE) | 0.775 [0.740, 0.810] | 0.825 [0.790, 0.860] | 1.26 | 9.0 | 125 s | "
+    assert rows["ppo"] == ("| ppo | PPO (GAE) | 0.775 (0.740–0.810) | 0.825 (0.790–0.860) | 1.26 | 9.0 | 125 s | "
                            "1,242 MB |")
-    assert rows["grpo"] == "| grpo | GRPO | 0.800 [0.760, 0.840] | 0.850 [0.810, 0.890] | 0.90 | 8.5 | 1,500 s | 1,100 MB |"
+    assert rows["grpo"] == "| grpo | GRPO | 0.800 (0.760–0.840) | 0.850 (0.810–0.890) | 0.90 | 8.5 | 1,500 s | 1,100 MB |"
     assert rows["sft"] == "| sft | SFT | (baseline) | (baseline) | 0.00 | 8.0 | 30 s | 700 MB |"
     assert rows["base"].endswith("| 11.0 |  |  |") and "| base | base |" in rows["base"]
-    assert rows["dpo"] == "| dpo |  | 0.600 [0.550, 0.650] | 0.650 [0.600, 0.700] | 0.40 | 8.1 |  |  |"  # blanks
+    assert rows["dpo"] == "| dpo |  | 0.600 (0.550–0.650) | 0.650 (0.600–0.700) | 0.40 | 8.1 |  |  |"  # blanks
     assert "(plots/comparison.png)" in section
     assert (tmp_path / "eval" / "plots" / "comparison.png").read_bytes()[:8] == PNG
     assert text.index("## Comparison") < text.index("## All results")

@@ -188,11 +188,18 @@ def test_repeat_prompts_lays_groups_out_contiguously():
     ({"estimator": "grpo", "group_size": 4, "grpo_kl_estimator": "k1"},
      "ppo.grpo_kl_estimator must be one of k3"),
     ({"loss_agg": "seq_mean"}, "ppo.loss_agg must be one of token_mean, seq_mean_token_mean"),
+    ({"adaptive_kl": True, "kl_horizon": 0}, "ppo.adaptive_kl needs ppo.target_kl > 0 and ppo.kl_horizon > 0"),
 ])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
         check_config(PPOStageConfig(**overrides))
     check_config(PPOStageConfig(estimator="reinforce_pp", group_size=2))
+
+
+def test_adaptive_kl_horizon_defaults_to_a_tenth_of_the_run():
+    from rlhf.ppo.train import kl_controller
+    assert kl_controller(PPOStageConfig(adaptive_kl=True, steps=100, rollout_batch_size=64)).horizon == 640
+    assert kl_controller(PPOStageConfig(adaptive_kl=True, kl_horizon=10000)).horizon == 10000
 
 
 def test_kl_loss_coefficient_joins_the_update_for_grpo_only():

@@ -31,7 +31,7 @@ from rlhf.plugins import import_callable
 from rlhf.ppo import core, estimators
 from rlhf.ppo.evaluate import compare_with_sft
 from rlhf.ppo.guards import KEEP_BEST, Guards, GuardSpec, load_best, prune_best
-from rlhf.ppo.kl import KL_LOSS_KINDS, AdaptiveKLController, FixedKLController
+from rlhf.ppo.kl import KL_LOSS_KINDS, AdaptiveKLController, FixedKLController, default_kl_horizon
 from rlhf.ppo.monitor import MonitorSpec, observe
 from rlhf.ppo.roles import VALUE, build_roles, calibrate_value_head
 from rlhf.ppo.rollout import AdvantageSpec, PromptSampler, advantages, repeat_prompts, sample, score
@@ -85,9 +85,14 @@ def check_guards(p: PPOStageConfig) -> None:
                           f"> 0, ppo.monitor_prompts > 0 and ppo.eval_prompts_file")
 
 
+def kl_horizon(p: PPOStageConfig) -> int:
+    """ppo.kl_horizon, or by default a tenth of the run's rollouts (kl.default_kl_horizon)."""
+    return p.kl_horizon if p.kl_horizon is not None else default_kl_horizon(p.steps, p.rollout_batch_size)
+
+
 def kl_controller(p: PPOStageConfig):
     if p.adaptive_kl:
-        return AdaptiveKLController(p.kl_coef, p.target_kl, p.kl_horizon)
+        return AdaptiveKLController(p.kl_coef, p.target_kl, kl_horizon(p))
     return FixedKLController(p.kl_coef)
 
 
@@ -174,6 +179,9 @@ def check_estimator(p: PPOStageConfig) -> None:
                           f"KL in its reward, as rloo), not {p.grpo_kl!r}")
     if p.grpo_kl_estimator not in KL_LOSS_KINDS:
         raise ConfigError(f"ppo.grpo_kl_estimator must be one of {', '.join(KL_LOSS_KINDS)}, not {p.grpo_kl_estimator!r}")
+    if p.adaptive_kl and (p.target_kl <= 0 or (p.kl_horizon is not None and p.kl_horizon <= 0)):
+        raise ConfigError(f"ppo.adaptive_kl needs ppo.target_kl > 0 and ppo.kl_horizon > 0 (or null: a tenth of the "
+                          f"run's rollouts), got {p.target_kl} and {p.kl_horizon}")
     if p.loss_agg not in core.LOSS_AGGS:
         raise ConfigError(f"ppo.loss_agg must be one of {', '.join(core.LOSS_AGGS)}, not {p.loss_agg!r}")
     if p.whiten_rewards and p.estimator in estimators.GROUP_ESTIMATORS:
@@ -216,6 +224,9 @@ def run(cfg: PipelineConfig) -> Path:
     if main:
         print(f"[ppo] {len(prompts)} prompts, {p.steps} steps of {p.rollout_batch_size} rollouts"
               + (f" ({local_batch} per process, {world} processes)" if world > 1 else ""))
+        if p.adaptive_kl:
+            print(f"[ppo] adaptive KL coefficient from {p.kl_coef} towards {p.target_kl} nats per answer, horizon "
+                  f"{kl_horizon(p)} rollouts")
 
     # 2. one SFT model, four roles: policy, reference (adapters off), value (gae only), reward
     torch.manual_seed(p.seed)
