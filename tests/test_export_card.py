@@ -41,7 +41,7 @@ def test_card_has_hub_front_matter_data_settings_eval_figures_and_the_config(run
                      "- reward model preferences: `data/demo/rm_rankings_train.jsonl`",
                      "- PPO prompts: `data/demo/prompts_train.jsonl`",
                      "kl_coef 0.07 (fixed, k1)",
-                     "| ppo | -1.685 | 0.886 [0.863, 0.907] | 0.939 | - | 1.575 | 4.200 |",
+                     "| ppo | -1.685 | 0.886 (0.863–0.907) | 0.939 | - | 1.575 | 4.200 |",
                      "| sft | -5.094 | - | - | - | - | - |",
                      "- `eval/kl`: 1.432",
                      "```yaml\nrun_dir: " + str(run)):

@@ -17,8 +17,8 @@ JUDGES = (("gold", "the gold judge"), ("reward", "the reward model"))
 
 def win_rate_text(row: dict, key: str) -> str:
     """`row`'s win rate `key` (e.g. gold_win_rate) with its 95 % interval, as every printout and page writes it:
-    "0.777 [0.754, 0.801]"."""
-    return f"{row[key]:.3f} [{row[key + '_low']:.3f}, {row[key + '_high']:.3f}]"
+    "0.777 (0.754–0.801)"."""
+    return f"{row[key]:.3f} ({row[key + '_low']:.3f}–{row[key + '_high']:.3f})"
 
 
 def flags(m: dict) -> list[str]:
