@@ -348,7 +348,8 @@ class PPOStageConfig:
     whiten_advantages: bool = True
     """Whiten GAE's advantages over the batch (estimator gae only: the others bring their own normalisation)."""
     value_from_reward: bool = True
-    """Start the value adapter and head from the reward model's (InstructGPT, N+)."""
+    """Start the value adapter and head from the reward model's (InstructGPT, N+); the head starts at 0 when PPO
+    maximises something else (an ensemble's objective, reward functions)."""
     ptx_coef: float = 0.0
     """PPO-ptx (InstructGPT): add ptx_coef x the SFT loss on demonstrations to every optimiser step."""
     ptx_file: str | None = None

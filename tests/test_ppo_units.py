@@ -301,3 +301,28 @@ def test_grad_accum_and_process_count_do_not_change_the_update(monkeypatch, loss
             per_process.append([sum(w[i] * g[i] for w, g in zip(weights, grads)) for i in (0, 1)])
         averaged = [sum(g[i] for g in per_process) / len(per_process) for i in (0, 1)]  # average_gradients
         assert averaged == pytest.approx(whole, rel=1e-9), split
+
+
+def test_value_head_starts_on_the_scale_of_the_reward_ppo_maximises(tmp_path, tok):
+    """With the reward model alone, the copied head predicts the normalised reward at the last token; with a
+    reward no head computes (here 2 x the RM, as a weighted ppo.rewards makes it), it starts at 0, the
+    normalised reward's mean on SFT's answers, instead of member 0's reward on another scale."""
+    from rlhf.ppo.roles import init_value_head, values
+    from rlhf.reward_sources import WeightedRewards
+    from tiny import tiny_roles
+
+    ids = torch.randint(3, len(tok), (6, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    roles = tiny_roles(tmp_path / "alone", tok)
+    reward = roles.scorer.score_ids(ids, mask)
+    shift, scale = reward.mean().item(), reward.std().item()
+    init_value_head(roles, shift, scale)
+    with torch.no_grad():
+        assert torch.allclose(values(roles, ids, mask)[:, -1], (reward - shift) / scale, atol=1e-4)
+
+    roles = tiny_roles(tmp_path / "weighted", tok)
+    roles.scorer = WeightedRewards([(2.0, roles.scorer)])
+    reward = roles.scorer.score_ids(ids, mask)
+    init_value_head(roles, reward.mean().item(), reward.std().item())
+    with torch.no_grad():
+        assert torch.equal(values(roles, ids, mask), torch.zeros(6, 8))

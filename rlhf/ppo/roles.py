@@ -100,6 +100,20 @@ def calibrate_value_head(roles: Roles, shift: float, scale: float) -> None:
         roles.value_head.bias.copy_((roles.value_head.bias - shift) / scale)
 
 
+def init_value_head(roles: Roles, shift: float, scale: float) -> str:
+    """Start the value head on the scale of the normalised reward PPO maximises, V = (r - shift) / scale: the
+    head copied from the reward head is calibrated when that reward IS the reward model (`calibrate_value_head`);
+    when it is not (an ensemble's objective, reward functions, a weighted sum), no head computes it, and the
+    head starts at 0, the normalised reward's mean on the SFT policy's answers. Returns what it did, for the log."""
+    if isinstance(roles.scorer, RewardScorer):
+        calibrate_value_head(roles, shift, scale)
+        return "the reward model's head, on the normalised scale"
+    with torch.no_grad():
+        roles.value_head.weight.zero_()
+        roles.value_head.bias.zero_()
+    return "zero (the reward maximised is not one reward model's head)"
+
+
 def set_trainable(model: PeftModel, trained: tuple[str, ...] = (POLICY, VALUE)) -> None:
     """requires_grad: True for the `trained` adapters (policy and value), False for everything else (base, reward)."""
     for name, p in model.named_parameters():

@@ -33,7 +33,7 @@ from rlhf.ppo.evaluate import compare_with_sft
 from rlhf.ppo.guards import KEEP_BEST, Guards, GuardSpec, load_best, prune_best
 from rlhf.ppo.kl import KL_LOSS_KINDS, AdaptiveKLController, FixedKLController, default_kl_horizon
 from rlhf.ppo.monitor import MonitorSpec, observe
-from rlhf.ppo.roles import VALUE, build_roles, calibrate_value_head
+from rlhf.ppo.roles import VALUE, build_roles, init_value_head
 from rlhf.ppo.rollout import AdvantageSpec, PromptSampler, advantages, repeat_prompts, sample, score
 from rlhf.ppo.state import load_checkpoint, rng_state, save_checkpoint
 from rlhf.ppo.update import UpdateSpec, check_batch_sizes, ppo_update
@@ -371,10 +371,12 @@ def resume_or_start(out: Path, roles, optimizer, scheduler, p: PPOStageConfig, p
         if ensemble_in(roles.scorer) is not None:
             loop.member_offsets = ensemble_in(roles.scorer).offsets.tolist()
         check_finite({"ppo/reward_shift": loop.shift, "ppo/reward_scale": loop.scale}, "ppo reward normalisation")
-        if p.estimator == "gae" and p.value_from_reward:
-            calibrate_value_head(roles, loop.shift, loop.scale)
         if main:
             print(f"[ppo] reward normalisation from the SFT policy: shift {loop.shift:.3f}, scale {loop.scale:.3f}")
+        if p.estimator == "gae" and p.value_from_reward:
+            start = init_value_head(roles, loop.shift, loop.scale)
+            if main:
+                print(f"[ppo] value head: {start}")
         return loop
     if not state["rng_restored"]:
         torch.manual_seed(distributed.rank_seed(p.seed + state["step"], rank))
