@@ -29,7 +29,7 @@ from trl import DPOConfig, DPOTrainer
 from rlhf import data as rdata
 from rlhf.chat import answer_ids, encode_prompt
 from rlhf.config import ConfigError, DPOStageConfig, PipelineConfig
-from rlhf.models import load_sft_model, load_tokenizer, lora_config, resolve_dtype
+from rlhf.models import enable_activation_checkpointing, load_sft_model, load_tokenizer, lora_config, resolve_dtype
 from rlhf.rm.train import load_rm_data
 from rlhf.runs import (finish_stage, read_metrics,
                        require_done)
@@ -115,7 +115,7 @@ def run(cfg: PipelineConfig) -> Path:
     # 2. the SFT model (base + SFT adapter merged); trl adds the DPO adapter
     model = load_sft_model(cfg.model, sft_dir, tokenizer)
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_activation_checkpointing(model)
     run = TrainerRun.prepare("dpo", out, procs, cfg.report_to)
     trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, out, run.callbacks)
 

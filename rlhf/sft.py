@@ -16,7 +16,7 @@ from trl import SFTConfig, SFTTrainer
 
 from rlhf import data as rdata
 from rlhf.config import PipelineConfig, SFTStageConfig
-from rlhf.models import load_causal_lm, load_tokenizer, lora_config, resolve_dtype
+from rlhf.models import enable_activation_checkpointing, load_causal_lm, load_tokenizer, lora_config, resolve_dtype
 from rlhf.runs import (finish_stage, read_metrics)
 from rlhf.trainers import TrainerRun, start_stage, trainer_kwargs
 
@@ -68,7 +68,7 @@ def run(cfg: PipelineConfig) -> Path:
     # 2. base model + trainer (trl attaches the LoRA adapter; the base stays frozen)
     model = load_causal_lm(cfg.model, tokenizer)
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_activation_checkpointing(model)
     bf16 = resolve_dtype(cfg.model.dtype) == torch.bfloat16
     run = TrainerRun.prepare("sft", out, procs, cfg.report_to)
     trainer = SFTTrainer(

@@ -29,7 +29,8 @@ from rlhf.rm import diagnostics as rm_diagnostics
 from rlhf.rm import probes as rm_probes
 from rlhf.rm.selection import METRICS, best_checkpoint_args, describe_selection, selection_callbacks
 from rlhf.config import ConfigError, LoraSpec, PipelineConfig, RMStageConfig, TrainSpec
-from rlhf.models import load_sft_model, load_tokenizer, lora_config, resolve_dtype, stack_under
+from rlhf.models import (enable_activation_checkpointing, load_sft_model, load_tokenizer, lora_config,
+                         resolve_dtype, stack_under)
 from rlhf.plugins import import_callable
 from rlhf.rm.scoring import (HEAD_FILE, MEMBER_PREFIX, RewardEnsemble, RewardScorer, attach_reward, build_reward_model,
                          member_dir, member_index, pair_ids, save_head)
@@ -236,7 +237,7 @@ def train_member(cfg: PipelineConfig, sft_dir: Path, tokenizer, train_ds: Datase
     train_spec = replace(r.train, seed=seed)
     sft_model = load_sft_model(cfg.model, sft_dir, tokenizer)
     if cfg.model.gradient_checkpointing:
-        sft_model.gradient_checkpointing_enable()
+        enable_activation_checkpointing(sft_model)
     model = reward_classifier(sft_model, r.lora, seed)
     clf = model.base_model.model
 
