@@ -174,6 +174,18 @@ def test_grpo_kl_in_reward_keeps_beta_weight_in_a_tied_group():
         assert a.advantages.abs().max().item() == pytest.approx(beta * 0.1, rel=1e-4)  # KL gaps of 1 token x 0.1
 
 
+def test_demo_grpo_config_header_names_the_normalisation_it_runs():
+    """The header of configs/demo-grpo.yaml says whether the group std divides the scores, as the config runs
+    it (Dr. GRPO is the variant without it)."""
+    from pathlib import Path
+    import yaml
+    text = (Path(__file__).resolve().parent.parent / "configs" / "demo-grpo.yaml").read_text()
+    header = text.split("\n")[0] + text.split("\n")[1]
+    std_norm = yaml.safe_load(text)["ppo"].get("grpo_std_norm", True)
+    assert ("divided by their group's std" in header) == std_norm
+    assert ("(its Dr. GRPO variant)" in header) == (not std_norm)
+
+
 def test_repeat_prompts_lays_groups_out_contiguously():
     assert repeat_prompts([[1], [2, 3]], 2) == [[1], [1], [2, 3], [2, 3]]
     assert repeat_prompts([[1]], 1) == [[1]]
