@@ -106,6 +106,15 @@ def mean_over_processes(values: dict[str, float], device: torch.device | str = "
     return dict(values) | dict(zip(keys, t.tolist()))
 
 
+def sum_over_processes(t: torch.Tensor) -> torch.Tensor:
+    """A tensor summed over the processes (a new tensor, on every process); itself alone."""
+    if not _active():
+        return t
+    total = t.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
 def any_process(flag: bool, device: torch.device | str | None = None) -> bool:
     """True on every process if `flag` is true on any one: a decision all processes must take together
     (e.g. stop and checkpoint after a signal reached only some of them; one process leaving the loop alone

@@ -60,6 +60,36 @@ def test_masked_whiten():
 
 # ------------------------------------------------------------------------------------ log-probs, entropy
 
+def test_masked_whiten_with_a_reduce_uses_every_process_tokens():
+    """Two processes (threads exchanging their tensors, as an all-reduce would) whiten their own rows with the
+    statistics of both: the result is the whitening of all rows at once, not of each half."""
+    import threading
+    x = t([1.0, 2.0, NAN], [8.0, 9.0, 10.0], [0.5, NAN, NAN], [4.0, 4.5, NAN])
+    mask = m([T_, T_, F_], [T_, T_, T_], [T_, F_, F_], [T_, T_, F_])
+    halves = [slice(0, 2), slice(2, 4)]
+    slots, barrier, out = [None, None], threading.Barrier(2), [None, None]
+
+    def process(rank):
+        def reduce(tensor):  # all-reduce (sum) between the two threads
+            slots[rank] = tensor
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()
+            return total
+        for shift_mean in (True, False):
+            out[rank] = (out[rank] or []) + [masked_whiten(x[halves[rank]], mask[halves[rank]], shift_mean, reduce)]
+
+    threads = [threading.Thread(target=process, args=(rank,)) for rank in (0, 1)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for i, shift_mean in enumerate((True, False)):
+        whole = masked_whiten(x, mask, shift_mean)
+        assert torch.allclose(torch.cat([out[0][i], out[1][i]]), whole, atol=1e-12)
+    assert not torch.allclose(out[0][0], masked_whiten(x[:2], mask[:2]))  # each half alone would differ
+
+
 def test_logprobs_match_log_softmax_with_temperature():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 3, 5, generator=g)

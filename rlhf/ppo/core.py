@@ -38,17 +38,31 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var * n / (n - 1) if unbiased else var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, reduce=None) -> Tensor:
     """(B, T) -> (B, T): (x - mean) / sqrt(var + 1e-8) over valid tokens; 0 on padding.
 
     shift_mean=False adds the mean back (scale only): N+ does this when whitening rewards, so that a
     reward's sign is kept.
+    reduce: a function summing a tensor over processes (`distributed.sum_over_processes`): the mean and the
+    (Bessel-corrected) variance are then those of every process's valid tokens, as if one process held them
+    all; None: this batch's alone.
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    mean, var = (masked_mean(x, mask), masked_var(x, mask)) if reduce is None else _reduced_moments(x, mask, reduce)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
     return torch.where(mask, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def _reduced_moments(x: Tensor, mask: Tensor, reduce) -> tuple[Tensor, Tensor]:
+    """masked_mean and masked_var over the valid tokens of every process (two passes: the mean first, then the
+    squared deviations from it, which keeps the variance as exact as masked_var's)."""
+    n_sum = reduce(torch.stack([mask.sum().to(x.dtype), masked_sum(x, mask)]))
+    n = int(n_sum[0].item())
+    if n < 2:
+        raise ValueError(f"masked_var needs at least 2 valid token(s), got {n}")
+    mean = n_sum[1] / n
+    return mean, reduce(masked_sum((x - mean).square(), mask)) / (n - 1)
 
 
 # ------------------------------------------------------------------------------------------------ rewards

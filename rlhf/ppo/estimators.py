@@ -105,14 +105,15 @@ def reward_to_go(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
     return returns
 
 
-def reinforce_pp(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> tuple[Tensor, Tensor]:
+def reinforce_pp(rewards: Tensor, mask: Tensor, gamma: float = 1.0, reduce=None) -> tuple[Tensor, Tensor]:
     """REINFORCE++ (Hu 2025): (B, T) per-token rewards (score at the last token, -beta * KL_t on every token)
     -> (advantages, returns), both (B, T), 0 on padding.
 
-    returns = reward_to_go; advantages = returns whitened over every valid token of the batch (mean 0, std 1):
-    the batch mean is the baseline that PPO's critic would otherwise give, over all prompts at once."""
+    returns = reward_to_go; advantages = returns whitened over every valid token of the batch (mean 0, std 1;
+    `reduce`: over every process's, `core.masked_whiten`): the batch mean is the baseline that PPO's critic
+    would otherwise give, over all prompts at once."""
     returns = reward_to_go(rewards, mask, gamma)
-    return core.masked_whiten(returns, mask), returns
+    return core.masked_whiten(returns, mask, reduce=reduce), returns
 
 
 def kl_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, kind: str = "k3+", loss_agg: str = "token_mean",

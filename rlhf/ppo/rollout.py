@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf import distributed
 from rlhf.generation import SamplingSpec, generate_ids
 from rlhf.models import active_adapter
 from rlhf.ppo import core, estimators
@@ -144,7 +145,8 @@ def advantages(r: Rollout, kl_coef: float, spec: AdvantageSpec) -> Advantages:
                   beta x the answer's group-centred summed KL, never divided by the std
                   (`estimators.group_normalised_with_kl`).
     whiten_rewards applies to the per-token rewards of gae and reinforce_pp, whiten_advantages to gae only:
-    the other estimators bring their own normalisation."""
+    the other estimators bring their own normalisation. Every whitening uses the statistics of all processes'
+    tokens (each process must call this, at the same step)."""
     mask = r.response_mask
     scores = (r.scores - spec.reward_shift) / spec.reward_scale
     if spec.missing_eos_penalty is not None:
@@ -153,14 +155,15 @@ def advantages(r: Rollout, kl_coef: float, spec: AdvantageSpec) -> Advantages:
     estimator, group_size = spec.estimator, spec.group_size
     in_reward = 0.0 if estimator == "grpo" and spec.grpo_kl == "loss" else kl_coef
     rewards, non_score = core.per_token_rewards(scores, kl, mask, in_reward)
+    reduce = distributed.sum_over_processes  # whitening statistics over every process's tokens
     if spec.whiten_rewards and estimator in ("gae", "reinforce_pp"):
-        rewards = core.masked_whiten(rewards, mask, shift_mean=False)
+        rewards = core.masked_whiten(rewards, mask, shift_mean=False, reduce=reduce)
     if estimator == "gae":
         adv, returns = core.gae(rewards, r.values, mask, spec.gamma, spec.lam)
         if spec.whiten_advantages:
-            adv = core.masked_whiten(adv, mask)
+            adv = core.masked_whiten(adv, mask, reduce=reduce)
     elif estimator == "reinforce_pp":
-        adv, returns = estimators.reinforce_pp(rewards, mask, spec.gamma)
+        adv, returns = estimators.reinforce_pp(rewards, mask, spec.gamma, reduce)
     elif estimator == "rloo":
         seq = estimators.sequence_kl_rewards(scores, kl, mask, kl_coef)
         adv, returns = (estimators.to_tokens(x, mask) for x in (estimators.leave_one_out(seq, group_size), seq))
