@@ -7,7 +7,6 @@ Trainer checkpoints in `checkpoints/`, and `DONE`, written last.
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import torch
@@ -27,10 +26,7 @@ def load_sft_data(cfg: SFTStageConfig, tokenizer) -> tuple[list[rdata.SFTExample
     if cfg.eval_file:
         held_out = rdata.load_sft(cfg.eval_file, split=cfg.eval_split, skip_invalid=cfg.skip_invalid)
     else:
-        rows = list(train)
-        random.Random(cfg.train.seed).shuffle(rows)
-        n_eval = max(1, int(len(rows) * cfg.eval_fraction))
-        held_out, train = rows[:n_eval], rows[n_eval:]
+        held_out, train = rdata.hold_out(train, cfg.eval_fraction, cfg.train.seed)
     rdata.check_prompt_lengths(train + held_out, tokenizer, cfg.max_prompt_length)
     return train, held_out
 

@@ -454,3 +454,15 @@ def test_ranking_scores_become_pair_margins(tmp_path):
     assert [(p.chosen, p.rejected, p.margin) for p in pairs] == [
         ("A cat.", "A dog.", 1.0), ("A cat.", "A rock.", 3.5), ("A dog.", "A rock.", 2.5)]
     assert {p.group for p in pairs} == {0}
+
+
+def test_hold_out_draws_whole_groups_with_a_seed_and_keeps_the_order():
+    from rlhf.data import hold_out
+    items = list(range(40))
+    held, rest = hold_out(items, 0.1, seed=0)
+    assert len(held) == 4 and sorted(held + rest) == items and held == sorted(held) and rest == sorted(rest)
+    assert hold_out(items, 0.1, seed=0) == (held, rest) and hold_out(items, 0.1, seed=1) != (held, rest)
+    assert len(hold_out(items[:3], 0.1, seed=0)[0]) == 1  # at least one
+    groups = [i // 4 for i in items]  # 10 groups of 4: whole groups on one side
+    held, rest = hold_out(items, 0.2, seed=0, groups=groups)
+    assert len(held) == 8 and not {i // 4 for i in held} & {i // 4 for i in rest}

@@ -5,12 +5,13 @@
     load_prompts(source)      -> list[PromptExample]   the prompt of any of the above, or {"prompt"}
     render_prompt / render_completion                   Prompt -> model text (chat template or HH layout)
     check_prompt_lengths                                DataError for prompts over max_prompt_length
+    hold_out(items, fraction, seed[, groups])           (held out, rest): whole groups drawn with a seed
 
 Bad rows raise DataError listing "<file>: row <N>: field '<field>': <problem>" lines.
 """
 
 from rlhf.data.io import read_rows
-from rlhf.data.loaders import load_preferences, load_prompts, load_sft
+from rlhf.data.loaders import hold_out, load_preferences, load_prompts, load_sft
 from rlhf.data.records import DataError, PreferencePair, Prompt, PromptExample, SFTExample
 from rlhf.data.render import check_prompt_lengths, render_completion, render_prompt
 
@@ -24,6 +25,7 @@ __all__ = [
     "load_sft",
     "load_preferences",
     "load_prompts",
+    "hold_out",
     "check_prompt_lengths",
     "render_prompt",
     "render_completion",

@@ -6,6 +6,7 @@ of a file instead of failing on the first one hours into training.
 
 from __future__ import annotations
 
+import random
 import warnings
 from collections.abc import Callable
 
@@ -102,3 +103,14 @@ def finish(name: str, records: list, problems: list[Problem], skip_invalid: bool
     # stacklevel 4: point at the code that called load_sft / load_preferences / load_prompts
     warnings.warn(f"{name}: skipped {len(problems)} invalid {rows} of {total}:\n{listed}", stacklevel=4)
     return records
+
+
+def hold_out(items: list, fraction: float, seed: int, groups: list | None = None) -> tuple[list, list]:
+    """(held out, rest): `fraction` of the groups (at least one), drawn with `seed`, each group whole, both
+    lists in the items' order. `groups` gives each item's group (a preference pair's prompt, so that no prompt
+    is on both sides); None: each item is its own group."""
+    groups = list(range(len(items))) if groups is None else groups
+    distinct = sorted(set(groups))
+    random.Random(seed).shuffle(distinct)
+    held = set(distinct[:max(1, int(len(distinct) * fraction))])
+    return ([x for x, g in zip(items, groups) if g in held], [x for x, g in zip(items, groups) if g not in held])

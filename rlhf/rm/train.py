@@ -45,10 +45,7 @@ def load_rm_data(cfg: RMStageConfig, tokenizer) -> tuple[list[rdata.PreferencePa
     if cfg.eval_file:
         held_out = rdata.load_preferences(cfg.eval_file, split=cfg.eval_split, skip_invalid=cfg.skip_invalid)
     else:
-        groups = sorted({p.group for p in train})
-        random.Random(cfg.train.seed).shuffle(groups)
-        held = set(groups[:max(1, int(len(groups) * cfg.eval_fraction))])
-        held_out, train = [p for p in train if p.group in held], [p for p in train if p.group not in held]
+        held_out, train = rdata.hold_out(train, cfg.eval_fraction, cfg.train.seed, [p.group for p in train])
     rdata.check_prompt_lengths(train + held_out, tokenizer, cfg.max_prompt_length)
     return train, held_out
 
