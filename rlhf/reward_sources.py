@@ -68,26 +68,32 @@ def uses_functions(terms: Sequence[RewardTerm]) -> bool:
 class FunctionReward:
     """A `(prompt, response) -> float` function behind the reward model's `score_ids` interface.
 
-    Rows are prompt ids + answer ids (any padding); the prompt is recognised by its token ids among the prompts
-    the stage encoded (`prompts`, `prompt_ids`), the answer is the rest, decoded."""
+    Rows are prompt ids + answer ids; the prompt is recognised by its token ids among the prompts the stage
+    encoded (`prompts`, `prompt_ids`), the answer is the rest, decoded. A rollout gives `prompt_width` (its rows
+    are [pad.. prompt | answer ..pad], the answer from column prompt_width on): the prompt is then exactly its
+    real tokens before that column. Without it (rows padded as a whole) the longest stage prompt that prefixes
+    the row is taken, which is ambiguous when one prompt's ids are a prefix of another's."""
 
     def __init__(self, spec: str, tokenizer, prompts: Sequence, prompt_ids: Sequence[Sequence[int]]):
         self.spec, self.fn, self.tokenizer = spec, load_function(spec, "ppo.rewards"), tokenizer
         self.prompts = {tuple(ids): p for p, ids in zip(prompts, prompt_ids)}
         self.lengths = sorted({len(ids) for ids in prompt_ids}, reverse=True)
 
-    def split(self, ids: list[int]):
-        for n in self.lengths:
+    def split(self, ids: list[int], prompt_len: int | None = None):
+        """Real token ids of a row -> (prompt as the data gave it, decoded answer); prompt_len: the prompt's
+        number of tokens when known (then it must be exactly one of the stage's prompts)."""
+        for n in ([prompt_len] if prompt_len is not None else self.lengths):
             prompt = self.prompts.get(tuple(ids[:n]))
             if prompt is not None:
                 return prompt, self.tokenizer.decode(ids[n:], skip_special_tokens=True).strip()
         raise ValueError(f"reward {self.spec}: a rollout's prompt is none of the stage's prompts: "
                          f"{self.tokenizer.decode(ids)[:200]!r}")
 
-    def score_ids(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def score_ids(self, input_ids: torch.Tensor, mask: torch.Tensor, prompt_width: int | None = None) -> torch.Tensor:
         out = []
         for row, m in zip(input_ids.cpu(), mask.cpu().bool()):
-            prompt, answer = self.split(row[m].tolist())
+            prompt_len = int(m[:prompt_width].sum()) if prompt_width is not None else None
+            prompt, answer = self.split(row[m].tolist(), prompt_len)
             try:
                 value = float(self.fn(prompt, answer))
             except Exception as e:  # noqa: BLE001 - whatever the plug-in raises stops the run, named
@@ -106,8 +112,9 @@ class WeightedRewards:
     def __init__(self, terms: Sequence[tuple[float, object]]):
         self.terms = list(terms)
 
-    def score_ids(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return sum(w * source.score_ids(input_ids, mask).float() for w, source in self.terms)
+    def score_ids(self, input_ids: torch.Tensor, mask: torch.Tensor, prompt_width: int | None = None) -> torch.Tensor:
+        width = {} if prompt_width is None else {"prompt_width": prompt_width}
+        return sum(w * source.score_ids(input_ids, mask, **width).float() for w, source in self.terms)
 
     def describe(self, names: Sequence[str]) -> str:
         return " + ".join(f"{w:g} x {n}" for (w, _), n in zip(self.terms, names))

@@ -224,7 +224,7 @@ def test_reward_normalisation_of_an_all_zero_reward_falls_back_to_shift_and_says
     from rlhf.config import PPOStageConfig
     from rlhf.ppo import train
     fake_sampling(monkeypatch, 8)
-    roles = SimpleNamespace(scorer=SimpleNamespace(score_ids=lambda ids, mask: torch.zeros(ids.shape[0])))
+    roles = SimpleNamespace(scorer=SimpleNamespace(score_ids=lambda ids, mask, **_: torch.zeros(ids.shape[0])))
     p = PPOStageConfig(reward_norm_samples=8)
     assert train.reward_normalisation(roles, None, [[1]] * 8, p) == (0.0, 1.0)
     assert "falls back to shift" in capsys.readouterr().err
@@ -252,7 +252,7 @@ def test_a_constant_added_to_one_ensemble_member_changes_no_advantage(monkeypatc
 
     def member(table, offset):
         return SimpleNamespace(model=None, tokenizer=None, head=None, name="reward",
-                               score_ids=lambda ids, mask: table[ids[:, 0]] + offset)
+                               score_ids=lambda ids, mask, **_: table[ids[:, 0]] + offset)
 
     def run(offset):
         ensemble = RewardEnsemble([member(tables[0], 0.0), member(tables[1], offset), member(tables[2], 0.0)])

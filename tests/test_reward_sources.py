@@ -93,6 +93,29 @@ def test_a_function_that_raises_or_returns_nan_stops_naming_prompt_and_answer(ro
                             f"prompt {prompts[0]!r}, answer {answers[0]!r}")
 
 
+def prompt_and_answer(prompt, response):
+    return 100.0 * len(prompt) + len(response)
+
+
+class Digits:
+    """decode: the ids as space-separated numbers."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(i) for i in ids)
+
+
+def test_a_function_gets_the_rollout_prompt_even_when_another_prompt_extends_it():
+    """Prompt "short" is [5, 6], prompt "longer" [5, 6, 7]: a rollout row [pad, 5, 6 | 7, 8] answered "short"
+    with "7 8", though its ids also start with "longer"'s; the rollout's prompt width says where answers start."""
+    source = FunctionReward(f"{HERE}:prompt_and_answer", Digits(), ["short", "longer"], [[5, 6], [5, 6, 7]])
+    ids = torch.tensor([[0, 5, 6, 7, 8], [5, 6, 7, 9, 0]])
+    mask = torch.tensor([[False, True, True, True, True], [True, True, True, True, False]])
+    assert source.score_ids(ids, mask, prompt_width=3).tolist() == [503.0, 601.0]
+    both = reward_source([RewardTerm(f"{HERE}:prompt_and_answer", 2.0)], None, Digits(), ["short", "longer"],
+                         [[5, 6], [5, 6, 7]])
+    assert both.score_ids(ids, mask, prompt_width=3).tolist() == [1006.0, 1202.0]
+
+
 class FixedRM:
     def score_ids(self, input_ids, mask):
         return torch.arange(len(input_ids), dtype=torch.float32)

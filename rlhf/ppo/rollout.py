@@ -108,7 +108,7 @@ def score(roles: Roles, ids: torch.Tensor, mask: torch.Tensor, prompt_width: int
         parts["ref"].append(response_logprobs(reference_logits(roles, i, m, keep), i, prompt_width, temperature))
         if roles.value_head is not None:  # critic-free estimators hold no value adapter
             parts["values"].append(values(roles, i, m)[:, prompt_width - 1:-1])
-        parts["scores"].append(roles.scorer.score_ids(i, m))
+        parts["scores"].append(roles.scorer.score_ids(i, m, prompt_width=prompt_width))
     _, ended = first_eos_mask(ids[:, prompt_width:], stop_ids)
     cat = {k: torch.cat(v) for k, v in parts.items() if v}
     return Rollout(ids=ids, mask=mask, prompt_width=prompt_width, logprobs=cat["logprobs"],

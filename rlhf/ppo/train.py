@@ -126,12 +126,13 @@ def reward_normalisation(roles, tokenizer, prompt_ids, p: PPOStageConfig, rank: 
         return 0.0, 1.0
     chosen = normalisation_prompts(len(prompt_ids), p.reward_norm_samples, p.seed)
     mine = distributed.shard([prompt_ids[i] for i in chosen], rank, world)
-    ids, mask, _ = sample(roles, tokenizer, mine, sampling(p), p.forward_batch_size)
+    ids, mask, width = sample(roles, tokenizer, mine, sampling(p), p.forward_batch_size)
     rows = list(batches(ids.shape[0], p.forward_batch_size))
     if ensemble is not None:
         members = torch.cat([ensemble.member_scores_ids(ids[r], mask[r]) for r in rows], dim=1)
         ensemble.offsets = torch.stack([distributed.gather_tensor(m) for m in members]).float().mean(dim=1).cpu()
-    scores = distributed.gather_tensor(torch.cat([roles.scorer.score_ids(ids[r], mask[r]) for r in rows]))
+    scores = distributed.gather_tensor(torch.cat([roles.scorer.score_ids(ids[r], mask[r], prompt_width=width)
+                                                  for r in rows]))
     if rank == 0 and p.reward_norm == "shift_scale" and scores.float().std().item() < core.REWARD_STD_FLOOR:
         print(f"[ppo] warning: the SFT policy's answers all score alike (std {scores.float().std().item():.2g} < "
               f"{core.REWARD_STD_FLOOR}): ppo.reward_norm=shift_scale falls back to shift (the reward's own units)",

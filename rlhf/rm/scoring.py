@@ -134,8 +134,9 @@ class RewardScorer(_ScoresText):
         return cls(model, head, tokenizer, name)
 
     @torch.no_grad()
-    def score_ids(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) ids and bool mask (any padding side) -> (B,) rewards read at each row's last real token."""
+    def score_ids(self, input_ids: torch.Tensor, mask: torch.Tensor, prompt_width: int | None = None) -> torch.Tensor:
+        """(B, T) ids and bool mask (any padding side) -> (B,) rewards read at each row's last real token.
+        prompt_width: where the answers start, for reward functions (`reward_sources.FunctionReward`); unused."""
         with active_adapter(self.model, self.name):
             hidden = last_hidden(self.model, input_ids, mask)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
@@ -228,7 +229,7 @@ class RewardEnsemble(_ScoresText):
         return torch.stack([m.score_ids(input_ids, mask) for m in self.members])
 
     @torch.no_grad()
-    def score_ids(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def score_ids(self, input_ids: torch.Tensor, mask: torch.Tensor, prompt_width: int | None = None) -> torch.Tensor:
         scores = self.member_scores_ids(input_ids, mask)
         return combine(centre_members(scores, self.offsets.to(scores.device)), self.objective, self.std_coef)
 
