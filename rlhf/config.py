@@ -171,8 +171,11 @@ class RMProbeSpec:
     warn_win_rate: float = 0.25
     """Warn when the RM prefers a kind of damaged answer to the intact one more often than this."""
     no_warning: list[str] = field(default_factory=list)
-    """Probes that are no damage for this task, reported but never warned about: e.g. [shuffle] where the order
-    of words does not matter (the demo's lists)."""
+    """Probes that are no damage for this task, reported but never warned about nor trained on: e.g. [shuffle]
+    where the order of words does not matter (the demo's lists)."""
+    train_share: float = 0.0
+    """Share of the training split's distinct (prompt, chosen answer) whose damaged copies (each probe kind not in
+    no_warning) join the training pairs, the intact answer preferred; 0: none."""
 
 
 @dataclass
@@ -204,9 +207,9 @@ class RMStageConfig(DataFiles):
     """Keep the best checkpoint on the held-out pairs and stop when it stops improving (EarlyStoppingSpec)."""
     lora: LoraSpec = field(default_factory=LoraSpec)
     """The reward adapter on the SFT model (the score head is trained beside it)."""
-    train: TrainSpec = field(default_factory=lambda: TrainSpec(lr=1e-4, epochs=8))
-    """train.epochs is the most epochs; with early_stopping the best held-out checkpoint is kept (1 epoch left a
-    new small task's RM at 0.64 held-out accuracy, 8 reached 0.78)."""
+    train: TrainSpec = field(default_factory=lambda: TrainSpec(lr=1e-4, epochs=20))
+    """train.epochs is a cap, set high: early stopping (patience) ends the run once it stops improving and keeps
+    the best held-out checkpoint; a run the cap stops while still improving is warned about."""
 
 
 @dataclass
@@ -375,6 +378,9 @@ class PPOStageConfig:
     """Which policy policy/ holds: monitor_reward_guarded (the monitor point with the best RM score of sampled
     answers among those within the KL budget and the degeneration margin, SFT at step 0 included),
     monitor_reward (the same among all points) or none (the last, as trained, even after a guard's stop)."""
+    accept_rm_warnings: bool = False
+    """Run PPO on a reward model whose stage warned (rm/diagnostics.json) with keep_best none or monitor_reward
+    (an unguarded choice of the kept policy); false: such a run stops before PPO with one line."""
     # bookkeeping
     save_steps: int = 10
     """Steps between checkpoints (a killed or preempted run resumes from the last one)."""

@@ -156,18 +156,23 @@ def check_rm(cfg: PipelineConfig) -> None:
     sft_dir = require_done(Path(cfg.run_dir) / "sft", "sft")
     check_model_path(cfg.model.name_or_path, cfg.model.revision)
     check_plugin(r.pair_tags, "rm.pair_tags")
+    if not 0 <= r.probes.train_share <= 1:
+        raise ConfigError(f"rm.probes.train_share must be between 0 and 1 (a share of the training answers), "
+                          f"got {r.probes.train_share}")
     pairs = (load_quietly(rdata.load_preferences, r.train_file, r.train_split, r.skip_invalid)
              + load_quietly(rdata.load_preferences, r.eval_file, r.eval_split, r.skip_invalid))
     check_chat_template(cfg, str(sft_dir), pairs)
 
 
 def check_ppo(cfg: PipelineConfig) -> None:
-    from rlhf.ppo.train import check_config  # the PPO settings first: they need no file
+    from rlhf.ppo.guards import rm_warnings, rm_warnings_gate
+    from rlhf.ppo.train import check_config, monitor_on  # the PPO settings first: they need no file
 
     p, run_dir = cfg.ppo, Path(cfg.run_dir)
     check_config(p)
     sft_dir = require_done(run_dir / "sft", "sft")
     require_done(run_dir / "rm", "rm")
+    rm_warnings_gate(rm_warnings(run_dir / "rm"), p.keep_best, monitor_on(p), p.accept_rm_warnings)
     check_model_path(cfg.model.name_or_path, cfg.model.revision)
     check_plugin(p.judge, "ppo.judge")
     if p.ptx_coef > 0 and not p.ptx_file:

@@ -102,6 +102,18 @@ def test_shipped_configs_mean_what_they_say_and_fit_together(path, tmp_path):
     assert dataclasses.asdict(load_config(save_config(cfg, tmp_path))) == dataclasses.asdict(cfg)
 
 
+@pytest.mark.parametrize("name", ["demo.yaml", "demo-quick.yaml", "greetings.yaml"])
+def test_shipped_configs_keep_the_default_guards(name):
+    """What a new task copies acts on what the guards detect, as the defaults do: the guarded choice of the kept
+    policy, the RM's high epoch cap with early stopping, the probes' warnings gating unguarded PPO."""
+    from rlhf.config import PPOStageConfig, RMStageConfig
+    cfg, ppo, rm = load_config(ROOT / "configs" / name), PPOStageConfig(), RMStageConfig()
+    assert (cfg.ppo.keep_best, cfg.ppo.accept_rm_warnings) == (ppo.keep_best, ppo.accept_rm_warnings)
+    assert cfg.ppo.keep_best == "monitor_reward_guarded" and cfg.ppo.monitor_every > 0 and cfg.ppo.eval_prompts_file
+    assert (cfg.rm.train.epochs, cfg.rm.early_stopping) == (rm.train.epochs, rm.early_stopping)
+    assert cfg.rm.probes.train_share == rm.probes.train_share
+
+
 # The demo's variants: configs/demo.yaml with only run_dir (runs/<name>) and these keys changed, so that their
 # figures (docs/results.md) compare with the demo's PPO and differ by what the name says.
 DEMO_VARIANTS = {

@@ -294,3 +294,26 @@ def test_report_warns_at_the_top_shows_degeneration_and_the_ppo_monitor(tmp_path
     assert "Policy kept: step 10 of 20 run; kept the policy of step 10: why." in text
     assert (tmp_path / "eval" / "plots" / "ppo_monitor.png").read_bytes()[:8] == PNG
     assert "(plots/ppo_monitor.png)" in text
+
+
+def test_the_verdict_line_leads_with_sampled_and_greedy_against_sft():
+    """The report's first line after its title: whether the kept PPO policy beats SFT on sampled and on greedy
+    answers, which step was kept and why; SFT's own weights kept read as no improvement."""
+    from rlhf.eval.report import summary_section, verdict_line
+
+    def rate(w, lo, hi):
+        return {"gold_win_rate": w, "gold_win_rate_low": lo, "gold_win_rate_high": hi, "length_mean": 8.0}
+
+    m = {"baseline": "sft", "run_dir": "r", "n_prompts": 200, "prompts_file": "p", "judge": "j",
+         "results": {"sample": {"sft": {"length_mean": 8.0}, "ppo": rate(0.78, 0.74, 0.82)},
+                     "greedy": {"sft": {"length_mean": 8.0}, "ppo": rate(0.47, 0.40, 0.54)}}}
+    done = {"kept_step": 20, "steps_run": 30, "kept_reason": "kept the policy of step 20: why"}
+    line = verdict_line(m, done)
+    assert line.startswith("**Verdict: the kept ppo policy (step 20 of 30 kept) beats sft on sample answers, and "
+                           "does not beat sft on greedy answers.** sample: gold-judge win rate 0.780 (0.740–0.820), "
+                           "better; greedy: gold-judge win rate 0.470 (0.400–0.540), no clear difference.")
+    assert line.endswith("Kept: kept the policy of step 20: why.")
+    assert summary_section(m, done).splitlines()[2] == line
+    sft_kept = verdict_line(m, {"kept_step": 0, "steps_run": 30, "kept_reason": "kept SFT (step 0), no improvement"})
+    assert sft_kept.startswith("**Verdict: no improvement: the PPO stage kept sft's weights (step 0).**")
+    assert verdict_line({"baseline": "sft", "results": {"sample": {"sft": {}}}}, done) is None

@@ -123,6 +123,27 @@ def test_kept_says_which_step_and_why_in_one_line():
                                 "(ppo.monitor_every, ppo.monitor_prompts, ppo.eval_prompts_file)")
 
 
+def test_a_warned_reward_model_is_optimised_only_under_the_guards(tmp_path):
+    """rm/diagnostics.json's warnings: printed before PPO under the guarded choice (the default); an unguarded
+    choice stops before PPO with one line naming the keys, unless ppo.accept_rm_warnings."""
+    import json
+    from rlhf.config import ConfigError
+    from rlhf.ppo.guards import rm_warnings, rm_warnings_gate
+    assert rm_warnings(tmp_path) == [] and rm_warnings_gate([], "none", False, False) is None
+    (tmp_path / "diagnostics.json").write_text(json.dumps({"warnings": ["the RM prefers a 'repeat' damaged answer",
+                                                                        "another"]}))
+    warned = rm_warnings(tmp_path)
+    line = rm_warnings_gate(warned, "monitor_reward_guarded", True, False)
+    assert line.startswith("the reward model's stage warned: the RM prefers a 'repeat' damaged answer (and 1 more)")
+    assert "within the guards, or SFT" in line
+    assert "set ppo.monitor_every > 0" in rm_warnings_gate(warned, "monitor_reward_guarded", False, False)
+    with pytest.raises(ConfigError) as info:
+        rm_warnings_gate(warned, "none", True, False)
+    assert "ppo.keep_best=none" in str(info.value) and "ppo.accept_rm_warnings=true" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert "unguarded" in rm_warnings_gate(warned, "monitor_reward", True, True)
+
+
 def test_guard_state_round_trips_through_json():
     import json
     g = Guards(spec(keep_best="monitor_reward"))

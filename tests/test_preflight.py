@@ -123,3 +123,21 @@ def test_bitsandbytes_is_skipped_only_when_nothing_can_load_a_quantized_model(tm
     assert preflight.bitsandbytes_unused(load_config(None, plain + [f"eval.checkpoints=[sft, b={base}]"]))
     # a hub id not in the cache: unknown, so not skipped
     assert not preflight.bitsandbytes_unused(load_config(None, ["model.name_or_path=nobody-has/this-model-17"]))
+
+
+def test_probe_pairs_share_and_a_warned_rm_under_an_unguarded_ppo_are_one_line(tmp_path):
+    """rm.probes.train_share outside [0, 1]; PPO with ppo.keep_best=none on a reward model its stage warned about
+    (rm/diagnostics.json): each stopped before anything loads, with one line naming the keys."""
+    run = finished_run(tmp_path)
+    base = [f"run_dir={run}", f"model.name_or_path={model_dir(tmp_path / 'base')}"]
+    with pytest.raises(ConfigError) as info:
+        preflight.check_rm(load_config(None, base + ["rm.probes.train_share=1.5"]))
+    assert str(info.value) == "rm.probes.train_share must be between 0 and 1 (a share of the training answers), got 1.5"
+    (run / "rm" / "diagnostics.json").write_text(json.dumps({"warnings": ["the RM prefers a 'repeat' damaged answer"]}))
+    with pytest.raises(ConfigError) as info:
+        preflight.check_ppo(load_config(None, base + ["ppo.keep_best=none"]))
+    assert "ppo.keep_best=none" in str(info.value) and "ppo.accept_rm_warnings" in str(info.value)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError) as info:  # accepted: the next check is reached (the base is not a model)
+        preflight.check_ppo(load_config(None, base + ["ppo.keep_best=none", "ppo.accept_rm_warnings=true"]))
+    assert "accept_rm_warnings" not in str(info.value)

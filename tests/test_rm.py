@@ -84,6 +84,24 @@ def test_killed_rm_resumes(rm_run, demo_dir, tmp_path):
     assert state["global_step"] == 30
 
 
+def test_rm_trains_on_probe_pairs_and_probes_after(rm_run, demo_dir, tmp_path):
+    """rm.probes.train_share: the damaged copies of a share of the training answers join the training pairs (the
+    kinds in rm.probes.no_warning left out), and the probes run on the held-out answers as before."""
+    run, f = tmp_path / "run", small_demo_files(demo_dir, tmp_path / "data")
+    shutil.copytree(rm_run / "sft", run / "sft")
+    args = [f"run_dir={run}", *small_file_args(f, "rm", prefixed=False), "probes.samples=8", "probes.train_share=0.5",
+            "train.max_steps=3", "train.eval_steps=100"]
+    proc = run_stage("rm", *args)
+    line = next(l for l in proc.stdout.splitlines() if "probe pairs" in l)
+    assert line.endswith("join the training pairs (rm.probes.train_share=0.5)")
+    n = int(line.split()[1])
+    pairs = load_preferences(f["rm_rankings_train"])
+    distinct = len({(repr(q.prompt), q.chosen) for q in pairs})
+    assert 0 < n <= 4 * round(0.5 * distinct)  # shuffle is in the demo's no_warning: 4 kinds at most
+    assert f"{len(pairs) + n} training pairs" in proc.stdout
+    assert set(json.loads((run / "rm" / "diagnostics.json").read_text())["probes"]) >= {"repeat", "empty"}
+
+
 @pytest.mark.parametrize("name,where", [
     ("chosen_equals_rejected.jsonl", "row 2: field 'rejected'"),        # pairwise
     ("hh_prompt_mismatch.jsonl", "row 2: field 'rejected'"),            # HH transcripts

@@ -65,6 +65,10 @@ def test_damaged_wins_and_warnings():
     warnings = d.weak_rm_warnings(0.6, probes, min_accuracy=0.65, max_win_rate=0.25)
     assert len(warnings) == 2 and "0.600 is below" in warnings[0] and "'repeat'" in warnings[1] and "40%" in warnings[1]
     assert d.weak_rm_warnings(0.9, probes, 0.65, 0.5) == []
+    assert "rm.probes.train_share" in warnings[1] and "rm.probes.no_warning" in warnings[1]
+    near = d.weak_rm_warnings(0.9, {"repeat": {"n": 200, "win_rate": 0.235, "margin_mean": -0.2}}, 0.65, 0.25)
+    assert len(near) == 1 and "23.5% of 200 held-out answers, near rm.probes.warn_win_rate=0.25" in near[0]
+    assert "rm.probes.train_share" in near[0] and "\n" not in near[0]
 
 
 
@@ -91,3 +95,19 @@ def test_probe_table_is_scored_by_the_scorer_ppo_uses(demo_dir):
     intact = scorer.score(prompts, answers)[rows]
     cut = scorer.score([prompts[i] for i in rows], [damaged[i] for i in rows])
     assert table["truncate"] == d.damaged_wins(intact, cut)
+
+
+def test_probe_pairs_prefer_the_intact_training_answer_to_each_damaged_copy():
+    """rm.probes.train_share: a share of the training split's distinct answers, damaged by every probe not skipped,
+    each (intact, damaged) a pair of its own group numbered after the data's; 0: none."""
+    pairs = [PreferencePair(f"p{i}", f"alpha beta gamma delta {i}", "r", None, i // 2, "x") for i in range(8)]
+    assert p.training_pairs(pairs, 0.0, seed=0) == []
+    extra = p.training_pairs(pairs, 0.5, seed=0, skip=["shuffle"])
+    kinds = [e.source for e in extra]
+    assert sorted(set(kinds)) == ["probe:empty", "probe:other_prompt", "probe:repeat", "probe:truncate"]
+    assert all(kinds.count(k) == 4 for k in set(kinds))  # 4 of the 8 distinct answers, each kind once
+    intact = {(e.prompt, e.chosen) for e in extra}
+    assert len(intact) == 4 and intact <= {(q.prompt, q.chosen) for q in pairs}
+    assert all(e.rejected != e.chosen and e.margin is None for e in extra)
+    assert [e.group for e in extra] == list(range(4, 4 + len(extra)))  # the data's groups are 0-3
+    assert p.training_pairs(pairs, 0.5, seed=0, skip=["shuffle"]) == extra  # seeded

@@ -1,6 +1,6 @@
 """Best-checkpoint selection of the RM stage on hand-made numbers."""
 
-from rlhf.rm.selection import best_checkpoint_args, describe_selection, selection_score
+from rlhf.rm.selection import best_checkpoint_args, cap_warning, describe_selection, selection_score
 
 
 def test_selection_prefers_accuracy_then_lower_loss():
@@ -33,6 +33,26 @@ def test_describe_selection_says_what_was_kept_and_why():
                               2)["selection"].endswith("at epoch 0.05 (step 40) of at most 2 epochs (the only evaluation)")
     assert "no held-out evaluation" in describe_selection([{"loss": 1.0}], None, 2, False, 2)["selection"]
     assert "early_stopping is off" in describe_selection(_evals((0.7, 0.6)), None, 2, False, 2)["selection"]
+
+
+def test_a_cap_that_stops_a_run_still_improving_is_a_warning_that_says_what_to_raise():
+    """Patience ends the run once it stops improving; the cap ending it while its last evaluation is its best is
+    one warning line naming the key to raise. The default cap leaves room for patience to act."""
+    from rlhf.config import RMStageConfig
+    capped = describe_selection(_evals((0.7, 0.6), (0.75, 0.55), (0.8, 0.5)), 30, 3, False, 2)
+    assert capped["rm/still_improving"] and capped["selection"].endswith(
+        "still improving at the last evaluation when rm.train.epochs stopped it: raise rm.train.epochs")
+    [line] = cap_warning(capped, "rm.train.epochs")
+    assert line.startswith("the reward model was still improving when rm.train.epochs stopped it (best held-out "
+                           "epoch 3 was the last): raise rm.train.epochs") and "\n" not in line
+    stopped = describe_selection(_evals((0.7, 0.6), (0.8, 0.5), (0.78, 0.5), (0.79, 0.5)), 20, 8, True, 2)
+    after_best = describe_selection(_evals((0.7, 0.6), (0.8, 0.5), (0.78, 0.5)), 20, 3, False, 2)
+    assert cap_warning(stopped, "rm.train.epochs") == cap_warning(after_best, "rm.train.epochs") == []
+    steps = describe_selection(_evals((0.7, 0.6), (0.8, 0.5)), 20, 2, False, 2, cap="rm.train.max_steps")
+    assert cap_warning(steps, "rm.train.max_steps")[0].endswith("keeps the best epoch") and "raise rm.train.max_steps" \
+        in steps["selection"]
+    r = RMStageConfig()
+    assert r.early_stopping.enabled and r.early_stopping.patience == 2 and r.train.epochs >= 20
 
 
 def test_rm_trainer_stops_early_and_restores_the_best_checkpoint(tmp_path):

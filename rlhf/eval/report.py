@@ -54,7 +54,7 @@ def render(run_dir: str | Path, eval_dir: str | Path | None = None, plots: bool 
             "comparison": plot_comparison(metrics, out / PLOTS / "comparison.png"),
         }
     text = "\n".join(part for part in (
-        summary_section(metrics),
+        summary_section(metrics, ppo_done),
         comparison_section(metrics, figures.get("comparison")),
         results_section(metrics),
         _figure("Scores of each checkpoint's answers", figures.get("distributions")),
@@ -90,11 +90,35 @@ def _rate(row: dict, key: str) -> str:
     return win_rate_text(row, key + "_win_rate")
 
 
-def summary_section(m: dict) -> str:
+def verdict_line(m: dict, done: dict | None, name: str = "ppo") -> str | None:
+    """One line: whether the kept PPO policy beats the baseline on sampled and on greedy answers (by the gold
+    judge where there is one, else the reward model), and which step was kept; None without a PPO row."""
+    base, parts, beats = m["baseline"], [], []
+    for decoding, rows in m["results"].items():
+        row = rows.get(name, {})
+        key = next((k for k in ("gold", "reward") if f"{k}_win_rate" in row), None)
+        if key is None or name == base:
+            continue
+        v = verdict(row[f"{key}_win_rate_low"], row[f"{key}_win_rate_high"])
+        beats.append(f"{'beats' if v == 'better' else 'does not beat'} {base} on {decoding} answers")
+        parts.append(f"{decoding}: {'gold-judge' if key == 'gold' else 'reward-model'} win rate {_rate(row, key)}, {v}")
+    if not beats:
+        return None
+    if done and done.get("kept_step") == 0:
+        head = f"no improvement: the PPO stage kept {base}'s weights (step 0)"
+    else:
+        kept = f" (step {done['kept_step']} of {done.get('steps_run', '?')} kept)" if done and "kept_step" in done else ""
+        head = f"the kept {name} policy{kept} " + ", and ".join(beats)
+    why = f" Kept: {done['kept_reason']}." if done and done.get("kept_reason") else ""
+    return f"**Verdict: {head}.** " + "; ".join(parts) + "." + why
+
+
+def summary_section(m: dict, done: dict | None = None) -> str:
     decoding = next(iter(m["results"]))
     rows = m["results"][decoding]
     base = m["baseline"]
-    lines = [f"# Evaluation report: `{m['run_dir']}`", "",
+    line = verdict_line(m, done)
+    lines = [f"# Evaluation report: `{m['run_dir']}`", "", *([line, ""] if line else []),
              *[f"> **Warning:** {line}" for line in flags(m)], *([""] if flags(m) else []),
              f"{m['n_prompts']} held-out prompts from `{m['prompts_file']}`; every checkpoint answers them with the "
              f"same seed ({per_prompt(m, decoding)} per prompt in {decoding} decoding). Win rates are over **{base}**, "

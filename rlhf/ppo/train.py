@@ -30,7 +30,7 @@ from rlhf.models import enable_activation_checkpointing, load_sft_model, load_to
 from rlhf.plugins import import_callable
 from rlhf.ppo import core, estimators
 from rlhf.ppo.evaluate import compare_with_sft
-from rlhf.ppo.guards import KEEP_BEST, Guards, GuardSpec, load_best, prune_best
+from rlhf.ppo.guards import KEEP_BEST, Guards, GuardSpec, load_best, prune_best, rm_warnings, rm_warnings_gate
 from rlhf.ppo.kl import KL_LOSS_KINDS, AdaptiveKLController, FixedKLController, default_kl_horizon
 from rlhf.ppo.monitor import MonitorSpec, observe
 from rlhf.ppo.roles import VALUE, build_roles, init_value_head
@@ -80,7 +80,7 @@ def check_guards(p: PPOStageConfig) -> None:
         raise ConfigError(f"ppo.monitor_every must be >= 0 and ppo.guard_patience >= 1, got {p.monitor_every} "
                           f"and {p.guard_patience}")
     # the default (monitor_reward_guarded) falls back to the last policy without a monitor, and says so in DONE
-    if p.keep_best == "monitor_reward" and not (p.monitor_every > 0 and p.eval_prompts_file and p.monitor_prompts > 0):
+    if p.keep_best == "monitor_reward" and not monitor_on(p):
         raise ConfigError(f"ppo.keep_best={p.keep_best} chooses among monitor points: it needs ppo.monitor_every "
                           f"> 0, ppo.monitor_prompts > 0 and ppo.eval_prompts_file")
 
@@ -88,6 +88,10 @@ def check_guards(p: PPOStageConfig) -> None:
 def kl_horizon(p: PPOStageConfig) -> int:
     """ppo.kl_horizon, or by default a tenth of the run's rollouts (kl.default_kl_horizon)."""
     return p.kl_horizon if p.kl_horizon is not None else default_kl_horizon(p.steps, p.rollout_batch_size)
+
+
+def monitor_on(p: PPOStageConfig) -> bool:
+    return p.monitor_every > 0 and bool(p.eval_prompts_file) and p.monitor_prompts > 0
 
 
 def kl_controller(p: PPOStageConfig):
@@ -212,6 +216,9 @@ def run(cfg: PipelineConfig) -> Path:
     out = begin_stage(run_dir / "ppo", cfg.force)
     if main:
         save_config(cfg, out)
+    warned = rm_warnings_gate(rm_warnings(rm_dir), p.keep_best, monitor_on(p), p.accept_rm_warnings)
+    if warned and main:  # a reward model its stage warned about is not optimised as if nothing were wrong
+        print(f"[ppo] WARNING: {warned}", file=sys.stderr)
 
     # 1. tokenizer, prompts (validated before the model loads), judge, demonstrations for PPO-ptx
     tokenizer = load_tokenizer(str(sft_dir))

@@ -84,15 +84,25 @@ def damaged_wins(intact: torch.Tensor, damaged: torch.Tensor) -> dict:
             "margin_mean": (damaged - intact).mean().item()}
 
 
+NEAR_WIN_RATE = 0.05  # a probe this close under its threshold is named too: PPO learns the largest hole first
+
+
 def weak_rm_warnings(accuracy: float, probes: dict[str, dict], min_accuracy: float, max_win_rate: float) -> list[str]:
-    """One line per sign that PPO will exploit this RM: low held-out accuracy, or a probe whose damaged answer
-    wins too often."""
+    """One line per sign that PPO will exploit this RM, each saying what to change: low held-out accuracy, or a
+    probe whose damaged answer wins too often (or within NEAR_WIN_RATE of too often)."""
     out = []
     if accuracy < min_accuracy:
         out.append(f"held-out accuracy {accuracy:.3f} is below rm.warn_accuracy={min_accuracy}: PPO will optimise "
                    f"the RM's errors (more or cleaner preference data, more epochs, a larger RM)")
+    fix = ("train the RM on such pairs (rm.probes.train_share, e.g. 0.25), or list the probe in rm.probes.no_warning "
+           "if this damage is no harm on your task")
     for name, row in probes.items():
         if row["win_rate"] > max_win_rate:
             out.append(f"the RM prefers a '{name}' damaged answer to the intact one in {row['win_rate']:.0%} of "
-                       f"{row['n']} held-out answers (> rm.probes.warn_win_rate={max_win_rate}): PPO can learn it")
+                       f"{row['n']} held-out answers (> rm.probes.warn_win_rate={max_win_rate}): PPO can learn it; "
+                       f"{fix}")
+        elif row["win_rate"] > max_win_rate - NEAR_WIN_RATE:
+            out.append(f"the RM prefers a '{name}' damaged answer to the intact one in {row['win_rate']:.1%} of "
+                       f"{row['n']} held-out answers, near rm.probes.warn_win_rate={max_win_rate}: PPO may learn it "
+                       f"first; {fix}")
     return out

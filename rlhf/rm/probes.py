@@ -15,6 +15,7 @@ import re
 
 import torch
 
+from rlhf.data import PreferencePair
 from rlhf.rm import diagnostics as rm_diagnostics
 
 
@@ -92,6 +93,26 @@ def intact_answers(pairs, samples: int, seed: int) -> tuple[list, list[str]]:
     if samples and len(distinct) > samples:
         distinct = sorted(random.Random(seed).sample(distinct, samples))
     return [pairs[i].prompt for i in distinct], [pairs[i].chosen for i in distinct]
+
+
+def training_pairs(pairs, share: float, seed: int, skip: list[str] = ()) -> list:
+    """The probes' damages as extra training pairs: for `share` of the distinct (prompt, chosen answer) of
+    `pairs` (the training split only), each kind of damage not in `skip` gives a pair whose chosen answer is the
+    intact one and whose rejected answer its damaged copy (no margin; each pair a group of its own, numbered
+    after the groups of `pairs`)."""
+    distinct = len({(repr(p.prompt), p.chosen) for p in pairs if p.chosen.strip()})
+    n = round(share * distinct)
+    if n <= 0:
+        return []
+    prompts, answers = intact_answers(pairs, n, seed)
+    group = max((p.group for p in pairs), default=-1) + 1
+    out = []
+    for name, damaged in damage(prompts, answers, seed).items():
+        for prompt, answer, bad in zip(prompts, answers, damaged):
+            if name not in skip and bad is not None:
+                out.append(PreferencePair(prompt, answer, bad, None, group, f"probe:{name}"))
+                group += 1
+    return out
 
 
 @torch.no_grad()

@@ -48,11 +48,12 @@ def selection_callbacks(patience: int) -> list[TrainerCallback]:
 
 
 def describe_selection(log_history: list[dict], best_step: int | None, max_epochs: float, stopped_early: bool,
-                       patience: int) -> dict:
+                       patience: int, cap: str = "rm.train.epochs") -> dict:
     """What was kept and why, from the Trainer's log history (its `eval_*` rows), its best step, the most epochs
-    it could have trained and whether it stopped before them.
+    it could have trained, whether it stopped before them and the config key of the cap (`cap`).
 
-    Returns rm/best_* figures for DONE and metrics, and `selection`, a sentence for people."""
+    Returns rm/best_* figures for DONE and metrics (rm/still_improving: the cap, not patience, ended a run whose
+    last evaluation was its best), and `selection`, a sentence for people."""
     evals = [row for row in log_history if "eval_loss" in row]
     if not evals:
         return {"selection": "no held-out evaluation during training: the last step was kept"}
@@ -74,7 +75,17 @@ def describe_selection(log_history: list[dict], best_step: int | None, max_epoch
     elif len(evals) == 1:
         text += " (the only evaluation)"
     elif since == 0:
-        text += "; still improving at the last evaluation: a larger rm.train.epochs may help"
+        out["rm/still_improving"] = True
+        text += f"; still improving at the last evaluation when {cap} stopped it: raise {cap}"
     else:
         text += f"; trained to the maximum, {since} evaluation(s) after the best"
     return out | {"selection": text}
+
+
+def cap_warning(selection: dict, cap: str) -> list[str]:
+    """The RM warning (one line) when its cap, not early stopping, ended a run that was still improving."""
+    if not selection.get("rm/still_improving"):
+        return []
+    return [f"the reward model was still improving when {cap} stopped it (best held-out epoch "
+            f"{round(selection['rm/best_epoch'], 2):g} was the last): raise {cap}; early stopping "
+            f"(rm.early_stopping.patience) ends the run once it stops improving and keeps the best epoch"]

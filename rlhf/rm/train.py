@@ -27,7 +27,7 @@ from trl import RewardConfig, RewardTrainer
 from rlhf import data as rdata
 from rlhf.rm import diagnostics as rm_diagnostics
 from rlhf.rm import probes as rm_probes
-from rlhf.rm.selection import METRICS, best_checkpoint_args, describe_selection, selection_callbacks
+from rlhf.rm.selection import METRICS, best_checkpoint_args, cap_warning, describe_selection, selection_callbacks
 from rlhf.config import ConfigError, LoraSpec, PipelineConfig, RMStageConfig, TrainSpec
 from rlhf.models import (enable_activation_checkpointing, load_sft_model, load_tokenizer, lora_config,
                          resolve_dtype, stack_under)
@@ -171,6 +171,11 @@ def run(cfg: PipelineConfig) -> Path:
     # 1. tokenizer (the SFT stage's) and data, validated and tokenized before the model is loaded
     tokenizer = load_tokenizer(str(sft_dir))
     train, held_out = load_rm_data(r, tokenizer)
+    damaged = rm_probes.training_pairs(train, r.probes.train_share, r.probes.seed, r.probes.no_warning)
+    if damaged:  # what the probes test, the RM learns (from the training split only)
+        print(f"[rm] {len(damaged)} probe pairs (intact answer preferred to its damaged copy) join the training pairs "
+              f"(rm.probes.train_share={r.probes.train_share:g})")
+        train = train + damaged
     train_ds = tokenize_pairs(train, tokenizer, r.max_length, r.use_margin, r.train_file)
     eval_ds = tokenize_pairs(held_out, tokenizer, r.max_length, r.use_margin, r.eval_file or "held-out pairs")
     tagger = import_callable(r.pair_tags) if r.pair_tags else None
@@ -208,7 +213,7 @@ def run(cfg: PipelineConfig) -> Path:
                                                                                 r.probes.seed), r.probes.seed)
     warned = {k: v for k, v in diag.get("probes", {}).items() if k not in r.probes.no_warning}
     diag["warnings"] = rm_diagnostics.weak_rm_warnings(diag["rm/accuracy"], warned, r.warn_accuracy,
-                                                       r.probes.warn_win_rate)
+                                                       r.probes.warn_win_rate) + cap_warning(selection, rm_cap(r))
     metrics = MetricsFile(out / "metrics.jsonl", resume_step=step)
     metrics.write(step, {k: v for k, v in diag.items() if k.startswith("rm/")})
     (out / "diagnostics.json").write_text(json.dumps(diag, indent=2) + "\n")
@@ -217,6 +222,11 @@ def run(cfg: PipelineConfig) -> Path:
         print(f"[rm] WARNING: {warning}", file=sys.stderr)
     finish_stage(out, {k: v for k, v in diag.items() if k.startswith("rm/") or k == "selection"})
     return out
+
+
+def rm_cap(r: RMStageConfig) -> str:
+    """The config key that caps the RM's training: rm.train.max_steps when set, else rm.train.epochs."""
+    return "rm.train.max_steps" if r.train.max_steps > 0 else "rm.train.epochs"
 
 
 def member_dirs_beyond(out: Path, n: int) -> list[Path]:
@@ -264,7 +274,7 @@ def train_member(cfg: PipelineConfig, sft_dir: Path, tokenizer, train_ds: Datase
     state = trainer.state
     chosen = describe_selection(state.log_history, state.best_global_step if r.early_stopping.enabled else None,
                                 trainer.args.num_train_epochs, state.global_step < state.max_steps,
-                                r.early_stopping.patience)
+                                r.early_stopping.patience, rm_cap(r))
     del trainer, model, clf, sft_model
     gc.collect()
     return state.global_step, chosen
