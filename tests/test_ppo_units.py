@@ -326,3 +326,27 @@ def test_value_head_starts_on_the_scale_of_the_reward_ppo_maximises(tmp_path, to
     init_value_head(roles, reward.mean().item(), reward.std().item())
     with torch.no_grad():
         assert torch.equal(values(roles, ids, mask), torch.zeros(6, 8))
+
+
+@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean_token_mean"])
+def test_grad_accum_gives_the_gradient_of_the_whole_minibatch_on_the_model(roles32, tok, loss_agg):
+    """Responses of 4, 4 and 2 tokens: micro-batches [0, 1] | [2], weighted by update.micro_weights, give the
+    policy and value gradients of the three rows in one micro-batch (a 1/grad_accum scale would not)."""
+    from rlhf.ppo.update import UpdateSpec, micro_backward, micro_weights
+
+    r, a = tiny_rollout(roles32, tok)
+    spec = UpdateSpec(1, 1, 1, clip_range=0.2, clip_range_value=0.2, vf_coef=0.1, max_grad_norm=1.0, temperature=0.7,
+                      loss_agg=loss_agg)
+    params = roles32.trainable_parameters()
+
+    def gradients(micros):
+        for p in params:
+            p.grad = None
+        for micro, (w_policy, w_value) in zip(micros, micro_weights([r.response_mask[m] for m in micros], loss_agg)):
+            micro_backward(roles32, r, a, micro, spec, scale=w_policy, value_scale=w_value)
+        return [p.grad.clone() for p in params]
+
+    assert r.response_mask.sum(1).tolist() == [4, 4, 2]
+    whole = gradients([torch.arange(3)])
+    split = gradients([torch.tensor([0, 1]), torch.tensor([2])])
+    assert all(torch.allclose(w, s, atol=1e-6, rtol=1e-4) for w, s in zip(whole, split))
