@@ -125,5 +125,5 @@ def kl_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, kind: str = "k
     of KL(policy || ref)."""
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     log_ratio = torch.where(mask, logprobs - ref_logprobs, zero)  # padded log-probs may be anything
-    terms = kl_loss_terms(log_ratio, torch.zeros_like(log_ratio), kind, core.LOG_RATIO_CLAMP)
+    terms = kl_loss_terms(log_ratio, torch.zeros_like(log_ratio), kind)
     return core.aggregate_loss(terms, mask, loss_agg, max_tokens)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from rlhf.ppo.core import LOG_RATIO_CLAMP
+
 Tensor = torch.Tensor
 
 KL_KINDS = ("k1", "k3", "abs", "mse")
@@ -37,7 +39,7 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str) -> Tensor:
     raise ValueError(f"unknown KL estimator {kind!r}; choose one of {', '.join(KL_KINDS)}")
 
 
-def kl_loss_terms(logprobs: Tensor, ref_logprobs: Tensor, kind: str, clamp: float = 20.0) -> Tensor:
+def kl_loss_terms(logprobs: Tensor, ref_logprobs: Tensor, kind: str, clamp: float = LOG_RATIO_CLAMP) -> Tensor:
     """(B, T) log-probs of the sampled tokens under the policy (differentiable) and the reference -> (B, T) terms
     of a KL LOSS: what matters is the gradient, whose expectation over tokens sampled from the policy should be
     that of KL(policy || ref):
