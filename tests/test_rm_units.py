@@ -173,5 +173,7 @@ def test_ensemble_scores_with_its_objective():
     assert ensemble.score_ids(ids, ids.bool()).tolist() == [1.0, 3.0]
     worst = ensemble.with_objective("min")
     assert worst.members is ensemble.members and worst.score_ids(ids, ids.bool()).tolist() == [1.0, 0.0]
+    ensemble.offsets = torch.tensor([0.0, 3.0, 6.0])  # centred members: (1, 0), (-2, 0), (-5, 0)
+    assert ensemble.with_objective("min").score_ids(ids, ids.bool()).tolist() == [-5.0, 0.0]
     with pytest.raises(ValueError, match="unknown ensemble objective"):
         ensemble.with_objective("median")

@@ -220,8 +220,10 @@ class RewardEnsemble(_ScoresText):
         self.offsets = torch.zeros(len(members))
 
     def with_objective(self, objective: str, std_coef: float = 0.0) -> "RewardEnsemble":
-        """The same members (no copy), combined with another objective."""
-        return RewardEnsemble(self.members, objective, std_coef)
+        """The same members (no copy) and offsets, combined with another objective."""
+        other = RewardEnsemble(self.members, objective, std_coef)
+        other.offsets = self.offsets
+        return other
 
     @torch.no_grad()
     def member_scores_ids(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
