@@ -114,6 +114,10 @@ def test_a_function_gets_the_rollout_prompt_even_when_another_prompt_extends_it(
     both = reward_source([RewardTerm(f"{HERE}:prompt_and_answer", 2.0)], None, Digits(), ["short", "longer"],
                          [[5, 6], [5, 6, 7]])
     assert both.score_ids(ids, mask, prompt_width=3).tolist() == [1006.0, 1202.0]
+    # the monitor and the end-of-run comparison score the same way
+    from rlhf.eval.judging import Answers, judgements
+    answers = Answers(texts=["7 8", "9"], ids=ids, mask=mask, width=3, comparable=True)
+    assert judgements(answers, source, None, ["short", "longer"], None, 8)["reward"] == [503.0, 601.0]
 
 
 class FixedRM:

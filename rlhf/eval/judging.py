@@ -71,7 +71,7 @@ def judgements(a: Answers, scorer, reference: Callable[[], AbstractContextManage
     reward = kl = gold = None
     if scorer is not None:
         if a.comparable:  # the token ids a PPO rollout would be scored on
-            reward = torch.cat([scorer.score_ids(a.ids[rows], a.mask[rows]).cpu()
+            reward = torch.cat([scorer.score_ids(a.ids[rows], a.mask[rows], prompt_width=a.width).cpu()
                                 for rows in batches(a.ids.shape[0], batch_size)])
         else:  # another tokenizer: the text, re-tokenised as the RM was trained (answer + end of turn)
             reward = scorer.score(prompts, a.texts, batch_size)
