@@ -207,9 +207,9 @@ class RMStageConfig(DataFiles):
     """Keep the best checkpoint on the held-out pairs and stop when it stops improving (EarlyStoppingSpec)."""
     lora: LoraSpec = field(default_factory=LoraSpec)
     """The reward adapter on the SFT model (the score head is trained beside it)."""
-    train: TrainSpec = field(default_factory=lambda: TrainSpec(lr=1e-4, epochs=20))
-    """train.epochs is a cap, set high: early stopping (patience) ends the run once it stops improving and keeps
-    the best held-out checkpoint; a run the cap stops while still improving is warned about."""
+    train: TrainSpec = field(default_factory=lambda: TrainSpec(lr=1e-4, epochs=8))
+    """train.epochs is the most epochs and the learning-rate schedule's length; early stopping keeps the best
+    held-out checkpoint, and a run the cap stops while still improving is warned about (raise the cap)."""
 
 
 @dataclass

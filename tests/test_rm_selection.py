@@ -37,7 +37,7 @@ def test_describe_selection_says_what_was_kept_and_why():
 
 def test_a_cap_that_stops_a_run_still_improving_is_a_warning_that_says_what_to_raise():
     """Patience ends the run once it stops improving; the cap ending it while its last evaluation is its best is
-    one warning line naming the key to raise. The default cap leaves room for patience to act."""
+    one warning line naming the key to raise."""
     from rlhf.config import RMStageConfig
     capped = describe_selection(_evals((0.7, 0.6), (0.75, 0.55), (0.8, 0.5)), 30, 3, False, 2)
     assert capped["rm/still_improving"] and capped["selection"].endswith(
@@ -52,7 +52,7 @@ def test_a_cap_that_stops_a_run_still_improving_is_a_warning_that_says_what_to_r
     assert cap_warning(steps, "rm.train.max_steps")[0].endswith("keeps the best epoch") and "raise rm.train.max_steps" \
         in steps["selection"]
     r = RMStageConfig()
-    assert r.early_stopping.enabled and r.early_stopping.patience == 2 and r.train.epochs >= 20
+    assert r.early_stopping.enabled and r.early_stopping.patience == 2 and r.train.epochs == 8
 
 
 def test_rm_trainer_stops_early_and_restores_the_best_checkpoint(tmp_path):
