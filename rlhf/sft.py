@@ -52,6 +52,17 @@ def trainer_args(s: SFTStageConfig, out: Path, bf16: bool, report_to: list[str] 
     )
 
 
+def build_trainer(cfg: PipelineConfig, model, tokenizer, train: list[rdata.SFTExample],
+                  held_out: list[rdata.SFTExample], out: Path, callbacks: list = ()) -> SFTTrainer:
+    """trl's SFTTrainer on `model` (the base): it attaches the LoRA adapter (sft.lora); the base stays frozen."""
+    bf16 = resolve_dtype(cfg.model.dtype) == torch.bfloat16
+    return SFTTrainer(
+        model=model, args=trainer_args(cfg.sft, out, bf16, cfg.report_to), processing_class=tokenizer,
+        train_dataset=to_dataset(train), eval_dataset=to_dataset(held_out),
+        peft_config=lora_config(cfg.sft.lora), callbacks=list(callbacks),
+    )
+
+
 def run(cfg: PipelineConfig) -> Path:
     s = cfg.sft
     procs, out = start_stage(cfg, "sft")
@@ -65,13 +76,8 @@ def run(cfg: PipelineConfig) -> Path:
     model = load_causal_lm(cfg.model, tokenizer)
     if cfg.model.gradient_checkpointing:
         enable_activation_checkpointing(model)
-    bf16 = resolve_dtype(cfg.model.dtype) == torch.bfloat16
     run = TrainerRun.prepare("sft", out, procs, cfg.report_to)
-    trainer = SFTTrainer(
-        model=model, args=trainer_args(s, out, bf16, cfg.report_to), processing_class=tokenizer,
-        train_dataset=to_dataset(train), eval_dataset=to_dataset(held_out),
-        peft_config=lora_config(s.lora), callbacks=run.callbacks,
-    )
+    trainer = build_trainer(cfg, model, tokenizer, train, held_out, out, run.callbacks)
 
     # 3. train (resuming if a previous run died), then save adapter + tokenizer and the marker
     run.train(trainer)

