@@ -309,11 +309,15 @@ def test_the_verdict_line_leads_with_sampled_and_greedy_against_sft():
                      "greedy": {"sft": {"length_mean": 8.0}, "ppo": rate(0.47, 0.40, 0.54)}}}
     done = {"kept_step": 20, "steps_run": 30, "kept_reason": "kept the policy of step 20: why"}
     line = verdict_line(m, done)
-    assert line.startswith("**Verdict: the kept ppo policy (step 20 of 30 kept) beats sft on sample answers, and "
-                           "does not beat sft on greedy answers.** sample: gold-judge win rate 0.780 (0.740–0.820), "
-                           "better; greedy: gold-judge win rate 0.470 (0.400–0.540), no clear difference.")
+    assert line.startswith("**Verdict: the kept ppo policy (step 20 of 30 kept) beats sft on sample answers, not "
+                           "on greedy answers.** sample: gold-judge win rate 0.780 (0.740–0.820), better; greedy: "
+                           "gold-judge win rate 0.470 (0.400–0.540), no clear difference.")
     assert line.endswith("Kept: kept the policy of step 20: why.")
     assert summary_section(m, done).splitlines()[2] == line
+    m["results"]["greedy"]["ppo"] = rate(0.6, 0.55, 0.65)
+    assert "policy (step 20 of 30 kept) beats sft on sample and greedy answers.**" in verdict_line(m, done)
+    m["results"]["sample"]["ppo"] = m["results"]["greedy"]["ppo"] = rate(0.45, 0.40, 0.50)
+    assert "policy (step 20 of 30 kept) does not beat sft on sample or greedy answers.**" in verdict_line(m, done)
     sft_kept = verdict_line(m, {"kept_step": 0, "steps_run": 30, "kept_reason": "kept SFT (step 0), no improvement"})
     assert sft_kept.startswith("**Verdict: no improvement: the PPO stage kept sft's weights (step 0).**")
     assert verdict_line({"baseline": "sft", "results": {"sample": {"sft": {}}}}, done) is None

@@ -100,15 +100,20 @@ def verdict_line(m: dict, done: dict | None, name: str = "ppo") -> str | None:
         if key is None or name == base:
             continue
         v = verdict(row[f"{key}_win_rate_low"], row[f"{key}_win_rate_high"])
-        beats.append(f"{'beats' if v == 'better' else 'does not beat'} {base} on {decoding} answers")
+        beats.append((decoding, v == "better"))
         parts.append(f"{decoding}: {'gold-judge' if key == 'gold' else 'reward-model'} win rate {_rate(row, key)}, {v}")
     if not beats:
         return None
+    better, other = [d for d, b in beats if b], [d for d, b in beats if not b]
     if done and done.get("kept_step") == 0:
         head = f"no improvement: the PPO stage kept {base}'s weights (step 0)"
     else:
         kept = f" (step {done['kept_step']} of {done.get('steps_run', '?')} kept)" if done and "kept_step" in done else ""
-        head = f"the kept {name} policy{kept} " + ", and ".join(beats)
+        outcome = (f"beats {base} on {' and '.join(better)} answers" if better
+                   else f"does not beat {base} on {' or '.join(other)} answers")
+        if better and other:
+            outcome += f", not on {' or '.join(other)} answers"
+        head = f"the kept {name} policy{kept} {outcome}"
     why = f" Kept: {done['kept_reason']}." if done and done.get("kept_reason") else ""
     return f"**Verdict: {head}.** " + "; ".join(parts) + "." + why
 
