@@ -74,8 +74,11 @@ def mark_preempted(out_dir: str | Path, stage: str, step: int, signal_name: str 
 
 
 class StopOnSignalCallback(TrainerCallback):
-    """For the Trainer-based stages (SFT, RM): after a signal, save a checkpoint at the end of the current
-    optimiser step and stop training. The stage checks `stop.received`/`stopped_at` after `train()` returns."""
+    """For the Trainer-based stages (SFT, RM, DPO): after a signal, save a checkpoint at the end of the current
+    optimiser step and stop training. The stage checks `stop.received`/`stopped_at` after `train()` returns.
+
+    The held-out evaluation due at that step (eval_steps) or at the end of its epoch is skipped, and so is the
+    epoch-end save of the step just saved: on a real model they outlast the grace period a cluster gives a job."""
 
     def __init__(self, stop: StopSignal):
         self.stop, self.stopped_at = stop, None
@@ -84,7 +87,13 @@ class StopOnSignalCallback(TrainerCallback):
         if self.stop.requested(args.device):
             control.should_save = True
             control.should_training_stop = True
+            control.should_evaluate = False
             self.stopped_at = state.global_step
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.stopped_at is not None:
+            control.should_evaluate = control.should_save = False
         return control
 
 

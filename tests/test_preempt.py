@@ -132,3 +132,90 @@ def test_sigusr1_during_sft_checkpoints_the_current_step_and_the_rerun_resumes(d
     assert (run / "sft" / "DONE").exists()
     steps = [r["step"] for r in read_metrics(run / "sft" / "metrics.jsonl") if "train/loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == 40
+
+
+class SlowEvaluationAfterSignal:
+    """Trainer callbacks for the test below: SIGTERM to this process during step `at`, and every held-out
+    evaluation after it made `SLOW` seconds long, as a real model's held-out set can take longer than the grace
+    period a cluster gives a job to leave."""
+
+    SLOW = 30
+
+    def __init__(self, at: int):
+        from transformers import TrainerCallback
+
+        test = self
+        self.at, self.signalled, self.evaluated_after = at, None, []
+
+        class Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if state.global_step + 1 == test.at and test.signalled is None:
+                    test.signalled = time.monotonic()
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+            def on_evaluate(self, args, state, control, **kwargs):
+                if test.signalled is not None:
+                    test.evaluated_after.append(state.global_step)
+                    time.sleep(test.SLOW)
+
+        self.callback = Callback()
+
+
+@pytest.mark.parametrize("when", ["eval_steps", "epoch_end"])
+def test_a_trainer_stage_leaves_right_after_its_checkpoint_without_the_evaluation_due(demo_dir, tmp_path,
+                                                                                      monkeypatch, when):
+    """A signal during the step at which the Trainer evaluates (an eval_steps multiple, or the last step of an
+    epoch): the stage saves that step, skips the evaluation and exits 75 within seconds."""
+    from rlhf import sft, trainers
+
+    run, f = tmp_path / "run", small_demo_files(demo_dir, tmp_path / "data")
+    step = 2 if when == "eval_steps" else 4  # 64 rows in batches of 16: 4 steps an epoch
+    slow = SlowEvaluationAfterSignal(step)
+    add = trainers.trainer_callbacks
+    monkeypatch.setattr(trainers, "trainer_callbacks", lambda *a: add(*a) + [slow.callback])
+    args = [*small_file_args(f, "sft"), "sft.train.epochs=2", "sft.train.batch_size=16", "sft.train.save_steps=1000",
+            f"sft.train.eval_steps={2 if when == 'eval_steps' else 0}", "sft.train.progress_bar=false"]
+    code = cli.stage_main("sft", sft.run, ["--config", str(DEMO_CONFIG), f"run_dir={run}", *args])
+    took = time.monotonic() - slow.signalled
+    assert code == EXIT_PREEMPTED
+    assert slow.evaluated_after == [] and took < 10, (slow.evaluated_after, took)
+    assert json.loads((run / "sft" / PREEMPTED).read_text())["step"] == step
+    ckpt = run / "sft" / "checkpoints" / f"checkpoint-{step}"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["global_step"] == step
+    assert (ckpt / "adapter_model.safetensors").is_file() and not (run / "sft" / "DONE").exists()
+
+
+def test_sigterm_in_the_last_ppo_step_leaves_the_comparison_with_sft_to_the_rerun(demo_dir, tmp_path, monkeypatch):
+    """PPO's last step is no exception: its checkpoint, then exit 75; the rerun compares the policy with SFT."""
+    from rlhf import sft
+    from rlhf.ppo import train as ppo
+    from rlhf.rm import train as rm
+
+    run, f = tmp_path / "run", small_demo_files(demo_dir, tmp_path / "data")
+    common = ["--config", str(DEMO_CONFIG), f"run_dir={run}"]
+    short = ["max_steps=2", "logging_steps=1", "eval_steps=2", "save_steps=2", "progress_bar=false"]
+    for stage, run_stage in (("sft", sft.run), ("rm", rm.run)):
+        args = [*common, *small_file_args(f, stage), *(f"{stage}.train.{k}" for k in short)]
+        assert cli.stage_main(stage, run_stage, args) == 0
+    updates, compared = [], []
+    update, compare = ppo.ppo_update, ppo.compare_with_sft
+
+    def signalled_update(*args, **kwargs):
+        updates.append(time.monotonic())
+        if len(updates) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return update(*args, **kwargs)
+
+    monkeypatch.setattr(ppo, "ppo_update", signalled_update)
+    monkeypatch.setattr(ppo, "compare_with_sft", lambda *a, **k: compared.append(1) or compare(*a, **k))
+    args = [*common, *small_file_args(f, "ppo"), "ppo.steps=2", "ppo.rollout_batch_size=8", "ppo.num_minibatches=2",
+            "ppo.ppo_epochs=1", "ppo.reward_norm_samples=8", "ppo.save_steps=100", "ppo.eval_samples=8",
+            "ppo.progress_bar=false"]
+    assert cli.stage_main("ppo", ppo.run, args) == EXIT_PREEMPTED
+    assert time.monotonic() - updates[1] < 10 and compared == []
+    assert json.loads((run / "ppo" / PREEMPTED).read_text())["step"] == 2
+    assert not (run / "ppo" / "DONE").exists() and not (run / "ppo" / "eval.json").exists()
+
+    monkeypatch.setattr(ppo, "ppo_update", update)
+    assert cli.stage_main("ppo", ppo.run, args) == 0
+    assert compared == [1] and (run / "ppo" / "eval.json").is_file() and (run / "ppo" / "DONE").is_file()

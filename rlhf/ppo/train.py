@@ -309,7 +309,8 @@ def run(cfg: PipelineConfig) -> Path:
             metrics.write(step + 1, logs)
             trackers.log(logs, step + 1)
             bar.set_postfix(score=f"{logs['ppo/score']:.3f}", kl=f"{logs['ppo/kl']:.3f}")
-            stopping = stop.requested(procs.device) and step + 1 < p.steps  # agreed by every process
+            # agreed by every process; at the last step too: the rerun, not this job, runs the comparison with SFT
+            stopping = stop.requested(procs.device)
             if (step + 1) % p.save_steps == 0 or step + 1 == p.steps or stopping or loop.guards.stop_reason:
                 loop.step = step + 1
                 save_step(out, loop, roles, optimizer, scheduler, p, procs)
