@@ -58,12 +58,12 @@ AFTER_STARTER = ("tests/test_compare.py::test_make_compare_on_the_demo_with_a_fe
 def _group(nodeid: str) -> str | None:
     """The group a test runs in, on one xdist process: one family's pipeline is built once
     (tests/test_families.py, a session fixture parametrized by family); the SLURM cluster has one node, so its
-    tests take turns there; the 2-process runs build on each other (module fixtures); the starter and the long
-    tests that wait for the chain it builds (`AFTER_STARTER`)."""
+    tests take turns there; the 2-process runs and the real model's chain build on each other (module fixtures);
+    the starter and the long tests that wait for the chain it builds (`AFTER_STARTER`)."""
     if nodeid == STARTER or nodeid in AFTER_STARTER:
         return "chain"
     module = nodeid.split("::")[0]
-    if module in ("tests/test_slurm.py", "tests/test_distributed.py"):
+    if module in ("tests/test_slurm.py", "tests/test_distributed.py", "tests/test_real_model.py"):
         return module
     if module == "tests/test_families.py" and nodeid.endswith("]"):
         return "family-" + nodeid[nodeid.index("[") + 1:-1]
@@ -88,7 +88,7 @@ def pytest_xdist_make_scheduler(config, log):
 
 # The longest groups (minutes on one process): started right after the chain, so that they do not end last. Their
 # processes wait for the chain's SFT and RM (a lock, no CPU) while the chain's and a third process use the cores.
-FIRST_GROUPS = ("tests/test_slurm.py", "tests/test_distributed.py")
+FIRST_GROUPS = ("tests/test_slurm.py", "tests/test_distributed.py", "tests/test_real_model.py")
 # The longest single tests (~50 s and more on a process of 2 cores' suite): first among the tests that need
 # the same runs, so that none of them starts last and leaves the other processes idle at the end.
 LONGEST = ("tests/test_rm.py::test_hh_sample_runs_every_stage_from_a_config_alone",

@@ -11,13 +11,14 @@ import torch
 from peft import get_peft_model
 
 from conftest import DEMO_CONFIG, REAL_CONFIG
+from rlhf import data as rdata
 from rlhf import dpo, sft
 from rlhf.config import load_config
 from rlhf.models import load_causal_lm, load_sft_model, load_tokenizer, lora_config
 from rlhf.rm import train as rm
 
 pytestmark = pytest.mark.slow
-ROWS = 6
+ROWS = 4  # a real model's forward on 2 CPU cores is seconds per row
 
 
 @pytest.fixture(params=["demo", "smollm2"])
@@ -57,8 +58,7 @@ def sft_adapter(cfg, tokenizer, out):
 
 def test_sft_loss_is_the_same_in_training_and_in_evaluation(case, tmp_path):
     cfg, tok = case
-    _, held_out = sft.load_sft_data(cfg.sft, tok)
-    rows = held_out[:ROWS]
+    rows = rdata.load_sft(cfg.sft.eval_file)[:ROWS]
     cfg = replace(cfg, sft=one_batch(cfg.sft))
     trainer = sft.build_trainer(cfg, load_causal_lm(cfg.model, tok), tok, rows, rows, tmp_path)
     trained = float(train_path_loss(trainer))
@@ -69,26 +69,23 @@ def test_sft_loss_is_the_same_in_training_and_in_evaluation(case, tmp_path):
 def test_rm_margins_are_the_same_in_training_and_in_evaluation(case, tmp_path):
     cfg, tok = case
     cfg = replace(cfg, rm=one_batch(cfg.rm))
-    _, held_out = rm.load_rm_data(cfg.rm, tok)
-    ds = rm.tokenize_pairs(held_out[:ROWS], tok, cfg.rm.max_length, False, "held-out pairs")
+    ds = rm.tokenize_pairs(rdata.load_preferences(cfg.rm.eval_file)[:ROWS], tok, cfg.rm.max_length, False, "held-out pairs")
     clf = rm.reward_classifier(load_sft_model(cfg.model, sft_adapter(cfg, tok, tmp_path / "sft"), tok), cfg.rm.lora, 0)
     trainer = rm.build_trainer(cfg, clf, tok, ds, ds, tmp_path / "rm", cfg.rm.train)
     loss, outputs = train_path_loss(trainer, return_outputs=True)
-    trained = outputs.logits.squeeze(-1)
-    _, logits, _ = trainer.prediction_step(trainer.model, trainer._prepare_inputs(next(iter(trainer.get_eval_dataloader()))),
-                                           prediction_loss_only=False)
-    evaluated = logits.squeeze(-1) if logits.dim() > 1 and logits.shape[-1] == 1 else logits
+    batch = trainer._prepare_inputs(next(iter(trainer.get_eval_dataloader())))
+    trainer.model.eval()  # as evaluate() runs it
+    eval_loss, logits, _ = trainer.prediction_step(trainer.model, batch, prediction_loss_only=False)
     # chosen rows first, then rejected; the training sampler shuffles the pairs, so compare them in sorted order
     margins = lambda r: (r.reshape(2, -1)[0] - r.reshape(2, -1)[1]).sort().values  # noqa: E731
-    assert torch.allclose(margins(trained.flatten()), margins(evaluated.flatten()), atol=1e-4)
-    assert float(loss) == pytest.approx(trainer.evaluate()["eval_loss"], rel=1e-4)
+    assert torch.allclose(margins(outputs.logits.flatten()), margins(logits.flatten()), atol=1e-4)
+    assert float(loss) == pytest.approx(float(eval_loss), rel=1e-4)
 
 
 def test_dpo_loss_is_the_same_in_training_and_in_evaluation(case, tmp_path):
     cfg, tok = case
     cfg = replace(cfg, dpo=one_batch(cfg.dpo))
-    _, held_out = rm.load_rm_data(cfg.dpo, tok)
-    ds = dpo.tokenize_preferences(held_out[:ROWS], tok, cfg.dpo.max_length, "held-out pairs")
+    ds = dpo.tokenize_preferences(rdata.load_preferences(cfg.dpo.eval_file)[:ROWS], tok, cfg.dpo.max_length, "held-out pairs")
     model = load_sft_model(cfg.model, sft_adapter(cfg, tok, tmp_path / "sft"), tok)
     trainer = dpo.build_trainer(cfg, model, tok, ds, ds, tmp_path / "dpo")
     trained = float(train_path_loss(trainer))
