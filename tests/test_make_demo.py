@@ -41,3 +41,18 @@ def test_the_demo_starts_each_stage_once():
                          check=True, env=ENV).stdout
     assert [line.split()[2] for line in out.splitlines() if "-m stages." in line] == [
         "stages.sft", "stages.rm", "stages.ppo", "stages.eval"]
+
+
+def test_the_real_model_demo_prepares_the_model_once_and_runs_each_stage_once(tmp_path):
+    """`make demo-real`: the model and the task's files are built when missing; a built model is never rebuilt
+    (it is an order-only prerequisite: a newer rlhf or venv must not retrain the stages after it)."""
+    def dry(*args):
+        return subprocess.run(["make", "-n", "--no-print-directory", "-o", ".venv/.installed", "RUN=/nonexistent/run",
+                               "PY=python", *args], cwd=ROOT, capture_output=True, text=True, check=True, env=ENV).stdout
+    lines = [line for line in dry("demo-real", "-W", "data/smollm2-135m-instruct/DONE").splitlines()
+             if "python" in line and "make" not in line]
+    stages = [line.split()[2] for line in lines if "-m stages." in line]
+    assert stages == ["stages.sft", "stages.rm", "stages.ppo", "stages.eval"]
+    assert all("configs/smollm2-instruct.yaml" in line for line in lines if "-m stages." in line)
+    rules = dry("-p", "-q", "model-smollm2").splitlines()
+    assert "data/smollm2-135m-instruct/DONE: | .venv/.installed" in rules  # no normal prerequisite: never rebuilt
