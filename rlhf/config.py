@@ -150,7 +150,7 @@ class EarlyStoppingSpec:
     enabled: bool = True
     """Evaluate on the held-out pairs and checkpoint together, at each epoch or every min(train.eval_steps,
     train.save_steps) steps of those set; reload the best checkpoint at the end; train.epochs becomes the maximum."""
-    patience: int = 2
+    patience: int = 3
     """Stop after this many evaluations without improvement; 0: train to the maximum, still keep the best."""
     metric: str = "accuracy"
     """accuracy (held-out pairwise accuracy, ties broken by the lower held-out loss) or loss."""
@@ -207,9 +207,11 @@ class RMStageConfig(DataFiles):
     """Keep the best checkpoint on the held-out pairs and stop when it stops improving (EarlyStoppingSpec)."""
     lora: LoraSpec = field(default_factory=LoraSpec)
     """The reward adapter on the SFT model (the score head is trained beside it)."""
-    train: TrainSpec = field(default_factory=lambda: TrainSpec(lr=1e-4, epochs=8))
-    """train.epochs is the most epochs and the learning-rate schedule's length; early stopping keeps the best
-    held-out checkpoint, and a run the cap stops while still improving is warned about (raise the cap)."""
+    train: TrainSpec = field(default_factory=lambda: TrainSpec(lr=1e-4, epochs=20, lr_scheduler="reduce_lr_on_plateau"))
+    """train.epochs is a cap: early stopping ends the run once it stops improving and keeps the best held-out
+    checkpoint; reduce_lr_on_plateau halves the learning rate at each evaluation without improvement (a schedule
+    that follows the run, not the cap; it needs early_stopping). A run the cap stops while still improving is
+    warned about."""
 
 
 @dataclass

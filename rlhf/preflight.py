@@ -156,6 +156,9 @@ def check_rm(cfg: PipelineConfig) -> None:
     sft_dir = require_done(Path(cfg.run_dir) / "sft", "sft")
     check_model_path(cfg.model.name_or_path, cfg.model.revision)
     check_plugin(r.pair_tags, "rm.pair_tags")
+    if r.train.lr_scheduler == "reduce_lr_on_plateau" and not r.early_stopping.enabled:
+        raise ConfigError("rm.train.lr_scheduler=reduce_lr_on_plateau steps on the held-out evaluations of early "
+                          "stopping: set rm.early_stopping.enabled=true or another rm.train.lr_scheduler")
     if not 0 <= r.probes.train_share <= 1:
         raise ConfigError(f"rm.probes.train_share must be between 0 and 1 (a share of the training answers), "
                           f"got {r.probes.train_share}")

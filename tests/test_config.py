@@ -120,7 +120,8 @@ DEMO_VARIANTS = {
     "demo-grpo.yaml": {"ppo.estimator", "ppo.group_size", "ppo.grpo_kl"},
     "demo-rloo.yaml": {"ppo.estimator", "ppo.group_size"},
     "demo-gold-reward.yaml": {"ppo.rewards"},
-    "demo-quick.yaml": {"sft.train.epochs", "rm.train.max_steps", "ppo.steps"},
+    "demo-quick.yaml": {"sft.train.epochs", "rm.train.max_steps", "rm.train.lr_scheduler", "rm.train.warmup",
+                        "ppo.steps"},
 }
 
 

@@ -126,13 +126,16 @@ def test_bitsandbytes_is_skipped_only_when_nothing_can_load_a_quantized_model(tm
 
 
 def test_probe_pairs_share_and_a_warned_rm_under_an_unguarded_ppo_are_one_line(tmp_path):
-    """rm.probes.train_share outside [0, 1]; PPO with ppo.keep_best=none on a reward model its stage warned about
-    (rm/diagnostics.json): each stopped before anything loads, with one line naming the keys."""
+    """rm.probes.train_share outside [0, 1]; the plateau schedule without early stopping; PPO with
+    ppo.keep_best=none on a reward model its stage warned about (rm/diagnostics.json): each stopped before
+    anything loads, with one line naming the keys."""
     run = finished_run(tmp_path)
     base = [f"run_dir={run}", f"model.name_or_path={model_dir(tmp_path / 'base')}"]
     with pytest.raises(ConfigError) as info:
         preflight.check_rm(load_config(None, base + ["rm.probes.train_share=1.5"]))
     assert str(info.value) == "rm.probes.train_share must be between 0 and 1 (a share of the training answers), got 1.5"
+    with pytest.raises(ConfigError, match="^rm.train.lr_scheduler=reduce_lr_on_plateau steps on the held-out"):
+        preflight.check_rm(load_config(None, base + ["rm.early_stopping.enabled=false"]))
     (run / "rm" / "diagnostics.json").write_text(json.dumps({"warnings": ["the RM prefers a 'repeat' damaged answer"]}))
     with pytest.raises(ConfigError) as info:
         preflight.check_ppo(load_config(None, base + ["ppo.keep_best=none"]))

@@ -1,5 +1,7 @@
 """Best-checkpoint selection of the RM stage on hand-made numbers."""
 
+import pytest
+
 from rlhf.rm.selection import best_checkpoint_args, cap_warning, describe_selection, selection_score
 
 
@@ -52,13 +54,16 @@ def test_a_cap_that_stops_a_run_still_improving_is_a_warning_that_says_what_to_r
     assert cap_warning(steps, "rm.train.max_steps")[0].endswith("keeps the best epoch") and "raise rm.train.max_steps" \
         in steps["selection"]
     r = RMStageConfig()
-    assert r.early_stopping.enabled and r.early_stopping.patience == 2 and r.train.epochs == 8
+    assert r.early_stopping.enabled and r.early_stopping.patience == 3 and r.train.epochs == 20
+    assert r.train.lr_scheduler == "reduce_lr_on_plateau"  # the schedule follows the evaluations, not the cap
 
 
-def test_rm_trainer_stops_early_and_restores_the_best_checkpoint(tmp_path):
+@pytest.mark.parametrize("scheduler", ["linear", "reduce_lr_on_plateau"])
+def test_rm_trainer_stops_early_and_restores_the_best_checkpoint(tmp_path, scheduler):
     """The RM stage's trainer and callbacks on a tiny PEFT reward model, with the held-out figures forced to
     (accuracy, loss) per epoch: best at epoch 3 (a tie on accuracy with epoch 2, lower loss), two epochs without
-    improvement, stop after epoch 5 of at most 8; the model saved at the end is epoch 3's checkpoint."""
+    improvement, stop after epoch 5 of at most 8; the model saved at the end is epoch 3's checkpoint. With
+    reduce_lr_on_plateau the learning rate follows the evaluations, not the cap."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
@@ -84,14 +89,18 @@ def test_rm_trainer_stops_early_and_restores_the_best_checkpoint(tmp_path):
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[PAD]": 0, "a": 1}, unk_token="a")),
                                   pad_token="[PAD]", eos_token="a")
     rows = [{"chosen_ids": [1, 2, i], "rejected_ids": [3, i], "group": i} for i in range(4, 8)]
-    cfg = RMStageConfig(train=TrainSpec(lr=1e-2, epochs=8, batch_size=2, logging_steps=1, progress_bar=False))
+    cfg = RMStageConfig(train=TrainSpec(lr=1e-2, epochs=8, batch_size=2, logging_steps=1, progress_bar=False,
+                                        lr_scheduler=scheduler))
     trainer = GroupedRewardTrainer(model=model, args=trainer_args(cfg, tmp_path, bf16=False), processing_class=tok,
                                    train_dataset=Dataset.from_list(rows),
                                    eval_dataset=Dataset.from_list(rows).remove_columns("group"),
-                                   callbacks=[Forced()] + selection_callbacks(cfg.early_stopping.patience))
+                                   callbacks=[Forced()] + selection_callbacks(2))
     trainer.train()
     state = trainer.state
     assert state.global_step == 10 and state.best_global_step == 6  # 2 steps per epoch
+    lrs = [row["learning_rate"] for row in state.log_history if "learning_rate" in row]  # one per step
+    if scheduler == "reduce_lr_on_plateau":  # halved after the evaluation that did not improve (epoch 4)
+        assert lrs == pytest.approx([1e-2] * 8 + [5e-3] * 2)
     kept = describe_selection(state.log_history, state.best_global_step, 8, state.global_step < state.max_steps, 2)
     assert kept["rm/best_epoch"] == 3 and kept["rm/stopped_early"]
     # (the log history holds the real held-out figures: the forced ones reach only the selection)

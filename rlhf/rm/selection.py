@@ -42,6 +42,13 @@ def best_checkpoint_args(metric: str, eval_steps: int, save_steps: int) -> dict:
                 greater_is_better=metric == "accuracy")
 
 
+def plateau_kwargs(metric: str) -> dict:
+    """lr_scheduler_kwargs of transformers' reduce_lr_on_plateau: halve the learning rate after each held-out
+    evaluation that does not improve the selection metric (any improvement counts, as for early stopping), so the
+    schedule follows the run, not the cap."""
+    return {"mode": "max" if metric == "accuracy" else "min", "factor": 0.5, "patience": 0, "threshold": 0.0}
+
+
 def selection_callbacks(patience: int) -> list[TrainerCallback]:
     """patience 0: keep the best checkpoint but train to the maximum."""
     return [SelectionScore()] + ([EarlyStoppingCallback(early_stopping_patience=patience)] if patience > 0 else [])

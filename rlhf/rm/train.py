@@ -27,7 +27,8 @@ from trl import RewardConfig, RewardTrainer
 from rlhf import data as rdata
 from rlhf.rm import diagnostics as rm_diagnostics
 from rlhf.rm import probes as rm_probes
-from rlhf.rm.selection import METRICS, best_checkpoint_args, cap_warning, describe_selection, selection_callbacks
+from rlhf.rm.selection import (METRICS, best_checkpoint_args, cap_warning, describe_selection, plateau_kwargs,
+                               selection_callbacks)
 from rlhf.config import ConfigError, LoraSpec, PipelineConfig, RMStageConfig, TrainSpec
 from rlhf.models import (enable_activation_checkpointing, load_sft_model, load_tokenizer, lora_config,
                          resolve_dtype, stack_under)
@@ -146,6 +147,8 @@ def trainer_args(cfg: RMStageConfig, out: Path, bf16: bool, train: TrainSpec | N
     kwargs = trainer_kwargs(train or cfg.train, out, bf16, report_to)
     if cfg.early_stopping.enabled:
         kwargs |= best_checkpoint_args(cfg.early_stopping.metric, cfg.train.eval_steps, cfg.train.save_steps)
+        if cfg.train.lr_scheduler == "reduce_lr_on_plateau":
+            kwargs["lr_scheduler_kwargs"] = plateau_kwargs(cfg.early_stopping.metric)
     return RewardConfig(
         **kwargs,
         max_length=None,  # long pairs were dropped, and counted, by tokenize_pairs
