@@ -7,14 +7,13 @@ import subprocess
 
 import pytest
 import torch
-from peft import PeftModel
 
 from checks import ppo_scorer_and_rm_classifier
 from conftest import ROOT, kill_stage_once_written, run_stage, small_demo_files, small_file_args
 from rlhf.config import ModelConfig
 from rlhf.data import load_preferences
 from rlhf.models import load_sft_model, load_tokenizer
-from rlhf.rm.scoring import RewardScorer, build_reward_model, pair_ids
+from rlhf.rm.scoring import RewardScorer
 from rlhf.runs import last_complete_checkpoint
 
 pytestmark = pytest.mark.slow
