@@ -27,7 +27,7 @@ class InstructSpec:
     """The demonstrator's share of perfect answers (as the demo's): the rest have one or two flaws."""
     n_rank_prompts: int = 1500
     k: int = 4
-    n_pairs_eval: int = 200
+    n_pairs_eval: int = 100
     annotator_noise: float = 0.1
     """Gumbel noise scale on gold scores when annotators rank answers (as the demo's)."""
     n_prompts_train: int = 512
