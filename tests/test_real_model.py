@@ -43,12 +43,12 @@ def build_chain(smollm2_dir, instruct_dir):
                                 "rm.probes.samples=2", *(f"rm.train.{k}" for k in TRAINER))
         ppo = (model, f"ppo.prompts_file={f['prompts_train']}", f"ppo.eval_prompts_file={f['prompts_eval']}",
                "ppo.max_new_tokens=12", "ppo.reward_norm_samples=4", "ppo.progress_bar=false", "ppo.monitor_every=0",
-               "ppo.eval_samples=8", "ppo.lr=5.0e-4", "ppo.ppo_epochs=2", "ppo.accept_rm_warnings=true")
+               "ppo.eval_samples=8", "ppo.lr=2.0e-3", "ppo.ppo_epochs=4", "ppo.accept_rm_warnings=true")
         grpo_run = root / "grpo"
         for stage in ("sft", "rm"):
             shutil.copytree(run / stage, grpo_run / stage)
-        logs["ppo"] = real_stage("ppo", run, *ppo, "ppo.steps=3", "ppo.rollout_batch_size=4", "ppo.num_minibatches=1",
-                                 "ppo.save_steps=3")
+        logs["ppo"] = real_stage("ppo", run, *ppo, "ppo.steps=4", "ppo.rollout_batch_size=8", "ppo.num_minibatches=1",
+                                 "ppo.save_steps=4")
         logs["grpo"] = real_stage("ppo", grpo_run, *ppo, "ppo.estimator=grpo", "ppo.group_size=2", "ppo.steps=1",
                                   "ppo.rollout_batch_size=4", "ppo.num_minibatches=1", "ppo.save_steps=1")
         logs["dpo"] = real_stage("dpo", run, model, f"dpo.train_file={f['rm_rankings_train']}",

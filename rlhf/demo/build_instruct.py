@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf.demo import instruct as task
-from rlhf.demo.build import distinct, task_datasets, write_jsonl
+from rlhf.demo.build import chat, distinct, task_datasets, write_jsonl
 
 
 @dataclass(frozen=True)
@@ -33,10 +33,6 @@ class InstructSpec:
     n_prompts_train: int = 512
     n_prompts_eval: int = 100
     held_out_fraction: float = 0.2
-
-
-def chat(request: task.Request) -> list[dict]:
-    return [{"role": "user", "content": request.text}]
 
 
 def make_datasets(spec: InstructSpec) -> dict[str, list[dict]]:
