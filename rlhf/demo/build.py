@@ -70,8 +70,9 @@ class BuildSpec:
     intermediate_size: int = 512
 
 
-def split_requests(rng: random.Random, held_out_fraction: float):
-    requests = task.all_requests()
+def split_requests(rng: random.Random, held_out_fraction: float, requests: list | None = None):
+    """(training, held-out) requests, shuffled by `rng`: the demo's, or a task's `requests`."""
+    requests = list(task.all_requests() if requests is None else requests)
     rng.shuffle(requests)
     n_held = round(len(requests) * held_out_fraction)
     return requests[n_held:], requests[:n_held]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf.demo import greetings as task
-from rlhf.demo.build import build_base_model, build_tokenizer, distinct, task_datasets, write_jsonl
+from rlhf.demo.build import build_base_model, build_tokenizer, distinct, split_requests, task_datasets, write_jsonl
 
 
 @dataclass(frozen=True)
@@ -56,10 +56,7 @@ def distinct_answers(rng: random.Random, request: task.Request, k: int, p_perfec
 
 def make_datasets(spec: GreetingsSpec) -> dict[str, list[dict]]:
     rng = random.Random(spec.seed)
-    requests = task.all_requests()
-    rng.shuffle(requests)
-    n_held = round(len(requests) * spec.held_out_fraction)
-    train_req, eval_req = requests[n_held:], requests[:n_held]
+    train_req, eval_req = split_requests(rng, spec.held_out_fraction, task.all_requests())
 
     return task_datasets(
         rng, spec, train_req, eval_req, chat,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf.demo import instruct as task
-from rlhf.demo.build import chat, distinct, task_datasets, write_jsonl
+from rlhf.demo.build import chat, distinct, split_requests, task_datasets, write_jsonl
 
 
 @dataclass(frozen=True)
@@ -37,10 +37,7 @@ class InstructSpec:
 
 def make_datasets(spec: InstructSpec) -> dict[str, list[dict]]:
     rng = random.Random(spec.seed)
-    requests = task.all_requests()
-    rng.shuffle(requests)
-    n_held = round(len(requests) * spec.held_out_fraction)
-    train_req, eval_req = requests[n_held:], requests[:n_held]
+    train_req, eval_req = split_requests(rng, spec.held_out_fraction, task.all_requests())
 
     def near_misses(r: task.Request) -> list[str]:
         draft = task.make_draft(rng, r)
