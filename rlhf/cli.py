@@ -11,7 +11,7 @@ from collections.abc import Callable
 from rlhf.compat import CompatError, check as check_libraries
 from rlhf.config import ConfigError, PipelineConfig, load_config, to_yaml
 from rlhf.data import DataError
-from rlhf.errors import EXIT_PREEMPTED, Preempted, StageFinished, UnsafeCheckpointError
+from rlhf.errors import EXIT_PREEMPTED, EngineError, Preempted, StageFinished, UnsafeCheckpointError
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 StageFunction = Callable[[PipelineConfig], object] | str
@@ -47,6 +47,10 @@ def stage_main(stage: str, run: StageFunction, argv: list[str] | None = None, ch
         # Input errors, and a finished stage started again: one clear message, no traceback.
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except EngineError as e:
+        # The sampling engine died, cannot be reached, or disagrees with the trainer (rlhf/vllm_engine.py).
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except OSError as e:
         if e.errno not in DISK_FULL:
             raise

@@ -244,6 +244,12 @@ class PPOStageConfig:
     skip_invalid: bool = False
     """Drop invalid prompt rows with a warning instead of stopping."""
     # rollouts
+    rollout_engine: str = "hf"
+    """hf: transformers' generate on the trainer's model; vllm: a vLLM server fed the policy adapter after each
+    update, checked against the trainer (the `vllm:` section; docs/engines.md)."""
+    tis_cap: float | None = 2.0
+    """rollout_engine vllm: truncated importance sampling, each token's policy loss weighted by min(trainer / engine
+    probability, tis_cap) where the two disagree (bf16 kernels); None: off."""
     steps: int = 100
     """PPO iterations: each samples rollout_batch_size responses, then runs ppo_epochs over them."""
     rollout_batch_size: int = 64
@@ -479,6 +485,9 @@ class EvalConfig:
     """Nucleus sampling of sampled answers; 1.0: off."""
     batch_size: int = 64
     """Rows per generation and scoring batch."""
+    engine: str = "hf"
+    """Who generates the answers: hf (transformers' generate) or vllm (the `vllm:` section's server; a full model
+    directory still answers through transformers). Scores, log-probs and the KL are the same code either way."""
     seed: int = 1234
     """Every checkpoint samples with this seed: two identical models give identical answers."""
     judge: str | None = None
@@ -541,6 +550,36 @@ class SlurmConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """The vLLM server behind ppo.rollout_engine=vllm and eval.engine=vllm (rlhf/vllm_engine.py; docs/engines.md)."""
+
+    url: str | None = None
+    """A running server to use (`vllm serve <model.name_or_path> --enable-lora ...`, docs/engines.md); None: the
+    stage starts one with `python` and stops it at the end."""
+    python: str = ".venv-vllm/bin/python"
+    """The interpreter of the vLLM environment (`make setup-vllm`), which pins its own transformers."""
+    port: int = 0
+    """Port of a server started here; 0: a free one."""
+    dtype: str = "auto"
+    """The engine's compute dtype; auto: model.dtype."""
+    max_model_len: int | None = None
+    """Longest prompt + answer the engine holds; None: the model's own."""
+    kv_cache_gb: int = 1
+    """KV cache of a server started here on a CPU, in GiB (VLLM_CPU_KVCACHE_SPACE)."""
+    gpu_memory_utilization: float = 0.3
+    """Share of the GPU a server started here may take (the trainer shares the GPU)."""
+    start_timeout: float = 600.0
+    """Seconds a started server has to answer its health check."""
+    extra_args: list[str] = field(default_factory=list)
+    """More `vllm serve` arguments for a server started here (e.g. [--tensor-parallel-size, "2"])."""
+    probe_answers: int = 4
+    """Answers whose log-probs the engine and the trainer must agree on after each adapter load."""
+    probe_tolerance: float | None = None
+    """Largest mean difference per token of those log-probs (nats) before the run stops; None: 1e-3 in float32,
+    5e-2 in 16 bits."""
+
+
+@dataclass
 class PipelineConfig:
     run_dir: str = "runs/demo"
     """Every stage writes to <run_dir>/<stage>/."""
@@ -566,6 +605,8 @@ class PipelineConfig:
     """`make eval` (EvalConfig)."""
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     """`LAUNCHER=slurm` (SlurmConfig)."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """The vLLM server of ppo.rollout_engine=vllm and eval.engine=vllm (VLLMConfig)."""
 
 
 def _top_level_keys() -> set[str]:

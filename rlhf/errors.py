@@ -24,6 +24,11 @@ class UnsafeCheckpointError(ValueError):
     """A checkpoint file holds something other than plain tensors and containers (possibly code)."""
 
 
+class EngineError(RuntimeError):
+    """The sampling engine (a vLLM server) is unreachable, died, or disagrees with the trainer: one line saying
+    which, and what to do."""
+
+
 class Preempted(Exception):
     """The stage stopped on a signal after saving a checkpoint; running it again resumes."""
 

@@ -63,7 +63,7 @@ def _group(nodeid: str) -> str | None:
     if nodeid == STARTER or nodeid in AFTER_STARTER:
         return "chain"
     module = nodeid.split("::")[0]
-    if module in ("tests/test_slurm.py", "tests/test_distributed.py", "tests/test_real_model.py"):
+    if module in ("tests/test_slurm.py", "tests/test_distributed.py", "tests/test_real_model.py", "tests/test_vllm.py"):
         return module
     if module == "tests/test_families.py" and nodeid.endswith("]"):
         return "family-" + nodeid[nodeid.index("[") + 1:-1]

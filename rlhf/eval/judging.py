@@ -48,12 +48,18 @@ class Answers:
 
 @torch.no_grad()
 def answer(model, tokenizer, prompt_ids: list[list[int]], spec: SamplingSpec, batch_size: int, seed: int,
-           comparable: bool = True, desc: str | None = None, with_logprob: bool = True) -> Answers:
+           comparable: bool = True, desc: str | None = None, with_logprob: bool = True,
+           generated: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> Answers:
     """The model's answers (as it is now: a PeftModel answers with its active adapters), sampled with the fixed
     seed, so identical models give identical answers. Sampled answers of a comparable model also carry their
-    log-probability (the KL's first half) unless `with_logprob` is off. `desc`: a progress bar."""
+    log-probability (the KL's first half) unless `with_logprob` is off. `desc`: a progress bar. `generated`:
+    the answers as another engine sampled them (generate_ids' layout); the model then only computes log-probs."""
     torch.manual_seed(seed)
-    ids, mask, width = generate_ids(model, tokenizer, prompt_ids, spec, batch_size, desc=desc)
+    if generated is None:
+        generated = generate_ids(model, tokenizer, prompt_ids, spec, batch_size, desc=desc)
+    ids, mask, width = generated
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
     a = Answers(decode_responses(tokenizer, ids, mask, width), ids, mask, width, comparable, spec.temperature)
     if with_logprob and comparable and spec.do_sample:
         a.logprob = sequence_logprobs(model, ids, mask, width, spec.temperature, batch_size)

@@ -25,10 +25,11 @@ from rlhf.config import ConfigError, EvalConfig, PipelineConfig, save_config
 from rlhf.eval import degeneration as dg
 from rlhf.eval.checkpoints import (Checkpoint, SharedSFTModel, parse_checkpoints, provenance, same_vocabulary,
                                     standalone)
+from rlhf.eval.engine import ENGINES, EvalEngine
 from rlhf.eval.flags import flags, win_rate_text
 from rlhf.eval.judging import Answers, answer, judgements, prompt_text, summarize
 from rlhf.eval.report import render
-from rlhf.generation import SamplingSpec, encode_prompt
+from rlhf.generation import SamplingSpec, encode_prompt, model_stop_ids
 from rlhf.models import load_tokenizer
 from rlhf.plugins import import_callable
 from rlhf.runs import begin_stage, finish_stage, is_done, require_done
@@ -52,6 +53,8 @@ def validate(e: EvalConfig, checkpoints: list[Checkpoint]) -> None:
         raise ConfigError(f"eval.decoding must list some of {', '.join(DECODINGS)}, got {list(e.decoding)}")
     if e.samples_per_prompt < 1:
         raise ConfigError(f"eval.samples_per_prompt must be at least 1, got {e.samples_per_prompt}")
+    if e.engine not in ENGINES:
+        raise ConfigError(f"eval.engine must be one of {', '.join(ENGINES)}, not {e.engine!r}")
 
 
 def answers_per_prompt(e: EvalConfig, decoding: str) -> int:
@@ -88,15 +91,29 @@ def run(cfg: PipelineConfig) -> Path:
     shared = SharedSFTModel(cfg, sft_dir, tokenizer, rm_dir, [c for c in checkpoints if c.kind == "adapter"]) \
         if sft_dir else None
     answers: dict[str, dict[str, Answers]] = {d: {} for d in e.decoding}
-    for ckpt in checkpoints:
-        view = shared.view(ckpt) if ckpt.kind in ("sft", "adapter") else standalone(cfg, ckpt, tokenizer)
-        with view as (model, tok):
-            for decoding in e.decoding:
-                k = answers_per_prompt(e, decoding)
-                answers[decoding][ckpt.name] = answer(
-                    model, tok, [encode_prompt(tok, prompts[i]) for i in mine for _ in range(k)], sampling(e, decoding),
-                    e.batch_size, e.seed, comparable=shared is not None and same_vocabulary(tok, tokenizer),
-                    desc=f"eval {ckpt.name} ({decoding})" if e.progress_bar else None)
+    engine = EvalEngine(cfg, sft_dir, checkpoints, out, state) if e.engine == "vllm" else None
+    try:
+        for ckpt in checkpoints:
+            if engine is not None and not engine.serves(ckpt) and state.is_main_process:
+                print(f"[eval] {ckpt.name}: a full model directory, not the engine's base: it answers through "
+                      f"transformers")
+            view = shared.view(ckpt) if ckpt.kind in ("sft", "adapter") else standalone(cfg, ckpt, tokenizer)
+            with view as (model, tok):
+                for decoding in e.decoding:
+                    k = answers_per_prompt(e, decoding)
+                    prompt_ids = [encode_prompt(tok, prompts[i]) for i in mine for _ in range(k)]
+                    generated = None
+                    if engine is not None and engine.serves(ckpt):
+                        generated = engine.answer(ckpt, prompt_ids, [i * k + j for i in mine for j in range(k)],
+                                                  sampling(e, decoding), e.seed, tok.pad_token_id,
+                                                  model_stop_ids(model, tok))
+                    answers[decoding][ckpt.name] = answer(
+                        model, tok, prompt_ids, sampling(e, decoding), e.batch_size, e.seed,
+                        comparable=shared is not None and same_vocabulary(tok, tokenizer),
+                        desc=f"eval {ckpt.name} ({decoding})" if e.progress_bar else None, generated=generated)
+    finally:
+        if engine is not None:
+            engine.close()
 
     # 3. judgements: reward model, KL to the SFT model, gold judge; then every process's share in prompt order
     rows, results = [], {}

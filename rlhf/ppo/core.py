@@ -14,6 +14,8 @@ Sources: Schulman et al. 2017 (PPO), Schulman et al. 2016 (GAE), Ziegler et al. 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # the sequence helpers the RL math builds on; their home is rlhf/sequences.py (re-exported: core.masked_sum ...)
@@ -197,12 +199,21 @@ def aggregate_loss(per_token: Tensor, mask: Tensor, mode: str = "token_mean", ma
     return per_token.sum() / (rows * (max_tokens or mask.shape[1]))
 
 
+def truncated_is_weights(old_logprobs: Tensor, engine_logprobs: Tensor, mask: Tensor, cap: float) -> Tensor:
+    """(B, T) truncated importance weights min(pi_old / pi_engine, cap) per token (1 on padding), detached: the
+    correction for rollouts sampled by an engine whose probabilities differ from the trainer's (vLLM's kernels,
+    bf16). The ratio is the trainer's old policy over the engine's, both of the same sampled tokens."""
+    log_w = torch.where(mask, old_logprobs.float() - engine_logprobs.float(), torch.zeros((), device=mask.device))
+    return torch.exp(log_w.clamp(-LOG_RATIO_CLAMP, math.log(cap))).detach().to(old_logprobs.dtype)
+
+
 def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
                         clip_range: float, loss_agg: str = "token_mean",
-                        max_tokens: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                        max_tokens: int | None = None, weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO's clipped surrogate (Schulman et al. 2017) on (B, T) tensors -> (scalar loss, stats).
 
     loss = `aggregate_loss` (loss_agg, max_tokens) of max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)),
+    each token's term times `weights` if given (`truncated_is_weights`: rollouts from another engine),
     ratio = exp(logp - old), the log-ratio clamped to +/- LOG_RATIO_CLAMP: the pessimistic of the two, so where
     the ratio has left the clip range in the direction the advantage pushes, the gradient is exactly 0.
 
@@ -219,7 +230,10 @@ def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tens
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = aggregate_loss(torch.maximum(unclipped, clipped), mask, loss_agg, max_tokens)
+    per_token = torch.maximum(unclipped, clipped)
+    if weights is not None:
+        per_token = per_token * weights
+    loss = aggregate_loss(per_token, mask, loss_agg, max_tokens)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),

@@ -34,6 +34,7 @@ class Rollout:
     values: torch.Tensor | None  # (B, R) value estimates; None without a critic (estimator other than gae)
     scores: torch.Tensor         # (B,) reward-model scores, raw
     ended: torch.Tensor          # (B,) bool: the response emitted EOS
+    engine_logprobs: torch.Tensor | None = None  # (B, R) the sampling engine's log-probs (vllm; None: hf)
 
     @property
     def response_mask(self) -> torch.Tensor:
@@ -97,9 +98,10 @@ def sample(roles: Roles, tokenizer, prompts: list[list[int]], spec: SamplingSpec
 
 @torch.no_grad()
 def score(roles: Roles, ids: torch.Tensor, mask: torch.Tensor, prompt_width: int, temperature: float,
-          batch_size: int, stop_ids: int | list[int]) -> Rollout:
+          batch_size: int, stop_ids: int | list[int], engine_logprobs: torch.Tensor | None = None) -> Rollout:
     """Phase 2: policy and reference log-probs, values and reward-model scores, in no-grad batches.
-    `stop_ids`: the tokens sampling stopped at (`generation.model_stop_ids`): a row holding one has ended."""
+    `stop_ids`: the tokens sampling stopped at (`generation.model_stop_ids`): a row holding one has ended.
+    `engine_logprobs`: the sampling engine's own log-probs of the tokens (vllm), kept beside the trainer's."""
     parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref": [], "values": [], "scores": []}
     for rows in batches(ids.shape[0], batch_size):
         i, m = ids[rows], mask[rows]
@@ -112,7 +114,8 @@ def score(roles: Roles, ids: torch.Tensor, mask: torch.Tensor, prompt_width: int
     _, ended = first_eos_mask(ids[:, prompt_width:], stop_ids)
     cat = {k: torch.cat(v) for k, v in parts.items() if v}
     return Rollout(ids=ids, mask=mask, prompt_width=prompt_width, logprobs=cat["logprobs"],
-                   ref_logprobs=cat["ref"], values=cat.get("values"), scores=cat["scores"], ended=ended)
+                   ref_logprobs=cat["ref"], values=cat.get("values"), scores=cat["scores"], ended=ended,
+                   engine_logprobs=engine_logprobs)
 
 
 @dataclass(frozen=True)

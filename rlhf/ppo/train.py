@@ -29,6 +29,7 @@ from rlhf.generation import SamplingSpec, encode_prompt, model_stop_ids
 from rlhf.models import enable_activation_checkpointing, load_sft_model, load_tokenizer
 from rlhf.plugins import import_callable
 from rlhf.ppo import core, estimators
+from rlhf.ppo.engine import ENGINES, build_engine, mismatch
 from rlhf.ppo.evaluate import compare_with_sft
 from rlhf.ppo.guards import KEEP_BEST, Guards, GuardSpec, load_best, prune_best, rm_warnings, rm_warnings_gate
 from rlhf.ppo.kl import KL_LOSS_KINDS, AdaptiveKLController, FixedKLController, default_kl_horizon
@@ -57,7 +58,8 @@ def update_spec(p: PPOStageConfig, kl_coef: float = 0.0) -> UpdateSpec:
                       clip_range=p.clip_range, clip_range_value=p.clip_range_value, vf_coef=p.vf_coef,
                       max_grad_norm=p.max_grad_norm, temperature=p.temperature, ptx_coef=p.ptx_coef,
                       kl_loss_coef=kl_coef if p.estimator == "grpo" and p.grpo_kl == "loss" else 0.0,
-                      kl_loss_estimator=p.grpo_kl_estimator, loss_agg=p.loss_agg, max_new_tokens=p.max_new_tokens)
+                      kl_loss_estimator=p.grpo_kl_estimator, loss_agg=p.loss_agg, max_new_tokens=p.max_new_tokens,
+                      tis_cap=p.tis_cap if p.rollout_engine == "vllm" else None)
 
 
 def advantage_spec(p: PPOStageConfig, shift: float, scale: float) -> AdvantageSpec:
@@ -166,6 +168,14 @@ def check_config(p: PPOStageConfig) -> None:
     check_guards(p)
     rs.check_rewards(p.rewards)
     check_estimator(p)
+    check_engine(p)
+
+
+def check_engine(p: PPOStageConfig) -> None:
+    if p.rollout_engine not in ENGINES:
+        raise ConfigError(f"ppo.rollout_engine must be one of {', '.join(ENGINES)}, not {p.rollout_engine!r}")
+    if p.tis_cap is not None and not p.tis_cap >= 1.0:
+        raise ConfigError(f"ppo.tis_cap={p.tis_cap}: the cap of the importance weights must be >= 1 (or null: off)")
 
 
 def check_estimator(p: PPOStageConfig) -> None:
@@ -281,23 +291,28 @@ def run(cfg: PipelineConfig) -> Path:
     #    rollout_batch_size / k prompts of a step is answered k times; a group stays in one process)
     bar = progress(range(start, p.steps), initial=start, total=p.steps, desc="ppo", enabled=p.progress_bar and main)
     stop = StopSignal()  # SIGTERM/SIGUSR1: checkpoint at the end of the step, exit 75 (rlhf/preempt.py)
+    engine = None
     try:
+        engine = build_engine(cfg, sft_dir, out, tokenizer, stops, procs, prompt_ids)  # hf, or a vLLM server
         for step in bar:
             if loop.guards.stop_reason:  # a guard stopped the run (last step, or in the checkpoint resumed from)
                 break
             t0 = time.perf_counter()
+            synced = engine.sync(roles, step)  # vllm: the engine gets this policy, checked on the probe answers
             chosen = distributed.shard(loop.sampler.next(p.rollout_batch_size // p.group_size), rank, world)
             batch = repeat_prompts([prompt_ids[i] for i in chosen], p.group_size)
-            ids, mask, width = sample(roles, tokenizer, batch, sampling(p), p.forward_batch_size)      # 4.1 rollout
+            ids, mask, width, engine_lp = engine.sample(roles, tokenizer, batch, sampling(p),          # 4.1 rollout
+                                                        p.forward_batch_size, step)
             t1 = time.perf_counter()
-            r = score(roles, ids, mask, width, p.temperature, p.forward_batch_size, stops)                   # 4.2
+            r = score(roles, ids, mask, width, p.temperature, p.forward_batch_size, stops, engine_lp)        # 4.2
             a = advantages(r, loop.kl_ctl.value, advantage_spec(p, loop.shift, loop.scale))             # 4.3
             check_rollout(r, a, f"ppo step {step + 1}")  # a nan score or KL stops the run before any update
             t2 = time.perf_counter()
             stats = ppo_update(roles, optimizer, scheduler, r, a, update_spec(p, loop.kl_ctl.value), ptx,  # 4.4
                                f"ppo step {step + 1}")
             t3 = time.perf_counter()
-            logs = step_metrics(r, a, loop.kl_ctl.value, scheduler.get_last_lr()[0]) | stats | {
+            logs = step_metrics(r, a, loop.kl_ctl.value, scheduler.get_last_lr()[0]) | stats | synced | mismatch(
+                r.logprobs, r.engine_logprobs, r.response_mask) | {
                 "time/generate": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2, "time/step": t3 - t0,
                 "perf/generated_tokens_per_s": r.response_mask.sum().item() / max(t1 - t0, 1e-9)}
             logs = distributed.mean_over_processes(logs, procs.device)  # every process logs and adapts the same
@@ -319,6 +334,8 @@ def run(cfg: PipelineConfig) -> Path:
                 raise mark_preempted(out, "ppo", step + 1, stop.received, write=main)
     finally:
         stop.close()
+        if engine is not None:
+            engine.close()
     trackers.close()
     if world > 1:
         fp = distributed.check_in_sync(roles.trainable_parameters(), "trained weights")

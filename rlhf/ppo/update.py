@@ -40,6 +40,8 @@ class UpdateSpec:
     """How the policy loss is aggregated over an optimiser step's tokens (`core.aggregate_loss`)."""
     max_new_tokens: int | None = None
     """The sampling budget: the constant of loss_agg seq_mean_token_sum_norm (None: the rollout's width)."""
+    tis_cap: float | None = None
+    """Truncated importance sampling of rollouts from another engine (`core.truncated_is_weights`); None: off."""
 
 
 def check_batch_sizes(rollout_batch_size: int, num_minibatches: int, grad_accum: int) -> None:
@@ -136,9 +138,15 @@ def policy_loss(roles: Roles, r: Rollout, a: Advantages, rows: torch.Tensor, spe
     resp_mask = mask[:, r.prompt_width:]
     logits = policy_logits(roles, ids, mask, keep=response_width(ids, r.prompt_width))  # response positions only
     logprobs = response_logprobs(logits, ids, r.prompt_width, spec.temperature)
+    tis = None
+    if spec.tis_cap is not None and r.engine_logprobs is not None:  # the rollout was sampled by another engine
+        tis = core.truncated_is_weights(r.logprobs[rows], r.engine_logprobs[rows], resp_mask, spec.tis_cap)
     loss, pg = core.clipped_policy_loss(logprobs, r.logprobs[rows], a.advantages[rows], resp_mask, spec.clip_range,
-                                        spec.loss_agg, spec.max_new_tokens)
+                                        spec.loss_agg, spec.max_new_tokens, weights=tis)
     stats = {"ppo/policy_loss": loss.item()}
+    if tis is not None:
+        stats |= {"engine/tis_weight": core.masked_mean(tis, resp_mask).item(),
+                  "engine/tis_capped": core.masked_mean((tis >= spec.tis_cap).float(), resp_mask).item()}
     if spec.kl_loss_coef > 0:  # the reference's log-probs do not change: the rollout's are exact
         kl = estimators.kl_loss(logprobs, r.ref_logprobs[rows], resp_mask, spec.kl_loss_estimator, spec.loss_agg,
                                 spec.max_new_tokens)
