@@ -33,8 +33,13 @@ BENCH_DEFAULT_MALLOC=1 keeps the default everywhere.
 `--estimator grpo --estimator rloo` also runs the PPO stage with those advantage estimators (ppo.group_size 4,
 no value adapter) on the same SFT and RM, recorded as stages `ppo-grpo`, ... next to `ppo` (GAE).
 
+`--engine vllm` also runs the PPO stage with its rollouts from vLLM (ppo.rollout_engine=vllm: a server started by
+the stage from the `make setup-vllm` environment) on the same SFT, RM, shapes and steps, recorded as `ppo-vllm`,
+and `vllm_vs_hf`: its step time, generation time and generated tokens/s as ratios to `ppo`'s (transformers'
+generate), with the engine/trainer log-prob mismatch. The stage's wall includes the server's start.
+
 Usage: python bench/run.py [--full] [--setup demo] [--setup greetings] [--setup large] [--setup large-4bit] [--setup smollm2]
-                           [--estimator grpo] [--out bench/results]
+                           [--estimator grpo] [--engine vllm] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -137,12 +142,23 @@ def throughput(stage: str, rows: list[dict]) -> dict:
                 "tokens_per_s": round(tokens / end["train/train_runtime"], 1)}
     steps = [r for r in rows if "time/step" in r]
     mean = lambda k: round(statistics.mean(r[k] for r in steps), 4)  # noqa: E731
+    engine = {k.split("/")[1]: float(f"{statistics.mean(r[k] for r in steps):.3g}") for k in ("engine/mismatch_mean", "engine/mismatch_max", "engine/probe_diff_mean")
+              if all(k in r for r in steps)}
     return {"steps": len(steps), "step_s": mean("time/step"),
             "time_split_s": {"generate": mean("time/generate"), "score": mean("time/score"), "train": mean("time/train")},
-            "generated_tokens_per_s": mean("perf/generated_tokens_per_s")}
+            "generated_tokens_per_s": mean("perf/generated_tokens_per_s"), **engine}
 
 
-def bench(setup: str, work: Path, estimators: list[str] = (), full: bool = True) -> dict:
+def engine_vs_hf(vllm: dict, hf: dict) -> dict:
+    """The vLLM engine's PPO stage against transformers' on the same shapes: ratios (below 1: vLLM faster) and the
+    mismatch of the two's log-probs of the sampled tokens."""
+    return {"step_time": round(vllm["step_s"] / hf["step_s"], 3),
+            "generate_time": round(vllm["time_split_s"]["generate"] / hf["time_split_s"]["generate"], 3),
+            "generated_tokens_per_s": round(vllm["generated_tokens_per_s"] / hf["generated_tokens_per_s"], 3),
+            "mismatch_mean": vllm.get("mismatch_mean"), "mismatch_max": vllm.get("mismatch_max")}
+
+
+def bench(setup: str, work: Path, estimators: list[str] = (), full: bool = True, engines: list[str] = ()) -> dict:
     run_dir = work / setup
     extra: dict[str, list[str]] = {"sft": [], "rm": [], "ppo": []}
     info: dict = {}
@@ -165,6 +181,13 @@ def bench(setup: str, work: Path, estimators: list[str] = (), full: bool = True)
         print(f"[bench] {setup}: ppo with ppo.estimator={name}", flush=True)
         result["stages"][f"ppo-{name}"] = run_stage("ppo", other, [*extra["ppo"], f"ppo.estimator={name}",
                                                                    "ppo.group_size=4"], setup)
+    for name in engines:  # the same SFT, RM and PPO shapes, the rollouts from another engine
+        other = work / f"{setup}-{name}"
+        for stage in ("sft", "rm"):
+            shutil.copytree(run_dir / stage, other / stage, ignore=shutil.ignore_patterns("checkpoints"))
+        print(f"[bench] {setup}: ppo with ppo.rollout_engine={name}", flush=True)
+        result["stages"][f"ppo-{name}"] = run_stage("ppo", other, [*extra["ppo"], f"ppo.rollout_engine={name}"], setup)
+        result[f"{name}_vs_hf"] = engine_vs_hf(result["stages"][f"ppo-{name}"], result["stages"]["ppo"])
     key = "peak_cuda_mb" if "peak_cuda_mb" in result["stages"]["sft"] else "peak_rss_mb"
     result["ppo_over_sft_peak_memory"] = round(result["stages"]["ppo"][key] / result["stages"]["sft"][key], 3)
     for name in estimators:
@@ -217,6 +240,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--setup", action="append", choices=SETUPS)
     p.add_argument("--estimator", action="append", default=[], choices=["grpo", "rloo", "reinforce_pp"],
                    help="also run the PPO stage with this advantage estimator (no value adapter)")
+    p.add_argument("--engine", action="append", default=[], choices=["vllm"],
+                   help="also run the PPO stage with its rollouts from this engine (make setup-vllm)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     a = p.parse_args(argv)
     a.setup = a.setup or list(FULL_SETUPS if a.full else QUICK_SETUPS)
@@ -230,7 +255,7 @@ def main() -> None:
     report = {"machine": machine(), "full": a.full, "results": []}
     with tempfile.TemporaryDirectory() as work:
         for setup in a.setup:
-            report["results"].append(bench(setup, Path(work), a.estimator, a.full))
+            report["results"].append(bench(setup, Path(work), a.estimator, a.full, a.engine))
     if quantized_vs_full(report["results"]):
         report["quantized_vs_full"] = quantized_vs_full(report["results"])
     path = out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -79,3 +79,25 @@ def test_the_real_model_setup_runs_its_config_with_few_steps_on_the_prepared_mod
     assert bench.CONFIGS["smollm2"] == "smollm2-instruct.yaml"
     assert "sft.train.max_steps=4" in calls[1][2] and "ppo.steps=3" in calls[3][2]
     assert result["ppo_over_sft_peak_memory"] == round(2000 / 1800, 3)
+
+
+def test_the_vllm_engine_runs_the_ppo_stage_again_and_is_compared_with_transformers(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_stage(stage, run_dir, extra, setup):
+        (run_dir / stage).mkdir(parents=True, exist_ok=True)
+        calls.append((stage, run_dir.name, [x for x in extra if "engine" in x]))
+        vllm = "ppo.rollout_engine=vllm" in extra
+        return {"peak_rss_mb": 1000.0, "step_s": 3.0 if vllm else 4.0, "generated_tokens_per_s": 50.0 if vllm else 20.0,
+                "time_split_s": {"generate": 0.5 if vllm else 2.0}, **({"mismatch_mean": 1e-6} if vllm else {})}
+    monkeypatch.setattr(bench, "run_stage", fake_stage)
+    result = bench.bench("demo", tmp_path, engines=["vllm"])
+    assert calls[-1] == ("ppo", "demo-vllm", ["ppo.rollout_engine=vllm"])
+    assert (tmp_path / "demo-vllm" / "sft").is_dir()
+    assert result["vllm_vs_hf"] == {"step_time": 0.75, "generate_time": 0.25, "generated_tokens_per_s": 2.5,
+                                    "mismatch_mean": 1e-6, "mismatch_max": None}
+    ppo = [{"step": 1, "time/step": 2.0, "time/generate": 1.0, "time/score": 0.5, "time/train": 0.5,
+            "perf/generated_tokens_per_s": 10.0, "engine/mismatch_mean": 2e-6, "engine/mismatch_max": 1e-5,
+            "engine/probe_diff_mean": 1e-7}]
+    assert bench.throughput("ppo", ppo)["mismatch_max"] == 1e-5
+    assert bench.parse_args(["--engine", "vllm"]).engine == ["vllm"]
