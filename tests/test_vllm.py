@@ -18,7 +18,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from conftest import ROOT, kill_stage_once_written, run_stage
+from conftest import DEMO_CONFIG, ROOT, accelerate_processes, kill_stage_once_written, run_stage
 from rlhf import vllm_engine as ve
 from rlhf.errors import EngineError
 from rlhf.ppo import core
@@ -265,3 +265,20 @@ def test_eval_through_vllm_gives_the_figures_of_transformers(server, rm_run, tmp
         assert vl["greedy"][name]["reward_mean"] == pytest.approx(hf["greedy"][name]["reward_mean"], abs=1e-4)
         assert vl["sample"][name]["gold_mean"] == pytest.approx(hf["sample"][name]["gold_mean"], abs=0.1)
     assert vl["sample"]["base"]["kl_mean"] == pytest.approx(hf["sample"]["base"]["kl_mean"], abs=0.3)
+
+
+@needs_vllm
+def test_two_processes_start_one_server_and_sample_from_it_under_one_version(rm_run, tmp_path):
+    """`accelerate launch` with 2 processes and no vllm.url: the main process starts the server, the other samples
+    from it under the same version names; both log the main process's probe figures, end with identical weights,
+    and no server outlives the run."""
+    run = _with_chain(rm_run, tmp_path / "run")
+    proc = accelerate_processes("ppo", ["--config", str(DEMO_CONFIG), f"run_dir={run}",
+                                        f"vllm.python={VLLM_PYTHON}", *STEPS[:1], *STEPS[1:]],
+                                "configs/accelerate/cpu-2proc.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[vllm] server ready" in proc.stderr and "2 processes hold identical trained weights" in proc.stdout
+    rows = [r for r in _metrics(run) if r["step"] > 0]
+    assert len(rows) == 3 and all(r["engine/probe_diff_mean"] < 1e-4 for r in rows)
+    log = (run / "ppo" / "engine" / "server.log").read_text()
+    assert "shutdown" in log  # stopped by the stage, not left running

@@ -36,10 +36,9 @@ class EvalEngine:
             self.client, self.server = ve.connect_or_start(url, ve.server_spec(cfg, max(rank, 8)),
                                                            self.out / "engine" / "server.log")
             url = self.client.url
-        url = distributed.gather_objects(url)[0]
+        url, self.token = distributed.gather_objects((url, str(os.getpid())))[0]  # the main process's server and names
         if not self.main:
             self.client = ve.VLLMClient(url)
-        self.token = str(os.getpid())
         self.loaded: str | None = None
 
     def serves(self, ckpt: Checkpoint) -> bool:

@@ -67,7 +67,6 @@ class VLLMEngine:
         self.rank, self.main, self.procs = procs.process_index, procs.is_main_process, procs
         self.sft = ve.read_adapter(sft_dir)
         self.tolerance = probe_tolerance(cfg)
-        self.token = f"{os.getpid()}"  # names never collide with an earlier process's versions on a shared server
         self.server = None
         url = cfg.vllm.url
         if self.main:
@@ -75,7 +74,9 @@ class VLLMEngine:
             self.client, self.server = ve.connect_or_start(url, ve.server_spec(cfg, rank),
                                                            self.out / "engine" / "server.log")
             url = self.client.url
-        url = distributed.gather_objects(url)[0]  # every process samples from the main process's server
+        # every process samples from the main process's server, under the main process's version names (its pid:
+        # they never collide with an earlier run's versions on a shared server)
+        url, self.token = distributed.gather_objects((url, str(os.getpid())))[0]
         if not self.main:
             self.client = ve.VLLMClient(url)
         self.version: str | None = None
@@ -98,9 +99,11 @@ class VLLMEngine:
                 self.client.unload_adapter(old)
                 shutil.rmtree(self.out / "engine" / old, ignore_errors=True)
             self.loaded = [name]
-        self.procs.wait_for_everyone()
         self.version = name
-        return self.check_probes(roles, step) if self.main else {}
+        checked = self.check_probes(roles, step) if self.main else {}
+        # every process logs the main process's figures; and the others sample only after the check: not beside
+        # its prompt log-probs (vLLM 0.32's CPU LoRA kernels fail on the two in one batch; docs/engines.md)
+        return distributed.gather_objects(checked)[0]
 
     @torch.no_grad()
     def check_probes(self, roles: Roles, step: int) -> dict[str, float]:
