@@ -18,7 +18,7 @@ LAYERS = [
     ("config, data, runs", ["rlhf.config", "rlhf.tracking", "rlhf.data", "rlhf.data.*", "rlhf.runs",
                             "rlhf.distributed", "rlhf.preempt"]),
     ("models and adapters", ["rlhf.models"]),
-    ("generation and scoring", ["rlhf.generation", "rlhf.rm", "rlhf.rm.scoring", "rlhf.reward_sources", "rlhf.eval",
+    ("generation and scoring", ["rlhf.generation", "rlhf.vllm_engine", "rlhf.rm", "rlhf.rm.scoring", "rlhf.reward_sources", "rlhf.eval",
                                 "rlhf.eval.stats", "rlhf.eval.degeneration"]),
     ("stage libraries", ["rlhf.trainers", "rlhf.sft", "rlhf.rm.*", "rlhf.dpo", "rlhf.eval.*", "rlhf.export",
                          "rlhf.model_card"]),

@@ -8,9 +8,7 @@ builds it) on the demo's base, one for the module, and skip with the reason when
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
