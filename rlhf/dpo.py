@@ -28,28 +28,12 @@ from trl import DPOConfig, DPOTrainer
 
 from rlhf import data as rdata
 from rlhf.chat import answer_ids, encode_prompt
-from rlhf.config import ConfigError, DPOStageConfig, PipelineConfig
+from rlhf.config import DPOStageConfig, PipelineConfig
 from rlhf.models import enable_activation_checkpointing, load_sft_model, load_tokenizer, lora_config, resolve_dtype
 from rlhf.rm.train import load_rm_data
 from rlhf.runs import (finish_stage, read_metrics,
                        require_done)
 from rlhf.trainers import TrainerRun, start_stage, within_max_length, trainer_kwargs
-
-LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "exo_pair", "apo_zero",
-              "apo_down", "discopop", "sigmoid_norm")
-
-
-def check_config(d: DPOStageConfig) -> None:
-    """The DPO settings that need no file, before anything is read or loaded."""
-    if d.beta <= 0:
-        raise ConfigError(f"dpo.beta must be > 0, got {d.beta}")
-    if d.loss_type not in LOSS_TYPES:
-        raise ConfigError(f"dpo.loss_type must be one of {', '.join(LOSS_TYPES)}, got {d.loss_type!r}")
-    if not 0 <= d.label_smoothing < 0.5:
-        raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {d.label_smoothing}")
-    if d.loss_type == "exo_pair" and d.label_smoothing == 0:
-        raise ConfigError("dpo.loss_type=exo_pair needs dpo.label_smoothing > 0")
-
 
 def tokenize_preferences(pairs: list[rdata.PreferencePair], tokenizer, max_length: int, name: str) -> Dataset:
     """trl's tokenized preference layout (prompt_ids, chosen_ids, rejected_ids), built as the RM builds its rows
@@ -101,7 +85,6 @@ def build_trainer(cfg: PipelineConfig, model, tokenizer, train_ds: Dataset, eval
 
 def run(cfg: PipelineConfig) -> Path:
     d = cfg.dpo
-    check_config(d)
     sft_dir = require_done(Path(cfg.run_dir) / "sft", "sft")
     procs, out = start_stage(cfg, "dpo")
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
+
+from rlhf.errors import ConfigError
 
 
 def import_callable(spec: str) -> Callable:
@@ -17,4 +20,20 @@ def import_callable(spec: str) -> Callable:
         raise ValueError(f"plug-in {spec!r} cannot be loaded: {e}") from None
     if not callable(fn):
         raise ValueError(f"plug-in {spec!r} is not callable")
+    return fn
+
+
+def reward_function(spec: str, key: str) -> Callable:
+    """A reward function named in ppo.rewards: importable and callable as f(prompt, response); else a ConfigError
+    naming `key`."""
+    try:
+        fn = import_callable(spec)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e} (a source is rm or 'package.module:function')") from None
+    try:
+        inspect.signature(fn).bind("prompt", "response")
+    except TypeError as e:
+        raise ConfigError(f"{key}: {spec} cannot be called as f(prompt, response): {e}") from None
+    except ValueError:  # no signature to read (some builtins): the first call will tell
+        pass
     return fn

@@ -14,11 +14,12 @@ import os
 import warnings
 from pathlib import Path
 
+from rlhf import checks
 from rlhf import data as rdata
 from rlhf.config import ConfigError, PipelineConfig
 from rlhf.data.io import looks_like_path
-from rlhf.plugins import import_callable
-from rlhf.runs import require_done
+from rlhf.plugins import import_callable, reward_function
+from rlhf.runs import require_done, rm_warnings
 
 
 def check_model_path(name: str, revision: str | None = None, key: str = "model.name_or_path") -> None:
@@ -145,6 +146,7 @@ def check_plugin(spec: str | None, key: str) -> None:
 
 def check_sft(cfg: PipelineConfig) -> None:
     s = cfg.sft
+    checks.check_sft(cfg)  # the settings first: they need no file
     check_model_path(cfg.model.name_or_path, cfg.model.revision)
     examples = (load_quietly(rdata.load_sft, s.train_file, s.train_split, s.skip_invalid)
                 + load_quietly(rdata.load_sft, s.eval_file, s.eval_split, s.skip_invalid))
@@ -153,33 +155,26 @@ def check_sft(cfg: PipelineConfig) -> None:
 
 def check_rm(cfg: PipelineConfig) -> None:
     r = cfg.rm
+    checks.check_rm(cfg)
     sft_dir = require_done(Path(cfg.run_dir) / "sft", "sft")
     check_model_path(cfg.model.name_or_path, cfg.model.revision)
     check_plugin(r.pair_tags, "rm.pair_tags")
-    if r.train.lr_scheduler == "reduce_lr_on_plateau" and not r.early_stopping.enabled:
-        raise ConfigError("rm.train.lr_scheduler=reduce_lr_on_plateau steps on the held-out evaluations of early "
-                          "stopping: set rm.early_stopping.enabled=true or another rm.train.lr_scheduler")
-    if not 0 <= r.probes.train_share <= 1:
-        raise ConfigError(f"rm.probes.train_share must be between 0 and 1 (a share of the training answers), "
-                          f"got {r.probes.train_share}")
     pairs = (load_quietly(rdata.load_preferences, r.train_file, r.train_split, r.skip_invalid)
              + load_quietly(rdata.load_preferences, r.eval_file, r.eval_split, r.skip_invalid))
     check_chat_template(cfg, str(sft_dir), pairs)
 
 
 def check_ppo(cfg: PipelineConfig) -> None:
-    from rlhf.ppo.guards import rm_warnings, rm_warnings_gate
-    from rlhf.ppo.train import check_config, monitor_on  # the PPO settings first: they need no file
-
     p, run_dir = cfg.ppo, Path(cfg.run_dir)
-    check_config(p)
+    checks.check_ppo(cfg)
+    for i, term in enumerate(p.rewards):  # each reward function imports and takes (prompt, response)
+        if term.source != "rm":
+            reward_function(term.source, f"ppo.rewards[{i}].source")
     sft_dir = require_done(run_dir / "sft", "sft")
     require_done(run_dir / "rm", "rm")
-    rm_warnings_gate(rm_warnings(run_dir / "rm"), p.keep_best, monitor_on(p), p.accept_rm_warnings)
+    checks.rm_warnings_gate(rm_warnings(run_dir / "rm"), p.keep_best, checks.monitor_on(p), p.accept_rm_warnings)
     check_model_path(cfg.model.name_or_path, cfg.model.revision)
     check_plugin(p.judge, "ppo.judge")
-    if p.ptx_coef > 0 and not p.ptx_file:
-        raise ConfigError("ppo.ptx_coef > 0 needs ppo.ptx_file (demonstrations, as for SFT)")
     prompts = (load_quietly(rdata.load_prompts, p.prompts_file, p.prompts_split, p.skip_invalid)
                + load_quietly(rdata.load_prompts, p.eval_prompts_file, p.eval_prompts_split, p.skip_invalid))
     demos = load_quietly(rdata.load_sft, p.ptx_file if p.ptx_coef > 0 else None, "train", p.skip_invalid)
@@ -187,10 +182,8 @@ def check_ppo(cfg: PipelineConfig) -> None:
 
 
 def check_dpo(cfg: PipelineConfig) -> None:
-    from rlhf.dpo import check_config  # the DPO settings first: they need no file
-
     d = cfg.dpo
-    check_config(d)
+    checks.check_dpo(cfg)
     sft_dir = require_done(Path(cfg.run_dir) / "sft", "sft")
     check_model_path(cfg.model.name_or_path, cfg.model.revision)
     pairs = (load_quietly(rdata.load_preferences, d.train_file, d.train_split, d.skip_invalid)
@@ -200,6 +193,7 @@ def check_dpo(cfg: PipelineConfig) -> None:
 
 def check_eval(cfg: PipelineConfig) -> None:
     e, sft_dir = cfg.eval, Path(cfg.run_dir) / "sft"
+    checks.check_eval(cfg)
     check_model_path(cfg.model.name_or_path, cfg.model.revision)
     check_plugin(e.judge, "eval.judge")
     prompts = load_quietly(rdata.load_prompts, e.prompts_file, e.prompts_split, e.skip_invalid)
@@ -208,9 +202,7 @@ def check_eval(cfg: PipelineConfig) -> None:
 
 
 def check_export(cfg: PipelineConfig) -> None:
-    STAGES = cfg.export.STAGES
-    if cfg.export.stage not in STAGES:
-        raise ConfigError(f"export.stage must be one of {', '.join(STAGES)}, not {cfg.export.stage!r}")
+    checks.check_export(cfg)
     require_done(Path(cfg.run_dir) / "sft", "sft")
     if cfg.export.stage == "ppo":
         require_done(Path(cfg.run_dir) / "ppo", "ppo")

@@ -14,14 +14,13 @@ returns a non-finite value during the run stops it with the prompt and the answe
 
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from rlhf.config import ConfigError, RewardTerm
-from rlhf.plugins import import_callable
+from rlhf.plugins import reward_function
 
 RM = "rm"
 
@@ -29,36 +28,6 @@ RM = "rm"
 class RewardFunctionError(ConfigError):
     """A reward function raised or returned a value that is not a finite number; the message names the prompt
     and the answer."""
-
-
-def check_rewards(terms: Sequence[RewardTerm]) -> None:
-    """ppo.rewards: at least one term, finite weights, rm at most once, every function importable and callable
-    with (prompt, response). Nothing is loaded but the functions' modules."""
-    if not terms:
-        raise ConfigError("ppo.rewards is empty: list at least one {source, weight} (source: rm or module:function)")
-    sources = [t.source for t in terms]
-    if len(set(sources)) != len(sources):
-        raise ConfigError(f"ppo.rewards: each source may appear once, got {sources}")
-    for i, t in enumerate(terms):
-        key = f"ppo.rewards[{i}]"
-        if not math.isfinite(t.weight) or t.weight == 0:
-            raise ConfigError(f"{key}.weight must be a finite non-zero number, got {t.weight}")
-        if t.source != RM:
-            load_function(t.source, f"{key}.source")
-
-
-def load_function(spec: str, key: str) -> Callable:
-    try:
-        fn = import_callable(spec)
-    except ValueError as e:
-        raise ConfigError(f"{key}: {e} (a source is rm or 'package.module:function')") from None
-    try:
-        inspect.signature(fn).bind("prompt", "response")
-    except TypeError as e:
-        raise ConfigError(f"{key}: {spec} cannot be called as f(prompt, response): {e}") from None
-    except ValueError:  # no signature to read (some builtins): the first call will tell
-        pass
-    return fn
 
 
 def uses_functions(terms: Sequence[RewardTerm]) -> bool:
@@ -75,7 +44,7 @@ class FunctionReward:
     the row is taken, which is ambiguous when one prompt's ids are a prefix of another's."""
 
     def __init__(self, spec: str, tokenizer, prompts: Sequence, prompt_ids: Sequence[Sequence[int]]):
-        self.spec, self.fn, self.tokenizer = spec, load_function(spec, "ppo.rewards"), tokenizer
+        self.spec, self.fn, self.tokenizer = spec, reward_function(spec, "ppo.rewards"), tokenizer
         self.prompts = {tuple(ids): p for p, ids in zip(prompts, prompt_ids)}
         self.lengths = sorted({len(ids) for ids in prompt_ids}, reverse=True)
 

@@ -254,3 +254,9 @@ def namespaced(logs: dict) -> dict:
         else:
             out["train/" + key] = value
     return out
+
+
+def rm_warnings(rm_dir: Path) -> list[str]:
+    """The warnings the reward model's stage wrote into its diagnostics.json (none without the file)."""
+    path = Path(rm_dir) / "diagnostics.json"
+    return json.loads(path.read_text()).get("warnings", []) if path.is_file() else []

@@ -11,11 +11,11 @@ import torch
 from transformers import GenerationConfig
 
 from rlhf.chat import answer_ids, encode_prompt, end_of_turn_id, stop_token_ids
-from rlhf.config import ConfigError, ModelConfig, PPOStageConfig
+from rlhf.checks import check_ppo
+from rlhf.config import ConfigError, ModelConfig, PipelineConfig, PPOStageConfig
 from rlhf.demo.families import FAMILIES, build_tokenizer, generation_config
 from rlhf.generation import SamplingSpec, generate_ids
 from rlhf.models import load_causal_lm, load_tokenizer
-from rlhf.ppo.train import check_sampling
 
 TEXTS = ["name 3 fruits", "apple pear fig", "give 2 trees", "oak elm"] * 20
 PROMPT = [{"role": "user", "content": "name 3 fruits"}]
@@ -130,7 +130,7 @@ def test_the_checkpoints_generation_config_changes_nothing_sampled(demo_dir, tmp
 
 
 def test_ppo_refuses_truncated_sampling():
-    check_sampling(PPOStageConfig())
+    check_ppo(PipelineConfig())
     for bad in (PPOStageConfig(top_k=50), PPOStageConfig(top_p=0.9)):
         with pytest.raises(ConfigError, match="ppo.top_k"):
-            check_sampling(bad)
+            check_ppo(PipelineConfig(ppo=bad))

@@ -81,7 +81,7 @@ def test_shipped_configs_mean_what_they_say_and_fit_together(path, tmp_path):
     from omegaconf import OmegaConf
     from rlhf.models import resolve_dtype
     from rlhf.plugins import import_callable
-    from rlhf.ppo.update import check_batch_sizes
+    from rlhf.checks import check_batch_sizes
 
     cfg = load_config(path)
     loaded = leaves(OmegaConf.to_container(OmegaConf.structured(cfg)))
@@ -137,12 +137,15 @@ def test_demo_variants_change_only_what_their_name_says(name):
 
 
 def test_gold_reward_config_trains_on_the_gold_judge():
-    from rlhf.reward_sources import check_rewards, uses_functions
+    from rlhf.checks import check_ppo
+    from rlhf.plugins import reward_function
+    from rlhf.reward_sources import uses_functions
 
     cfg = load_config(ROOT / "configs" / "demo-gold-reward.yaml")
     assert [t.source for t in cfg.ppo.rewards] == [cfg.eval.judge] == ["rlhf.demo.task:gold_score"]
     assert cfg.ppo.estimator == "gae" and uses_functions(cfg.ppo.rewards)
-    check_rewards(cfg.ppo.rewards)  # importable and callable as f(prompt, response), before any model loads
+    check_ppo(cfg)
+    reward_function(cfg.ppo.rewards[0].source, "ppo.rewards[0]")  # importable and callable as f(prompt, response)
 
 
 def cli(*args):

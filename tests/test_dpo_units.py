@@ -10,7 +10,8 @@ from peft import PeftModel
 
 from rlhf import data as rdata
 from rlhf.config import ConfigError, PipelineConfig, load_config
-from rlhf.dpo import build_trainer, check_config, tokenize_preferences
+from rlhf.checks import check_dpo
+from rlhf.dpo import build_trainer, tokenize_preferences
 from rlhf.eval.checkpoints import parse_checkpoints
 from rlhf.models import load_tokenizer
 from rlhf.rm.scoring import pair_ids
@@ -90,10 +91,10 @@ def test_settings_are_checked_first():
     cfg = PipelineConfig()
     cfg.dpo.beta = 0.0
     with pytest.raises(ConfigError, match="dpo.beta must be > 0"):
-        check_config(cfg.dpo)
+        check_dpo(cfg)
     cfg.dpo.beta, cfg.dpo.loss_type = 0.1, "sigmoidal"
     with pytest.raises(ConfigError, match="dpo.loss_type must be one of"):
-        check_config(cfg.dpo)
+        check_dpo(cfg)
     # the CLI: one line, before any file or model is read
     proc = run_stage("dpo", "run_dir=/nonexistent", "beta=-1", check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: dpo.beta must be > 0, got -1.0"

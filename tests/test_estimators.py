@@ -10,7 +10,9 @@ import torch
 from rlhf.config import ConfigError, PPOStageConfig
 from rlhf.ppo import estimators as est
 from rlhf.ppo.rollout import AdvantageSpec, Rollout, advantages, repeat_prompts
-from rlhf.ppo.train import check_config, update_spec
+from rlhf.checks import check_ppo
+from rlhf.config import PipelineConfig
+from rlhf.ppo.train import update_spec
 
 NAN = float("nan")
 
@@ -204,8 +206,8 @@ def test_repeat_prompts_lays_groups_out_contiguously():
 ])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
-        check_config(PPOStageConfig(**overrides))
-    check_config(PPOStageConfig(estimator="reinforce_pp", group_size=2))
+        check_ppo(PipelineConfig(ppo=PPOStageConfig(**overrides)))
+    check_ppo(PipelineConfig(ppo=PPOStageConfig(estimator="reinforce_pp", group_size=2)))
 
 
 def test_adaptive_kl_horizon_defaults_to_a_tenth_of_the_run():

@@ -12,7 +12,9 @@ from rlhf.config import ConfigError, EvalConfig
 from rlhf.eval.checkpoints import parse_checkpoints
 from rlhf.eval.report import render, verdict
 from rlhf.eval.judging import summarize
-from rlhf.eval.run import merge_in_order, validate
+from rlhf.checks import check_eval
+from rlhf.config import PipelineConfig
+from rlhf.eval.run import check_baseline, merge_in_order
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -186,11 +188,15 @@ def test_checkpoint_and_eval_config_errors_name_the_key(tmp_path):
         parse_checkpoints([str(tmp_path / "m"), f"m={tmp_path / 'm'}"], tmp_path)
     ckpts = parse_checkpoints(["base"], tmp_path)
     with pytest.raises(ConfigError, match="eval.baseline 'sft'"):
-        validate(EvalConfig(), ckpts)
-    with pytest.raises(ConfigError, match="eval.decoding"):
-        validate(EvalConfig(baseline="base", decoding=["beam"]), ckpts)
-    with pytest.raises(ConfigError, match="samples_per_prompt"):
-        validate(EvalConfig(baseline="base", samples_per_prompt=0), ckpts)
+        check_baseline(EvalConfig(), ckpts)
+    for settings, message in (({"checkpoints": ["base"]}, "eval.baseline 'sft'"),
+                              ({"baseline": "base", "decoding": ["beam"]}, "eval.decoding"),
+                              ({"baseline": "base", "samples_per_prompt": 0}, "samples_per_prompt"),
+                              ({"checkpoints": ["base", "x=base", "x=sft"]}, "names must differ"),
+                              ({"engine": "tgi"}, "eval.engine must be one of hf, vllm")):
+        with pytest.raises(ConfigError, match=message):
+            check_eval(PipelineConfig(eval=EvalConfig(**settings)))
+    check_eval(PipelineConfig(eval=EvalConfig(checkpoints=["base", "sft", "dpo?", f"mine={tmp_path}"])))
 
 
 def test_eval_stage_rejects_bad_input_before_loading_a_model(demo_dir, tmp_path):

@@ -128,7 +128,8 @@ def test_a_warned_reward_model_is_optimised_only_under_the_guards(tmp_path):
     choice stops before PPO with one line naming the keys, unless ppo.accept_rm_warnings."""
     import json
     from rlhf.config import ConfigError
-    from rlhf.ppo.guards import rm_warnings, rm_warnings_gate
+    from rlhf.checks import rm_warnings_gate
+    from rlhf.runs import rm_warnings
     assert rm_warnings(tmp_path) == [] and rm_warnings_gate([], "none", False, False) is None
     (tmp_path / "diagnostics.json").write_text(json.dumps({"warnings": ["the RM prefers a 'repeat' damaged answer",
                                                                         "another"]}))

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     ("foundations", ["rlhf", "rlhf.errors", "rlhf.progress", "rlhf.plugins", "rlhf.compat", "rlhf.sequences",
                      "rlhf.chat"]),
-    ("config, data, runs", ["rlhf.config", "rlhf.tracking", "rlhf.data", "rlhf.data.*", "rlhf.runs",
+    ("config, data, runs", ["rlhf.config", "rlhf.checks", "rlhf.tracking", "rlhf.data", "rlhf.data.*", "rlhf.runs",
                             "rlhf.distributed", "rlhf.preempt"]),
     ("models and adapters", ["rlhf.models"]),
     ("generation and scoring", ["rlhf.generation", "rlhf.vllm_engine", "rlhf.rm", "rlhf.rm.scoring", "rlhf.reward_sources", "rlhf.eval",

@@ -14,8 +14,7 @@ from rlhf.chat import answer_ids, encode_prompt, end_of_turn_id
 from rlhf.config import load_config
 from rlhf.demo.families import FAMILIES, build_family
 from rlhf.models import load_tokenizer
-from rlhf.ppo.train import check_sampling
-from rlhf.ppo.update import check_batch_sizes
+from rlhf import checks
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs" / "models").glob("*.yaml"))
@@ -52,6 +51,6 @@ def test_config_validates_with_its_stand_in(config, tmp_path):
         ids = encode_prompt(tok, p.prompt)
         assert tok.decode(ids).count(p.prompt[-1]["content"].strip()[:20]) >= 1
         assert answer_ids(tok, p.prompt, p.chosen)[-1] == end_of_turn_id(tok)
-    check_sampling(cfg.ppo)
-    check_batch_sizes(cfg.ppo.rollout_batch_size, cfg.ppo.num_minibatches, cfg.ppo.grad_accum)
+    for stage in ("sft", "rm", "ppo", "dpo", "eval", "export"):  # every setting that is wrong on its own
+        getattr(checks, f"check_{stage}")(cfg)
     assert cfg.ppo.forward_batch_size <= cfg.ppo.rollout_batch_size

@@ -15,7 +15,9 @@ from rlhf.ppo.roles import POLICY, build_roles, policy_logits, reference_logits,
 from rlhf.ppo.rollout import AdvantageSpec, Rollout, advantages, sample, score
 from rlhf.sequences import response_logprobs
 from rlhf.ppo.train import step_metrics
-from rlhf.ppo.update import UpdateSpec, check_batch_sizes, policy_loss, ppo_update, ptx_loss
+from rlhf.checks import check_batch_sizes
+from rlhf.config import ConfigError
+from rlhf.ppo.update import UpdateSpec, policy_loss, ppo_update, ptx_loss
 
 pytestmark = pytest.mark.slow
 T = 0.7
@@ -173,9 +175,9 @@ def test_exact_steps_optimizer_set_frozen_roles_clipping_and_schedule(setup):
             assert torch.equal(p, frozen[n]), n  # reward adapter and base never change
     assert torch.equal(roles.scorer.head.weight, head)
     assert all(p.requires_grad for p in params)  # adapter switches did not freeze policy or value
-    with pytest.raises(ValueError, match="multiple of ppo.num_minibatches"):
+    with pytest.raises(ConfigError, match="multiple of ppo.num_minibatches"):
         check_batch_sizes(10, 4, 1)
-    with pytest.raises(ValueError, match="multiple of ppo.grad_accum"):
+    with pytest.raises(ConfigError, match="multiple of ppo.grad_accum"):
         check_batch_sizes(16, 2, 3)
 
 

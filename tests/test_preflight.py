@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from rlhf.rm import train as rm  # noqa: E402
 from rlhf.config import ConfigError, load_config  # noqa: E402
 
 BAD = Path(__file__).parent / "data_bad"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def model_dir(path: Path, adapter: bool = False) -> Path:
@@ -144,3 +147,29 @@ def test_probe_pairs_share_and_a_warned_rm_under_an_unguarded_ppo_are_one_line(t
     with pytest.raises(ConfigError) as info:  # accepted: the next check is reached (the base is not a model)
         preflight.check_ppo(load_config(None, base + ["ppo.keep_best=none", "ppo.accept_rm_warnings=true"]))
     assert "accept_rm_warnings" not in str(info.value)
+
+
+def test_every_stage_s_settings_are_checked_with_torch_blocked():
+    """rlhf.checks (one check per stage, the cross-field rules) and rlhf.preflight import and run where torch
+    cannot be imported at all: a bad key is reported in a second, before the heavy libraries."""
+    code = """
+import sys
+sys.modules["torch"] = None  # any import of torch now fails
+from rlhf import checks, preflight
+from rlhf.config import ConfigError, load_config
+cfg = load_config("configs/demo.yaml")
+for stage in ("sft", "rm", "ppo", "dpo", "eval", "export"):
+    getattr(checks, "check_" + stage)(cfg)
+bad = {"sft": "sft.max_prompt_length=600", "rm": "rm.ensemble=0", "ppo": "ppo.estimator=ppo2",
+       "dpo": "dpo.beta=0", "eval": "eval.engine=tgi", "export": "export.stage=rm"}
+for stage, override in bad.items():
+    try:
+        getattr(checks, "check_" + stage)(load_config("configs/demo.yaml", [override]))
+    except ConfigError as e:
+        print(stage, "refused:", str(e).split(":")[0].split(" ")[0])
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    refused = dict(line.split(" refused: ") for line in proc.stdout.splitlines())
+    assert refused == {"sft": "sft.max_prompt_length=600", "rm": "rm.ensemble", "ppo": "ppo.estimator",
+                       "dpo": "dpo.beta", "eval": "eval.engine", "export": "export.stage"}

@@ -11,7 +11,7 @@ from rlhf.config import ConfigError, RewardTerm, load_config
 from rlhf.demo.task import gold_score
 from rlhf.sequences import left_pad
 from rlhf.models import load_tokenizer
-from rlhf.reward_sources import FunctionReward, RewardFunctionError, check_rewards, reward_source
+from rlhf.reward_sources import FunctionReward, RewardFunctionError, reward_source
 from tests.conftest import DEMO_CONFIG, run_stage
 
 
@@ -45,14 +45,28 @@ HERE = "tests.test_reward_sources"
     ([RewardTerm(f"{HERE}:HERE")], "is not callable"),
     ([RewardTerm(f"{HERE}:three_args")], r"cannot be called as f\(prompt, response\)"),
 ])
-def test_bad_reward_terms_are_named(terms, message):
+def test_bad_reward_terms_are_named(terms, message, tmp_path):
+    """The terms' shape (rlhf.checks) and each function's import (preflight), both before anything loads."""
     with pytest.raises(ConfigError, match=message):
-        check_rewards(terms)
+        check_rewards(terms, tmp_path)
 
 
-def test_good_reward_terms_pass():
-    check_rewards([RewardTerm()])
-    check_rewards([RewardTerm("rlhf.demo.task:gold_score", 10.0), RewardTerm("rm", 0.5)])
+def check_rewards(terms, run_dir) -> None:
+    from rlhf.checks import check_ppo
+    from rlhf.config import PipelineConfig
+    from rlhf.plugins import reward_function
+
+    cfg = PipelineConfig(run_dir=str(run_dir))
+    cfg.ppo.rewards = terms
+    check_ppo(cfg)
+    for i, t in enumerate(terms):
+        if t.source != "rm":
+            reward_function(t.source, f"ppo.rewards[{i}].source")
+
+
+def test_good_reward_terms_pass(tmp_path):
+    check_rewards([RewardTerm()], tmp_path)
+    check_rewards([RewardTerm("rlhf.demo.task:gold_score", 10.0), RewardTerm("rm", 0.5)], tmp_path)
 
 
 def test_the_stage_refuses_a_bad_plugin_in_one_line_before_loading_anything(tmp_path):

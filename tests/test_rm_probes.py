@@ -111,3 +111,11 @@ def test_probe_pairs_prefer_the_intact_training_answer_to_each_damaged_copy():
     assert all(e.rejected != e.chosen and e.margin is None for e in extra)
     assert [e.group for e in extra] == list(range(4, 4 + len(extra)))  # the data's groups are 0-3
     assert p.training_pairs(pairs, 0.5, seed=0, skip=["shuffle"]) == extra  # seeded
+
+
+def test_the_checks_know_every_probe():
+    """rm.probes.no_warning is checked against rlhf.checks' list, torch-free: it names the probes that run."""
+    from rlhf import checks
+    from rlhf.rm import probes
+
+    assert checks.PROBES == probes.PROBES

@@ -19,8 +19,6 @@ from rlhf.config import PipelineConfig
 from rlhf.eval.checkpoints import Checkpoint
 from rlhf.generation import SamplingSpec
 
-ENGINES = ("hf", "vllm")
-
 
 class EvalEngine:
     """A vLLM server for one evaluation: started by the main process (or at vllm.url), closed at the end."""

@@ -25,7 +25,7 @@ from rlhf.config import ConfigError, EvalConfig, PipelineConfig, save_config
 from rlhf.eval import degeneration as dg
 from rlhf.eval.checkpoints import (Checkpoint, SharedSFTModel, parse_checkpoints, provenance, same_vocabulary,
                                     standalone)
-from rlhf.eval.engine import ENGINES, EvalEngine
+from rlhf.eval.engine import EvalEngine
 from rlhf.eval.flags import flags, win_rate_text
 from rlhf.eval.judging import Answers, answer, judgements, prompt_text, summarize
 from rlhf.eval.report import render
@@ -35,7 +35,6 @@ from rlhf.plugins import import_callable
 from rlhf.runs import begin_stage, finish_stage, is_done, require_done
 from rlhf.tracking import Trackers
 
-DECODINGS = ("sample", "greedy")
 
 
 def sampling(e: EvalConfig, decoding: str) -> SamplingSpec:
@@ -44,17 +43,12 @@ def sampling(e: EvalConfig, decoding: str) -> SamplingSpec:
     return SamplingSpec(max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_k=e.top_k, top_p=e.top_p)
 
 
-def validate(e: EvalConfig, checkpoints: list[Checkpoint]) -> None:
+def check_baseline(e: EvalConfig, checkpoints: list[Checkpoint]) -> None:
+    """The baseline among the checkpoints found (an optional one, `dpo?`, is absent when its stage has not run);
+    the rest of eval's settings are checked before (rlhf.checks.check_eval, by preflight)."""
     names = [c.name for c in checkpoints]
     if e.baseline not in names:
-        raise ConfigError(f"eval.baseline {e.baseline!r} is not one of eval.checkpoints {names}")
-    bad = [d for d in e.decoding if d not in DECODINGS]
-    if bad or not e.decoding:
-        raise ConfigError(f"eval.decoding must list some of {', '.join(DECODINGS)}, got {list(e.decoding)}")
-    if e.samples_per_prompt < 1:
-        raise ConfigError(f"eval.samples_per_prompt must be at least 1, got {e.samples_per_prompt}")
-    if e.engine not in ENGINES:
-        raise ConfigError(f"eval.engine must be one of {', '.join(ENGINES)}, not {e.engine!r}")
+        raise ConfigError(f"eval.baseline {e.baseline!r} is not one of the checkpoints found {names}")
 
 
 def answers_per_prompt(e: EvalConfig, decoding: str) -> int:
@@ -66,7 +60,7 @@ def run(cfg: PipelineConfig) -> Path:
 
     # 1. everything that can be wrong is checked before a model loads
     checkpoints = parse_checkpoints(list(e.checkpoints), run_dir)
-    validate(e, checkpoints)
+    check_baseline(e, checkpoints)
     rm_dir = require_done(run_dir / "rm", "rm") if e.reward_model else None
     needs_sft = rm_dir is not None or any(c.kind in ("sft", "adapter") for c in checkpoints)
     sft_dir = require_done(run_dir / "sft", "sft") if needs_sft or is_done(run_dir / "sft") else None

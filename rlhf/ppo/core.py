@@ -21,6 +21,7 @@ import torch
 # the sequence helpers the RL math builds on; their home is rlhf/sequences.py (re-exported: core.masked_sum ...)
 from rlhf.sequences import (entropy_from_logits, first_eos_mask, logprobs_from_logits, masked_mean,  # noqa: F401
                             masked_sum, truncate_after_eos)
+from rlhf.checks import LOSS_AGGS, REWARD_NORMS
 
 Tensor = torch.Tensor
 
@@ -103,7 +104,6 @@ def per_token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) 
     return rewards, non_score
 
 
-REWARD_NORMS = ("shift_scale", "shift", "none")
 REWARD_STD_FLOOR = 1e-2
 """shift_scale divides by the SFT answers' score std only when it is at least this (in the reward's units)."""
 
@@ -164,7 +164,6 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
 LOG_RATIO_CLAMP = 20.0
 """|log-ratio| bound before any exp (verl's): a ratio of e^100 would overflow to inf and stop the run."""
 
-LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
 
 
 def loss_units(mask: Tensor, mode: str) -> int:

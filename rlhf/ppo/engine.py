@@ -28,8 +28,6 @@ from rlhf.ppo.rollout import sample as hf_sample
 from rlhf.sequences import response_logprobs, response_width
 from rlhf import vllm_engine as ve
 
-ENGINES = ("hf", "vllm")
-
 
 class HFEngine:
     """Rollouts from the trainer's own model (transformers' generate)."""

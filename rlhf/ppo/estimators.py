@@ -23,13 +23,9 @@ import torch
 
 from rlhf.ppo import core
 from rlhf.ppo.kl import kl_loss_terms
+from rlhf.checks import ESTIMATORS, GROUP_ESTIMATORS  # noqa: F401 (re-exported: the choices live with the checks)
 
 Tensor = torch.Tensor
-
-ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
-"""gae: PPO with a value adapter; the others need no critic."""
-GROUP_ESTIMATORS = ("grpo", "rloo")
-"""Estimators whose baseline is the other answers to the same prompt: they need group_size >= 2."""
 
 
 def _groups(rewards: Tensor, k: int) -> Tensor:

@@ -21,7 +21,6 @@ among: the last policy is kept, unguarded, and the reason says so.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from dataclasses import dataclass
@@ -29,10 +28,9 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from rlhf.errors import ConfigError
 from rlhf.ppo.roles import Roles, adapter_state, load_adapter_state
+from rlhf.checks import KEEP_BEST  # noqa: F401 (re-exported: the choices live with the checks)
 
-KEEP_BEST = ("monitor_reward_guarded", "monitor_reward", "none")
 BEST_DIR = "best"
 
 
@@ -123,32 +121,6 @@ class Guards:
             setattr(self, key, value)
         if self.best_score is None:
             self.best_score = -math.inf
-
-
-def rm_warnings(rm_dir: Path) -> list[str]:
-    """The warnings the reward model's stage wrote into its diagnostics.json (none without the file)."""
-    path = Path(rm_dir) / "diagnostics.json"
-    return json.loads(path.read_text()).get("warnings", []) if path.is_file() else []
-
-
-def rm_warnings_gate(warnings: list[str], keep_best: str, monitored: bool, accept: bool) -> str | None:
-    """What PPO does with a reward model its stage warned about (`warnings`, from rm/diagnostics.json): None when
-    there is nothing to say; else the line to print before PPO runs. With the kept policy chosen unguarded
-    (keep_best none or monitor_reward) and `accept` false, a ConfigError instead: PPO does not start."""
-    if not warnings:
-        return None
-    first = f"the reward model's stage warned: {warnings[0]}" + (f" (and {len(warnings) - 1} more)"
-                                                                 if len(warnings) > 1 else "")
-    if keep_best == "monitor_reward_guarded":
-        if monitored:
-            return f"{first}; PPO keeps only a monitor point within the guards, or SFT (ppo.keep_best)"
-        return (f"{first}; nothing guards the kept policy with the monitor off: set ppo.monitor_every > 0 and "
-                f"ppo.eval_prompts_file")
-    if accept:
-        return f"{first}; PPO keeps its policy unguarded (ppo.keep_best={keep_best}, ppo.accept_rm_warnings=true)"
-    raise ConfigError(f"rm/diagnostics.json: {first}. With ppo.keep_best={keep_best} PPO would keep what it learns "
-                      f"from the RM's blind spots unguarded: set ppo.keep_best=monitor_reward_guarded (the default), "
-                      f"fix the RM, or set ppo.accept_rm_warnings=true")
 
 
 def save_best(out: Path, step: int, roles: Roles) -> Path:

@@ -9,11 +9,10 @@ from __future__ import annotations
 import torch
 
 from rlhf.ppo.core import LOG_RATIO_CLAMP
+from rlhf.checks import KL_KINDS, KL_LOSS_KINDS  # noqa: F401 (re-exported: the choices live with the checks)
 
 Tensor = torch.Tensor
 
-KL_KINDS = ("k1", "k3", "abs", "mse")
-KL_LOSS_KINDS = ("k3+", "k2", "k3")
 """Estimators for a KL loss term (`kl_loss_terms`)."""
 
 

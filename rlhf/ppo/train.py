@@ -23,27 +23,28 @@ from transformers import get_scheduler
 
 from rlhf import data as rdata
 from rlhf import distributed
+from rlhf.checks import check_batch_sizes, monitor_on, rm_warnings_gate
 from rlhf.config import ConfigError, PipelineConfig, PPOStageConfig, save_config
 from rlhf.chat import describe
 from rlhf.generation import SamplingSpec, encode_prompt, model_stop_ids
 from rlhf.models import enable_activation_checkpointing, load_sft_model, load_tokenizer
 from rlhf.plugins import import_callable
-from rlhf.ppo import core, estimators
-from rlhf.ppo.engine import ENGINES, build_engine, mismatch
+from rlhf.ppo import core
+from rlhf.ppo.engine import build_engine, mismatch
 from rlhf.ppo.evaluate import compare_with_sft
-from rlhf.ppo.guards import KEEP_BEST, Guards, GuardSpec, load_best, prune_best, rm_warnings, rm_warnings_gate
-from rlhf.ppo.kl import KL_LOSS_KINDS, AdaptiveKLController, FixedKLController, default_kl_horizon
+from rlhf.ppo.guards import Guards, GuardSpec, load_best, prune_best
+from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, default_kl_horizon
 from rlhf.ppo.monitor import MonitorSpec, observe
 from rlhf.ppo.roles import VALUE, build_roles, init_value_head
 from rlhf.ppo.rollout import AdvantageSpec, PromptSampler, advantages, repeat_prompts, sample, score
 from rlhf.ppo.state import load_checkpoint, rng_state, save_checkpoint
-from rlhf.ppo.update import UpdateSpec, check_batch_sizes, ppo_update
+from rlhf.ppo.update import UpdateSpec, ppo_update
 from rlhf.ppo.ptx import ptx_batches
 from rlhf.progress import progress
 from rlhf import reward_sources as rs
-from rlhf.rm.scoring import ENSEMBLE_OBJECTIVES, RewardEnsemble
+from rlhf.rm.scoring import RewardEnsemble
 from rlhf.preempt import StopSignal, mark_preempted
-from rlhf.runs import MetricsFile, begin_stage, check_finite, finish_stage, require_done
+from rlhf.runs import MetricsFile, begin_stage, check_finite, finish_stage, require_done, rm_warnings
 from rlhf.sequences import batches
 from rlhf.tracking import Trackers
 
@@ -75,25 +76,9 @@ def guard_spec(p: PPOStageConfig) -> GuardSpec:
                      keep_best=p.keep_best)
 
 
-def check_guards(p: PPOStageConfig) -> None:
-    if p.keep_best not in KEEP_BEST:
-        raise ConfigError(f"ppo.keep_best={p.keep_best!r}: choose one of {', '.join(KEEP_BEST)}")
-    if p.monitor_every < 0 or p.guard_patience < 1:
-        raise ConfigError(f"ppo.monitor_every must be >= 0 and ppo.guard_patience >= 1, got {p.monitor_every} "
-                          f"and {p.guard_patience}")
-    # the default (monitor_reward_guarded) falls back to the last policy without a monitor, and says so in DONE
-    if p.keep_best == "monitor_reward" and not monitor_on(p):
-        raise ConfigError(f"ppo.keep_best={p.keep_best} chooses among monitor points: it needs ppo.monitor_every "
-                          f"> 0, ppo.monitor_prompts > 0 and ppo.eval_prompts_file")
-
-
 def kl_horizon(p: PPOStageConfig) -> int:
     """ppo.kl_horizon, or by default a tenth of the run's rollouts (kl.default_kl_horizon)."""
     return p.kl_horizon if p.kl_horizon is not None else default_kl_horizon(p.steps, p.rollout_batch_size)
-
-
-def monitor_on(p: PPOStageConfig) -> bool:
-    return p.monitor_every > 0 and bool(p.eval_prompts_file) and p.monitor_prompts > 0
 
 
 def kl_controller(p: PPOStageConfig):
@@ -146,68 +131,9 @@ def reward_normalisation(roles, tokenizer, prompt_ids, p: PPOStageConfig, rank: 
     return core.reward_normalisation(scores, p.reward_norm)
 
 
-def check_sampling(p: PPOStageConfig) -> None:
-    """PPO's log-probs are those of softmax(logits / temperature) over the whole vocabulary; top-k or top-p
-    sampling draws from a truncated distribution, so the ratio and the KL would describe a policy that is
-    not the one sampled. Refused rather than silently biased."""
-    if p.top_k != 0 or p.top_p != 1.0:
-        raise ConfigError(f"ppo.top_k={p.top_k}, ppo.top_p={p.top_p}: PPO samples from the full distribution at "
-                          f"ppo.temperature (its log-probs must be those of the sampling distribution); "
-                          f"set ppo.top_k=0 and ppo.top_p=1.0 (eval.top_k/top_p may differ)")
-
-
-def check_config(p: PPOStageConfig) -> None:
-    """The PPO settings that are wrong on their own, checked before anything is read or loaded (also by
-    rlhf.preflight, ahead of the checks on files and finished stages)."""
-    check_sampling(p)
-    if p.reward_norm not in core.REWARD_NORMS:
-        raise ConfigError(f"ppo.reward_norm must be one of {', '.join(core.REWARD_NORMS)}, not {p.reward_norm!r}")
-    if p.ensemble_objective not in ENSEMBLE_OBJECTIVES:
-        raise ConfigError(f"ppo.ensemble_objective must be one of {', '.join(ENSEMBLE_OBJECTIVES)}, "
-                          f"got {p.ensemble_objective!r}")
-    check_guards(p)
-    rs.check_rewards(p.rewards)
-    check_estimator(p)
-    check_engine(p)
-
-
-def check_engine(p: PPOStageConfig) -> None:
-    if p.rollout_engine not in ENGINES:
-        raise ConfigError(f"ppo.rollout_engine must be one of {', '.join(ENGINES)}, not {p.rollout_engine!r}")
-    if p.tis_cap is not None and not p.tis_cap >= 1.0:
-        raise ConfigError(f"ppo.tis_cap={p.tis_cap}: the cap of the importance weights must be >= 1 (or null: off)")
-
-
-def check_estimator(p: PPOStageConfig) -> None:
-    if p.estimator not in estimators.ESTIMATORS:
-        raise ConfigError(f"ppo.estimator must be one of {', '.join(estimators.ESTIMATORS)}, not {p.estimator!r}")
-    if p.group_size < 1 or (p.estimator in estimators.GROUP_ESTIMATORS and p.group_size < 2):
-        raise ConfigError(f"ppo.group_size={p.group_size}: ppo.estimator={p.estimator} needs "
-                          + ("at least 2 answers per prompt (its baseline is the other answers)"
-                             if p.estimator in estimators.GROUP_ESTIMATORS else "at least 1"))
-    if p.rollout_batch_size % p.group_size:
-        raise ConfigError(f"ppo.rollout_batch_size={p.rollout_batch_size} must be a multiple of "
-                          f"ppo.group_size={p.group_size} (it counts answers: rollout_batch_size / group_size prompts "
-                          f"a step, each answered group_size times)")
-    if p.grpo_kl not in ("loss", "reward"):
-        raise ConfigError(f"ppo.grpo_kl must be loss (a k3 loss term, GRPO's paper) or reward (the answer's summed "
-                          f"KL in its reward, as rloo), not {p.grpo_kl!r}")
-    if p.grpo_kl_estimator not in KL_LOSS_KINDS:
-        raise ConfigError(f"ppo.grpo_kl_estimator must be one of {', '.join(KL_LOSS_KINDS)}, not {p.grpo_kl_estimator!r}")
-    if p.adaptive_kl and (p.target_kl <= 0 or (p.kl_horizon is not None and p.kl_horizon <= 0)):
-        raise ConfigError(f"ppo.adaptive_kl needs ppo.target_kl > 0 and ppo.kl_horizon > 0 (or null: a tenth of the "
-                          f"run's rollouts), got {p.target_kl} and {p.kl_horizon}")
-    if p.loss_agg not in core.LOSS_AGGS:
-        raise ConfigError(f"ppo.loss_agg must be one of {', '.join(core.LOSS_AGGS)}, not {p.loss_agg!r}")
-    if p.whiten_rewards and p.estimator in estimators.GROUP_ESTIMATORS:
-        raise ConfigError(f"ppo.whiten_rewards scales per-token rewards (gae, reinforce_pp); "
-                          f"ppo.estimator={p.estimator} normalises within groups: set ppo.whiten_rewards=false")
-
-
 def run(cfg: PipelineConfig) -> Path:
-    p = cfg.ppo
+    p = cfg.ppo  # checked (rlhf.checks.check_ppo, by preflight)
     run_dir = Path(cfg.run_dir)
-    check_config(p)
     sft_dir, rm_dir = require_done(run_dir / "sft", "sft"), require_done(run_dir / "rm", "rm")
     # Several processes (accelerate launch): rollout_batch_size is global, each process samples its share.
     procs = distributed.state()
@@ -217,12 +143,8 @@ def run(cfg: PipelineConfig) -> Path:
     if local_batch % p.group_size:  # a group's answers must stay in one process: its baseline is computed there
         raise ConfigError(f"ppo.rollout_batch_size={p.rollout_batch_size} must be a multiple of ppo.group_size="
                           f"{p.group_size} x {world} processes: each process answers whole groups")
-    try:
-        check_batch_sizes(local_batch, p.num_minibatches, p.grad_accum)
-    except ValueError as e:
-        if world == 1:
-            raise
-        raise ConfigError(f"{e} (per process: {p.rollout_batch_size} rollouts / {world} processes)") from None
+    check_batch_sizes(local_batch, p.num_minibatches, p.grad_accum,
+                      f" (per process: {p.rollout_batch_size} rollouts / {world} processes)" if world > 1 else "")
     out = begin_stage(run_dir / "ppo", cfg.force)
     if main:
         save_config(cfg, out)

@@ -44,17 +44,6 @@ class UpdateSpec:
     """Truncated importance sampling of rollouts from another engine (`core.truncated_is_weights`); None: off."""
 
 
-def check_batch_sizes(rollout_batch_size: int, num_minibatches: int, grad_accum: int) -> None:
-    """Loud errors for sizes that would silently drop rollouts or change the number of steps."""
-    if rollout_batch_size % num_minibatches:
-        raise ValueError(f"ppo.rollout_batch_size={rollout_batch_size} must be a multiple of "
-                         f"ppo.num_minibatches={num_minibatches}")
-    minibatch = rollout_batch_size // num_minibatches
-    if minibatch % grad_accum:
-        raise ValueError(f"the minibatch size {minibatch} (rollout_batch_size / num_minibatches) must be a multiple "
-                         f"of ppo.grad_accum={grad_accum}")
-
-
 def ppo_update(roles: Roles, optimizer: torch.optim.Optimizer, scheduler, r: Rollout, a: Advantages,
                spec: UpdateSpec, ptx_batches=None, where: str = "ppo update") -> dict[str, float]:
     """Run the PPO epochs on one rollout batch; returns the mean of each statistic over all micro-batches.

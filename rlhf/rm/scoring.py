@@ -27,6 +27,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 from rlhf.chat import answer_ids, encode_prompt
 from rlhf.models import active_adapter
 from rlhf.sequences import backbone, last_hidden, last_token_index, left_pad
+from rlhf.checks import ENSEMBLE_OBJECTIVES
 
 HEAD_FILE = "score_head.safetensors"
 REWARD_ADAPTER = "reward"
@@ -168,7 +169,6 @@ def member_dirs(rm_dir: str | Path) -> list[Path]:
     return [rm_dir] + extra
 
 
-ENSEMBLE_OBJECTIVES = ("mean", "min", "mean_minus_std")
 
 
 def combine(scores: torch.Tensor, objective: str = "mean", std_coef: float = 0.0) -> torch.Tensor:

@@ -12,7 +12,6 @@ from __future__ import annotations
 from transformers import EarlyStoppingCallback, TrainerCallback
 
 SELECTION = "eval_selection"
-METRICS = ("accuracy", "loss")
 
 
 def selection_score(accuracy: float, loss: float) -> float:

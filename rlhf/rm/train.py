@@ -27,9 +27,9 @@ from trl import RewardConfig, RewardTrainer
 from rlhf import data as rdata
 from rlhf.rm import diagnostics as rm_diagnostics
 from rlhf.rm import probes as rm_probes
-from rlhf.rm.selection import (METRICS, best_checkpoint_args, cap_warning, describe_selection, plateau_kwargs,
+from rlhf.rm.selection import (best_checkpoint_args, cap_warning, describe_selection, plateau_kwargs,
                                selection_callbacks)
-from rlhf.config import ConfigError, LoraSpec, PipelineConfig, RMStageConfig, TrainSpec
+from rlhf.config import LoraSpec, PipelineConfig, RMStageConfig, TrainSpec
 from rlhf.models import (enable_activation_checkpointing, load_sft_model, load_tokenizer, lora_config,
                          resolve_dtype, stack_under)
 from rlhf.plugins import import_callable
@@ -158,15 +158,6 @@ def trainer_args(cfg: RMStageConfig, out: Path, bf16: bool, train: TrainSpec | N
 
 def run(cfg: PipelineConfig) -> Path:
     r = cfg.rm
-    if r.ensemble < 1:
-        raise ConfigError(f"rm.ensemble must be at least 1, got {r.ensemble}")
-    if r.early_stopping.metric not in METRICS or r.early_stopping.patience < 0:
-        raise ConfigError(f"rm.early_stopping: metric must be one of {', '.join(METRICS)} and patience >= 0, got "
-                          f"{r.early_stopping.metric!r} and {r.early_stopping.patience}")
-    unknown = set(r.probes.no_warning) - set(rm_probes.PROBES)
-    if unknown:
-        raise ConfigError(f"rm.probes.no_warning: unknown probe(s) {sorted(unknown)}; the probes are "
-                          f"{', '.join(rm_probes.PROBES)}")
     sft_dir = require_done(Path(cfg.run_dir) / "sft", "sft")
     procs, out = start_stage(cfg, "rm")
     main = procs.is_main_process
