@@ -226,7 +226,7 @@ def test_reward_normalisation_of_an_all_zero_reward_falls_back_to_shift_and_says
     fake_sampling(monkeypatch, 8)
     roles = SimpleNamespace(scorer=SimpleNamespace(score_ids=lambda ids, mask, **_: torch.zeros(ids.shape[0])))
     p = PPOStageConfig(reward_norm_samples=8)
-    assert train.reward_normalisation(roles, None, [[1]] * 8, p) == (0.0, 1.0)
+    assert train.measure_reward_normalisation(roles, None, [[1]] * 8, p) == (0.0, 1.0)
     assert "falls back to shift" in capsys.readouterr().err
     assert train.reward_norm_used("shift_scale", 1.0) == "shift" and train.reward_norm_used("shift_scale", 0.5) == "shift_scale"
 
@@ -258,7 +258,7 @@ def test_a_constant_added_to_one_ensemble_member_changes_no_advantage(monkeypatc
         ensemble = RewardEnsemble([member(tables[0], 0.0), member(tables[1], offset), member(tables[2], 0.0)])
         roles = SimpleNamespace(scorer=ensemble.with_objective(objective, 1.0))
         p = PPOStageConfig(reward_norm_samples=n, ensemble_objective=objective)
-        shift, scale = train.reward_normalisation(roles, None, [[1]] * n, p)
+        shift, scale = train.measure_reward_normalisation(roles, None, [[1]] * n, p)
         rows = torch.tensor([3, 1, 4, 1])  # a rollout of 2 prompts x 2 answers
         ids = torch.stack([rows, rows, rows], 1)
         mask = torch.ones(4, 3, dtype=torch.bool)

@@ -30,12 +30,13 @@ from rlhf.generation import SamplingSpec, encode_prompt, model_stop_ids
 from rlhf.models import enable_activation_checkpointing, load_sft_model, load_tokenizer
 from rlhf.plugins import import_callable
 from rlhf.ppo import core
+from rlhf.eval.flags import win_rate_text
 from rlhf.ppo.engine import build_engine, mismatch
 from rlhf.ppo.evaluate import compare_with_sft
 from rlhf.ppo.guards import Guards, GuardSpec, load_best, prune_best
 from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, default_kl_horizon
 from rlhf.ppo.monitor import MonitorSpec, observe
-from rlhf.ppo.roles import VALUE, build_roles, init_value_head
+from rlhf.ppo.roles import VALUE, Roles, build_roles, init_value_head
 from rlhf.ppo.rollout import AdvantageSpec, PromptSampler, advantages, repeat_prompts, sample, score
 from rlhf.ppo.state import load_checkpoint, rng_state, save_checkpoint
 from rlhf.ppo.update import UpdateSpec, ppo_update
@@ -106,7 +107,7 @@ def normalisation_prompts(n_prompts: int, samples: int, seed: int) -> list[int]:
 
 
 @torch.no_grad()
-def reward_normalisation(roles, tokenizer, prompt_ids, p: PPOStageConfig, rank: int = 0,
+def measure_reward_normalisation(roles, tokenizer, prompt_ids, p: PPOStageConfig, rank: int = 0,
                          world: int = 1) -> tuple[float, float]:
     """(shift, scale) of p.reward_norm (core.reward_normalisation) from RM scores of the SFT policy's own answers
     (the policy is SFT before any update). With several processes each samples a share of the prompts; the
@@ -131,20 +132,84 @@ def reward_normalisation(roles, tokenizer, prompt_ids, p: PPOStageConfig, rank: 
     return core.reward_normalisation(scores, p.reward_norm)
 
 
-def run(cfg: PipelineConfig) -> Path:
-    p = cfg.ppo  # checked (rlhf.checks.check_ppo, by preflight)
-    run_dir = Path(cfg.run_dir)
-    sft_dir, rm_dir = require_done(run_dir / "sft", "sft"), require_done(run_dir / "rm", "rm")
-    # Several processes (accelerate launch): rollout_batch_size is global, each process samples its share.
-    procs = distributed.state()
-    distributed.check_ppo_supported()
-    rank, world, main = procs.process_index, procs.num_processes, procs.is_main_process
-    local_batch = distributed.per_process(p.rollout_batch_size, world, "ppo.rollout_batch_size")
-    if local_batch % p.group_size:  # a group's answers must stay in one process: its baseline is computed there
+@dataclass
+class Inputs:
+    """What PPO reads before the model loads: the tokenizer and every prompt, tokenized once."""
+
+    tokenizer: object
+    prompts: list            # the training prompts (chat messages or text) and their ids
+    prompt_ids: list[list[int]]
+    held_out: list           # the held-out prompts and their ids (the monitor's first, the comparison's first)
+    held_out_ids: list[list[int]]
+    judge: object            # the gold judge of the end-of-run comparison, or None
+    ptx: object              # PPO-ptx's demonstration batches, or None
+
+
+def load_inputs(p: PPOStageConfig, sft_dir: Path, procs) -> Inputs:
+    """The tokenizer (the SFT stage's), the prompts (lengths checked before the model loads), the judge and
+    PPO-ptx's demonstrations."""
+    tokenizer = load_tokenizer(str(sft_dir))
+    prompts, prompt_ids = load_prompt_ids(p.prompts_file, p.prompts_split, p, tokenizer)
+    held, held_ids = (load_prompt_ids(p.eval_prompts_file, p.eval_prompts_split, p, tokenizer)
+                      if p.eval_prompts_file else ([], []))
+    ptx = ptx_batches(p, tokenizer, procs.device, procs.process_index, procs.num_processes) if p.ptx_coef > 0 else None
+    return Inputs(tokenizer, prompts, prompt_ids, held, held_ids, import_callable(p.judge) if p.judge else None, ptx)
+
+
+def local_batch_size(p: PPOStageConfig, world: int) -> int:
+    """Rollouts per process (rollout_batch_size is global; each of `world` processes samples its share, whole
+    groups: a group's baseline is computed where it was sampled)."""
+    local = distributed.per_process(p.rollout_batch_size, world, "ppo.rollout_batch_size")
+    if local % p.group_size:
         raise ConfigError(f"ppo.rollout_batch_size={p.rollout_batch_size} must be a multiple of ppo.group_size="
                           f"{p.group_size} x {world} processes: each process answers whole groups")
-    check_batch_sizes(local_batch, p.num_minibatches, p.grad_accum,
+    check_batch_sizes(local, p.num_minibatches, p.grad_accum,
                       f" (per process: {p.rollout_batch_size} rollouts / {world} processes)" if world > 1 else "")
+    return local
+
+
+def load_roles(cfg: PipelineConfig, sft_dir: Path, rm_dir: Path, inputs: Inputs, procs) -> tuple[Roles, list[int]]:
+    """One SFT model, four roles (policy, reference = adapters off, value (gae only), reward), the reward being
+    what PPO maximises (an ensemble's objective, reward functions); every process starts from the same weights.
+    Returns the roles and the stop tokens sampling ends at."""
+    p, tokenizer, main = cfg.ppo, inputs.tokenizer, procs.is_main_process
+    torch.manual_seed(p.seed)
+    sft_model = load_sft_model(cfg.model, sft_dir, tokenizer).to(procs.device)
+    if cfg.model.gradient_checkpointing:  # recompute activations in backward; each role's under its own adapter
+        enable_activation_checkpointing(sft_model)
+    roles = build_roles(sft_model, rm_dir, tokenizer, p.lora, p.value_from_reward, critic=p.estimator == "gae")
+    stops = model_stop_ids(roles.model, tokenizer)  # what sampling stops at; a response holding one has ended
+    say = print if main else (lambda *a, **k: None)
+    say(f"[ppo] answers end at {describe(tokenizer, stops)}")
+    if isinstance(roles.scorer, RewardEnsemble):  # PPO maximises the ensemble objective; eval reports the mean
+        roles.scorer = roles.scorer.with_objective(p.ensemble_objective, p.ensemble_std_coef)
+        say(f"[ppo] reward: {p.ensemble_objective} of {len(roles.scorer.members)} reward models"
+            + (f" (std coef {p.ensemble_std_coef})" if p.ensemble_objective == "mean_minus_std" else ""))
+    if rs.uses_functions(p.rewards):  # reward functions, alone or weighted with the RM (rlhf/reward_sources.py)
+        roles.scorer = rs.reward_source(p.rewards, roles.scorer, tokenizer, inputs.prompts + inputs.held_out,
+                                        inputs.prompt_ids + inputs.held_out_ids)
+        say(f"[ppo] reward: {roles.scorer.describe([t.source for t in p.rewards])}")
+    distributed.broadcast_parameters(roles.trainable_parameters())  # same start everywhere
+    if procs.num_processes > 1:
+        torch.manual_seed(distributed.rank_seed(p.seed, procs.process_index))  # but each process samples differently
+    return roles, stops
+
+
+def optimiser(roles: Roles, p: PPOStageConfig):
+    """AdamW on the trained adapters, and its schedule over all the run's optimiser steps."""
+    optimizer = torch.optim.AdamW(roles.trainable_parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    total = p.steps * p.ppo_epochs * p.num_minibatches
+    warmup = int(p.warmup * total) if p.warmup < 1 else int(p.warmup)
+    return optimizer, get_scheduler(p.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+
+
+def run(cfg: PipelineConfig) -> Path:
+    p, run_dir = cfg.ppo, Path(cfg.run_dir)  # checked by preflight (rlhf.checks.check_ppo)
+    sft_dir, rm_dir = require_done(run_dir / "sft", "sft"), require_done(run_dir / "rm", "rm")
+    procs = distributed.state()  # several processes (accelerate launch): each samples its share of a step
+    distributed.check_ppo_supported()
+    world, main = procs.num_processes, procs.is_main_process
+    local_batch = local_batch_size(p, world)
     out = begin_stage(run_dir / "ppo", cfg.force)
     if main:
         save_config(cfg, out)
@@ -152,95 +217,41 @@ def run(cfg: PipelineConfig) -> Path:
     if warned and main:  # a reward model its stage warned about is not optimised as if nothing were wrong
         print(f"[ppo] WARNING: {warned}", file=sys.stderr)
 
-    # 1. tokenizer, prompts (validated before the model loads), judge, demonstrations for PPO-ptx
-    tokenizer = load_tokenizer(str(sft_dir))
-    prompts, prompt_ids = load_prompt_ids(p.prompts_file, p.prompts_split, p, tokenizer)
-    eval_prompts = (load_prompt_ids(p.eval_prompts_file, p.eval_prompts_split, p, tokenizer)[0][:p.eval_samples]
-                    if p.eval_prompts_file else [])
-    monitor_ids = (load_prompt_ids(p.eval_prompts_file, p.eval_prompts_split, p, tokenizer)[1][:p.monitor_prompts]
-                   if p.eval_prompts_file and p.monitor_every > 0 else [])
-    judge = import_callable(p.judge) if p.judge else None
-    ptx = ptx_batches(p, tokenizer, procs.device, rank, world) if p.ptx_coef > 0 else None
+    # 1. tokenizer and prompts (checked before the model loads); 2. the roles on one SFT model, the optimiser
+    inputs = load_inputs(p, sft_dir, procs)
+    tokenizer, prompt_ids = inputs.tokenizer, inputs.prompt_ids
     if main:
-        print(f"[ppo] {len(prompts)} prompts, {p.steps} steps of {p.rollout_batch_size} rollouts"
-              + (f" ({local_batch} per process, {world} processes)" if world > 1 else ""))
-        if p.adaptive_kl:
-            print(f"[ppo] adaptive KL coefficient from {p.kl_coef} towards {p.target_kl} nats per answer, horizon "
-                  f"{kl_horizon(p)} rollouts")
+        print(f"[ppo] {len(prompt_ids)} prompts, {p.steps} steps of {p.rollout_batch_size} rollouts"
+              + (f" ({local_batch} per process, {world} processes)" if world > 1 else "")
+              + (f"; adaptive KL coefficient from {p.kl_coef} towards {p.target_kl} nats per answer, horizon "
+                 f"{kl_horizon(p)} rollouts" if p.adaptive_kl else ""))
+    roles, stops = load_roles(cfg, sft_dir, rm_dir, inputs, procs)
+    optimizer, scheduler = optimiser(roles, p)
+    watch = MonitorSpec(inputs.held_out_ids[:p.monitor_prompts] if monitor_on(p) else [], sampling(p),
+                        p.forward_batch_size, p.seed, p.monitor_every, p.steps)
 
-    # 2. one SFT model, four roles: policy, reference (adapters off), value (gae only), reward
-    torch.manual_seed(p.seed)
-    sft_model = load_sft_model(cfg.model, sft_dir, tokenizer).to(procs.device)
-    if cfg.model.gradient_checkpointing:  # recompute activations in backward; each role's under its own adapter
-        enable_activation_checkpointing(sft_model)
-    critic = p.estimator == "gae"
-    roles = build_roles(sft_model, rm_dir, tokenizer, p.lora, p.value_from_reward, critic=critic)
-    stops = model_stop_ids(roles.model, tokenizer)  # what sampling stops at; a response holding one has ended
-    if main:
-        print(f"[ppo] answers end at {describe(tokenizer, stops)}")
-    if isinstance(roles.scorer, RewardEnsemble):  # PPO maximises the ensemble objective; eval reports the mean
-        roles.scorer = roles.scorer.with_objective(p.ensemble_objective, p.ensemble_std_coef)
-        if main:
-            print(f"[ppo] reward: {p.ensemble_objective} of {len(roles.scorer.members)} reward models"
-                  + (f" (std coef {p.ensemble_std_coef})" if p.ensemble_objective == "mean_minus_std" else ""))
-    if rs.uses_functions(p.rewards):  # ppo.rewards: reward functions, alone or weighted with the RM (rlhf/reward_sources.py)
-        held = load_prompt_ids(p.eval_prompts_file, p.eval_prompts_split, p, tokenizer) if p.eval_prompts_file else ([], [])
-        roles.scorer = rs.reward_source(p.rewards, roles.scorer, tokenizer, prompts + held[0], prompt_ids + held[1])
-        if main:
-            print(f"[ppo] reward: {roles.scorer.describe([t.source for t in p.rewards])}")
-    distributed.broadcast_parameters(roles.trainable_parameters())  # same start everywhere
-    if world > 1:
-        torch.manual_seed(distributed.rank_seed(p.seed, rank))      # but each process samples differently
-    optimizer = torch.optim.AdamW(roles.trainable_parameters(), lr=p.lr, weight_decay=p.weight_decay)
-    total_updates = p.steps * p.ppo_epochs * p.num_minibatches
-    warmup = int(p.warmup * total_updates) if p.warmup < 1 else int(p.warmup)
-    scheduler = get_scheduler(p.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_updates)
-    watch = MonitorSpec(monitor_ids, sampling(p), p.forward_batch_size, p.seed, p.monitor_every, p.steps)
-
-    # 3. resume, or measure the reward normalisation on the SFT policy
-    loop = resume_or_start(out, roles, optimizer, scheduler, p, procs, tokenizer, prompt_ids, len(prompts))
-    start = loop.step
-    metrics = MetricsFile(out / "metrics.jsonl", resume_step=start, enabled=main)
+    # 3. resume, or measure the reward normalisation on the SFT policy (and observe it: the guards' baseline)
+    loop = resume_or_start(out, roles, optimizer, scheduler, p, procs, tokenizer, prompt_ids, len(prompt_ids))
+    metrics = MetricsFile(out / "metrics.jsonl", resume_step=loop.step, enabled=main)
     trackers = Trackers(cfg.report_to, out, config=asdict(cfg), enabled=main, stage="ppo")  # tb/ and report_to
     if main:
-        prune_best(out, loop.guards.best_step, upto=start)  # snapshots a killed run wrote after its last checkpoint
-    if start == 0 and watch.due(0):  # the monitor's baseline: the SFT policy (the guards compare with it)
+        prune_best(out, loop.guards.best_step, upto=loop.step)  # snapshots a killed run wrote after its checkpoint
+    if loop.step == 0 and watch.due(0):
         first = observe(0, 0.0, loop.guards, watch, roles, tokenizer, out, main, procs.device)
         metrics.write(0, first)
         trackers.log(first, 0)
 
-    # 4. the PPO loop: rollout -> score -> advantages -> PPO epochs (with group_size k, each of the
-    #    rollout_batch_size / k prompts of a step is answered k times; a group stays in one process)
-    bar = progress(range(start, p.steps), initial=start, total=p.steps, desc="ppo", enabled=p.progress_bar and main)
-    stop = StopSignal()  # SIGTERM/SIGUSR1: checkpoint at the end of the step, exit 75 (rlhf/preempt.py)
-    engine = None
+    # 4. the loop: sync the engine, rollout, score, advantages, PPO epochs, KL controller, monitor, checkpoint
+    bar = progress(range(loop.step, p.steps), initial=loop.step, total=p.steps, desc="ppo",
+                   enabled=p.progress_bar and main)
+    stop, engine = StopSignal(), None  # SIGTERM/SIGUSR1: checkpoint at the end of the step, exit 75 (rlhf/preempt.py)
     try:
         engine = build_engine(cfg, sft_dir, out, tokenizer, stops, procs, prompt_ids)  # hf, or a vLLM server
         for step in bar:
             if loop.guards.stop_reason:  # a guard stopped the run (last step, or in the checkpoint resumed from)
                 break
-            t0 = time.perf_counter()
-            synced = engine.sync(roles, step)  # vllm: the engine gets this policy, checked on the probe answers
-            chosen = distributed.shard(loop.sampler.next(p.rollout_batch_size // p.group_size), rank, world)
-            batch = repeat_prompts([prompt_ids[i] for i in chosen], p.group_size)
-            ids, mask, width, engine_lp = engine.sample(roles, tokenizer, batch, sampling(p),          # 4.1 rollout
-                                                        p.forward_batch_size, step)
-            t1 = time.perf_counter()
-            r = score(roles, ids, mask, width, p.temperature, p.forward_batch_size, stops, engine_lp)        # 4.2
-            a = advantages(r, loop.kl_ctl.value, advantage_spec(p, loop.shift, loop.scale))             # 4.3
-            check_rollout(r, a, f"ppo step {step + 1}")  # a nan score or KL stops the run before any update
-            t2 = time.perf_counter()
-            stats = ppo_update(roles, optimizer, scheduler, r, a, update_spec(p, loop.kl_ctl.value), ptx,  # 4.4
-                               f"ppo step {step + 1}")
-            t3 = time.perf_counter()
-            logs = step_metrics(r, a, loop.kl_ctl.value, scheduler.get_last_lr()[0]) | stats | synced | mismatch(
-                r.logprobs, r.engine_logprobs, r.response_mask) | {
-                "time/generate": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2, "time/step": t3 - t0,
-                "perf/generated_tokens_per_s": r.response_mask.sum().item() / max(t1 - t0, 1e-9)}
-            logs = distributed.mean_over_processes(logs, procs.device)  # every process logs and adapts the same
-            loop.kl_ctl.update(logs["ppo/kl"], p.rollout_batch_size)                                     # 4.5
-            logs |= observe(step + 1, logs["ppo/kl"], loop.guards, watch, roles, tokenizer, out, main,  # 4.6
-                            procs.device)
+            logs = ppo_step(step, loop, roles, optimizer, scheduler, engine, inputs, stops, p, procs)
+            logs |= observe(step + 1, logs["ppo/kl"], loop.guards, watch, roles, tokenizer, out, main, procs.device)
             if loop.guards.stop_reason and main:
                 print(f"[ppo] stopping at step {step + 1}: {loop.guards.stop_reason}", file=sys.stderr)
             metrics.write(step + 1, logs)
@@ -263,27 +274,57 @@ def run(cfg: PipelineConfig) -> Path:
         fp = distributed.check_in_sync(roles.trainable_parameters(), "trained weights")
         if main:
             print(f"[ppo] {world} processes hold identical trained weights (fingerprint {fp})")
-    if not main:  # the main process saves and evaluates; the others wait for it
-        procs.wait_for_everyone()
-        return out
+    if main:  # 5. the kept policy and the trained adapters; 6. the policy against SFT on held-out prompts
+        finish(out, roles, loop, inputs, p, world)
+    procs.wait_for_everyone()
+    return out
 
-    # 5. the kept policy (rlhf/ppo/guards.py), then the trained adapters in PEFT format
-    last, kept, why = save_policy(out, roles, loop.guards, p.steps, tokenizer)
 
-    # 6. policy vs SFT on held-out prompts
+def ppo_step(step: int, loop: "LoopState", roles: Roles, optimizer, scheduler, engine, inputs: Inputs,
+             stops: list[int], p: PPOStageConfig, procs) -> dict[str, float]:
+    """One PPO step (each of the rollout_batch_size / k prompts answered k = group_size times; a group stays in one
+    process); returns its metrics, the same on every process."""
+    rank, world = procs.process_index, procs.num_processes
+    t0 = time.perf_counter()
+    synced = engine.sync(roles, step)  # vllm: the engine gets this policy, checked on the probe answers
+    chosen = distributed.shard(loop.sampler.next(p.rollout_batch_size // p.group_size), rank, world)
+    batch = repeat_prompts([inputs.prompt_ids[i] for i in chosen], p.group_size)
+    ids, mask, width, engine_lp = engine.sample(roles, inputs.tokenizer, batch, sampling(p),           # 4.1 rollout
+                                                p.forward_batch_size, step)
+    t1 = time.perf_counter()
+    r = score(roles, ids, mask, width, p.temperature, p.forward_batch_size, stops, engine_lp)           # 4.2 score
+    a = advantages(r, loop.kl_ctl.value, advantage_spec(p, loop.shift, loop.scale))                 # 4.3 advantages
+    check_rollout(r, a, f"ppo step {step + 1}")  # a nan score or KL stops the run before any update
+    t2 = time.perf_counter()
+    stats = ppo_update(roles, optimizer, scheduler, r, a, update_spec(p, loop.kl_ctl.value), inputs.ptx,  # 4.4
+                       f"ppo step {step + 1}")
+    t3 = time.perf_counter()
+    logs = step_metrics(r, a, loop.kl_ctl.value, scheduler.get_last_lr()[0]) | stats | synced | mismatch(
+        r.logprobs, r.engine_logprobs, r.response_mask) | {
+        "time/generate": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2, "time/step": t3 - t0,
+        "perf/generated_tokens_per_s": r.response_mask.sum().item() / max(t1 - t0, 1e-9)}
+    logs = distributed.mean_over_processes(logs, procs.device)  # every process logs and adapts the same
+    loop.kl_ctl.update(logs["ppo/kl"], p.rollout_batch_size)                                        # 4.5 KL
+    return logs
+
+
+def finish(out: Path, roles: Roles, loop: "LoopState", inputs: Inputs, p: PPOStageConfig, world: int) -> None:
+    """The main process's end of the stage: the kept policy (rlhf/ppo/guards.py) and the trained adapters in PEFT
+    format, then the comparison with SFT on held-out prompts (ppo.eval_samples), then DONE."""
+    last, kept, why = save_policy(out, roles, loop.guards, p.steps, inputs.tokenizer)
     summary = {"steps": p.steps, "num_processes": world, "steps_run": last, "kept_step": kept, "kept_reason": why,
                "stopped_early": loop.guards.stop_reason is not None, "reward_shift": loop.shift,
                "reward_scale": loop.scale, "reward_norm": reward_norm_used(p.reward_norm, loop.scale)}
+    eval_prompts = inputs.held_out[:p.eval_samples]
     if eval_prompts:
-        result = compare_with_sft(roles, tokenizer, eval_prompts, sampling(p), p.forward_batch_size, judge, seed=p.seed)
+        result = compare_with_sft(roles, inputs.tokenizer, eval_prompts, sampling(p), p.forward_batch_size,
+                                  inputs.judge, seed=p.seed)
         (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
         summary |= {k: v for k, v in result.items() if k.startswith("eval/")}
         print(format_eval(result))
     elif p.eval_prompts_file:
         print("[ppo] no held-out comparison with SFT here (ppo.eval_samples=0): `make eval` judges the policy")
     finish_stage(out, summary)
-    procs.wait_for_everyone()
-    return out
 
 
 @dataclass
@@ -315,7 +356,7 @@ def resume_or_start(out: Path, roles, optimizer, scheduler, p: PPOStageConfig, p
     with procs.main_process_first():  # the main process removes a half-written checkpoint first
         state = load_checkpoint(out / "checkpoints", roles, optimizer, scheduler, rank, world)
     if state is None:
-        loop.shift, loop.scale = reward_normalisation(roles, tokenizer, prompt_ids, p, rank, world)
+        loop.shift, loop.scale = measure_reward_normalisation(roles, tokenizer, prompt_ids, p, rank, world)
         if ensemble_in(roles.scorer) is not None:
             loop.member_offsets = ensemble_in(roles.scorer).offsets.tolist()
         check_finite({"ppo/reward_shift": loop.shift, "ppo/reward_scale": loop.scale}, "ppo reward normalisation")
@@ -411,15 +452,11 @@ def step_metrics(r, a, kl_coef: float, lr: float) -> dict[str, float]:
 def format_eval(e: dict) -> str:
     lines = [f"[ppo] held-out prompts: {e['eval/n_prompts']}",
              f"      RM score  policy {e['eval/reward_policy']:.3f}  SFT {e['eval/reward_sft']:.3f}  "
-             f"win rate {interval(e, 'reward')}",
+             f"win rate {win_rate_text(e, 'eval/reward_win_rate')}",
              f"      KL(policy || SFT) {e['eval/kl']:.3f} nats   length policy {e['eval/length_policy']:.1f}  "
              f"SFT {e['eval/length_sft']:.1f}"]
     if "eval/gold_policy" in e:
         lines.append(f"      gold judge policy {e['eval/gold_policy']:.3f}  SFT {e['eval/gold_sft']:.3f}  "
-                     f"win rate {interval(e, 'gold')}")
+                     f"win rate {win_rate_text(e, 'eval/gold_win_rate')}")
     return "\n".join(lines)
 
-
-def interval(e: dict, name: str) -> str:
-    k = f"eval/{name}_win_rate"
-    return f"{e[k]:.3f} (95% CI {e[k + '_low']:.3f}-{e[k + '_high']:.3f})"
