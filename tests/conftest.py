@@ -1,9 +1,9 @@
 """Shared fixtures: the embedded demo (built once into data/demo/ if missing) and finished SFT, RM and PPO runs.
 
 `make test` runs the suite in several processes (pytest-xdist, `-n`): a session fixture that trains is built
-once, by the first process that needs it, and shared by the others (`shared`); the tests of one family's
-pipeline (tests/test_families.py), the SLURM cluster tests and the 2-process tests stay together on one process
-(`--dist loadgroup`, with the groups of `_group`).
+once, by the first process that needs it, and shared by the others (`shared`); tests that must stay on one
+process carry an `xdist_group` marker (`--dist loadgroup`), and tests.harness.order sorts the work by the
+`early` marker and the runs each test needs (tests/harness/README.md).
 """
 
 import os
@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-import stage_server  # tests/stage_server.py (pytest puts tests/ on sys.path for its conftest)
+from harness import stage_server  # tests/harness/ (pytest puts tests/ on sys.path for its conftest)
+from harness.order import order
+from harness.processes import ForkedStage, accelerate_processes, stage_process  # noqa: F401 (the tests' helpers)
 from rlhf.runs import checkpoint_complete
 
 # Any accidental hub download fails at once instead of hanging (there is no network here or in CI).
@@ -45,75 +47,11 @@ def shared(tmp_path_factory, name: str, build) -> Path:
     return out
 
 
-# The demo's finished runs, each built on the one before (sft_run -> rm_run -> ppo_run): the suite's longest chain.
-CHAIN = ("sft_run", "rm_run", "ppo_run")
-PPO_RUN_STEPS = 10  # ppo_run's steps
-STARTER = "tests/test_ppo.py::test_ppo_raises_rm_and_gold_scores_at_a_small_kl"  # needs the chain, and little else
-# Long tests that need the whole chain, run right after the starter on its process (the "chain" group): queued
-# with the other tests that need PPO they started last, minutes after the chain was ready, and the suite ended
-# with them while the other processes had nothing left to do.
-AFTER_STARTER = ("tests/test_compare.py::test_make_compare_on_the_demo_with_a_few_steps",)
-
-
-def _group(nodeid: str) -> str | None:
-    """The group a test runs in, on one xdist process: one family's pipeline is built once
-    (tests/test_families.py, a session fixture parametrized by family); the SLURM cluster has one node, so its
-    tests take turns there; the 2-process runs and the real model's chain build on each other (module fixtures);
-    the starter and the long tests that wait for the chain it builds (`AFTER_STARTER`)."""
-    if nodeid == STARTER or nodeid in AFTER_STARTER:
-        return "chain"
-    module = nodeid.split("::")[0]
-    if module in ("tests/test_slurm.py", "tests/test_distributed.py", "tests/test_real_model.py", "tests/test_vllm.py"):
-        return module
-    if module == "tests/test_families.py" and nodeid.endswith("]"):
-        return "family-" + nodeid[nodeid.index("[") + 1:-1]
-    return None
-
-
-@pytest.hookimpl(optionalhook=True)  # a hook of xdist's: unknown under TEST_PROCS=0 (-p no:xdist)
-def pytest_xdist_make_scheduler(config, log):
-    """`--dist loadgroup` with the groups of `_group`, read from the test ids. (xdist's own grouping, by
-    `xdist_group` marks, appends the group to each test's id, which pytest 9.2 no longer lets it do: its groups
-    silently became single tests, and each family's pipeline was built on two or three processes.)"""
-    if config.getvalue("dist") != "loadgroup":
-        return None
-    from xdist.scheduler import LoadGroupScheduling
-
-    class Grouped(LoadGroupScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return _group(nodeid) or nodeid
-
-    return Grouped(config, log)
-
-
-# The longest groups (minutes on one process): started right after the chain, so that they do not end last. Their
-# processes wait for the chain's SFT and RM (a lock, no CPU) while the chain's and a third process use the cores.
-FIRST_GROUPS = ("tests/test_slurm.py", "tests/test_distributed.py", "tests/test_real_model.py")
-# The longest single tests (~50 s and more on a process of 2 cores' suite): first among the tests that need
-# the same runs, so that none of them starts last and leaves the other processes idle at the end.
-LONGEST = ("tests/test_rm.py::test_hh_sample_runs_every_stage_from_a_config_alone",
-           "tests/test_sft.py::test_killed_make_sft_resumes_from_last_checkpoint")
+PPO_RUN_STEPS = 10  # ppo_run's steps (the demo's finished runs: sft_run -> rm_run -> ppo_run, `CHAIN`)
 
 
 def pytest_collection_modifyitems(items):
-    """The order, for the processes on two cores: first the "chain" group (`STARTER`, which needs the whole demo
-    chain, so its process builds SFT, RM and PPO, some minutes; then `AFTER_STARTER`), then the longest groups
-    (`FIRST_GROUPS`), then every test that needs none of the chain (the other processes work through them
-    meanwhile), then those that need SFT, RM, PPO, in that order, so that a process seldom waits for a run that
-    another is still building; among equals the `LONGEST` tests first, after the groups. A group (`_group`)
-    goes where its latest test would (its tests run together, on one process), and first among its equals (one
-    process works through it)."""
-    group = {id(item): _group(item.nodeid) for item in items}
-    level = {id(item): max((i + 1 for i, name in enumerate(CHAIN) if name in item.fixturenames), default=0)
-             for item in items}
-    group_level: dict[str, int] = {}
-    for item in items:
-        if (g := group[id(item)]) is not None:
-            group_level[g] = max(group_level.get(g, 0), level[id(item)])
-    rank = {i: group_level[g] if g is not None else level[i] for i, g in group.items()}
-    first = {g: i for i, g in enumerate(("chain", *FIRST_GROUPS))}
-    items.sort(key=lambda item: (first.get(group[id(item)], len(first)), item.nodeid != STARTER, rank[id(item)],
-                                 group[id(item)] is None, item.nodeid not in LONGEST))
+    order(items)  # tests/harness/order.py
 
 
 @pytest.fixture(scope="session")
@@ -124,13 +62,6 @@ def demo_dir() -> Path:
             from rlhf.demo.build import build
             build(DEMO)
     return DEMO
-
-
-# The heavy imports every stage makes (~10 s of CPU each time: torch, transformers, peft, trl, datasets). A
-# suite that started each stage as a fresh interpreter spent a third of its time on them; the stage server
-# (tests/stage_server.py) imports them once for the session and forks each stage from there.
-STAGE_IMPORTS = ["torch", "transformers", "peft", "trl", "datasets", "accelerate", "rlhf.sft", "rlhf.rm.train",
-                 "rlhf.ppo.train", "rlhf.dpo", "rlhf.eval.run", "rlhf.export", "rlhf.preflight", "rlhf.cli"]
 
 
 def pytest_configure(config):
@@ -146,90 +77,6 @@ def pytest_unconfigure(config):
     if directory := getattr(config, "_stage_server", None):
         stage_server.stop(Path(directory))
         shutil.rmtree(directory, ignore_errors=True)
-
-
-class ForkedStage:
-    """`python -m stages.<stage> <argv>` as a process of its own (its own globals, seeds, signal handlers, exit
-    code) forked from the session's stage server, which has already imported what stages import: the same run as
-    a fresh interpreter's, without the ~10 s of imports. Like `subprocess.Popen`: `pid`, `poll()`,
-    `send_signal()`, `communicate(timeout)` -> (stdout, stderr), `returncode`. Exceptions: the tests of what
-    happens before torch loads and of `make` start real interpreters."""
-
-    def __init__(self, stage: str, argv: list[str], env: dict[str, str] | None = None):
-        import tempfile
-        self.args = [sys.executable, "-m", f"stages.{stage}", *argv]
-        self._tmp = tempfile.TemporaryDirectory()
-        self._out, self._err = (os.path.join(self._tmp.name, n) for n in ("out", "err"))
-        self._proc = stage_server.Client(stage_server.ensure(STAGE_IMPORTS), f"stages.{stage}", argv,
-                                         dict(env or os.environ), self._out, self._err)
-        self.pid = self._proc.pid
-
-    @property
-    def returncode(self) -> int | None:
-        return self._proc.exitcode
-
-    def poll(self) -> int | None:
-        return self._proc.poll()
-
-    def send_signal(self, sig: int) -> None:
-        if self._proc.poll() is None:
-            os.kill(self.pid, sig)
-
-    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
-        try:
-            self._proc.wait(timeout)
-        except TimeoutError:
-            self.send_signal(signal.SIGKILL)
-            self._proc.wait(60)
-            raise subprocess.TimeoutExpired(self.args, timeout) from None
-        read = lambda path: Path(path).read_text(errors="replace") if os.path.exists(path) else ""
-        out, err = read(self._out), read(self._err)
-        self._tmp.cleanup()
-        return out, err
-
-
-def stage_process(stage: str, argv: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """`ForkedStage` run to its end: stdout, stderr and the exit code."""
-    proc = ForkedStage(stage, argv)
-    out, err = proc.communicate(timeout)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-def accelerate_processes(stage: str, argv: list[str], accelerate_config: str, num_processes: int = 2,
-                         timeout: float = 600) -> subprocess.CompletedProcess:
-    """`accelerate launch --config_file <accelerate_config> --num_processes N -m stages.<stage> <argv>`, with
-    the ranks forked from the pre-imported server (`ForkedStage`) instead of started by torchrun as fresh
-    interpreters (~25 s of CPU a launch on 2 cores). Each rank gets the environment accelerate's launcher
-    computes from the config (its own `prepare_multi_gpu_env`) plus torchrun's rank variables; rank 0 hosts
-    the rendezvous. stdout and stderr: the ranks' in rank order; the exit code: a failed rank's (not that of
-    a rank stopped because another failed).
-    The real launcher runs in tests/test_distributed.py's SFT test and the SLURM 2-process job."""
-    import socket
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils.launch import prepare_multi_gpu_env
-    args = launch_command_parser().parse_args(["--config_file", str(ROOT / accelerate_config), "--num_processes",
-                                               str(num_processes), "-m", f"stages.{stage}", *argv])
-    env = prepare_multi_gpu_env(_validate_launch_command(args)[0])
-    with socket.socket() as s:  # a free port for rank 0's store (torchrun's main_process_port 0 does the same)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(num_processes),
-               LOCAL_WORLD_SIZE=str(num_processes), GROUP_RANK="0", GROUP_WORLD_SIZE="1",
-               ROLE_WORLD_SIZE=str(num_processes), OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))  # as torchrun
-    ranks = [ForkedStage(stage, argv, env | {"RANK": str(r), "LOCAL_RANK": str(r), "ROLE_RANK": str(r)})
-             for r in range(num_processes)]
-    deadline = time.time() + timeout  # as torchrun: one rank failing (or the time running out) stops the others
-    while any(r.poll() is None for r in ranks) and not any(r.poll() for r in ranks) and time.time() < deadline:
-        time.sleep(0.1)
-    late = [r for r in ranks if r.poll() is None]
-    for r in late:
-        r.send_signal(signal.SIGKILL)
-    outs = [rank.communicate(60) for rank in ranks]
-    out, err = "".join(o for o, _ in outs), "".join(e for _, e in outs)
-    if late and not any(r.returncode for r in ranks if r not in late):  # none failed: the time ran out
-        raise subprocess.TimeoutExpired(ranks[0].args, timeout, out, err)
-    code = next((r.returncode for r in ranks if r not in late and r.returncode), 0)  # a failure, not our kill
-    return subprocess.CompletedProcess(ranks[0].args, code, out, err)
 
 
 def run_stage(stage: str, *overrides: str, check: bool = True, timeout: int = 1500,

@@ -227,6 +227,8 @@ def test_make_compare_judges_again_over_a_finished_eval_and_then_rests(tmp_path)
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("chain")  # long, and it waits for the chain: right after the test that builds it
+@pytest.mark.early(1)
 def test_make_compare_on_the_demo_with_a_few_steps(ppo_run, demo_dir, tmp_path):
     """The demo's finished SFT, RM and PPO (GAE) copied in, as after `make demo`; make compare trains DPO and an
     estimator's run (COMPARE=rloo: the default list's commands are checked above, dry) for a few steps and

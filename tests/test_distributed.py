@@ -21,6 +21,9 @@ from rlhf import distributed
 from rlhf.config import ConfigError
 from conftest import DEMO_CONFIG, ROOT, accelerate_processes, run_make, run_stage, small_demo_files, small_file_args
 
+# the 2-process runs build on each other (module fixtures): one process, started early (minutes)
+pytestmark = [pytest.mark.xdist_group("distributed"), pytest.mark.early(2)]
+
 TWO_CPU_CONFIG = "configs/accelerate/cpu-2proc.yaml"
 TWO_CPU = ["LAUNCHER=accelerate", f"ACCELERATE_CONFIG={TWO_CPU_CONFIG}", "NPROC=2"]
 

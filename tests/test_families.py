@@ -132,7 +132,8 @@ def family_config(data: Path, model_dir: Path, run_dir: Path) -> dict:
     }
 
 
-@pytest.fixture(scope="session", params=list(FAMILIES))
+# one family's pipeline is built once: its tests stay on one process
+@pytest.fixture(scope="session", params=[pytest.param(f, marks=pytest.mark.xdist_group(f"family-{f}")) for f in FAMILIES])
 def family_run(request, family_data, tmp_path_factory) -> dict:
     """The whole pipeline on one family's stand-in, each stage run by its entry point from the config file."""
     name = request.param

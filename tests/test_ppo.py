@@ -20,6 +20,8 @@ from rlhf.runs import read_metrics
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.xdist_group("chain")
+@pytest.mark.early(0)  # it needs the whole chain: the process that starts it builds SFT, RM and PPO first
 def test_ppo_raises_rm_and_gold_scores_at_a_small_kl(ppo_run):
     out = ppo_run / "ppo"
     for name in ("policy/adapter_model.safetensors", "value/adapter_model.safetensors", "value/value_head.safetensors",

@@ -17,7 +17,8 @@ from rlhf.data import load_prompts
 from rlhf.models import load_tokenizer
 from rlhf.runs import read_metrics
 
-pytestmark = pytest.mark.slow
+# the real model's chain builds stage on stage (module fixtures): one process, started early (minutes)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("real-model"), pytest.mark.early(3)]
 SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 TRAINER = ("logging_steps=1", "progress_bar=false", "lr=1.0e-3")
 

@@ -188,6 +188,7 @@ def test_rm_ensemble_trains_each_member_with_its_own_seed_and_ppo_scores_with_al
     assert "member_accuracy" not in json.loads((run / "rm" / "diagnostics.json").read_text())
 
 
+@pytest.mark.early(4)  # one of the longest single tests: not last
 def test_hh_sample_runs_every_stage_from_a_config_alone(tmp_path):
     """Real Anthropic HH data: every stage of `make all CONFIG=configs/hh-sample.yaml` from that config alone
     (SFT, RM and its report, PPO on HH prompts, eval on held-out HH prompts, the report). `make data-hh` builds

@@ -116,6 +116,7 @@ def test_metrics_file_drops_rows_after_the_resume_point(tmp_path):
     assert "note" not in rows[0]
 
 
+@pytest.mark.early(4)  # one of the longest single tests: not last
 def test_killed_make_sft_resumes_from_last_checkpoint(demo_dir, tmp_path):
     """Kill `make sft` (the whole process group, as Ctrl-C or a scheduler would) once a checkpoint exists,
     then run it again: it resumes from that checkpoint and finishes; DONE appears only at the end."""

@@ -19,6 +19,9 @@ from rlhf.runs import read_metrics
 from rlhf.slurm import main as slurm_main
 from rlhf.slurm import plan, render, slurm_time, submit_chain
 
+# the local cluster has one node: its tests take turns on one process, started early (minutes)
+pytestmark = [pytest.mark.xdist_group("slurm"), pytest.mark.early(1)]
+
 SETUP = ROOT / "scripts" / "slurm-local-cluster.sh"
 
 

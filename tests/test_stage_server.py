@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-import stage_server
+from harness import stage_server
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""The suite's own scheduling (tests/conftest.py): a group's tests run on one pytest-xdist process."""
+"""The suite's own scheduling (tests/harness/order.py): a group's tests run on one pytest-xdist process, and the
+order follows the markers."""
 
 import json
 import os
@@ -6,23 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import AFTER_STARTER, LONGEST, STARTER, _group, pytest_collection_modifyitems
+import pytest
+
+from harness.order import order
 
 ROOT = Path(__file__).resolve().parent.parent
 
-FAKE_CONFTEST = f'''
-import importlib.util, sys
-sys.path.insert(0, {str(ROOT / "tests")!r})  # the suite's conftest imports tests/stage_server.py
-spec = importlib.util.spec_from_file_location("suite_conftest", {str(ROOT / "tests" / "conftest.py")!r})
-suite = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(suite)
-pytest_xdist_make_scheduler = suite.pytest_xdist_make_scheduler
-pytest_collection_modifyitems = suite.pytest_collection_modifyitems
-'''
 FAKE_FAMILIES = '''
 import os, time, pytest
 
-@pytest.fixture(scope="session", params=["alpha", "beta", "gamma"])
+@pytest.fixture(scope="session", params=[pytest.param(f, marks=pytest.mark.xdist_group(f)) for f in ("alpha", "beta", "gamma")])
 def family_run(request):
     with open(os.environ["BUILDS"], "a") as f:
         f.write(f"{request.param} {os.environ['PYTEST_XDIST_WORKER']}\\n")
@@ -38,20 +32,10 @@ def test_three(family_run): time.sleep(0.1)
 '''
 
 
-def test_group_of_a_test_id():
-    assert _group("tests/test_families.py::test_pad_is_no_stop_token[qwen2.5-instruct]") == "family-qwen2.5-instruct"
-    assert _group("tests/test_families.py::test_every_family_has_its_expected_rendering") is None
-    assert _group("tests/test_slurm.py::test_chain[x]") == "tests/test_slurm.py"
-    assert _group("tests/test_distributed.py::test_two_process_ppo[gae]") == "tests/test_distributed.py"
-    assert _group("tests/test_ppo.py::test_x") is None
-    assert _group(STARTER) == _group(AFTER_STARTER[0]) == "chain"
-
-
 def test_each_family_pipeline_is_built_once_on_one_process(tmp_path):
     """Three processes and three families: each family's session fixture is built once (it would be built on
-    every process that runs one of its tests if the group were not kept together)."""
+    every process that runs one of its tests if the group were not kept together: what pytest 9.2 does)."""
     (tmp_path / "tests").mkdir()
-    (tmp_path / "tests" / "conftest.py").write_text(FAKE_CONFTEST)
     (tmp_path / "tests" / "test_families.py").write_text(FAKE_FAMILIES)
     builds = tmp_path / "builds.txt"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")} | {"BUILDS": str(builds)}
@@ -65,32 +49,43 @@ def test_each_family_pipeline_is_built_once_on_one_process(tmp_path):
 
 
 class Item:
-    def __init__(self, nodeid: str, *fixtures: str):
+    """What order() reads of a pytest item: its id, fixtures and markers."""
+
+    def __init__(self, nodeid: str, *fixtures: str, group: str | None = None, early: int | None = None):
         self.nodeid, self.fixturenames = nodeid, list(fixtures)
+        self.marks = {"xdist_group": pytest.mark.xdist_group(group).mark if group else None,
+                      "early": pytest.mark.early(early).mark if early is not None else None}
+
+    def get_closest_marker(self, name: str):
+        return self.marks.get(name)
 
 
 def test_order_the_chain_then_the_long_groups_then_by_the_runs_each_test_needs():
-    """The test that builds the demo's chain first, with the long tests that need that chain after it on its
-    process; then the SLURM and 2-process groups (each whole, on one process, minutes long), then tests by the
-    shared runs they need: none, SFT, RM, PPO; a group among its equals first, then the longest single tests."""
-    items = [Item("tests/test_a.py::test_needs_ppo", "ppo_run"), Item("tests/test_a.py::test_plain"),
-             Item(AFTER_STARTER[0], "ppo_run"), Item(LONGEST[0]),
-             Item("tests/test_slurm.py::test_chain"), Item("tests/test_a.py::test_needs_sft", "sft_run"),
-             Item(STARTER, "ppo_run"), Item("tests/test_distributed.py::test_rm", "rm_run"),
-             Item("tests/test_families.py::test_x[gpt2]"), Item("tests/test_a.py::test_needs_rm", "rm_run"),
-             Item("tests/test_distributed.py::test_units"), Item("tests/test_slurm.py::test_2proc", "rm_run")]
-    pytest_collection_modifyitems(items)
-    name = lambda nodeid: nodeid.split("::")[1]
-    assert [name(i.nodeid) for i in items] == [
-        name(STARTER), name(AFTER_STARTER[0]), "test_chain", "test_2proc", "test_rm", "test_units", "test_x[gpt2]",
-        name(LONGEST[0]), "test_plain", "test_needs_sft", "test_needs_rm", "test_needs_ppo"]
+    """The test that builds the demo's chain first, with the long test that needs that chain after it on its
+    process; then the long groups (each whole, on one process, minutes long), then the longest single tests, then
+    tests by the shared runs they need: none, SFT, RM, PPO; a group among its equals first."""
+    items = [Item("a::test_needs_ppo", "ppo_run"), Item("a::test_plain"),
+             Item("c::test_after_starter", "ppo_run", group="chain", early=1), Item("r::test_longest", early=4),
+             Item("s::test_chain", group="slurm", early=1), Item("a::test_needs_sft", "sft_run"),
+             Item("p::test_starter", "ppo_run", group="chain", early=0),
+             Item("d::test_rm", "rm_run", group="distributed", early=2), Item("f::test_x[gpt2]", group="family-gpt2"),
+             Item("a::test_needs_rm", "rm_run"), Item("d::test_units", group="distributed", early=2),
+             Item("s::test_2proc", "rm_run", group="slurm", early=1)]
+    order(items)
+    assert [i.nodeid.split("::")[1] for i in items] == [
+        "test_starter", "test_after_starter", "test_chain", "test_2proc", "test_rm", "test_units", "test_longest",
+        "test_x[gpt2]", "test_plain", "test_needs_sft", "test_needs_rm", "test_needs_ppo"]
 
 
-def test_the_named_tests_exist():
-    """A renamed test would silently lose its place in the order."""
-    for nodeid in (STARTER, *AFTER_STARTER, *LONGEST):
-        path, name = nodeid.split("::")
-        assert f"def {name}(" in (ROOT / path).read_text(), nodeid
+def test_the_suite_s_groups_are_markers_on_its_tests(pytestconfig):
+    """The long modules and the chain carry their markers (a renamed test keeps them)."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "tests/test_slurm.py", "tests/test_ppo.py", "tests/test_compare.py", "-m", "early"],
+                          cwd=ROOT, capture_output=True, text=True)
+    ids = [line for line in proc.stdout.splitlines() if "::" in line]
+    assert any("test_ppo_raises_rm_and_gold_scores_at_a_small_kl" in i for i in ids)
+    assert any("test_make_compare_on_the_demo_with_a_few_steps" in i for i in ids)
+    assert sum(i.startswith("tests/test_slurm.py") for i in ids) >= 5
 
 
 BURN = '''

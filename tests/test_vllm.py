@@ -24,6 +24,8 @@ from rlhf.ppo import core
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 needs_vllm = pytest.mark.skipif(not VLLM_PYTHON.is_file(),
                                 reason="no vLLM environment (.venv-vllm): `make setup-vllm` builds it")
+# one vLLM server for the module (a fixture): its tests stay on one process
+pytestmark = pytest.mark.xdist_group("vllm")
 
 
 # --- without vLLM ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ENV = "RLHF_STAGE_SERVER"  # the session's directory: sock, pid, lock, log
 
 
