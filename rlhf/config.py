@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from rlhf.errors import ConfigError  # noqa: F401 (raised here, and imported from here by the stages)
@@ -219,12 +219,181 @@ class RewardTerm:
     """One term of the reward PPO maximises (ppo.rewards; rlhf/reward_sources.py)."""
 
     source: str = "rm"
-    """rm (this run's reward model; with rm.ensemble > 1, ppo.ensemble_objective of its members) or
+    """rm (this run's reward model; with rm.ensemble > 1, ppo.reward.ensemble_objective of its members) or
     "package.module:function", a function (prompt, response) -> float: a rule-based or verifiable reward (e.g.
     rlhf.demo.task:gold_score, an exact-match checker). It gets the prompt as the data gives it (chat messages
     or text) and the answer as text; one that raises or returns nan/inf stops the run, naming prompt and answer."""
     weight: float = 1.0
     """Multiplies this term's value before the terms are summed."""
+
+
+@dataclass
+class PPOSampling:
+    """How rollouts are sampled (rlhf/ppo/engine.py, rlhf/generation.SamplingSpec)."""
+
+    engine: str = "hf"
+    """hf: transformers' generate on the trainer's model; vllm: a vLLM server fed the policy adapter after each
+    update, checked against the trainer (the `vllm:` section; docs/engines.md)."""
+    rollout_batch_size: int = 64
+    """Answers per PPO step in all: under `accelerate launch` each of N processes samples rollout_batch_size / N."""
+    group_size: int = 1
+    """k, answers per prompt each step (the prompt repeated k times); rollout_batch_size counts answers, so it must
+    be a multiple of k (per process). grpo and rloo need k >= 2."""
+    forward_batch_size: int = 64
+    """Rows per no-grad forward pass (generation, reference, reward, values)."""
+    max_new_tokens: int = 16
+    """Most tokens of an answer; one without its end of turn by then has not ended (ppo/eos_rate)."""
+    temperature: float = 0.7
+    """Sampling temperature; every log-prob (old, new, reference) is taken at it."""
+    top_k: int = 0
+    """Must stay 0 (and top_p 1.0): PPO's log-probs describe the untruncated distribution at temperature."""
+    top_p: float = 1.0
+    """Must stay 1.0 (see top_k)."""
+
+
+@dataclass
+class PPOReward:
+    """What PPO maximises and how scores become rewards (rlhf/reward_sources.py, rlhf/ppo/core.py)."""
+
+    terms: list[RewardTerm] = field(default_factory=lambda: [RewardTerm()])
+    """The sum of weight x source over these terms, before norm; default the reward model alone. E.g.
+    [{source: rm, weight: 1}, {source: "rlhf.demo.task:gold_score", weight: 5}]."""
+    norm: str = "shift_scale"
+    """From the SFT policy's answers on norm_samples prompts, before the first update: shift_scale (mean 0, std 1),
+    shift (mean 0, the RM's scale: InstructGPT, N+) or none (docs/algorithms.md)."""
+    norm_samples: int = 256
+    """SFT answers scored to measure norm's shift and scale."""
+    missing_eos_penalty: float | None = None
+    """The (normalised) score of answers that never end within max_new_tokens; None: off (N+ uses -1;
+    docs/algorithms.md says when it helps)."""
+    whiten: bool = False
+    """Scale the per-token rewards by their std (N+); gae and reinforce_pp only."""
+    ensemble_objective: str = "mean"
+    """With rm.ensemble > 1: mean, min or mean_minus_std of the members (Coste et al. 2024); eval reports the mean."""
+    ensemble_std_coef: float = 1.0
+    """lambda of mean_minus_std, in the RM's score units."""
+
+
+@dataclass
+class PPOKL:
+    """The KL penalty to the SFT policy, the reference (rlhf/ppo/kl.py)."""
+
+    coef: float = 0.05
+    """beta: per token in the reward (gae, reinforce_pp), summed per answer (rloo), or a loss term (grpo); with
+    adaptive, the starting value."""
+    estimator: str = "k1"
+    """k1 (log-ratio, unbiased) or k3 ((r - 1) - log r, never negative); also abs, mse."""
+    adaptive: bool = False
+    """Adapt coef towards target (Ziegler et al. 2019)."""
+    target: float = 6.0
+    """The adaptive controller's target: KL summed over an answer."""
+    horizon: int | None = None
+    """The adaptive controller's horizon in rollouts; None: a tenth of the run's rollouts."""
+
+
+@dataclass
+class PPOEstimator:
+    """How rewards become advantages (rlhf/ppo/rollout.py, rlhf/ppo/estimators.py; docs/algorithms.md)."""
+
+    name: str = "gae"
+    """gae (PPO: a value adapter, GAE), or critic-free: grpo, rloo, reinforce_pp."""
+    gamma: float = 1.0
+    """Discount per token."""
+    lam: float = 0.95
+    """GAE's lambda (gae only)."""
+    whiten_advantages: bool = True
+    """Whiten GAE's advantages over the batch (gae only)."""
+    std_norm: bool = True
+    """grpo: divide by the group's std (GRPO); false: only subtract the group mean (Dr. GRPO)."""
+    grpo_kl: str = "loss"
+    """grpo: the KL as a loss term beside the clipped objective (GRPO's paper), or in the answer's reward."""
+    grpo_kl_estimator: str = "k3+"
+    """grpo_kl loss: k3+ (k3's value, KL(policy || ref)'s gradient), k2, or k3 (GRPO's paper)."""
+
+
+@dataclass
+class PPOUpdate:
+    """The optimiser and the clipped losses (rlhf/ppo/update.py)."""
+
+    epochs: int = 4
+    """Passes over each step's rollouts."""
+    num_minibatches: int = 4
+    """Minibatches per pass: one optimiser step each."""
+    grad_accum: int = 1
+    """Micro-batches per minibatch (still one optimiser step per minibatch)."""
+    loss_agg: str = "token_mean"
+    """Policy loss over an optimiser step: token_mean, seq_mean_token_mean, seq_mean_token_sum or
+    seq_mean_token_sum_norm (Dr. GRPO's)."""
+    lr: float = 3e-4
+    """AdamW's learning rate of the policy (and value) adapters."""
+    lr_scheduler: str = "linear"
+    """transformers' scheduler over all optimiser steps."""
+    warmup: float = 0.0
+    """Linear warmup: a fraction of all optimiser steps if < 1, else a number of steps."""
+    weight_decay: float = 0.0
+    """AdamW's weight decay on the adapters."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm (policy and value together)."""
+    clip_range: float = 0.2
+    """epsilon of the clipped policy objective."""
+    clip_range_value: float = 0.2
+    """The value loss is clipped to within this of the rollout's values (gae)."""
+    vf_coef: float = 0.1
+    """Weight of the value loss (gae)."""
+    value_from_reward: bool = True
+    """Start the value adapter and head from the reward model's (InstructGPT, N+; gae)."""
+    tis_cap: float | None = 2.0
+    """sampling.engine vllm: each token's policy loss weighted by min(trainer / engine probability, tis_cap);
+    None: off."""
+
+
+@dataclass
+class PPOPtx:
+    """PPO-ptx (InstructGPT): the SFT loss on demonstrations added to every optimiser step (rlhf/ppo/ptx.py)."""
+
+    coef: float = 0.0
+    """Weight of the SFT loss; 0: off."""
+    file: str | None = None
+    """Demonstrations (any SFT format); needed when coef > 0."""
+    batch_size: int = 8
+    """Demonstrations per optimiser step (per process)."""
+
+
+@dataclass
+class PPOGuards:
+    """Over-optimisation guards and the kept policy (rlhf/ppo/guards.py; docs/guards.md)."""
+
+    kl_budget: float | None = 6.0
+    """Stop when the rollout KL (nats per answer) exceeds this for `patience` consecutive steps; None or 0: none."""
+    degeneration_margin: float | None = 0.1
+    """Stop when the greedy monitor answers' repeat exceeds SFT's by more than this at `patience` consecutive
+    monitor points; None: no such stop."""
+    patience: int = 3
+    """Consecutive steps (KL budget) or monitor points (degeneration) before a guard stops the run."""
+    keep_best: str = "monitor_reward_guarded"
+    """Which policy policy/ holds: monitor_reward_guarded (the best monitor point within the guards, SFT at step 0
+    included), monitor_reward (the best of all points) or none (the last)."""
+    accept_rm_warnings: bool = False
+    """Run PPO on a reward model whose stage warned with keep_best none or monitor_reward; false: stop before PPO."""
+
+
+@dataclass
+class PPOMonitor:
+    """The held-out monitor (rlhf/ppo/monitor.py): the guards' and keep_best's eyes."""
+
+    every: int = 10
+    """Every N steps (and at step 0, SFT) the policy answers the first `prompts` held-out prompts, sampled and
+    greedy with a fixed seed; 0: off (then no degeneration stop and no keep_best)."""
+    prompts: int = 32
+    """How many held-out prompts (the first of eval_prompts_file)."""
+
+
+@dataclass
+class PPOCheckpoint:
+    """Checkpoints that a killed or preempted run resumes from (rlhf/ppo/state.py)."""
+
+    every: int = 10
+    """Steps between checkpoints (and at the last step, and at a stop)."""
 
 
 @dataclass
@@ -234,7 +403,7 @@ class PPOStageConfig:
     prompts_split: str = "train"
     """Split to use when prompts_file is a hub dataset."""
     eval_prompts_file: str | None = "data/demo/prompts_eval.jsonl"
-    """Held-out prompts: the policy and the SFT model are compared on them at the end. None: skip."""
+    """Held-out prompts (the monitor's, and the end-of-stage comparison with SFT). None: none."""
     eval_prompts_split: str = "test"
     """Split to use when eval_prompts_file is a hub dataset."""
     eval_samples: int = 200
@@ -243,164 +412,61 @@ class PPOStageConfig:
     """Longer prompts are an input error, reported before the model loads."""
     skip_invalid: bool = False
     """Drop invalid prompt rows with a warning instead of stopping."""
-    # rollouts
-    rollout_engine: str = "hf"
-    """hf: transformers' generate on the trainer's model; vllm: a vLLM server fed the policy adapter after each
-    update, checked against the trainer (the `vllm:` section; docs/engines.md)."""
-    tis_cap: float | None = 2.0
-    """rollout_engine vllm: truncated importance sampling, each token's policy loss weighted by min(trainer / engine
-    probability, tis_cap) where the two disagree (bf16 kernels); None: off."""
     steps: int = 100
-    """PPO iterations: each samples rollout_batch_size responses, then runs ppo_epochs over them."""
-    rollout_batch_size: int = 64
-    """Rollouts per PPO step in all: under `accelerate launch` each of N processes samples rollout_batch_size / N."""
-    forward_batch_size: int = 64
-    """Rows per no-grad forward pass (generation, reference, reward, values)."""
-    max_new_tokens: int = 16
-    """Most tokens of a sampled answer; an answer without its end of turn by then has not ended (ppo/eos_rate)."""
-    temperature: float = 0.7
-    """Sampling temperature of the rollouts; every log-prob (old, new, reference) is taken at it."""
-    top_k: int = 0
-    """Must stay 0 (and top_p 1.0): PPO's log-probs describe the untruncated distribution at temperature."""
-    top_p: float = 1.0
-    """Must stay 1.0 (see top_k)."""
-    missing_eos_penalty: float | None = None
-    """Replace the (normalised) score of responses that never emit EOS within max_new_tokens by this constant.
-    None (default): off. N+ uses -1, i.e. one SFT std below SFT's mean under reward_norm=shift_scale: the RM
-    was trained on answers that end in EOS, so a truncated answer is scored at a token it never learned to
-    read, and PPO may exploit that; the constant teaches the policy to finish instead. It is off by default
-    because it only helps when SFT's answers mostly end within the budget (N+: 53 tokens for TL;DR
-    summaries): with a short max_new_tokens on long-answer data (16 tokens on HH) nearly every answer gets
-    the same constant, the score carries no signal, and PPO only learns to stop early. Check ppo/eos_rate
-    at step 1; when it is high (> ~0.9), -1 is the N+ choice."""
-    # rewards
-    rewards: list[RewardTerm] = field(default_factory=lambda: [RewardTerm()])
-    """What PPO maximises: the sum of weight x source over these terms, before reward_norm; default the reward
-    model alone. E.g. [{source: rm, weight: 1}, {source: "rlhf.demo.task:gold_score", weight: 5}]. The RM stage is
-    still needed (the value head starts from it: value_from_reward). The monitor's and the end-of-run "RM score"
-    are this sum."""
-    kl_coef: float = 0.05
-    """beta of the KL penalty to the SFT policy (the reference): per token in the reward (gae, reinforce_pp),
-    summed per answer (rloo), or a loss term (grpo; or summed per answer with grpo_kl: reward). With adaptive_kl,
-    the starting value."""
-    kl_estimator: str = "k1"
-    """k1 (log-ratio, unbiased, the classic choice) or k3 ((r - 1) - log r, never negative)."""
-    adaptive_kl: bool = False
-    """Adapt kl_coef towards target_kl (Ziegler et al. 2019) instead of keeping it fixed."""
-    target_kl: float = 6.0
-    """Adaptive controller target: KL summed over a response (Ziegler et al. 2019)."""
-    kl_horizon: int | None = None
-    """Adaptive controller horizon, in rollouts: how fast kl_coef moves. None: a tenth of the run's rollouts
-    (steps x rollout_batch_size / 10)."""
-    reward_norm: str = "shift_scale"
-    """How RM scores become rewards, from the SFT policy's answers on reward_norm_samples prompts (measured
-    before the first update): shift_scale (default) subtracts their mean and divides by their std (mean 0,
-    std 1, whatever the RM's units); shift only subtracts the mean, as InstructGPT and N+ do (a bias so SFT's
-    answers score 0 on average, the RM's own scale kept); none uses raw scores."""
-    reward_norm_samples: int = 256
-    """SFT answers scored to measure reward_norm's shift and scale."""
-    ensemble_objective: str = "mean"
-    """With rm.ensemble > 1, what PPO maximises (Coste et al. 2024): mean of the members, min (worst case), or
-    mean_minus_std (mean - ensemble_std_coef x std over members: uncertainty-weighted). Evaluation always
-    reports the mean, so runs with different objectives compare. No effect with one reward model."""
-    ensemble_std_coef: float = 1.0
-    """lambda of mean_minus_std, in the RM's score units (before ppo.reward_norm)."""
-    whiten_rewards: bool = False
-    """Scale the per-token rewards by their std (N+); gae and reinforce_pp only."""
-    gamma: float = 1.0
-    """Discount per token (1.0: none, as in RLHF practice)."""
-    lam: float = 0.95
-    """GAE's lambda: 1 gives Monte-Carlo returns (no bias, more variance), 0 one-step TD (gae only)."""
-    # advantage estimator (rlhf/ppo/estimators.py; docs/algorithms.md, "Which estimator")
-    estimator: str = "gae"
-    """gae: PPO, a value adapter and head trained beside the policy, GAE(gamma, lam), per-token KL in the reward.
-    Critic-free (no value adapter or head in memory or in the optimiser, no value loss): grpo (score normalised
-    within each prompt's group; KL as a k3 loss term, beta = kl_coef, or in the reward: grpo_kl), rloo
-    (leave-one-out baseline over the group; the answer's summed KL in its reward), reinforce_pp (REINFORCE++:
-    reward to go with the per-token KL in the reward, whitened over the batch)."""
-    group_size: int = 1
-    """k, answers sampled per prompt each step (the prompt repeated k times); rollout_batch_size counts answers, so
-    it must be a multiple of k (per process). grpo and rloo need k >= 2; gae and reinforce_pp take any k."""
-    grpo_std_norm: bool = True
-    """grpo: divide by the std of the group's scores (GRPO); false: only subtract the group mean (Dr. GRPO)."""
-    grpo_kl: str = "loss"
-    """grpo: where the KL to the reference goes. loss: a k3 term beside the clipped objective, beta = kl_coef
-    (GRPO's paper); reward: minus kl_coef x the answer's group-centred summed KL in the advantage, beside the
-    group-normalised score (never divided by the std), so the advantage itself trades reward against KL."""
-    grpo_kl_estimator: str = "k3+"
-    """grpo_kl: loss only. k3+ (k3's value, the gradient of KL(policy || ref)), k2, or k3 (GRPO's paper: its
-    gradient is that of KL(ref || policy))."""
-    # update
-    ppo_epochs: int = 4
-    """Passes over each step's rollouts."""
-    num_minibatches: int = 4
-    """Minibatches per pass: one optimiser step each (per process, rollout_batch_size / N / num_minibatches rows)."""
-    grad_accum: int = 1
-    """Micro-batches per minibatch: an optimiser step still happens once per minibatch."""
-    loss_agg: str = "token_mean"
-    """Policy loss over an optimiser step (all micro-batches and processes): token_mean, seq_mean_token_mean,
-    seq_mean_token_sum, or seq_mean_token_sum_norm (sum / (answers x max_new_tokens), Dr. GRPO's)."""
-    lr: float = 3e-4
-    """Learning rate of the policy (and value) adapters, AdamW."""
-    lr_scheduler: str = "linear"
-    """transformers' scheduler name over all optimiser steps: linear, cosine, constant, ..."""
-    warmup: float = 0.0
-    """Linear warmup: a fraction of all optimiser steps if < 1, else a number of steps."""
-    weight_decay: float = 0.0
-    """AdamW weight decay on the adapters."""
-    max_grad_norm: float = 1.0
-    """Clip the global gradient norm (policy and value together) before each step."""
-    clip_range: float = 0.2
-    """epsilon of the clipped policy objective: the probability ratio counts only within 1 +/- epsilon."""
-    clip_range_value: float = 0.2
-    """The value loss is clipped to within this of the rollout's values (gae only)."""
-    vf_coef: float = 0.1
-    """Weight of the value loss beside the policy loss (gae only)."""
-    whiten_advantages: bool = True
-    """Whiten GAE's advantages over the batch (estimator gae only: the others bring their own normalisation)."""
-    value_from_reward: bool = True
-    """Start the value adapter and head from the reward model's (InstructGPT, N+); the head starts at 0 when PPO
-    maximises something else (an ensemble's objective, reward functions)."""
-    ptx_coef: float = 0.0
-    """PPO-ptx (InstructGPT): add ptx_coef x the SFT loss on demonstrations to every optimiser step."""
-    ptx_file: str | None = None
-    """Demonstrations for PPO-ptx (any SFT format); needed when ptx_coef > 0."""
-    ptx_batch_size: int = 8
-    """Demonstrations per optimiser step (per process) for PPO-ptx."""
-    # over-optimisation guards (rlhf/ppo/monitor.py, rlhf/ppo/guards.py; docs/guards.md)
-    monitor_every: int = 10
-    """Every N steps (and at step 0, the SFT policy) the policy answers the first monitor_prompts held-out
-    prompts (eval_prompts_file), sampled and greedy with a fixed seed: RM score, KL, degeneration, logged as
-    monitor/... 0: off (then no degeneration stop and no keep_best)."""
-    monitor_prompts: int = 32
-    """How many held-out prompts the monitor answers (the first of eval_prompts_file)."""
-    kl_budget: float | None = 6.0
-    """Stop when the rollout KL (ppo/kl, nats summed over an answer) exceeds this for guard_patience
-    consecutive steps. 6 = target_kl (Ziegler et al. 2019); the demo stays under 2. None or 0: no budget."""
-    degeneration_margin: float | None = 0.1
-    """Stop when the greedy monitor answers' repeat (share of tokens repeating an earlier one) exceeds the SFT
-    policy's by more than this at guard_patience consecutive monitor points. None: no such stop."""
-    guard_patience: int = 3
-    """Consecutive steps (KL budget) or monitor points (degeneration) before a guard stops the run."""
-    keep_best: str = "monitor_reward_guarded"
-    """Which policy policy/ holds: monitor_reward_guarded (the monitor point with the best RM score of sampled
-    answers among those within the KL budget and the degeneration margin, SFT at step 0 included),
-    monitor_reward (the same among all points) or none (the last, as trained, even after a guard's stop)."""
-    accept_rm_warnings: bool = False
-    """Run PPO on a reward model whose stage warned (rm/diagnostics.json) with keep_best none or monitor_reward
-    (an unguarded choice of the kept policy); false: such a run stops before PPO with one line."""
-    # bookkeeping
-    save_steps: int = 10
-    """Steps between checkpoints (a killed or preempted run resumes from the last one)."""
+    """PPO iterations: each samples sampling.rollout_batch_size answers, then runs update.epochs over them."""
     seed: int = 0
-    """Seed of the prompt order, the sampling and the adapters' initialisation (each process samples with its own
-    seed derived from it)."""
+    """Seed of the prompt order, the sampling and the adapters' initialisation."""
     judge: str | None = None
     """Optional "module:function" (prompt, response) -> float gold score, reported at the end (never trained on)."""
     progress_bar: bool = True
     """A progress bar on a terminal."""
     lora: LoraSpec = field(default_factory=LoraSpec)
     """The policy and value adapters (the reward adapter keeps the RM stage's)."""
+    sampling: PPOSampling = field(default_factory=PPOSampling)
+    """How rollouts are sampled: the engine, the batch, the group size, the budget, the temperature."""
+    reward: PPOReward = field(default_factory=PPOReward)
+    """What PPO maximises (the RM, reward functions, an ensemble's objective) and the reward normalisation."""
+    kl: PPOKL = field(default_factory=PPOKL)
+    """The KL penalty to SFT: beta, the estimator, the adaptive controller."""
+    estimator: PPOEstimator = field(default_factory=PPOEstimator)
+    """The advantage estimator (gae, grpo, rloo, reinforce_pp) and its settings."""
+    update: PPOUpdate = field(default_factory=PPOUpdate)
+    """The optimiser, the epochs and minibatches, the clipped losses."""
+    ptx: PPOPtx = field(default_factory=PPOPtx)
+    """PPO-ptx: the SFT loss on demonstrations mixed into the update."""
+    guards: PPOGuards = field(default_factory=PPOGuards)
+    """The KL budget, the degeneration stop, the kept policy."""
+    monitor: PPOMonitor = field(default_factory=PPOMonitor)
+    """The held-out monitor the guards read."""
+    checkpoint: PPOCheckpoint = field(default_factory=PPOCheckpoint)
+    """How often a checkpoint is written."""
+
+
+# The PPO keys of before the sections -> their place now (an old key is one error line naming it: `moved_ppo_key`)
+PPO_MOVED = {
+    "rollout_engine": "sampling.engine", "rollout_batch_size": "sampling.rollout_batch_size",
+    "group_size": "sampling.group_size", "forward_batch_size": "sampling.forward_batch_size",
+    "max_new_tokens": "sampling.max_new_tokens", "temperature": "sampling.temperature", "top_k": "sampling.top_k",
+    "top_p": "sampling.top_p",
+    "rewards": "reward.terms", "reward_norm": "reward.norm", "reward_norm_samples": "reward.norm_samples",
+    "missing_eos_penalty": "reward.missing_eos_penalty", "whiten_rewards": "reward.whiten",
+    "ensemble_objective": "reward.ensemble_objective", "ensemble_std_coef": "reward.ensemble_std_coef",
+    "kl_coef": "kl.coef", "kl_estimator": "kl.estimator", "adaptive_kl": "kl.adaptive", "target_kl": "kl.target",
+    "kl_horizon": "kl.horizon",
+    "gamma": "estimator.gamma", "lam": "estimator.lam", "whiten_advantages": "estimator.whiten_advantages",
+    "grpo_std_norm": "estimator.std_norm", "grpo_kl": "estimator.grpo_kl",
+    "grpo_kl_estimator": "estimator.grpo_kl_estimator",
+    "ppo_epochs": "update.epochs", "num_minibatches": "update.num_minibatches", "grad_accum": "update.grad_accum",
+    "loss_agg": "update.loss_agg", "lr": "update.lr", "lr_scheduler": "update.lr_scheduler", "warmup": "update.warmup",
+    "weight_decay": "update.weight_decay", "max_grad_norm": "update.max_grad_norm", "clip_range": "update.clip_range",
+    "clip_range_value": "update.clip_range_value", "vf_coef": "update.vf_coef",
+    "value_from_reward": "update.value_from_reward", "tis_cap": "update.tis_cap",
+    "ptx_coef": "ptx.coef", "ptx_file": "ptx.file", "ptx_batch_size": "ptx.batch_size",
+    "kl_budget": "guards.kl_budget", "degeneration_margin": "guards.degeneration_margin",
+    "guard_patience": "guards.patience", "keep_best": "guards.keep_best",
+    "accept_rm_warnings": "guards.accept_rm_warnings",
+    "monitor_every": "monitor.every", "monitor_prompts": "monitor.prompts", "save_steps": "checkpoint.every",
+}
 
 
 @dataclass
@@ -626,6 +692,18 @@ def qualify_overrides(overrides: list[str], stage: str | None) -> list[str]:
     return out
 
 
+def moved_ppo_key(key: str, value: Any = None) -> str | None:
+    """The error line for a PPO key of before the sections (`ppo.kl_coef`, or `ppo.estimator` given a name), else
+    None. `key`: the key under ppo (kl_coef, estimator, kl.coef...)."""
+    first = key.split(".")[0]
+    if first in PPO_MOVED:
+        rest = key[len(first):]
+        return f"ppo.{key} is now ppo.{PPO_MOVED[first]}{rest} (the PPO settings are grouped in sections)"
+    if key == "estimator" and not isinstance(value, (dict, DictConfig)):
+        return "ppo.estimator is now ppo.estimator.name (the PPO settings are grouped in sections)"
+    return None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (), stage: str | None = None) -> PipelineConfig:
     """Defaults, then the YAML file at `path`, then `overrides` (`a.b=value`); returns typed dataclasses."""
     cfg = OmegaConf.structured(PipelineConfig)
@@ -634,11 +712,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), stage
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            loaded = OmegaConf.load(path)
         except OmegaConfBaseException as e:
             raise ConfigError(f"{path}: {_explain(e)}") from None
+        ppo = loaded.get("ppo") if isinstance(loaded, DictConfig) else None
+        for key in (ppo.keys() if isinstance(ppo, DictConfig) else []):
+            if moved := moved_ppo_key(str(key), ppo[key]):
+                raise ConfigError(f"{path}: {moved}")
+        try:
+            cfg = OmegaConf.merge(cfg, loaded)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{path}: {_explain(e)}") from None
+    qualified = qualify_overrides(list(overrides), stage)
+    for item in qualified:
+        key = item.split("=", 1)[0].strip()
+        if key.startswith("ppo.") and (moved := moved_ppo_key(key[4:])):
+            raise ConfigError(f"command-line override {item!r}: {moved}")
     try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(qualify_overrides(list(overrides), stage)))
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(qualified))
     except OmegaConfBaseException as e:
         raise ConfigError(f"command-line override: {_explain(e)}") from None
     cfg = OmegaConf.to_object(cfg)

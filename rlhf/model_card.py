@@ -37,8 +37,8 @@ def data_files(cfg: PipelineConfig, stage: str) -> list[tuple[str, str]]:
     files = [("SFT demonstrations", cfg.sft.train_file)]
     if stage == "ppo":
         files += [("reward model preferences", cfg.rm.train_file), ("PPO prompts", cfg.ppo.prompts_file)]
-        if cfg.ppo.ptx_coef > 0 and cfg.ppo.ptx_file:
-            files.append(("PPO-ptx demonstrations", cfg.ppo.ptx_file))
+        if cfg.ppo.ptx.coef > 0 and cfg.ppo.ptx.file:
+            files.append(("PPO-ptx demonstrations", cfg.ppo.ptx.file))
     return files
 
 
@@ -49,9 +49,10 @@ def key_settings(cfg: PipelineConfig, stage: str) -> list[str]:
     if stage == "ppo":
         p = cfg.ppo
         out += [f"reward model: LoRA r {cfg.rm.lora.r}, lr {cfg.rm.train.lr}, ensemble of {cfg.rm.ensemble}",
-                f"PPO: {p.steps} steps x {p.rollout_batch_size} rollouts, lr {p.lr}, kl_coef {p.kl_coef} "
-                f"({'adaptive' if p.adaptive_kl else 'fixed'}, {p.kl_estimator}), clip {p.clip_range}, "
-                f"temperature {p.temperature}, max {p.max_new_tokens} new tokens, LoRA r {p.lora.r}"]
+                f"PPO: {p.steps} steps x {p.sampling.rollout_batch_size} rollouts, lr {p.update.lr}, "
+                f"kl coef {p.kl.coef} "
+                f"({'adaptive' if p.kl.adaptive else 'fixed'}, {p.kl.estimator}), clip {p.update.clip_range}, "
+                f"temperature {p.sampling.temperature}, max {p.sampling.max_new_tokens} new tokens, LoRA r {p.lora.r}"]
     return out
 
 

@@ -24,7 +24,7 @@ def import_callable(spec: str) -> Callable:
 
 
 def reward_function(spec: str, key: str) -> Callable:
-    """A reward function named in ppo.rewards: importable and callable as f(prompt, response); else a ConfigError
+    """A reward function named in ppo.reward.terms: importable and callable as f(prompt, response); else a ConfigError
     naming `key`."""
     try:
         fn = import_callable(spec)

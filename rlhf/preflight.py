@@ -70,7 +70,7 @@ def bitsandbytes_unused(cfg: PipelineConfig) -> bool:
     its own). When unsure (a hub model not in the cache), False."""
     if cfg.model.quantization != "none":
         return False
-    plugins = [cfg.rm.pair_tags, cfg.ppo.judge, cfg.eval.judge, *(t.source for t in cfg.ppo.rewards)]
+    plugins = [cfg.rm.pair_tags, cfg.ppo.judge, cfg.eval.judge, *(t.source for t in cfg.ppo.reward.terms)]
     if any(spec and spec != "rm" and not spec.startswith("rlhf.") for spec in plugins):
         return False
     models = [cfg.model.name_or_path] + [entry.partition("=")[2] or entry for entry in cfg.eval.checkpoints]
@@ -167,17 +167,18 @@ def check_rm(cfg: PipelineConfig) -> None:
 def check_ppo(cfg: PipelineConfig) -> None:
     p, run_dir = cfg.ppo, Path(cfg.run_dir)
     checks.check_ppo(cfg)
-    for i, term in enumerate(p.rewards):  # each reward function imports and takes (prompt, response)
+    for i, term in enumerate(p.reward.terms):  # each reward function imports and takes (prompt, response)
         if term.source != "rm":
-            reward_function(term.source, f"ppo.rewards[{i}].source")
+            reward_function(term.source, f"ppo.reward.terms[{i}].source")
     sft_dir = require_done(run_dir / "sft", "sft")
     require_done(run_dir / "rm", "rm")
-    checks.rm_warnings_gate(rm_warnings(run_dir / "rm"), p.keep_best, checks.monitor_on(p), p.accept_rm_warnings)
+    checks.rm_warnings_gate(rm_warnings(run_dir / "rm"), p.guards.keep_best, checks.monitor_on(p),
+                            p.guards.accept_rm_warnings)
     check_model_path(cfg.model.name_or_path, cfg.model.revision)
     check_plugin(p.judge, "ppo.judge")
     prompts = (load_quietly(rdata.load_prompts, p.prompts_file, p.prompts_split, p.skip_invalid)
                + load_quietly(rdata.load_prompts, p.eval_prompts_file, p.eval_prompts_split, p.skip_invalid))
-    demos = load_quietly(rdata.load_sft, p.ptx_file if p.ptx_coef > 0 else None, "train", p.skip_invalid)
+    demos = load_quietly(rdata.load_sft, p.ptx.file if p.ptx.coef > 0 else None, "train", p.skip_invalid)
     check_chat_template(cfg, str(sft_dir), prompts + demos)
 
 

@@ -1,6 +1,6 @@
 """What the RL stage maximises: the trained reward model, reward functions written as code, or a weighted sum.
 
-`ppo.rewards` lists terms `{source, weight}`; a source is `rm` (this run's reward model, with the ensemble
+`ppo.reward.terms` lists terms `{source, weight}`; a source is `rm` (this run's reward model, with the ensemble
 objective if it has several members) or `"package.module:function"`, a function `(prompt, response) -> float`
 called with the prompt as the data gave it (chat messages or text) and the sampled answer as text (decoded as
 `make eval` decodes it: special tokens dropped, stripped). The demo's gold judge `rlhf.demo.task:gold_score` is
@@ -44,7 +44,7 @@ class FunctionReward:
     the row is taken, which is ambiguous when one prompt's ids are a prefix of another's."""
 
     def __init__(self, spec: str, tokenizer, prompts: Sequence, prompt_ids: Sequence[Sequence[int]]):
-        self.spec, self.fn, self.tokenizer = spec, reward_function(spec, "ppo.rewards"), tokenizer
+        self.spec, self.fn, self.tokenizer = spec, reward_function(spec, "ppo.reward.terms"), tokenizer
         self.prompts = {tuple(ids): p for p, ids in zip(prompts, prompt_ids)}
         self.lengths = sorted({len(ids) for ids in prompt_ids}, reverse=True)
 
@@ -76,7 +76,7 @@ class FunctionReward:
 
 
 class WeightedRewards:
-    """sum_i weight_i * source_i.score_ids(ids, mask): the reward PPO maximises (before ppo.reward_norm)."""
+    """sum_i weight_i * source_i.score_ids(ids, mask): the reward PPO maximises (before ppo.reward.norm)."""
 
     def __init__(self, terms: Sequence[tuple[float, object]]):
         self.terms = list(terms)
@@ -91,7 +91,7 @@ class WeightedRewards:
 
 def reward_source(terms: Sequence[RewardTerm], rm_scorer, tokenizer, prompts: Sequence,
                   prompt_ids: Sequence[Sequence[int]]):
-    """The object PPO scores rollouts with: the RM scorer itself when ppo.rewards is just `rm` (weight 1), else
+    """The object PPO scores rollouts with: the RM scorer itself when ppo.reward.terms is just `rm` (weight 1), else
     the weighted sum of its terms. `prompts`/`prompt_ids`: every prompt the stage may roll out on."""
     if not uses_functions(terms):
         return rm_scorer

@@ -58,7 +58,7 @@ def _lora_pairs(config: dict, weights: dict[str, torch.Tensor]) -> dict[str, tup
     unsupported = [k for k in ("use_dora", "modules_to_save") if config.get(k)]
     if unsupported or any(".lora_" not in k for k in weights):
         raise EngineError(f"the vLLM engine takes plain LoRA adapters (lora_A/lora_B weights only); this one has "
-                          f"{', '.join(unsupported) or 'other weights'}: set ppo.rollout_engine=hf")
+                          f"{', '.join(unsupported) or 'other weights'}: set ppo.sampling.engine=hf")
     s = lora_scaling(config)
     pairs = {}
     for key, a in weights.items():

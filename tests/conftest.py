@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from harness import stage_server  # tests/harness/ (pytest puts tests/ on sys.path for its conftest)
-from harness.order import order
-from harness.processes import ForkedStage, accelerate_processes, stage_process  # noqa: F401 (the tests' helpers)
-from rlhf.runs import checkpoint_complete
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/harness/, also where a stage imports a test module
+from harness import stage_server  # noqa: E402
+from harness.order import order  # noqa: E402
+from harness.processes import ForkedStage, accelerate_processes, stage_process  # noqa: E402,F401 (the tests' helpers)
+from rlhf.runs import checkpoint_complete  # noqa: E402
 
 # Any accidental hub download fails at once instead of hanging (there is no network here or in CI).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -127,8 +128,8 @@ def small_pipeline(run: Path, files: dict[str, str], *common: str, rm: tuple[str
     trainer = ("max_steps=2", "logging_steps=1", "eval_steps=2", "save_steps=2", "progress_bar=false")
     run_stage("sft", *common, *small_file_args(files, "sft"), *(f"sft.train.{k}" for k in trainer))
     run_stage("rm", *common, *small_file_args(files, "rm"), *rm, *(f"rm.train.{k}" for k in trainer))
-    run_stage("ppo", *common, *small_file_args(files, "ppo"), "ppo.steps=2", "ppo.rollout_batch_size=8",
-              "ppo.num_minibatches=2", "ppo.ppo_epochs=1", "ppo.reward_norm_samples=8", "ppo.save_steps=2",
+    run_stage("ppo", *common, *small_file_args(files, "ppo"), "ppo.steps=2", "ppo.sampling.rollout_batch_size=8",
+              "ppo.update.num_minibatches=2", "ppo.update.epochs=1", "ppo.reward.norm_samples=8", "ppo.checkpoint.every=2",
               "ppo.progress_bar=false")
     run_stage("export", *common)
     run_stage("eval", *common, f"eval.prompts_file={files['prompts_eval']}", "eval.samples_per_prompt=1",
@@ -235,3 +236,10 @@ def instruct_dir() -> Path:
             from rlhf.demo.build_instruct import build
             build(INSTRUCT)
     return INSTRUCT
+
+
+def ppo_settings(*overrides: str):
+    """The PPO config of the defaults with `overrides` (keys under ppo: "estimator.name=grpo"), loaded as a user's
+    command line is: a PPOStageConfig."""
+    from rlhf.config import load_config
+    return load_config(None, [f"ppo.{item}" for item in overrides]).ppo

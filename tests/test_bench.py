@@ -39,11 +39,11 @@ def test_estimators_run_the_ppo_stage_again_on_the_same_sft_and_rm(monkeypatch, 
     def fake_stage(stage, run_dir, extra, setup):
         (run_dir / stage).mkdir(parents=True, exist_ok=True)
         calls.append((stage, run_dir.name, [x for x in extra if "estimator" in x or "group_size" in x]))
-        return {"peak_rss_mb": 800.0 if "ppo.estimator=grpo" in extra else 1000.0}
+        return {"peak_rss_mb": 800.0 if "ppo.estimator.name=grpo" in extra else 1000.0}
     monkeypatch.setattr(bench, "run_stage", fake_stage)
     result = bench.bench("demo", tmp_path, ["grpo"])
     assert calls == [("sft", "demo", []), ("rm", "demo", []), ("ppo", "demo", []),
-                     ("ppo", "demo-grpo", ["ppo.estimator=grpo", "ppo.group_size=4"])]
+                     ("ppo", "demo-grpo", ["ppo.estimator.name=grpo", "ppo.sampling.group_size=4"])]
     assert (tmp_path / "demo-grpo" / "rm").is_dir() and result["ppo-grpo_over_ppo_peak_memory"] == 0.8
 
 
@@ -87,12 +87,12 @@ def test_the_vllm_engine_runs_the_ppo_stage_again_and_is_compared_with_transform
     def fake_stage(stage, run_dir, extra, setup):
         (run_dir / stage).mkdir(parents=True, exist_ok=True)
         calls.append((stage, run_dir.name, [x for x in extra if "engine" in x]))
-        vllm = "ppo.rollout_engine=vllm" in extra
+        vllm = "ppo.sampling.engine=vllm" in extra
         return {"peak_rss_mb": 1000.0, "step_s": 3.0 if vllm else 4.0, "generated_tokens_per_s": 50.0 if vllm else 20.0,
                 "time_split_s": {"generate": 0.5 if vllm else 2.0}, **({"mismatch_mean": 1e-6} if vllm else {})}
     monkeypatch.setattr(bench, "run_stage", fake_stage)
     result = bench.bench("demo", tmp_path, engines=["vllm"])
-    assert calls[-1] == ("ppo", "demo-vllm", ["ppo.rollout_engine=vllm"])
+    assert calls[-1] == ("ppo", "demo-vllm", ["ppo.sampling.engine=vllm"])
     assert (tmp_path / "demo-vllm" / "sft").is_dir()
     assert result["vllm_vs_hf"] == {"step_time": 0.75, "generate_time": 0.25, "generated_tokens_per_s": 2.5,
                                     "mismatch_mean": 1e-6, "mismatch_max": None}

@@ -12,7 +12,8 @@ from transformers import GenerationConfig
 
 from rlhf.chat import answer_ids, encode_prompt, end_of_turn_id, stop_token_ids
 from rlhf.checks import check_ppo
-from rlhf.config import ConfigError, ModelConfig, PipelineConfig, PPOStageConfig
+from conftest import ppo_settings
+from rlhf.config import ConfigError, ModelConfig, PipelineConfig
 from rlhf.demo.families import FAMILIES, build_tokenizer, generation_config
 from rlhf.generation import SamplingSpec, generate_ids
 from rlhf.models import load_causal_lm, load_tokenizer
@@ -131,6 +132,6 @@ def test_the_checkpoints_generation_config_changes_nothing_sampled(demo_dir, tmp
 
 def test_ppo_refuses_truncated_sampling():
     check_ppo(PipelineConfig())
-    for bad in (PPOStageConfig(top_k=50), PPOStageConfig(top_p=0.9)):
-        with pytest.raises(ConfigError, match="ppo.top_k"):
+    for bad in (ppo_settings("sampling.top_k=50"), ppo_settings("sampling.top_p=0.9")):
+        with pytest.raises(ConfigError, match="ppo.sampling.top_k"):
             check_ppo(PipelineConfig(ppo=bad))

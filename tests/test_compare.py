@@ -39,7 +39,7 @@ def test_each_checkpoint_is_traced_to_the_stage_that_produced_it(tmp_path):
     stage(run / "ppo", perf(125.0, 1242.0), config="ppo:\n  estimator: gae\n")
     stage(run / "dpo", perf(60.0, 900.0, cuda=512.0), adapter=True)
     shutil.copytree(run / "sft", grpo / "sft")  # the same SFT weights: grpo's policy is judged over this run's
-    stage(grpo / "ppo", perf(80.0, 1100.0), config="ppo:\n  estimator: grpo\n  grpo_std_norm: true\n")
+    stage(grpo / "ppo", perf(80.0, 1100.0), config="ppo:\n  estimator:\n    name: grpo\n    std_norm: true\n")
     (grpo / "ppo" / "policy").mkdir()
     (grpo / "ppo" / "policy" / "adapter_config.json").write_text("{}")
     stage(tmp_path / "export-ppo", {"stage": "ppo", **perf(9.0, 400.0)}, adapter=False)
@@ -62,7 +62,7 @@ def test_each_checkpoint_is_traced_to_the_stage_that_produced_it(tmp_path):
     # Dr. GRPO, RLOO, and a PPO stage without a readable config
     (grpo / "ppo" / "config.yaml").write_text("ppo:\n  estimator: grpo\n  grpo_std_norm: false\n")
     assert provenance(ckpts[4], run)["algorithm"] == "Dr. GRPO"
-    (grpo / "ppo" / "config.yaml").write_text("ppo:\n  estimator: grpo\n  grpo_std_norm: false\n  grpo_kl: reward\n")
+    (grpo / "ppo" / "config.yaml").write_text("ppo:\n  estimator:\n    name: grpo\n    std_norm: false\n    grpo_kl: reward\n")
     assert provenance(ckpts[4], run)["algorithm"] == "Dr. GRPO, KL in reward"
     (grpo / "ppo" / "config.yaml").write_text("ppo:\n  estimator: rloo\n")
     assert provenance(ckpts[4], run)["algorithm"] == "RLOO"
@@ -237,7 +237,7 @@ def test_make_compare_on_the_demo_with_a_few_steps(ppo_run, demo_dir, tmp_path):
     for s in ("sft", "rm", "ppo"):
         shutil.copytree(ppo_run / s, run / s)  # copy2: timestamps kept, make sees them finished in order
     f = small_demo_files(demo_dir, tmp_path / "data")  # DPO tokenizes its whole file (18000 pairs) before step 1
-    args = ("ppo.steps=2 ppo.rollout_batch_size=16 ppo.reward_norm_samples=16 ppo.monitor_prompts=8 "
+    args = ("ppo.steps=2 ppo.sampling.rollout_batch_size=16 ppo.reward.norm_samples=16 ppo.monitor.prompts=8 "
             + " ".join(small_file_args(f, "dpo")) + " dpo.train.max_steps=2 "
             "eval.samples=6 eval.samples_per_prompt=1 eval.decoding=[sample] eval.examples=0")
     proc = subprocess.run(run_make("compare", run, args=args) + ["COMPARE=rloo"], cwd=ROOT, capture_output=True,

@@ -90,8 +90,8 @@ def test_shipped_configs_mean_what_they_say_and_fit_together(path, tmp_path):
     assert cfg.run_dir != PipelineConfig().run_dir or path.name == "demo.yaml"  # examples do not share a run dir
     resolve_dtype(cfg.model.dtype)
     p = cfg.ppo
-    check_batch_sizes(p.rollout_batch_size, p.num_minibatches, p.grad_accum)
-    assert p.ptx_coef == 0 or p.ptx_file
+    check_batch_sizes(p.sampling.rollout_batch_size, p.update.num_minibatches, p.update.grad_accum)
+    assert p.ptx.coef == 0 or p.ptx.file
     for spec in (p.judge, cfg.eval.judge, cfg.rm.pair_tags):
         assert spec is None or callable(import_callable(spec))
     assert cfg.eval.baseline in cfg.eval.checkpoints
@@ -108,8 +108,8 @@ def test_shipped_configs_keep_the_default_guards(name):
     policy, the RM's high epoch cap with early stopping, the probes' warnings gating unguarded PPO."""
     from rlhf.config import PPOStageConfig, RMStageConfig
     cfg, ppo, rm = load_config(ROOT / "configs" / name), PPOStageConfig(), RMStageConfig()
-    assert (cfg.ppo.keep_best, cfg.ppo.accept_rm_warnings) == (ppo.keep_best, ppo.accept_rm_warnings)
-    assert cfg.ppo.keep_best == "monitor_reward_guarded" and cfg.ppo.monitor_every > 0 and cfg.ppo.eval_prompts_file
+    assert (cfg.ppo.guards.keep_best, cfg.ppo.guards.accept_rm_warnings) == (ppo.guards.keep_best, ppo.guards.accept_rm_warnings)
+    assert cfg.ppo.guards.keep_best == "monitor_reward_guarded" and cfg.ppo.monitor.every > 0 and cfg.ppo.eval_prompts_file
     assert (cfg.rm.train.epochs, cfg.rm.early_stopping) == (rm.train.epochs, rm.early_stopping)
     assert cfg.rm.probes.train_share == rm.probes.train_share
 
@@ -117,9 +117,9 @@ def test_shipped_configs_keep_the_default_guards(name):
 # The demo's variants: configs/demo.yaml with only run_dir (runs/<name>) and these keys changed, so that their
 # figures (docs/results.md) compare with the demo's PPO and differ by what the name says.
 DEMO_VARIANTS = {
-    "demo-grpo.yaml": {"ppo.estimator", "ppo.group_size", "ppo.grpo_kl"},
-    "demo-rloo.yaml": {"ppo.estimator", "ppo.group_size"},
-    "demo-gold-reward.yaml": {"ppo.rewards"},
+    "demo-grpo.yaml": {"ppo.estimator.name", "ppo.sampling.group_size", "ppo.estimator.grpo_kl"},
+    "demo-rloo.yaml": {"ppo.estimator.name", "ppo.sampling.group_size"},
+    "demo-gold-reward.yaml": {"ppo.reward.terms"},
     "demo-quick.yaml": {"sft.train.epochs", "rm.train.max_steps", "rm.train.lr_scheduler", "rm.train.warmup",
                         "ppo.steps"},
 }
@@ -142,10 +142,10 @@ def test_gold_reward_config_trains_on_the_gold_judge():
     from rlhf.reward_sources import uses_functions
 
     cfg = load_config(ROOT / "configs" / "demo-gold-reward.yaml")
-    assert [t.source for t in cfg.ppo.rewards] == [cfg.eval.judge] == ["rlhf.demo.task:gold_score"]
-    assert cfg.ppo.estimator == "gae" and uses_functions(cfg.ppo.rewards)
+    assert [t.source for t in cfg.ppo.reward.terms] == [cfg.eval.judge] == ["rlhf.demo.task:gold_score"]
+    assert cfg.ppo.estimator.name == "gae" and uses_functions(cfg.ppo.reward.terms)
     check_ppo(cfg)
-    reward_function(cfg.ppo.rewards[0].source, "ppo.rewards[0]")  # importable and callable as f(prompt, response)
+    reward_function(cfg.ppo.reward.terms[0].source, "ppo.reward.terms[0]")  # importable and callable as f(prompt, response)
 
 
 def cli(*args):
@@ -204,3 +204,23 @@ def test_every_config_field_has_a_docstring():
                 if not documented:
                     missing.append(f"{cls.name}.{field_node.target.id}")
     assert missing == [], f"config fields without a docstring: {missing}"
+
+
+def test_the_ppo_settings_are_grouped_and_an_old_flat_key_names_its_new_place(tmp_path):
+    """ppo.kl.coef from YAML and from the command line (stage-relative too); a flat key of before the sections is
+    one error line naming where it went, before anything loads."""
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ["kl.coef=0.2", "ppo.sampling.group_size=2"], stage="ppo")
+    assert (cfg.ppo.kl.coef, cfg.ppo.sampling.group_size, cfg.ppo.update.epochs) == (0.2, 2, 4)
+    for override, moved in (("ppo.kl_coef=0.2", "ppo.kl_coef is now ppo.kl.coef"),
+                            ("rollout_batch_size=8", "ppo.rollout_batch_size is now ppo.sampling.rollout_batch_size"),
+                            ("ppo.estimator=grpo", "ppo.estimator is now ppo.estimator.name")):
+        with pytest.raises(ConfigError, match=moved.replace(".", r"\.")):
+            load_config(ROOT / "configs" / "demo.yaml", [override], stage="ppo")
+    old = tmp_path / "old.yaml"
+    old.write_text("ppo:\n  steps: 5\n  monitor_every: 2\n")
+    with pytest.raises(ConfigError, match=r"old\.yaml: ppo\.monitor_every is now ppo\.monitor\.every"):
+        load_config(old)
+    proc = subprocess.run([sys.executable, "-m", "stages.ppo", "--config", str(old), f"run_dir={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True)  # the stage's command line, before torch loads
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: {old}: ppo.monitor_every is now ppo.monitor.every (the PPO settings are grouped in sections)"]

@@ -38,9 +38,9 @@ def test_shards_are_disjoint_and_cover_every_prompt():
 
 
 def test_rollout_batch_must_divide_by_the_number_of_processes():
-    assert distributed.per_process(16, 2, "ppo.rollout_batch_size") == 8
+    assert distributed.per_process(16, 2, "ppo.sampling.rollout_batch_size") == 8
     with pytest.raises(ConfigError, match=r"rollout_batch_size=16 must be a multiple of the number of processes \(3\)"):
-        distributed.per_process(16, 3, "ppo.rollout_batch_size")
+        distributed.per_process(16, 3, "ppo.sampling.rollout_batch_size")
 
 
 @pytest.mark.parametrize("env", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
@@ -219,9 +219,9 @@ def test_rm_with_two_processes(two_process_run, rm_run, small_files):
 
 
 def ppo_args(estimator: str, files: dict[str, str]) -> str:
-    args = (" ".join(small_file_args(files, "ppo")) + " ppo.steps=2 ppo.save_steps=1 ppo.rollout_batch_size=16 "
-            "ppo.eval_samples=8 ppo.monitor_prompts=8 ppo.reward_norm_samples=16")
-    return args if estimator == "gae" else args + f" ppo.estimator={estimator} ppo.group_size=4"
+    args = (" ".join(small_file_args(files, "ppo")) + " ppo.steps=2 ppo.checkpoint.every=1 ppo.sampling.rollout_batch_size=16 "
+            "ppo.eval_samples=8 ppo.monitor.prompts=8 ppo.reward.norm_samples=16")
+    return args if estimator == "gae" else args + f" ppo.estimator.name={estimator} ppo.sampling.group_size=4"
 
 
 @pytest.fixture(scope="module")

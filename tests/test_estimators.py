@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from rlhf.config import ConfigError, PPOStageConfig
+from rlhf.config import ConfigError
 from rlhf.ppo import estimators as est
 from rlhf.ppo.rollout import AdvantageSpec, Rollout, advantages, repeat_prompts
+from conftest import ppo_settings
 from rlhf.checks import check_ppo
 from rlhf.config import PipelineConfig
 from rlhf.ppo.train import update_spec
@@ -194,31 +195,35 @@ def test_repeat_prompts_lays_groups_out_contiguously():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"estimator": "ppo"}, "ppo.estimator must be one of gae, grpo, rloo, reinforce_pp, not 'ppo'"),
-    ({"estimator": "grpo", "group_size": 1}, "ppo.group_size=1: ppo.estimator=grpo needs at least 2 answers"),
-    ({"estimator": "rloo", "group_size": 3}, "ppo.rollout_batch_size=64 must be a multiple of ppo.group_size=3"),
-    ({"estimator": "rloo", "group_size": 4, "whiten_rewards": True}, "set ppo.whiten_rewards=false"),
-    ({"estimator": "grpo", "group_size": 4, "grpo_kl": "both"}, "ppo.grpo_kl must be loss (a k3 loss term"),
-    ({"estimator": "grpo", "group_size": 4, "grpo_kl_estimator": "k1"},
-     "ppo.grpo_kl_estimator must be one of k3"),
-    ({"loss_agg": "seq_mean"}, "ppo.loss_agg must be one of token_mean, seq_mean_token_mean"),
-    ({"adaptive_kl": True, "kl_horizon": 0}, "ppo.adaptive_kl needs ppo.target_kl > 0 and ppo.kl_horizon > 0"),
+    (["estimator.name=ppo"], "ppo.estimator.name must be one of gae, grpo, rloo, reinforce_pp, not 'ppo'"),
+    (["estimator.name=grpo", "sampling.group_size=1"],
+     "ppo.sampling.group_size=1: ppo.estimator.name=grpo needs at least 2 answers"),
+    (["estimator.name=rloo", "sampling.group_size=3"],
+     "ppo.sampling.rollout_batch_size=64 must be a multiple of ppo.sampling.group_size=3"),
+    (["estimator.name=rloo", "sampling.group_size=4", "reward.whiten=true"], "set ppo.reward.whiten=false"),
+    (["estimator.name=grpo", "sampling.group_size=4", "estimator.grpo_kl=both"],
+     "ppo.estimator.grpo_kl must be loss (a k3 loss term"),
+    (["estimator.name=grpo", "sampling.group_size=4", "estimator.grpo_kl_estimator=k1"],
+     "ppo.estimator.grpo_kl_estimator must be one of k3"),
+    (["update.loss_agg=seq_mean"], "ppo.update.loss_agg must be one of token_mean, seq_mean_token_mean"),
+    (["kl.adaptive=true", "kl.horizon=0"], "ppo.kl.adaptive needs ppo.kl.target > 0 and ppo.kl.horizon > 0"),
 ])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
-        check_ppo(PipelineConfig(ppo=PPOStageConfig(**overrides)))
-    check_ppo(PipelineConfig(ppo=PPOStageConfig(estimator="reinforce_pp", group_size=2)))
+        check_ppo(PipelineConfig(ppo=ppo_settings(*overrides)))
+    check_ppo(PipelineConfig(ppo=ppo_settings("estimator.name=reinforce_pp", "sampling.group_size=2")))
 
 
 def test_adaptive_kl_horizon_defaults_to_a_tenth_of_the_run():
     from rlhf.ppo.train import kl_controller
-    assert kl_controller(PPOStageConfig(adaptive_kl=True, steps=100, rollout_batch_size=64)).horizon == 640
-    assert kl_controller(PPOStageConfig(adaptive_kl=True, kl_horizon=10000)).horizon == 10000
+    assert kl_controller(ppo_settings("kl.adaptive=true", "steps=100", "sampling.rollout_batch_size=64")).horizon == 640
+    assert kl_controller(ppo_settings("kl.adaptive=true", "kl.horizon=10000")).horizon == 10000
 
 
 def test_kl_loss_coefficient_joins_the_update_for_grpo_only():
-    assert update_spec(PPOStageConfig(estimator="grpo", group_size=4), 0.04).kl_loss_coef == 0.04
-    assert update_spec(PPOStageConfig(estimator="grpo", group_size=4), 0.04).kl_loss_estimator == "k3+"
-    assert update_spec(PPOStageConfig(estimator="grpo", group_size=4, grpo_kl="reward"), 0.04).kl_loss_coef == 0.0
+    grpo = ("estimator.name=grpo", "sampling.group_size=4")
+    assert update_spec(ppo_settings(*grpo), 0.04).kl_loss_coef == 0.04
+    assert update_spec(ppo_settings(*grpo), 0.04).kl_loss_estimator == "k3+"
+    assert update_spec(ppo_settings(*grpo, "estimator.grpo_kl=reward"), 0.04).kl_loss_coef == 0.0
     for name in ("gae", "rloo", "reinforce_pp"):
-        assert update_spec(PPOStageConfig(estimator=name, group_size=4), 0.04).kl_loss_coef == 0.0
+        assert update_spec(ppo_settings(f"estimator.name={name}", "sampling.group_size=4"), 0.04).kl_loss_coef == 0.0

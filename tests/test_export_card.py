@@ -32,7 +32,7 @@ def run(tmp_path):
 
 def test_card_has_hub_front_matter_data_settings_eval_figures_and_the_config(run):
     cfg = load_config(None, [f"run_dir={run}", "model.name_or_path=Qwen/Qwen2.5-0.5B-Instruct",
-                             "export.license=apache-2.0", "ppo.kl_coef=0.07"])
+                             "export.license=apache-2.0", "ppo.kl.coef=0.07"])
     text = card(cfg, "ppo")
     assert front_matter(text) == {"license": "apache-2.0", "library_name": "transformers",
                                   "tags": ["rlhf", "ppo", "lora-merged", "trl", "peft"],
@@ -40,7 +40,7 @@ def test_card_has_hub_front_matter_data_settings_eval_figures_and_the_config(run
     for expected in ("- SFT demonstrations: `data/demo/sft_train.jsonl`",
                      "- reward model preferences: `data/demo/rm_rankings_train.jsonl`",
                      "- PPO prompts: `data/demo/prompts_train.jsonl`",
-                     "kl_coef 0.07 (fixed, k1)",
+                     "kl coef 0.07 (fixed, k1)",
                      "| ppo | -1.685 | 0.886 (0.863–0.907) | 0.939 | - | 1.575 | 4.200 |",
                      "| sft | -5.094 | - | - | - | - | - |",
                      "- `eval/kl`: 1.432",

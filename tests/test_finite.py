@@ -55,8 +55,8 @@ def fake_finished_sft_and_rm(run, demo_dir, nan_head: bool):
 
 def test_ppo_run_with_a_nan_reward_stops_at_that_step_and_saves_nothing(tmp_path, demo_dir):
     fake_finished_sft_and_rm(tmp_path, demo_dir, nan_head=True)
-    proc = run_stage("ppo", f"run_dir={tmp_path}", "ppo.reward_norm=none", "ppo.steps=2", "ppo.save_steps=1",
-                     "ppo.rollout_batch_size=8", "ppo.num_minibatches=2", "ppo.eval_prompts_file=null",
+    proc = run_stage("ppo", f"run_dir={tmp_path}", "ppo.reward.norm=none", "ppo.steps=2", "ppo.checkpoint.every=1",
+                     "ppo.sampling.rollout_batch_size=8", "ppo.update.num_minibatches=2", "ppo.eval_prompts_file=null",
                      "ppo.progress_bar=false", check=False)
     assert proc.returncode != 0 and "FloatingPointError: ppo step 1: ppo/score is nan" in proc.stderr
     out = tmp_path / "ppo"

@@ -117,8 +117,8 @@ def test_greetings_pipeline_end_to_end_small(tmp_path):
              "rm": [f"rm.train_file={data / 'rm_rankings_train.jsonl'}", f"rm.eval_file={data / 'rm_pairs_eval.jsonl'}",
                     "rm.train.max_steps=2", "rm.probes.samples=8", "rm.train.progress_bar=false"],
              "ppo": [f"ppo.prompts_file={data / 'prompts_train.jsonl'}", f"ppo.eval_prompts_file={data / 'prompts_eval.jsonl'}",
-                     "ppo.steps=2", "ppo.rollout_batch_size=8", "ppo.num_minibatches=2", "ppo.ppo_epochs=1",
-                     "ppo.reward_norm_samples=8", "ppo.save_steps=2", "ppo.monitor_every=1", "ppo.progress_bar=false"],
+                     "ppo.steps=2", "ppo.sampling.rollout_batch_size=8", "ppo.update.num_minibatches=2", "ppo.update.epochs=1",
+                     "ppo.reward.norm_samples=8", "ppo.checkpoint.every=2", "ppo.monitor.every=1", "ppo.progress_bar=false"],
              "eval": [f"eval.prompts_file={data / 'prompts_eval.jsonl'}", "eval.samples_per_prompt=1",
                       "eval.decoding=[sample]", "eval.progress_bar=false", "eval.plots=false"]}
     for name in ("sft", "rm", "ppo", "eval"):

@@ -109,23 +109,23 @@ def test_kept_says_which_step_and_why_in_one_line():
     """SFT when no later point is within the guards (no improvement, said so); the last policy, unguarded, without a
     monitor; the default is the guarded choice."""
     from rlhf.config import PPOStageConfig
-    assert PPOStageConfig().keep_best == "monitor_reward_guarded"
+    assert PPOStageConfig().guards.keep_best == "monitor_reward_guarded"
     g = Guards(spec(keep_best="monitor_reward_guarded", patience=2))
     for step, repeat in ((0, 0.1), (10, 0.3), (20, 0.4)):  # every point after SFT degenerate: a stop at 20
         g.after_monitor(step, step / 10, repeat, kl_ok=True)
     step, why = g.kept(20)
     assert step == 0 and g.guarded_points == 0 and "\n" not in why
-    assert why.startswith("stopped early at step 20: greedy answers more repetitive") and "raise ppo.kl_coef" in why
+    assert why.startswith("stopped early at step 20: greedy answers more repetitive") and "raise ppo.kl.coef" in why
     assert "kept SFT (step 0), no improvement: no monitor point after step 0 passed the guards" in why
     blind = Guards(spec(keep_best="monitor_reward_guarded"))
     blind.after_step(1, 0.5)
     assert blind.kept(5) == (5, "kept the last policy (step 5), unguarded: no held-out monitor to choose among "
-                                "(ppo.monitor_every, ppo.monitor_prompts, ppo.eval_prompts_file)")
+                                "(ppo.monitor.every, ppo.monitor.prompts, ppo.eval_prompts_file)")
 
 
 def test_a_warned_reward_model_is_optimised_only_under_the_guards(tmp_path):
     """rm/diagnostics.json's warnings: printed before PPO under the guarded choice (the default); an unguarded
-    choice stops before PPO with one line naming the keys, unless ppo.accept_rm_warnings."""
+    choice stops before PPO with one line naming the keys, unless ppo.guards.accept_rm_warnings."""
     import json
     from rlhf.config import ConfigError
     from rlhf.checks import rm_warnings_gate
@@ -137,10 +137,10 @@ def test_a_warned_reward_model_is_optimised_only_under_the_guards(tmp_path):
     line = rm_warnings_gate(warned, "monitor_reward_guarded", True, False)
     assert line.startswith("the reward model's stage warned: the RM prefers a 'repeat' damaged answer (and 1 more)")
     assert "within the guards, or SFT" in line
-    assert "set ppo.monitor_every > 0" in rm_warnings_gate(warned, "monitor_reward_guarded", False, False)
+    assert "set ppo.monitor.every > 0" in rm_warnings_gate(warned, "monitor_reward_guarded", False, False)
     with pytest.raises(ConfigError) as info:
         rm_warnings_gate(warned, "none", True, False)
-    assert "ppo.keep_best=none" in str(info.value) and "ppo.accept_rm_warnings=true" in str(info.value)
+    assert "ppo.guards.keep_best=none" in str(info.value) and "ppo.guards.accept_rm_warnings=true" in str(info.value)
     assert "\n" not in str(info.value)
     assert "unguarded" in rm_warnings_gate(warned, "monitor_reward", True, True)
 

@@ -53,4 +53,4 @@ def test_config_validates_with_its_stand_in(config, tmp_path):
         assert answer_ids(tok, p.prompt, p.chosen)[-1] == end_of_turn_id(tok)
     for stage in ("sft", "rm", "ppo", "dpo", "eval", "export"):  # every setting that is wrong on its own
         getattr(checks, f"check_{stage}")(cfg)
-    assert cfg.ppo.forward_batch_size <= cfg.ppo.rollout_batch_size
+    assert cfg.ppo.sampling.forward_batch_size <= cfg.ppo.sampling.rollout_batch_size

@@ -67,8 +67,8 @@ def test_saved_policy_reloads_with_the_same_greedy_generations(ppo_run, demo_dir
     assert sft_only != from_checkpoint  # PPO changed something
 
 
-SMALL = ("ppo.steps=4 ppo.rollout_batch_size=16 ppo.num_minibatches=2 ppo.ppo_epochs=2 ppo.save_steps=1 "
-         "ppo.reward_norm_samples=16 ppo.eval_prompts_file=null ppo.adaptive_kl=true")
+SMALL = ("ppo.steps=4 ppo.sampling.rollout_batch_size=16 ppo.update.num_minibatches=2 ppo.update.epochs=2 ppo.checkpoint.every=1 "
+         "ppo.reward.norm_samples=16 ppo.eval_prompts_file=null ppo.kl.adaptive=true")
 
 
 def test_killed_ppo_resumes_to_the_same_result(rm_run, tmp_path):
@@ -116,13 +116,13 @@ def test_export_round_trip_plain_transformers_generates_the_same_tokens(ppo_run,
 
 
 def test_the_gold_reward_config_trains_on_the_judge_s_scores(rm_run, tmp_path):
-    """configs/demo-gold-reward.yaml (ppo.rewards: the gold judge, weight 1): the reward PPO logs and compares is
+    """configs/demo-gold-reward.yaml (ppo.reward.terms: the gold judge, weight 1): the reward PPO logs and compares is
     the judge's score itself, rollouts and the end-of-run comparison alike."""
     run = tmp_path / "run"
     for stage in ("sft", "rm"):
         shutil.copytree(rm_run / stage, run / stage, ignore=shutil.ignore_patterns("checkpoints"))
-    proc = run_stage("ppo", f"run_dir={run}", "ppo.steps=1", "ppo.rollout_batch_size=8", "ppo.num_minibatches=2",
-                     "ppo.reward_norm_samples=16", "ppo.eval_samples=8", "ppo.monitor_every=0",
+    proc = run_stage("ppo", f"run_dir={run}", "ppo.steps=1", "ppo.sampling.rollout_batch_size=8", "ppo.update.num_minibatches=2",
+                     "ppo.reward.norm_samples=16", "ppo.eval_samples=8", "ppo.monitor.every=0",
                      config=ROOT / "configs" / "demo-gold-reward.yaml")
     assert "[ppo] reward: 1 x rlhf.demo.task:gold_score" in proc.stdout
     result = json.loads((run / "ppo" / "eval.json").read_text())
@@ -136,14 +136,14 @@ def test_guards_stop_on_the_kl_budget_and_keep_the_best_monitored_policy(rm_run,
     steps; the monitor ran at step 0 and every step; policy/ is the kept monitor point's, and DONE says why."""
     for stage in ("sft", "rm"):
         shutil.copytree(rm_run / stage, tmp_path / stage)
-    run_stage("ppo", f"run_dir={tmp_path}", "ppo.steps=6", "ppo.rollout_batch_size=16", "ppo.num_minibatches=2",
-              "ppo.reward_norm_samples=16", "ppo.eval_samples=8", "ppo.monitor_every=1", "ppo.monitor_prompts=8",
-              "ppo.kl_estimator=k3", "ppo.kl_budget=1e-9", "ppo.guard_patience=2",
-              "ppo.keep_best=monitor_reward_guarded")
+    run_stage("ppo", f"run_dir={tmp_path}", "ppo.steps=6", "ppo.sampling.rollout_batch_size=16", "ppo.update.num_minibatches=2",
+              "ppo.reward.norm_samples=16", "ppo.eval_samples=8", "ppo.monitor.every=1", "ppo.monitor.prompts=8",
+              "ppo.kl.estimator=k3", "ppo.guards.kl_budget=1e-9", "ppo.guards.patience=2",
+              "ppo.guards.keep_best=monitor_reward_guarded")
     done = json.loads((tmp_path / "ppo" / "DONE").read_text())
     rows = read_metrics(tmp_path / "ppo" / "metrics.jsonl")
     # step 1 samples from the SFT policy itself (KL exactly 0): steps 2 and 3 exceed the budget
-    assert done["stopped_early"] and done["steps_run"] == 3 and "ppo.kl_budget" in done["kept_reason"]
+    assert done["stopped_early"] and done["steps_run"] == 3 and "ppo.guards.kl_budget" in done["kept_reason"]
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert all("monitor/greedy/repeat" in r and "monitor/sample/kl" in r for r in rows)
     assert rows[0]["monitor/sample/kl"] == pytest.approx(0.0, abs=1e-5)  # step 0 is the SFT policy
@@ -161,14 +161,14 @@ def pays_for_repeats(prompt, response):
 
 def test_the_default_never_ships_a_degenerated_policy(rm_run, tmp_path):
     """On a reward that pays for repeats the greedy answers degenerate and the degeneration stop fires; the shipped
-    default (ppo.keep_best as configs/demo.yaml and PPOStageConfig leave it) keeps a point within the guards or SFT
+    default (ppo.guards.keep_best as configs/demo.yaml and PPOStageConfig leave it) keeps a point within the guards or SFT
     (step 0: the policy adapter still at zero), never the degenerated last policy, and says so."""
     for stage in ("sft", "rm"):
         shutil.copytree(rm_run / stage, tmp_path / stage, ignore=shutil.ignore_patterns("checkpoints"))
-    proc = run_stage("ppo", f"run_dir={tmp_path}", "ppo.steps=12", "ppo.rollout_batch_size=16",
-                     "ppo.num_minibatches=2", "ppo.reward_norm_samples=16", "ppo.eval_samples=16",
-                     "ppo.monitor_every=2", "ppo.monitor_prompts=16", "ppo.guard_patience=2", "ppo.kl_coef=0.01",
-                     "ppo.lr=1e-3", 'ppo.rewards=[{source: "tests.test_ppo:pays_for_repeats", weight: 1}]')
+    proc = run_stage("ppo", f"run_dir={tmp_path}", "ppo.steps=12", "ppo.sampling.rollout_batch_size=16",
+                     "ppo.update.num_minibatches=2", "ppo.reward.norm_samples=16", "ppo.eval_samples=16",
+                     "ppo.monitor.every=2", "ppo.monitor.prompts=16", "ppo.guards.patience=2", "ppo.kl.coef=0.01",
+                     "ppo.update.lr=1e-3", 'ppo.reward.terms=[{source: "tests.test_ppo:pays_for_repeats", weight: 1}]')
     done = json.loads((tmp_path / "ppo" / "DONE").read_text())
     rows = {r["step"]: r for r in read_metrics(tmp_path / "ppo" / "metrics.jsonl") if "monitor/greedy/repeat" in r}
     repeat = {step: r["monitor/greedy/repeat"] for step, r in rows.items()}

@@ -175,9 +175,9 @@ def test_exact_steps_optimizer_set_frozen_roles_clipping_and_schedule(setup):
             assert torch.equal(p, frozen[n]), n  # reward adapter and base never change
     assert torch.equal(roles.scorer.head.weight, head)
     assert all(p.requires_grad for p in params)  # adapter switches did not freeze policy or value
-    with pytest.raises(ConfigError, match="multiple of ppo.num_minibatches"):
+    with pytest.raises(ConfigError, match="multiple of ppo.update.num_minibatches"):
         check_batch_sizes(10, 4, 1)
-    with pytest.raises(ConfigError, match="multiple of ppo.grad_accum"):
+    with pytest.raises(ConfigError, match="multiple of ppo.update.grad_accum"):
         check_batch_sizes(16, 2, 3)
 
 
@@ -219,7 +219,8 @@ def test_ptx_joins_every_optimizer_step_without_adding_steps(setup, demo_dir):
     from rlhf.ppo.ptx import ptx_batches
     roles, tok, prompts, *_ = setup
     r = rollout(roles, tok, prompts)
-    p = SimpleNamespace(ptx_file=str(demo_dir / "sft_train.jsonl"), ptx_batch_size=4, seed=0, skip_invalid=False)
+    p = SimpleNamespace(ptx=SimpleNamespace(file=str(demo_dir / "sft_train.jsonl"), batch_size=4), seed=0,
+                        skip_invalid=False)
     batches = ptx_batches(p, tok)
     ids, mask, labels = next(batches)
     assert ids.shape[0] == 4 and (labels <= mask).all() and labels.any(1).all()

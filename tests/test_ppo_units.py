@@ -24,11 +24,11 @@ def demonstrations(path, n):
 
 
 def test_ptx_share_smaller_than_a_batch_is_a_clear_error_not_an_endless_loop(tmp_path, tok):
-    p = SimpleNamespace(ptx_file=demonstrations(tmp_path / "demo.jsonl", 5), ptx_batch_size=3, seed=0,
+    p = SimpleNamespace(ptx=SimpleNamespace(file=demonstrations(tmp_path / "demo.jsonl", 5), batch_size=3), seed=0,
                         skip_invalid=False)
     batches = ptx_batches(p, tok, "cpu", rank=0, world=2)  # 3 of 5 demonstrations: one batch per pass
     assert all(next(batches)[0].shape[0] == 3 for _ in range(3))
-    with pytest.raises(ConfigError, match=r"demo\.jsonl: 2 demonstrations .*ppo\.ptx_batch_size=3"):
+    with pytest.raises(ConfigError, match=r"demo\.jsonl: 2 demonstrations .*ppo\.ptx\.batch_size=3"):
         ptx_batches(p, tok, "cpu", rank=1, world=2)  # raised at the call, before any batch is asked for
 
 
@@ -172,8 +172,8 @@ def test_gradient_checkpointing_gives_the_same_policy_and_value_gradients(roles3
 
 def test_unknown_reward_norm_is_a_config_error(tmp_path):
     from conftest import run_stage
-    proc = run_stage("ppo", f"run_dir={tmp_path}", "ppo.reward_norm=std", check=False)
-    assert proc.returncode == 2 and "ppo.reward_norm must be one of shift_scale, shift, none" in proc.stderr
+    proc = run_stage("ppo", f"run_dir={tmp_path}", "ppo.reward.norm=std", check=False)
+    assert proc.returncode == 2 and "ppo.reward.norm must be one of shift_scale, shift, none" in proc.stderr
 
 
 def test_a_nan_loss_stops_the_update_before_the_optimizer_step(roles32, tok):
@@ -221,11 +221,11 @@ def fake_sampling(monkeypatch, n):
 
 
 def test_reward_normalisation_of_an_all_zero_reward_falls_back_to_shift_and_says_so(monkeypatch, capsys):
-    from rlhf.config import PPOStageConfig
+    from conftest import ppo_settings
     from rlhf.ppo import train
     fake_sampling(monkeypatch, 8)
     roles = SimpleNamespace(scorer=SimpleNamespace(score_ids=lambda ids, mask, **_: torch.zeros(ids.shape[0])))
-    p = PPOStageConfig(reward_norm_samples=8)
+    p = ppo_settings("reward.norm_samples=8")
     assert train.measure_reward_normalisation(roles, None, [[1]] * 8, p) == (0.0, 1.0)
     assert "falls back to shift" in capsys.readouterr().err
     assert train.reward_norm_used("shift_scale", 1.0) == "shift" and train.reward_norm_used("shift_scale", 0.5) == "shift_scale"
@@ -241,7 +241,7 @@ def test_reward_normalisation_prompts_are_a_seeded_random_sample_not_the_first_r
 
 @pytest.mark.parametrize("objective", ["min", "mean_minus_std"])
 def test_a_constant_added_to_one_ensemble_member_changes_no_advantage(monkeypatch, objective):
-    from rlhf.config import PPOStageConfig
+    from conftest import ppo_settings
     from rlhf.ppo import train
     from rlhf.ppo.rollout import AdvantageSpec, Rollout, advantages
     from rlhf.rm.scoring import RewardEnsemble
@@ -257,7 +257,7 @@ def test_a_constant_added_to_one_ensemble_member_changes_no_advantage(monkeypatc
     def run(offset):
         ensemble = RewardEnsemble([member(tables[0], 0.0), member(tables[1], offset), member(tables[2], 0.0)])
         roles = SimpleNamespace(scorer=ensemble.with_objective(objective, 1.0))
-        p = PPOStageConfig(reward_norm_samples=n, ensemble_objective=objective)
+        p = ppo_settings(f"reward.norm_samples={n}", f"reward.ensemble_objective={objective}")
         shift, scale = train.measure_reward_normalisation(roles, None, [[1]] * n, p)
         rows = torch.tensor([3, 1, 4, 1])  # a rollout of 2 prompts x 2 answers
         ids = torch.stack([rows, rows, rows], 1)
@@ -305,7 +305,7 @@ def test_grad_accum_and_process_count_do_not_change_the_update(monkeypatch, loss
 
 def test_value_head_starts_on_the_scale_of_the_reward_ppo_maximises(tmp_path, tok):
     """With the reward model alone, the copied head predicts the normalised reward at the last token; with a
-    reward no head computes (here 2 x the RM, as a weighted ppo.rewards makes it), it starts at 0, the
+    reward no head computes (here 2 x the RM, as a weighted ppo.reward.terms makes it), it starts at 0, the
     normalised reward's mean on SFT's answers, instead of member 0's reward on another scale."""
     from rlhf.ppo.roles import init_value_head, values
     from rlhf.reward_sources import WeightedRewards

@@ -60,8 +60,8 @@ def signal_after(proc: ForkedStage, metrics: Path, rows: int, sig: int, timeout:
     raise AssertionError(f"{metrics} did not reach {rows} rows (process ended: {proc.poll()})")
 
 
-PPO_ARGS = ("ppo.steps=5 ppo.rollout_batch_size=8 ppo.num_minibatches=2 ppo.ppo_epochs=2 ppo.save_steps=100 "
-            "ppo.reward_norm_samples=8 ppo.eval_prompts_file=null")
+PPO_ARGS = ("ppo.steps=5 ppo.sampling.rollout_batch_size=8 ppo.update.num_minibatches=2 ppo.update.epochs=2 ppo.checkpoint.every=100 "
+            "ppo.reward.norm_samples=8 ppo.eval_prompts_file=null")
 
 
 @pytest.mark.slow
@@ -75,7 +75,7 @@ def test_sigterm_during_ppo_checkpoints_that_step_and_the_rerun_ends_as_an_unint
             shutil.copytree(rm_run / stage, run / stage)
     prompts = small_demo_files(demo_dir, tmp_path / "data")["prompts_train"]  # a stage reads all of its file
     PPO = (PPO_ARGS + f" ppo.prompts_file={prompts}"
-           + ("" if estimator == "gae" else f" ppo.estimator={estimator} ppo.group_size=4"))
+           + ("" if estimator == "gae" else f" ppo.estimator.name={estimator} ppo.sampling.group_size=4"))
     proc = start_stage("ppo", straight, PPO)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
@@ -208,8 +208,8 @@ def test_sigterm_in_the_last_ppo_step_leaves_the_comparison_with_sft_to_the_reru
 
     monkeypatch.setattr(ppo, "ppo_update", signalled_update)
     monkeypatch.setattr(ppo, "compare_with_sft", lambda *a, **k: compared.append(1) or compare(*a, **k))
-    args = [*common, *small_file_args(f, "ppo"), "ppo.steps=2", "ppo.rollout_batch_size=8", "ppo.num_minibatches=2",
-            "ppo.ppo_epochs=1", "ppo.reward_norm_samples=8", "ppo.save_steps=100", "ppo.eval_samples=8",
+    args = [*common, *small_file_args(f, "ppo"), "ppo.steps=2", "ppo.sampling.rollout_batch_size=8", "ppo.update.num_minibatches=2",
+            "ppo.update.epochs=1", "ppo.reward.norm_samples=8", "ppo.checkpoint.every=100", "ppo.eval_samples=8",
             "ppo.progress_bar=false"]
     assert cli.stage_main("ppo", ppo.run, args) == EXIT_PREEMPTED
     assert time.monotonic() - updates[1] < 10 and compared == []

@@ -116,7 +116,7 @@ def test_bitsandbytes_is_skipped_only_when_nothing_can_load_a_quantized_model(tm
     # a user's judge or reward may load a quantized model; the shipped ones (rlhf.*) do not
     assert preflight.bitsandbytes_unused(load_config(None, plain + ["ppo.judge=rlhf.demo.task:gold_score"]))
     assert not preflight.bitsandbytes_unused(load_config(None, plain + ["eval.judge=mine.judge:score"]))
-    assert not preflight.bitsandbytes_unused(load_config(None, plain + ["ppo.rewards=[{source: mine.r:f}]"]))
+    assert not preflight.bitsandbytes_unused(load_config(None, plain + ["ppo.reward.terms=[{source: mine.r:f}]"]))
     # a pre-quantized checkpoint, as the base or as a model eval judges
     quantized = tmp_path / "quantized"
     quantized.mkdir()
@@ -130,7 +130,7 @@ def test_bitsandbytes_is_skipped_only_when_nothing_can_load_a_quantized_model(tm
 
 def test_probe_pairs_share_and_a_warned_rm_under_an_unguarded_ppo_are_one_line(tmp_path):
     """rm.probes.train_share outside [0, 1]; the plateau schedule without early stopping; PPO with
-    ppo.keep_best=none on a reward model its stage warned about (rm/diagnostics.json): each stopped before
+    ppo.guards.keep_best=none on a reward model its stage warned about (rm/diagnostics.json): each stopped before
     anything loads, with one line naming the keys."""
     run = finished_run(tmp_path)
     base = [f"run_dir={run}", f"model.name_or_path={model_dir(tmp_path / 'base')}"]
@@ -141,11 +141,11 @@ def test_probe_pairs_share_and_a_warned_rm_under_an_unguarded_ppo_are_one_line(t
         preflight.check_rm(load_config(None, base + ["rm.early_stopping.enabled=false"]))
     (run / "rm" / "diagnostics.json").write_text(json.dumps({"warnings": ["the RM prefers a 'repeat' damaged answer"]}))
     with pytest.raises(ConfigError) as info:
-        preflight.check_ppo(load_config(None, base + ["ppo.keep_best=none"]))
-    assert "ppo.keep_best=none" in str(info.value) and "ppo.accept_rm_warnings" in str(info.value)
+        preflight.check_ppo(load_config(None, base + ["ppo.guards.keep_best=none"]))
+    assert "ppo.guards.keep_best=none" in str(info.value) and "ppo.guards.accept_rm_warnings" in str(info.value)
     assert "\n" not in str(info.value)
     with pytest.raises(ConfigError) as info:  # accepted: the next check is reached (the base is not a model)
-        preflight.check_ppo(load_config(None, base + ["ppo.keep_best=none", "ppo.accept_rm_warnings=true"]))
+        preflight.check_ppo(load_config(None, base + ["ppo.guards.keep_best=none", "ppo.guards.accept_rm_warnings=true"]))
     assert "accept_rm_warnings" not in str(info.value)
 
 
@@ -160,7 +160,7 @@ from rlhf.config import ConfigError, load_config
 cfg = load_config("configs/demo.yaml")
 for stage in ("sft", "rm", "ppo", "dpo", "eval", "export"):
     getattr(checks, "check_" + stage)(cfg)
-bad = {"sft": "sft.max_prompt_length=600", "rm": "rm.ensemble=0", "ppo": "ppo.estimator=ppo2",
+bad = {"sft": "sft.max_prompt_length=600", "rm": "rm.ensemble=0", "ppo": "ppo.estimator.name=ppo2",
        "dpo": "dpo.beta=0", "eval": "eval.engine=tgi", "export": "export.stage=rm"}
 for stage, override in bad.items():
     try:
@@ -171,5 +171,5 @@ for stage, override in bad.items():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     refused = dict(line.split(" refused: ") for line in proc.stdout.splitlines())
-    assert refused == {"sft": "sft.max_prompt_length=600", "rm": "rm.ensemble", "ppo": "ppo.estimator",
+    assert refused == {"sft": "sft.max_prompt_length=600", "rm": "rm.ensemble", "ppo": "ppo.estimator.name",
                        "dpo": "dpo.beta", "eval": "eval.engine", "export": "export.stage"}

@@ -43,15 +43,15 @@ def build_chain(smollm2_dir, instruct_dir):
                                 f"rm.eval_file={f['rm_pairs_eval']}", "rm.train.max_steps=2", "rm.train.batch_size=6",
                                 "rm.probes.samples=2", *(f"rm.train.{k}" for k in TRAINER))
         ppo = (model, f"ppo.prompts_file={f['prompts_train']}", f"ppo.eval_prompts_file={f['prompts_eval']}",
-               "ppo.max_new_tokens=12", "ppo.reward_norm_samples=4", "ppo.progress_bar=false", "ppo.monitor_every=0",
-               "ppo.eval_samples=8", "ppo.lr=2.0e-3", "ppo.ppo_epochs=4", "ppo.accept_rm_warnings=true")
+               "ppo.sampling.max_new_tokens=12", "ppo.reward.norm_samples=4", "ppo.progress_bar=false", "ppo.monitor.every=0",
+               "ppo.eval_samples=8", "ppo.update.lr=2.0e-3", "ppo.update.epochs=4", "ppo.guards.accept_rm_warnings=true")
         grpo_run = root / "grpo"
         for stage in ("sft", "rm"):
             shutil.copytree(run / stage, grpo_run / stage)
-        logs["ppo"] = real_stage("ppo", run, *ppo, "ppo.steps=4", "ppo.rollout_batch_size=8", "ppo.num_minibatches=1",
-                                 "ppo.save_steps=4")
-        logs["grpo"] = real_stage("ppo", grpo_run, *ppo, "ppo.estimator=grpo", "ppo.group_size=2", "ppo.steps=1",
-                                  "ppo.rollout_batch_size=4", "ppo.num_minibatches=1", "ppo.save_steps=1")
+        logs["ppo"] = real_stage("ppo", run, *ppo, "ppo.steps=4", "ppo.sampling.rollout_batch_size=8", "ppo.update.num_minibatches=1",
+                                 "ppo.checkpoint.every=4")
+        logs["grpo"] = real_stage("ppo", grpo_run, *ppo, "ppo.estimator.name=grpo", "ppo.sampling.group_size=2", "ppo.steps=1",
+                                  "ppo.sampling.rollout_batch_size=4", "ppo.update.num_minibatches=1", "ppo.checkpoint.every=1")
         logs["dpo"] = real_stage("dpo", run, model, f"dpo.train_file={f['rm_rankings_train']}",
                                  f"dpo.eval_file={f['rm_pairs_eval']}", "dpo.train.max_steps=1", "dpo.train.batch_size=2",
                                  *(f"dpo.train.{k}" for k in TRAINER))

@@ -1,4 +1,4 @@
-"""ppo.rewards: reward functions checked before anything loads, scored on rollout rows, weighted with the RM."""
+"""ppo.reward.terms: reward functions checked before anything loads, scored on rollout rows, weighted with the RM."""
 
 import math
 
@@ -35,11 +35,11 @@ HERE = "tests.test_reward_sources"
 
 
 @pytest.mark.parametrize("terms,message", [
-    ([], "ppo.rewards is empty"),
+    ([], "ppo.reward.terms is empty"),
     ([RewardTerm(), RewardTerm()], "each source may appear once"),
-    ([RewardTerm(weight=0.0)], r"ppo.rewards\[0\].weight must be a finite non-zero number"),
+    ([RewardTerm(weight=0.0)], r"ppo.reward.terms\[0\].weight must be a finite non-zero number"),
     ([RewardTerm(weight=math.inf)], "finite non-zero"),
-    ([RewardTerm(), RewardTerm(f"{HERE}:nope")], r"ppo.rewards\[1\].source: plug-in .* cannot be loaded"),
+    ([RewardTerm(), RewardTerm(f"{HERE}:nope")], r"ppo.reward.terms\[1\].source: plug-in .* cannot be loaded"),
     ([RewardTerm("no_module_here:f")], "cannot be loaded"),
     ([RewardTerm("gold_score")], "must look like 'package.module:function'"),
     ([RewardTerm(f"{HERE}:HERE")], "is not callable"),
@@ -57,11 +57,11 @@ def check_rewards(terms, run_dir) -> None:
     from rlhf.plugins import reward_function
 
     cfg = PipelineConfig(run_dir=str(run_dir))
-    cfg.ppo.rewards = terms
+    cfg.ppo.reward.terms = terms
     check_ppo(cfg)
     for i, t in enumerate(terms):
         if t.source != "rm":
-            reward_function(t.source, f"ppo.rewards[{i}].source")
+            reward_function(t.source, f"ppo.reward.terms[{i}].source")
 
 
 def test_good_reward_terms_pass(tmp_path):
@@ -70,9 +70,9 @@ def test_good_reward_terms_pass(tmp_path):
 
 
 def test_the_stage_refuses_a_bad_plugin_in_one_line_before_loading_anything(tmp_path):
-    proc = run_stage("ppo", f"run_dir={tmp_path}", f'rewards=[{{source: "{HERE}:three_args"}}]', check=False)
+    proc = run_stage("ppo", f"run_dir={tmp_path}", f'reward.terms=[{{source: "{HERE}:three_args"}}]', check=False)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.startswith("error: ppo.rewards[0].source: tests.test_reward_sources:three_args cannot be called")
+    assert proc.stderr.startswith("error: ppo.reward.terms[0].source: tests.test_reward_sources:three_args cannot be called")
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "ppo").exists()
 
 
@@ -150,6 +150,6 @@ def test_weighted_sum_of_the_rm_and_a_function(rollout):
 
 
 def test_rewards_from_yaml_and_the_command_line():
-    cfg = load_config(DEMO_CONFIG, ['rewards=[{source: rm, weight: 1}, {source: "rlhf.demo.task:gold_score", weight: 5}]'],
+    cfg = load_config(DEMO_CONFIG, ['reward.terms=[{source: rm, weight: 1}, {source: "rlhf.demo.task:gold_score", weight: 5}]'],
                       stage="ppo")
-    assert cfg.ppo.rewards == [RewardTerm("rm", 1.0), RewardTerm("rlhf.demo.task:gold_score", 5.0)]
+    assert cfg.ppo.reward.terms == [RewardTerm("rm", 1.0), RewardTerm("rlhf.demo.task:gold_score", 5.0)]

@@ -201,7 +201,7 @@ def test_hh_sample_runs_every_stage_from_a_config_alone(tmp_path):
     # sampled only: what takes the time on HH's 1,024-token prompts; no PPO comparison at its end, as under make
     # all (eval follows)
     args = (f"run_dir={tmp_path}", "sft.train.max_steps=2", "rm.train.max_steps=2", "rm.probes.enabled=false",
-            "ppo.steps=2", "ppo.reward_norm_samples=16", "ppo.monitor_every=0", "ppo.eval_samples=0",
+            "ppo.steps=2", "ppo.reward.norm_samples=16", "ppo.monitor.every=0", "ppo.eval_samples=0",
             "eval.samples=6", "eval.decoding=[sample]", "eval.plots=false")
     out = {stage: run_stage(stage, *args, config=config).stdout for stage in ("sft", "rm", "ppo", "eval")}
     assert "[ppo] 360 prompts" in out["ppo"]  # the HH training prompts, not the demo's

@@ -248,9 +248,9 @@ def checkpoints(stage_dir: Path) -> int:
 def chain_args(files: dict[str, str]) -> str:
     """A short chain on the first rows of the demo's files (each job tokenizes and scores its whole files)."""
     return (" ".join(small_file_args(files, "sft", "rm", "ppo"))
-            + " sft.train.max_steps=10 rm.train.max_steps=10 ppo.steps=12 ppo.rollout_batch_size=16 "
-            "ppo.num_minibatches=2 ppo.ppo_epochs=2 ppo.save_steps=1 ppo.reward_norm_samples=16 ppo.eval_samples=8 "
-            "ppo.monitor_every=0 ppo.kl_budget=0 slurm.cpus_per_task=2 slurm.time=30m")
+            + " sft.train.max_steps=10 rm.train.max_steps=10 ppo.steps=12 ppo.sampling.rollout_batch_size=16 "
+            "ppo.update.num_minibatches=2 ppo.update.epochs=2 ppo.checkpoint.every=1 ppo.reward.norm_samples=16 ppo.eval_samples=8 "
+            "ppo.monitor.every=0 ppo.guards.kl_budget=0 slurm.cpus_per_task=2 slurm.time=30m")
 # The RM of 10 steps is weak: PPO exploits it and its KL can pass the guard's 6-nat budget, which would end the
 # run before the requeues this test makes. The test is about requeue and resume, so the
 # run has no KL budget and no held-out monitor.
@@ -309,8 +309,8 @@ def test_two_process_ppo_job_stops_together_on_the_time_limit_signal_and_resumes
         shutil.copytree(rm_run / stage, run / stage)
     f = small_demo_files(demo_dir, tmp_path / "data")
     args = (" ".join(small_file_args(f, "ppo"))
-            + " ppo.steps=8 ppo.rollout_batch_size=16 ppo.num_minibatches=2 ppo.ppo_epochs=2 ppo.save_steps=100 "
-            "ppo.reward_norm_samples=16 ppo.eval_samples=8 ppo.monitor_prompts=8 slurm.processes_per_node=2 "
+            + " ppo.steps=8 ppo.sampling.rollout_batch_size=16 ppo.update.num_minibatches=2 ppo.update.epochs=2 ppo.checkpoint.every=100 "
+            "ppo.reward.norm_samples=16 ppo.eval_samples=8 ppo.monitor.prompts=8 slurm.processes_per_node=2 "
             "slurm.accelerate_config=configs/accelerate/cpu-2proc.yaml")
     subprocess.run(run_make("ppo", run, args=args) + ["LAUNCHER=slurm"], cwd=ROOT, check=True, capture_output=True)
     job = jobs_of(run)["ppo"]

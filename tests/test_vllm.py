@@ -136,8 +136,8 @@ def test_a_server_that_dies_is_one_line_naming_its_log(tmp_path):
 
 
 def test_bad_engine_settings_are_one_line_before_anything_loads(tmp_path):
-    for override, message in (("ppo.rollout_engine=sglang", "ppo.rollout_engine must be one of hf, vllm"),
-                              ("ppo.tis_cap=0.5", "ppo.tis_cap=0.5")):
+    for override, message in (("ppo.sampling.engine=sglang", "ppo.sampling.engine must be one of hf, vllm"),
+                              ("ppo.update.tis_cap=0.5", "ppo.update.tis_cap=0.5")):
         proc = run_stage("ppo", f"run_dir={tmp_path}", override, check=False)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
 
@@ -156,9 +156,9 @@ def server(demo_dir, tmp_path_factory):
     proc.close()
 
 
-STEPS = ("ppo.steps=3", "ppo.rollout_batch_size=16", "ppo.num_minibatches=2", "ppo.ppo_epochs=2",
-         "ppo.save_steps=1", "ppo.reward_norm_samples=16", "ppo.monitor_every=0", "ppo.eval_samples=0",
-         "ppo.progress_bar=false", "ppo.keep_best=none", "ppo.rollout_engine=vllm")
+STEPS = ("ppo.steps=3", "ppo.sampling.rollout_batch_size=16", "ppo.update.num_minibatches=2", "ppo.update.epochs=2",
+         "ppo.checkpoint.every=1", "ppo.reward.norm_samples=16", "ppo.monitor.every=0", "ppo.eval_samples=0",
+         "ppo.progress_bar=false", "ppo.guards.keep_best=none", "ppo.sampling.engine=vllm")
 
 
 def _with_chain(rm_run, run: Path) -> Path:
@@ -175,7 +175,7 @@ def _metrics(run: Path) -> list[dict]:
 @pytest.mark.parametrize("estimator", ["gae", "grpo"])
 def test_ppo_samples_from_vllm_and_the_engine_agrees_with_the_trainer_every_step(server, rm_run, tmp_path, estimator):
     run = _with_chain(rm_run, tmp_path / "run")
-    extra = ("ppo.estimator=grpo", "ppo.group_size=4") if estimator == "grpo" else ()
+    extra = ("ppo.estimator.name=grpo", "ppo.sampling.group_size=4") if estimator == "grpo" else ()
     proc = run_stage("ppo", f"run_dir={run}", f"vllm.url={server.url}", *STEPS, *extra)
     assert "rollouts from vLLM" in proc.stderr
     rows = [r for r in _metrics(run) if r["step"] > 0]

@@ -116,7 +116,7 @@ def _stage_checkpoint(stage: str, run_dir: Path) -> Checkpoint:
     return Checkpoint("ppo", "adapter", str(require_done(run_dir / "ppo", "ppo") / "policy"))
 
 
-# ppo.estimator -> the algorithm's usual name (docs/algorithms.md, "Which estimator")
+# ppo.estimator.name -> the algorithm's usual name (docs/algorithms.md, "Which estimator")
 ALGORITHMS = {"gae": "PPO (GAE)", "grpo": "GRPO", "rloo": "RLOO", "reinforce_pp": "REINFORCE++"}
 PERF = {"wall_s": "perf/wall_s", "peak_rss_mb": "perf/peak_rss_mb", "peak_cuda_mb": "perf/peak_cuda_mb"}
 
@@ -151,14 +151,17 @@ def _algorithm(stage: Path, summary: dict) -> str:
         return f"{summary['stage']} export"
     if stage.name == "ppo":  # the estimator it was trained with, from the config saved beside it
         try:
-            ppo = OmegaConf.load(stage / "config.yaml").ppo
-            estimator = ppo.get("estimator", "gae")  # configs from before the estimators: PPO
+            ppo = OmegaConf.to_container(OmegaConf.load(stage / "config.yaml").ppo)
         except Exception:  # no readable config beside it: the stage's name is all that is known
             return "ppo"
+        # the sections' keys (ppo.estimator.name); a run of before them kept them flat (ppo.estimator, ppo.grpo_kl)
+        section = ppo.get("estimator") if isinstance(ppo.get("estimator"), dict) else {
+            "name": ppo.get("estimator", "gae"), "std_norm": ppo.get("grpo_std_norm"), "grpo_kl": ppo.get("grpo_kl")}
+        estimator = section.get("name", "gae")
         name = ALGORITHMS.get(estimator, estimator)
         if estimator == "grpo":
-            name = "Dr. GRPO" if ppo.get("grpo_std_norm") is False else name
-            name += ", KL in reward" if ppo.get("grpo_kl") == "reward" else ""
+            name = "Dr. GRPO" if section.get("std_norm") is False else name
+            name += ", KL in reward" if section.get("grpo_kl") == "reward" else ""
         return name
     return stage.name.upper() if stage.name in ("sft", "dpo") else stage.name
 

@@ -1,4 +1,4 @@
-"""Where PPO's rollouts are sampled (ppo.rollout_engine): `hf`, transformers' generate on the trainer's own model,
+"""Where PPO's rollouts are sampled (ppo.sampling.engine): `hf`, transformers' generate on the trainer's own model,
 or `vllm`, a vLLM server fed the policy adapter after every update (rlhf/vllm_engine.py).
 
 With vllm, each step begins with a sync: the policy adapter, with the SFT adapter beneath it as one LoRA, is
@@ -6,7 +6,7 @@ written to <ppo>/engine/ and loaded into the engine under a new name (the step a
 the engine's log-probs of a fixed probe set of answers are compared with the trainer's, and a difference above
 vllm.probe_tolerance stops the run with one line. The engine's log-probs of the sampled tokens come back with
 the rollout: the trainer still computes the old log-probs itself; the two give the mismatch metric and the
-truncated importance weights of the update (ppo.tis_cap).
+truncated importance weights of the update (ppo.update.tis_cap).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class VLLMEngine:
         """The engine's and the trainer's log-probs of the probe answers (drawn once, at the first sync, greedy
         from the engine) under the current version; EngineError when they differ by more than the tolerance."""
         if self.probes is None:
-            drawn = self.client.sample(self.probe_prompts, self.version, self.cfg.ppo.max_new_tokens, 1.0,
+            drawn = self.client.sample(self.probe_prompts, self.version, self.cfg.ppo.sampling.max_new_tokens, 1.0,
                                        [0] * len(self.probe_prompts), self.stop_ids, greedy=True)
             self.probes = [s.tokens or [self.stop_ids[0]] for s in drawn]
         engine = self.client.answer_logprobs(list(zip(self.probe_prompts, self.probes)), self.version)
@@ -143,7 +143,7 @@ class VLLMEngine:
 
 def build_engine(cfg: PipelineConfig, sft_dir: Path, out: Path, tokenizer, stop_ids: list[int], procs,
                  prompt_ids: list[list[int]]):
-    if cfg.ppo.rollout_engine == "vllm":
+    if cfg.ppo.sampling.engine == "vllm":
         engine = VLLMEngine(cfg, sft_dir, out, tokenizer, stop_ids, procs, prompt_ids)
         if procs.is_main_process:
             print(f"[ppo] rollouts from vLLM at {engine.client.url}; probe tolerance {engine.tolerance:g} per token",

@@ -30,21 +30,14 @@ from safetensors.torch import load_file, save_file
 
 from rlhf.ppo.roles import Roles, adapter_state, load_adapter_state
 from rlhf.checks import KEEP_BEST  # noqa: F401 (re-exported: the choices live with the checks)
+from rlhf.config import PPOGuards as GuardSpec  # what the guards read: the ppo.guards section itself
 
 BEST_DIR = "best"
 
 
-@dataclass(frozen=True)
-class GuardSpec:
-    kl_budget: float | None      # nats per answer; None or <= 0: no budget
-    patience: int                # consecutive violations before a stop
-    degeneration_margin: float | None  # None: no degeneration stop
-    keep_best: str
-
-
 @dataclass
 class Guards:
-    spec: GuardSpec
+    spec: GuardSpec  # ppo.guards (rlhf.config.PPOGuards): the budget, the margin, the patience, keep_best
     kl_streak: int = 0
     degeneration_streak: int = 0
     baseline_repeat: float | None = None   # the SFT policy's greedy `repeat` (monitor at step 0)
@@ -60,8 +53,9 @@ class Guards:
         self.kl_streak = self.kl_streak + 1 if b and b > 0 and kl > b else 0
         if self.kl_streak >= self.spec.patience and self.stop_reason is None:
             self._stop(step, f"rollout KL above the budget of {b:g} nats for {self.kl_streak} consecutive steps "
-                             f"(last {kl:.2f}; ppo.kl_budget): the policy left SFT faster than the reward justifies; "
-                             f"raise ppo.kl_coef or set ppo.adaptive_kl=true with ppo.target_kl under the budget")
+                             f"(last {kl:.2f}; ppo.guards.kl_budget): the policy left SFT faster than the reward "
+                             f"justifies; raise ppo.kl.coef or set ppo.kl.adaptive=true with ppo.kl.target under the "
+                             f"budget")
         return self.stop_reason
 
     def after_monitor(self, step: int, sampled_reward: float, greedy_repeat: float, kl_ok: bool) -> bool:
@@ -75,8 +69,8 @@ class Guards:
         if self.degeneration_streak >= self.spec.patience and self.stop_reason is None:
             self._stop(step, f"greedy answers more repetitive than SFT's (repeat {greedy_repeat:.3f} vs "
                              f"{self.baseline_repeat:.3f} + margin {margin:g}) at {self.degeneration_streak} "
-                             f"consecutive monitor points (ppo.degeneration_margin): the reward pays for repeats; "
-                             f"check the RM's repeat probe (rm/diagnostics.json), raise ppo.kl_coef")
+                             f"consecutive monitor points (ppo.guards.degeneration_margin): the reward pays for "
+                             f"repeats; check the RM's repeat probe (rm/diagnostics.json), raise ppo.kl.coef")
         keep = self.spec.keep_best
         guarded = not degenerate and kl_ok
         self.guarded_points += step > 0 and guarded
@@ -92,20 +86,22 @@ class Guards:
         stopped = f"stopped early at step {self.stop_step}: {self.stop_reason}; " if self.stop_reason else ""
         keep = self.spec.keep_best
         if keep == "none":
-            return last_step, f"{stopped}kept the last policy (step {last_step}) by ppo.keep_best=none, unguarded"
+            return last_step, (f"{stopped}kept the last policy (step {last_step}) by ppo.guards.keep_best=none, "
+                               f"unguarded")
         if self.best_step is None:
             return last_step, (f"{stopped}kept the last policy (step {last_step}), unguarded: no held-out monitor "
-                               f"to choose among (ppo.monitor_every, ppo.monitor_prompts, ppo.eval_prompts_file)")
+                               f"to choose among (ppo.monitor.every, ppo.monitor.prompts, ppo.eval_prompts_file)")
         if self.best_step == 0 and keep == "monitor_reward_guarded" and self.guarded_points == 0:
             return 0, (f"{stopped}kept SFT (step 0), no improvement: no monitor point after step 0 passed the "
-                       f"guards (ppo.keep_best={keep})")
+                       f"guards (ppo.guards.keep_best={keep})")
         among = " among the points within the guards" if keep == "monitor_reward_guarded" else ""
         if self.best_step == 0:
             within = " within the guards" if keep == "monitor_reward_guarded" else ""
             return 0, (f"{stopped}kept SFT (step 0), no improvement: no later monitor point{within} scored above "
-                       f"SFT's held-out RM score of sampled answers ({self.best_score:.3f}) (ppo.keep_best={keep})")
+                       f"SFT's held-out RM score of sampled answers ({self.best_score:.3f}) "
+                       f"(ppo.guards.keep_best={keep})")
         return self.best_step, (f"{stopped}kept the policy of step {self.best_step}: the best held-out RM score of "
-                                f"sampled answers ({self.best_score:.3f}){among} (ppo.keep_best={keep})")
+                                f"sampled answers ({self.best_score:.3f}){among} (ppo.guards.keep_best={keep})")
 
     def _stop(self, step: int, reason: str) -> None:
         self.stop_reason, self.stop_step = reason, step

@@ -1,4 +1,4 @@
-"""Held-out monitoring during PPO: every `ppo.monitor_every` steps the policy answers a fixed set of held-out
+"""Held-out monitoring during PPO: every `ppo.monitor.every` steps the policy answers a fixed set of held-out
 prompts, sampled (at the PPO temperature) and greedy, always with the same seed, so successive points
 differ only by the policy (the last step is a monitor point too). Logged as `monitor/<decoding>/<name>` (RM
 score, KL to SFT of the sampled answers, and rlhf/eval/degeneration.py's measures).

@@ -14,26 +14,26 @@ from rlhf.config import ConfigError
 
 def ptx_batches(p, tokenizer, device: torch.device | str | None = None, rank: int = 0,
                 world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Endless shuffled (ids, mask, labels) batches of p.ptx_batch_size demonstrations from p.ptx_file:
+    """Endless shuffled (ids, mask, labels) batches of p.ptx.batch_size demonstrations from p.ptx.file:
     right-padded (B, T) ids, bool mask, and bool labels (True on answer tokens and EOS: the SFT loss).
     With several processes, each draws from its own share of the demonstrations.
 
     The file is read and checked here, at the call (before the model loads), not at the first batch:
     a share smaller than one batch is a ConfigError (it would otherwise never yield a batch)."""
-    if not p.ptx_file:
-        raise ConfigError("ppo.ptx_coef > 0 needs ppo.ptx_file (demonstrations, as for SFT)")
-    examples = rdata.load_sft(p.ptx_file, skip_invalid=p.skip_invalid)[rank::world]
-    if p.ptx_batch_size < 1 or len(examples) < p.ptx_batch_size:
+    if not p.ptx.file:
+        raise ConfigError("ppo.ptx.coef > 0 needs ppo.ptx.file (demonstrations, as for SFT)")
+    examples = rdata.load_sft(p.ptx.file, skip_invalid=p.skip_invalid)[rank::world]
+    if p.ptx.batch_size < 1 or len(examples) < p.ptx.batch_size:
         share = f" (this process's share: 1 of {world} processes)" if world > 1 else ""
-        raise ConfigError(f"{p.ptx_file}: {len(examples)} demonstrations{share}, fewer than "
-                          f"ppo.ptx_batch_size={p.ptx_batch_size}: lower ppo.ptx_batch_size or add demonstrations")
+        raise ConfigError(f"{p.ptx.file}: {len(examples)} demonstrations{share}, fewer than "
+                          f"ppo.ptx.batch_size={p.ptx.batch_size}: lower ppo.ptx.batch_size or add demonstrations")
     rows = []
     for e in examples:
         prompt = encode_prompt(tokenizer, e.prompt)
         answer = answer_ids(tokenizer, e.prompt, e.completion, prompt)
         rows.append((prompt + answer, [False] * len(prompt) + [True] * len(answer)))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return _endless(rows, p.ptx_batch_size, random.Random(p.seed), tokenizer.pad_token_id, device)
+    return _endless(rows, p.ptx.batch_size, random.Random(p.seed), tokenizer.pad_token_id, device)
 
 
 def _endless(rows: list, batch_size: int, rng: random.Random, pad_id: int, device):

@@ -164,7 +164,7 @@ def load_adapter_state(roles: Roles, state: dict[str, torch.Tensor]) -> None:
     has_value = any(k.startswith(VALUE + ".") for k in state)
     if has_value != (roles.value_head is not None):
         raise ValueError("the checkpoint was written " + ("with" if has_value else "without") + " a value adapter "
-                         "and this run has " + ("none" if has_value else "one") + ": ppo.estimator changed "
+                         "and this run has " + ("none" if has_value else "one") + ": ppo.estimator.name changed "
                          "(gae has a critic, the others have none); resume with the estimator it was written with")
     for name in roles.trained:
         part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}

@@ -1,5 +1,5 @@
 """Stage 3, PPO: optimise the policy adapter against the reward model, with a KL penalty to the SFT model.
-`ppo.estimator` picks the advantage estimator: gae (PPO with a value adapter) or a critic-free one (grpo, rloo,
+`ppo.estimator.name` picks the advantage estimator: gae (PPO with a value adapter) or a critic-free one (grpo, rloo,
 reinforce_pp: rlhf/ppo/estimators.py); rollouts, scoring, the clipped loss, checkpoints and logging are shared.
 
 Output `<run_dir>/ppo/`: `policy/` and (gae only) `value/` adapters (PEFT format; they apply to the SFT model,
@@ -33,7 +33,7 @@ from rlhf.ppo import core
 from rlhf.eval.flags import win_rate_text
 from rlhf.ppo.engine import build_engine, mismatch
 from rlhf.ppo.evaluate import compare_with_sft
-from rlhf.ppo.guards import Guards, GuardSpec, load_best, prune_best
+from rlhf.ppo.guards import Guards, load_best, prune_best
 from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, default_kl_horizon
 from rlhf.ppo.monitor import MonitorSpec, observe
 from rlhf.ppo.roles import VALUE, Roles, build_roles, init_value_head
@@ -51,41 +51,42 @@ from rlhf.tracking import Trackers
 
 
 def sampling(p: PPOStageConfig) -> SamplingSpec:
-    return SamplingSpec(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p)
+    s = p.sampling
+    return SamplingSpec(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
 
 
 def update_spec(p: PPOStageConfig, kl_coef: float = 0.0) -> UpdateSpec:
-    """kl_coef: this step's beta (the KL controller's); it joins the loss for grpo only (grpo_kl: loss)."""
-    return UpdateSpec(ppo_epochs=p.ppo_epochs, num_minibatches=p.num_minibatches, grad_accum=p.grad_accum,
-                      clip_range=p.clip_range, clip_range_value=p.clip_range_value, vf_coef=p.vf_coef,
-                      max_grad_norm=p.max_grad_norm, temperature=p.temperature, ptx_coef=p.ptx_coef,
-                      kl_loss_coef=kl_coef if p.estimator == "grpo" and p.grpo_kl == "loss" else 0.0,
-                      kl_loss_estimator=p.grpo_kl_estimator, loss_agg=p.loss_agg, max_new_tokens=p.max_new_tokens,
-                      tis_cap=p.tis_cap if p.rollout_engine == "vllm" else None)
+    """ppo.update with what the update needs of the other sections. kl_coef: this step's beta (the KL
+    controller's); it joins the loss for grpo only (grpo_kl: loss)."""
+    u, e = p.update, p.estimator
+    return UpdateSpec(ppo_epochs=u.epochs, num_minibatches=u.num_minibatches, grad_accum=u.grad_accum,
+                      clip_range=u.clip_range, clip_range_value=u.clip_range_value, vf_coef=u.vf_coef,
+                      max_grad_norm=u.max_grad_norm, temperature=p.sampling.temperature, ptx_coef=p.ptx.coef,
+                      kl_loss_coef=kl_coef if e.name == "grpo" and e.grpo_kl == "loss" else 0.0,
+                      kl_loss_estimator=e.grpo_kl_estimator, loss_agg=u.loss_agg,
+                      max_new_tokens=p.sampling.max_new_tokens,
+                      tis_cap=u.tis_cap if p.sampling.engine == "vllm" else None)
 
 
 def advantage_spec(p: PPOStageConfig, shift: float, scale: float) -> AdvantageSpec:
-    """shift, scale: the reward normalisation measured on the SFT policy (kept in the checkpoint)."""
-    return AdvantageSpec(reward_shift=shift, reward_scale=scale, kl_estimator=p.kl_estimator,
-                         missing_eos_penalty=p.missing_eos_penalty, whiten_rewards=p.whiten_rewards,
-                         whiten_advantages=p.whiten_advantages, gamma=p.gamma, lam=p.lam, estimator=p.estimator,
-                         group_size=p.group_size, std_norm=p.grpo_std_norm, grpo_kl=p.grpo_kl)
-
-
-def guard_spec(p: PPOStageConfig) -> GuardSpec:
-    return GuardSpec(kl_budget=p.kl_budget, patience=p.guard_patience, degeneration_margin=p.degeneration_margin,
-                     keep_best=p.keep_best)
+    """ppo.estimator with what the advantages need of the other sections. shift, scale: the reward normalisation
+    measured on the SFT policy (kept in the checkpoint)."""
+    e, r = p.estimator, p.reward
+    return AdvantageSpec(reward_shift=shift, reward_scale=scale, kl_estimator=p.kl.estimator,
+                         missing_eos_penalty=r.missing_eos_penalty, whiten_rewards=r.whiten,
+                         whiten_advantages=e.whiten_advantages, gamma=e.gamma, lam=e.lam, estimator=e.name,
+                         group_size=p.sampling.group_size, std_norm=e.std_norm, grpo_kl=e.grpo_kl)
 
 
 def kl_horizon(p: PPOStageConfig) -> int:
-    """ppo.kl_horizon, or by default a tenth of the run's rollouts (kl.default_kl_horizon)."""
-    return p.kl_horizon if p.kl_horizon is not None else default_kl_horizon(p.steps, p.rollout_batch_size)
+    """ppo.kl.horizon, or by default a tenth of the run's rollouts (kl.default_kl_horizon)."""
+    return p.kl.horizon if p.kl.horizon is not None else default_kl_horizon(p.steps, p.sampling.rollout_batch_size)
 
 
 def kl_controller(p: PPOStageConfig):
-    if p.adaptive_kl:
-        return AdaptiveKLController(p.kl_coef, p.target_kl, kl_horizon(p))
-    return FixedKLController(p.kl_coef)
+    if p.kl.adaptive:
+        return AdaptiveKLController(p.kl.coef, p.kl.target, kl_horizon(p))
+    return FixedKLController(p.kl.coef)
 
 
 def load_prompt_ids(source: str, split: str, p: PPOStageConfig, tokenizer) -> tuple[list, list[list[int]]]:
@@ -95,7 +96,7 @@ def load_prompt_ids(source: str, split: str, p: PPOStageConfig, tokenizer) -> tu
 
 
 def ensemble_in(scorer) -> RewardEnsemble | None:
-    """The reward-model ensemble in what PPO maximises (alone or as a term of ppo.rewards), if any."""
+    """The reward-model ensemble in what PPO maximises (alone or as a term of ppo.reward.terms), if any."""
     parts = [source for _, source in scorer.terms] if isinstance(scorer, rs.WeightedRewards) else [scorer]
     return next((s for s in parts if isinstance(s, RewardEnsemble)), None)
 
@@ -109,27 +110,27 @@ def normalisation_prompts(n_prompts: int, samples: int, seed: int) -> list[int]:
 @torch.no_grad()
 def measure_reward_normalisation(roles, tokenizer, prompt_ids, p: PPOStageConfig, rank: int = 0,
                          world: int = 1) -> tuple[float, float]:
-    """(shift, scale) of p.reward_norm (core.reward_normalisation) from RM scores of the SFT policy's own answers
+    """(shift, scale) of p.reward.norm (core.reward_normalisation) from RM scores of the SFT policy's own answers
     (the policy is SFT before any update). With several processes each samples a share of the prompts; the
     statistics are over all the scores. An ensemble's members are centred on the same answers first (their
     means become its offsets), so that its objective does not depend on a constant added to one member."""
     ensemble = ensemble_in(roles.scorer)
-    if p.reward_norm == "none" and ensemble is None:
+    if p.reward.norm == "none" and ensemble is None:
         return 0.0, 1.0
-    chosen = normalisation_prompts(len(prompt_ids), p.reward_norm_samples, p.seed)
+    chosen = normalisation_prompts(len(prompt_ids), p.reward.norm_samples, p.seed)
     mine = distributed.shard([prompt_ids[i] for i in chosen], rank, world)
-    ids, mask, width = sample(roles, tokenizer, mine, sampling(p), p.forward_batch_size)
-    rows = list(batches(ids.shape[0], p.forward_batch_size))
+    ids, mask, width = sample(roles, tokenizer, mine, sampling(p), p.sampling.forward_batch_size)
+    rows = list(batches(ids.shape[0], p.sampling.forward_batch_size))
     if ensemble is not None:
         members = torch.cat([ensemble.member_scores_ids(ids[r], mask[r]) for r in rows], dim=1)
         ensemble.offsets = torch.stack([distributed.gather_tensor(m) for m in members]).float().mean(dim=1).cpu()
     scores = distributed.gather_tensor(torch.cat([roles.scorer.score_ids(ids[r], mask[r], prompt_width=width)
                                                   for r in rows]))
-    if rank == 0 and p.reward_norm == "shift_scale" and scores.float().std().item() < core.REWARD_STD_FLOOR:
+    if rank == 0 and p.reward.norm == "shift_scale" and scores.float().std().item() < core.REWARD_STD_FLOOR:
         print(f"[ppo] warning: the SFT policy's answers all score alike (std {scores.float().std().item():.2g} < "
-              f"{core.REWARD_STD_FLOOR}): ppo.reward_norm=shift_scale falls back to shift (the reward's own units)",
+              f"{core.REWARD_STD_FLOOR}): ppo.reward.norm=shift_scale falls back to shift (the reward's own units)",
               file=sys.stderr)
-    return core.reward_normalisation(scores, p.reward_norm)
+    return core.reward_normalisation(scores, p.reward.norm)
 
 
 @dataclass
@@ -152,19 +153,20 @@ def load_inputs(p: PPOStageConfig, sft_dir: Path, procs) -> Inputs:
     prompts, prompt_ids = load_prompt_ids(p.prompts_file, p.prompts_split, p, tokenizer)
     held, held_ids = (load_prompt_ids(p.eval_prompts_file, p.eval_prompts_split, p, tokenizer)
                       if p.eval_prompts_file else ([], []))
-    ptx = ptx_batches(p, tokenizer, procs.device, procs.process_index, procs.num_processes) if p.ptx_coef > 0 else None
+    ptx = ptx_batches(p, tokenizer, procs.device, procs.process_index, procs.num_processes) if p.ptx.coef > 0 else None
     return Inputs(tokenizer, prompts, prompt_ids, held, held_ids, import_callable(p.judge) if p.judge else None, ptx)
 
 
 def local_batch_size(p: PPOStageConfig, world: int) -> int:
     """Rollouts per process (rollout_batch_size is global; each of `world` processes samples its share, whole
     groups: a group's baseline is computed where it was sampled)."""
-    local = distributed.per_process(p.rollout_batch_size, world, "ppo.rollout_batch_size")
-    if local % p.group_size:
-        raise ConfigError(f"ppo.rollout_batch_size={p.rollout_batch_size} must be a multiple of ppo.group_size="
-                          f"{p.group_size} x {world} processes: each process answers whole groups")
-    check_batch_sizes(local, p.num_minibatches, p.grad_accum,
-                      f" (per process: {p.rollout_batch_size} rollouts / {world} processes)" if world > 1 else "")
+    batch, k = p.sampling.rollout_batch_size, p.sampling.group_size
+    local = distributed.per_process(batch, world, "ppo.sampling.rollout_batch_size")
+    if local % k:
+        raise ConfigError(f"ppo.sampling.rollout_batch_size={batch} must be a multiple of ppo.sampling.group_size={k} "
+                          f"x {world} processes: each process answers whole groups")
+    check_batch_sizes(local, p.update.num_minibatches, p.update.grad_accum,
+                      f" (per process: {batch} rollouts / {world} processes)" if world > 1 else "")
     return local
 
 
@@ -177,18 +179,19 @@ def load_roles(cfg: PipelineConfig, sft_dir: Path, rm_dir: Path, inputs: Inputs,
     sft_model = load_sft_model(cfg.model, sft_dir, tokenizer).to(procs.device)
     if cfg.model.gradient_checkpointing:  # recompute activations in backward; each role's under its own adapter
         enable_activation_checkpointing(sft_model)
-    roles = build_roles(sft_model, rm_dir, tokenizer, p.lora, p.value_from_reward, critic=p.estimator == "gae")
+    roles = build_roles(sft_model, rm_dir, tokenizer, p.lora, p.update.value_from_reward,
+                        critic=p.estimator.name == "gae")
     stops = model_stop_ids(roles.model, tokenizer)  # what sampling stops at; a response holding one has ended
     say = print if main else (lambda *a, **k: None)
     say(f"[ppo] answers end at {describe(tokenizer, stops)}")
     if isinstance(roles.scorer, RewardEnsemble):  # PPO maximises the ensemble objective; eval reports the mean
-        roles.scorer = roles.scorer.with_objective(p.ensemble_objective, p.ensemble_std_coef)
-        say(f"[ppo] reward: {p.ensemble_objective} of {len(roles.scorer.members)} reward models"
-            + (f" (std coef {p.ensemble_std_coef})" if p.ensemble_objective == "mean_minus_std" else ""))
-    if rs.uses_functions(p.rewards):  # reward functions, alone or weighted with the RM (rlhf/reward_sources.py)
-        roles.scorer = rs.reward_source(p.rewards, roles.scorer, tokenizer, inputs.prompts + inputs.held_out,
+        roles.scorer = roles.scorer.with_objective(p.reward.ensemble_objective, p.reward.ensemble_std_coef)
+        say(f"[ppo] reward: {p.reward.ensemble_objective} of {len(roles.scorer.members)} reward models"
+            + (f" (std coef {p.reward.ensemble_std_coef})" if p.reward.ensemble_objective == "mean_minus_std" else ""))
+    if rs.uses_functions(p.reward.terms):  # reward functions, alone or weighted with the RM (rlhf/reward_sources.py)
+        roles.scorer = rs.reward_source(p.reward.terms, roles.scorer, tokenizer, inputs.prompts + inputs.held_out,
                                         inputs.prompt_ids + inputs.held_out_ids)
-        say(f"[ppo] reward: {roles.scorer.describe([t.source for t in p.rewards])}")
+        say(f"[ppo] reward: {roles.scorer.describe([t.source for t in p.reward.terms])}")
     distributed.broadcast_parameters(roles.trainable_parameters())  # same start everywhere
     if procs.num_processes > 1:
         torch.manual_seed(distributed.rank_seed(p.seed, procs.process_index))  # but each process samples differently
@@ -197,10 +200,10 @@ def load_roles(cfg: PipelineConfig, sft_dir: Path, rm_dir: Path, inputs: Inputs,
 
 def optimiser(roles: Roles, p: PPOStageConfig):
     """AdamW on the trained adapters, and its schedule over all the run's optimiser steps."""
-    optimizer = torch.optim.AdamW(roles.trainable_parameters(), lr=p.lr, weight_decay=p.weight_decay)
-    total = p.steps * p.ppo_epochs * p.num_minibatches
-    warmup = int(p.warmup * total) if p.warmup < 1 else int(p.warmup)
-    return optimizer, get_scheduler(p.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    optimizer = torch.optim.AdamW(roles.trainable_parameters(), lr=p.update.lr, weight_decay=p.update.weight_decay)
+    total = p.steps * p.update.epochs * p.update.num_minibatches
+    warmup = int(p.update.warmup * total) if p.update.warmup < 1 else int(p.update.warmup)
+    return optimizer, get_scheduler(p.update.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
 
 def run(cfg: PipelineConfig) -> Path:
@@ -213,7 +216,7 @@ def run(cfg: PipelineConfig) -> Path:
     out = begin_stage(run_dir / "ppo", cfg.force)
     if main:
         save_config(cfg, out)
-    warned = rm_warnings_gate(rm_warnings(rm_dir), p.keep_best, monitor_on(p), p.accept_rm_warnings)
+    warned = rm_warnings_gate(rm_warnings(rm_dir), p.guards.keep_best, monitor_on(p), p.guards.accept_rm_warnings)
     if warned and main:  # a reward model its stage warned about is not optimised as if nothing were wrong
         print(f"[ppo] WARNING: {warned}", file=sys.stderr)
 
@@ -221,14 +224,14 @@ def run(cfg: PipelineConfig) -> Path:
     inputs = load_inputs(p, sft_dir, procs)
     tokenizer, prompt_ids = inputs.tokenizer, inputs.prompt_ids
     if main:
-        print(f"[ppo] {len(prompt_ids)} prompts, {p.steps} steps of {p.rollout_batch_size} rollouts"
+        print(f"[ppo] {len(prompt_ids)} prompts, {p.steps} steps of {p.sampling.rollout_batch_size} rollouts"
               + (f" ({local_batch} per process, {world} processes)" if world > 1 else "")
-              + (f"; adaptive KL coefficient from {p.kl_coef} towards {p.target_kl} nats per answer, horizon "
-                 f"{kl_horizon(p)} rollouts" if p.adaptive_kl else ""))
+              + (f"; adaptive KL coefficient from {p.kl.coef} towards {p.kl.target} nats per answer, horizon "
+                 f"{kl_horizon(p)} rollouts" if p.kl.adaptive else ""))
     roles, stops = load_roles(cfg, sft_dir, rm_dir, inputs, procs)
     optimizer, scheduler = optimiser(roles, p)
-    watch = MonitorSpec(inputs.held_out_ids[:p.monitor_prompts] if monitor_on(p) else [], sampling(p),
-                        p.forward_batch_size, p.seed, p.monitor_every, p.steps)
+    watch = MonitorSpec(inputs.held_out_ids[:p.monitor.prompts] if monitor_on(p) else [], sampling(p),
+                        p.sampling.forward_batch_size, p.seed, p.monitor.every, p.steps)
 
     # 3. resume, or measure the reward normalisation on the SFT policy (and observe it: the guards' baseline)
     loop = resume_or_start(out, roles, optimizer, scheduler, p, procs, tokenizer, prompt_ids, len(prompt_ids))
@@ -259,7 +262,7 @@ def run(cfg: PipelineConfig) -> Path:
             bar.set_postfix(score=f"{logs['ppo/score']:.3f}", kl=f"{logs['ppo/kl']:.3f}")
             # agreed by every process; at the last step too: the rerun, not this job, runs the comparison with SFT
             stopping = stop.requested(procs.device)
-            if (step + 1) % p.save_steps == 0 or step + 1 == p.steps or stopping or loop.guards.stop_reason:
+            if (step + 1) % p.checkpoint.every == 0 or step + 1 == p.steps or stopping or loop.guards.stop_reason:
                 loop.step = step + 1
                 save_step(out, loop, roles, optimizer, scheduler, p, procs)
             if stopping:
@@ -287,12 +290,13 @@ def ppo_step(step: int, loop: "LoopState", roles: Roles, optimizer, scheduler, e
     rank, world = procs.process_index, procs.num_processes
     t0 = time.perf_counter()
     synced = engine.sync(roles, step)  # vllm: the engine gets this policy, checked on the probe answers
-    chosen = distributed.shard(loop.sampler.next(p.rollout_batch_size // p.group_size), rank, world)
-    batch = repeat_prompts([inputs.prompt_ids[i] for i in chosen], p.group_size)
+    chosen = distributed.shard(loop.sampler.next(p.sampling.rollout_batch_size // p.sampling.group_size), rank, world)
+    batch = repeat_prompts([inputs.prompt_ids[i] for i in chosen], p.sampling.group_size)
     ids, mask, width, engine_lp = engine.sample(roles, inputs.tokenizer, batch, sampling(p),           # 4.1 rollout
-                                                p.forward_batch_size, step)
+                                                p.sampling.forward_batch_size, step)
     t1 = time.perf_counter()
-    r = score(roles, ids, mask, width, p.temperature, p.forward_batch_size, stops, engine_lp)           # 4.2 score
+    r = score(roles, ids, mask, width, p.sampling.temperature, p.sampling.forward_batch_size, stops,   # 4.2 score
+              engine_lp)
     a = advantages(r, loop.kl_ctl.value, advantage_spec(p, loop.shift, loop.scale))                 # 4.3 advantages
     check_rollout(r, a, f"ppo step {step + 1}")  # a nan score or KL stops the run before any update
     t2 = time.perf_counter()
@@ -304,7 +308,7 @@ def ppo_step(step: int, loop: "LoopState", roles: Roles, optimizer, scheduler, e
         "time/generate": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2, "time/step": t3 - t0,
         "perf/generated_tokens_per_s": r.response_mask.sum().item() / max(t1 - t0, 1e-9)}
     logs = distributed.mean_over_processes(logs, procs.device)  # every process logs and adapts the same
-    loop.kl_ctl.update(logs["ppo/kl"], p.rollout_batch_size)                                        # 4.5 KL
+    loop.kl_ctl.update(logs["ppo/kl"], p.sampling.rollout_batch_size)                                        # 4.5 KL
     return logs
 
 
@@ -314,10 +318,10 @@ def finish(out: Path, roles: Roles, loop: "LoopState", inputs: Inputs, p: PPOSta
     last, kept, why = save_policy(out, roles, loop.guards, p.steps, inputs.tokenizer)
     summary = {"steps": p.steps, "num_processes": world, "steps_run": last, "kept_step": kept, "kept_reason": why,
                "stopped_early": loop.guards.stop_reason is not None, "reward_shift": loop.shift,
-               "reward_scale": loop.scale, "reward_norm": reward_norm_used(p.reward_norm, loop.scale)}
+               "reward_scale": loop.scale, "reward_norm": reward_norm_used(p.reward.norm, loop.scale)}
     eval_prompts = inputs.held_out[:p.eval_samples]
     if eval_prompts:
-        result = compare_with_sft(roles, inputs.tokenizer, eval_prompts, sampling(p), p.forward_batch_size,
+        result = compare_with_sft(roles, inputs.tokenizer, eval_prompts, sampling(p), p.sampling.forward_batch_size,
                                   inputs.judge, seed=p.seed)
         (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
         summary |= {k: v for k, v in result.items() if k.startswith("eval/")}
@@ -352,7 +356,7 @@ def resume_or_start(out: Path, roles, optimizer, scheduler, p: PPOStageConfig, p
     every process's random state restored into the objects given), or a fresh one whose reward normalisation is
     measured on the SFT policy (and the value head calibrated to it)."""
     rank, world, main = procs.process_index, procs.num_processes, procs.is_main_process
-    loop = LoopState(0, kl_controller(p), PromptSampler(n_prompts, p.seed), Guards(guard_spec(p)), 0.0, 1.0)
+    loop = LoopState(0, kl_controller(p), PromptSampler(n_prompts, p.seed), Guards(p.guards), 0.0, 1.0)
     with procs.main_process_first():  # the main process removes a half-written checkpoint first
         state = load_checkpoint(out / "checkpoints", roles, optimizer, scheduler, rank, world)
     if state is None:
@@ -362,7 +366,7 @@ def resume_or_start(out: Path, roles, optimizer, scheduler, p: PPOStageConfig, p
         check_finite({"ppo/reward_shift": loop.shift, "ppo/reward_scale": loop.scale}, "ppo reward normalisation")
         if main:
             print(f"[ppo] reward normalisation from the SFT policy: shift {loop.shift:.3f}, scale {loop.scale:.3f}")
-        if p.estimator == "gae" and p.value_from_reward:
+        if p.estimator.name == "gae" and p.update.value_from_reward:
             start = init_value_head(roles, loop.shift, loop.scale)
             if main:
                 print(f"[ppo] value head: {start}")
@@ -403,8 +407,8 @@ def save_step(out: Path, loop: LoopState, roles, optimizer, scheduler, p: PPOSta
 
 
 def save_policy(out: Path, roles, guards: Guards, steps: int, tokenizer) -> tuple[int, int, str]:
-    """The kept policy (ppo.keep_best) loaded back if it is not the last, then the trained adapters (PEFT format),
-    the value head and the tokenizer saved in out/. Returns (last step run, kept step, why)."""
+    """The kept policy (ppo.guards.keep_best) loaded back if it is not the last, then the trained adapters (PEFT
+    format), the value head and the tokenizer saved in out/. Returns (last step run, kept step, why)."""
     last = guards.stop_step or steps
     kept, why = guards.kept(last)
     if kept != last:

@@ -58,9 +58,11 @@ def run_child(module: str, argv: list[str], env: dict, out: str, err: str) -> No
 
 def serve(directory: Path, watch: int, preload: list[str]) -> None:
     import importlib
+    # first: the repository's own rlhf (whatever an installed package points at), and tests/, where a stage finds
+    # the test modules it imports as plug-ins (tests.test_ppo:pays_for_repeats) and their helpers (tests/checks.py)
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
     for module in preload:
         importlib.import_module(module)
-    sys.path.insert(0, str(ROOT))
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
