@@ -617,7 +617,7 @@ class SlurmConfig:
 
 @dataclass
 class VLLMConfig:
-    """The vLLM server behind ppo.rollout_engine=vllm and eval.engine=vllm (rlhf/vllm_engine.py; docs/engines.md)."""
+    """The vLLM server behind ppo.sampling.engine=vllm and eval.engine=vllm (rlhf/vllm_engine.py; docs/engines.md)."""
 
     url: str | None = None
     """A running server to use (`vllm serve <model.name_or_path> --enable-lora ...`, docs/engines.md); None: the
@@ -672,7 +672,7 @@ class PipelineConfig:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     """`LAUNCHER=slurm` (SlurmConfig)."""
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
-    """The vLLM server of ppo.rollout_engine=vllm and eval.engine=vllm (VLLMConfig)."""
+    """The vLLM server of ppo.sampling.engine=vllm and eval.engine=vllm (VLLMConfig)."""
 
 
 def _top_level_keys() -> set[str]:
