@@ -41,6 +41,8 @@ DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", 
 """dpo.loss_type (trl's)."""
 DECODINGS = ("sample", "greedy")
 """eval.decoding."""
+TEXT_PROMPTS = ("raw", "chat")
+"""model.text_prompts: what a plain-text prompt is to the model (rlhf/data/loaders.py, `as_chat`)."""
 EVAL_STAGES = ("base", "sft", "ppo", "dpo")
 """The run's own checkpoints eval.checkpoints names (a `?` after one: if that stage has finished)."""
 
@@ -51,6 +53,11 @@ def _choice(value, choices: tuple, key: str) -> None:
 
 
 # --- per stage -------------------------------------------------------------------------------------------------
+
+def _check_model(cfg: PipelineConfig) -> None:
+    """The model section, which every stage reads."""
+    _choice(cfg.model.text_prompts, TEXT_PROMPTS, "model.text_prompts")
+
 
 def _check_data_files(d, key: str) -> None:
     """The limits of a Trainer stage's examples (config.DataFiles). A value that is still an interpolation (DPO's
@@ -64,11 +71,13 @@ def _check_data_files(d, key: str) -> None:
 
 
 def check_sft(cfg: PipelineConfig) -> None:
+    _check_model(cfg)
     _check_data_files(cfg.sft, "sft")
 
 
 def check_rm(cfg: PipelineConfig) -> None:
     r = cfg.rm
+    _check_model(cfg)
     _check_data_files(r, "rm")
     if r.ensemble < 1:
         raise ConfigError(f"rm.ensemble must be at least 1, got {r.ensemble}")
@@ -93,6 +102,7 @@ def monitor_on(p: PPOStageConfig) -> bool:
 
 
 def check_ppo(cfg: PipelineConfig) -> None:
+    _check_model(cfg)
     p = cfg.ppo
     # PPO's log-probs are those of softmax(logits / temperature) over the whole vocabulary; top-k or top-p sampling
     # draws from a truncated distribution, so the ratio and the KL would describe a policy that is not the one
@@ -203,6 +213,7 @@ def rm_warnings_gate(warnings: list[str], keep_best: str, monitored: bool, accep
 
 
 def check_dpo(cfg: PipelineConfig) -> None:
+    _check_model(cfg)
     d = cfg.dpo
     _check_data_files(d, "dpo")
     if d.beta <= 0:
@@ -225,6 +236,7 @@ def checkpoint_name(entry: str) -> str:
 
 
 def check_eval(cfg: PipelineConfig) -> None:
+    _check_model(cfg)
     e = cfg.eval
     if not e.checkpoints:
         raise ConfigError("eval.checkpoints is empty")

@@ -40,6 +40,11 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30 % more time); in PPO each role's
     backward recomputes under its own adapter."""
+    text_prompts: str = "raw"
+    """What a plain-text prompt ({"prompt": "..."} rows) is to the model, in every stage alike: raw, the model's
+    input as it is (trl's convention); chat, a user turn through the model's chat template (for an instruct
+    model, as it was tuned to be prompted; judges and reward functions then get it as that one-message chat).
+    Chat-format rows always go through the template. Each stage says which in one line."""
     quantization: str = "none"
     """none | 8bit | 4bit: load the frozen base quantized (bitsandbytes; 4bit is NF4 with double quantization),
     computing in `dtype`. The SFT adapter is then stacked under the RM, policy and value adapters instead of

@@ -90,7 +90,7 @@ def run(cfg: PipelineConfig) -> Path:
 
     # 1. tokenizer (the SFT stage's) and the RM's preferences, validated and tokenized before the model loads
     tokenizer = load_tokenizer(str(sft_dir))
-    train, held_out = load_rm_data(d, tokenizer)
+    train, held_out = load_rm_data(d, tokenizer, cfg.model.text_prompts, stage="dpo")
     train_ds = tokenize_preferences(train, tokenizer, d.max_length, d.train_file)
     eval_ds = tokenize_preferences(held_out, tokenizer, d.max_length, d.eval_file or "held-out pairs")
     print(f"[dpo] {len(train_ds)} training pairs, {len(eval_ds)} held-out pairs; beta {d.beta}, loss {d.loss_type}")

@@ -101,7 +101,8 @@ def bitsandbytes_unused(cfg: PipelineConfig) -> bool:
 def check_chat_template(cfg: PipelineConfig, tokenizer_dir: str, examples: list) -> None:
     """Render the first chat-format prompt of `examples` (with its completion, if it has one) through the chat
     template of the tokenizer in `tokenizer_dir` (a hub id or directory): a broken template fails here, in one
-    line, instead of inside a trainer."""
+    line, instead of inside a trainer. Plain-text prompts count as chat with model.text_prompts=chat."""
+    examples = rdata.as_chat(examples, cfg.model.text_prompts)
     example = next((e for e in examples if isinstance(e.prompt, list)), None)
     if example is None:  # raw-text prompts never go through the template
         return

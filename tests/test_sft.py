@@ -7,7 +7,7 @@ import subprocess
 import pytest
 from peft import PeftModel
 
-from conftest import DEMO_CONFIG, ROOT, kill_once_written, run_make, small_demo_files, small_file_args
+from conftest import DEMO_CONFIG, ROOT, kill_once_written, run_make, run_stage, small_demo_files, small_file_args
 from rlhf import sft
 from rlhf.cli import stage_main
 from rlhf.config import ModelConfig, load_config
@@ -143,3 +143,38 @@ def test_killed_make_sft_resumes_from_last_checkpoint(demo_dir, tmp_path):
     noop = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert noop.returncode == 0 and "Nothing to be done" in noop.stdout, noop.stdout
     assert (run / "sft" / "DONE").stat().st_mtime == done_mtime
+
+
+def text_rows(src, dst, n: int) -> str:
+    """The first `n` demo rows with their chat prompt written as plain text ({"prompt": "...", ...})."""
+    rows = [json.loads(line) for line in src.read_text().splitlines()[:n]]
+    dst.write_text("".join(json.dumps({**r, "prompt": r["prompt"][-1]["content"]}) + "\n" for r in rows))
+    return str(dst)
+
+
+def test_plain_text_prompts_go_through_the_chat_template_when_asked_and_each_stage_says_which(demo_dir, tmp_path):
+    """model.text_prompts: raw keeps a text prompt as the model's input (trl's convention), chat makes it a user
+    turn of the model's chat template, as the chat rows of the same task are; the stage says which in one line."""
+    from rlhf import data as rdata
+    from rlhf.chat import encode_prompt
+    from rlhf.ppo.train import load_prompt_ids
+
+    tok = load_tokenizer(str(demo_dir / "base"))
+    chat = rdata.load_sft(str(demo_dir / "sft_train.jsonl"))[:4]
+    text = rdata.load_sft(text_rows(demo_dir / "sft_train.jsonl", tmp_path / "text.jsonl", 4))
+    assert [e.prompt for e in rdata.as_chat(text, "chat")] == [e.prompt for e in chat]
+    assert rdata.as_chat(text, "raw") == text and rdata.as_chat(chat, "chat") == chat
+    assert rdata.text_prompts_line(chat, tok, "raw") is None
+    assert "4 of 4 prompts are plain text: as they are" in rdata.text_prompts_line(text, tok, "raw")
+    cfg = load_config(DEMO_CONFIG, ["model.text_prompts=chat"])
+    _, ids = load_prompt_ids(str(tmp_path / "text.jsonl"), "train", cfg.ppo, tok, "chat")
+    assert ids == [encode_prompt(tok, e.prompt) for e in chat]  # PPO sees what SFT trained on
+
+    files = {"train_file": text_rows(demo_dir / "sft_train.jsonl", tmp_path / "train.jsonl", 32),
+             "eval_file": text_rows(demo_dir / "sft_eval.jsonl", tmp_path / "eval.jsonl", 8)}
+    for mode, said in (("chat", "as a user turn through the model's chat template"), ("raw", "as they are")):
+        proc = run_stage("sft", f"run_dir={tmp_path / mode}", f"model.text_prompts={mode}", "sft.train.max_steps=1",
+                         "sft.train.progress_bar=false", *(f"sft.{k}={v}" for k, v in files.items()))
+        assert f"[sft] 40 of 40 prompts are plain text: {said}" in proc.stdout
+    bad = run_stage("sft", f"run_dir={tmp_path / 'bad'}", "model.text_prompts=template", check=False)
+    assert bad.returncode == 2 and "model.text_prompts must be one of raw, chat" in bad.stderr

@@ -6,6 +6,7 @@ of a file instead of failing on the first one hours into training.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import warnings
 from collections.abc import Callable
@@ -68,6 +69,27 @@ def load_prompts(source: str, split: str | None = None, skip_invalid: bool = Fal
         return [PromptExample(formats.prompt_of(row, fmt), where, formats.meta(row))]
 
     return load(source, split, skip_invalid, PROMPT_FORMATS, "prompt", convert)
+
+
+def as_chat(records: list, mode: str) -> list:
+    """`records` with each plain-text prompt made a user turn ([{"role": "user", "content": text}]) when `mode` is
+    chat: it then goes through the model's chat template (its default system prompt included), as the chat
+    prompts of the same data would. raw: as they are (trl's convention: text is the model's input verbatim)."""
+    if mode != "chat":
+        return records
+    return [dataclasses.replace(r, prompt=[{"role": "user", "content": r.prompt}]) if isinstance(r.prompt, str) else r
+            for r in records]
+
+
+def text_prompts_line(records: list, tokenizer, mode: str) -> str | None:
+    """One line saying what the plain-text prompts among `records` (as loaded, before `as_chat`) are to a model
+    whose tokenizer has a chat template; None when there are none or it has no template."""
+    text = sum(isinstance(r.prompt, str) for r in records)
+    if not text or not getattr(tokenizer, "chat_template", None):
+        return None
+    how = ("as a user turn through the model's chat template (model.text_prompts=chat)" if mode == "chat" else
+           "as they are, without the model's chat template (model.text_prompts=raw; chat: as a user turn)")
+    return f"{text} of {len(records)} prompts are plain text: {how}"
 
 
 def load(source, split, skip_invalid: bool, allowed: tuple[str, ...], purpose: str, convert: Convert) -> list:

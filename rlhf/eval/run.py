@@ -68,6 +68,9 @@ def run(cfg: PipelineConfig) -> Path:
                                cfg.model.trust_remote_code)
     examples = rdata.load_prompts(e.prompts_file, split=e.prompts_split, skip_invalid=e.skip_invalid)
     examples = examples[:e.samples] if e.samples > 0 else examples
+    if line := rdata.text_prompts_line(examples, tokenizer, cfg.model.text_prompts):
+        print(f"[eval] {line}")
+    examples = rdata.as_chat(examples, cfg.model.text_prompts)
     rdata.check_prompt_lengths(examples, tokenizer, e.max_prompt_length)
     prompts = [x.prompt for x in examples]
     judge = import_callable(e.judge) if e.judge else None

@@ -13,7 +13,7 @@ from rlhf.config import ConfigError
 
 
 def ptx_batches(p, tokenizer, device: torch.device | str | None = None, rank: int = 0,
-                world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+                world: int = 1, text_prompts: str = "raw") -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Endless shuffled (ids, mask, labels) batches of p.ptx.batch_size demonstrations from p.ptx.file:
     right-padded (B, T) ids, bool mask, and bool labels (True on answer tokens and EOS: the SFT loss).
     With several processes, each draws from its own share of the demonstrations.
@@ -22,7 +22,7 @@ def ptx_batches(p, tokenizer, device: torch.device | str | None = None, rank: in
     a share smaller than one batch is a ConfigError (it would otherwise never yield a batch)."""
     if not p.ptx.file:
         raise ConfigError("ppo.ptx.coef > 0 needs ppo.ptx.file (demonstrations, as for SFT)")
-    examples = rdata.load_sft(p.ptx.file, skip_invalid=p.skip_invalid)[rank::world]
+    examples = rdata.as_chat(rdata.load_sft(p.ptx.file, skip_invalid=p.skip_invalid)[rank::world], text_prompts)
     if p.ptx.batch_size < 1 or len(examples) < p.ptx.batch_size:
         share = f" (this process's share: 1 of {world} processes)" if world > 1 else ""
         raise ConfigError(f"{p.ptx.file}: {len(examples)} demonstrations{share}, fewer than "

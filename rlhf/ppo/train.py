@@ -89,8 +89,13 @@ def kl_controller(p: PPOStageConfig):
     return FixedKLController(p.kl.coef)
 
 
-def load_prompt_ids(source: str, split: str, p: PPOStageConfig, tokenizer) -> tuple[list, list[list[int]]]:
+def load_prompt_ids(source: str, split: str, p: PPOStageConfig, tokenizer,
+                    text_prompts: str = "raw") -> tuple[list, list[list[int]]]:
+    """The prompts of `source` (plain text as model.text_prompts says: `rdata.as_chat`) and their token ids."""
     examples = rdata.load_prompts(source, split=split, skip_invalid=p.skip_invalid)
+    if line := rdata.text_prompts_line(examples, tokenizer, text_prompts):
+        print(f"[ppo] {source}: {line}")
+    examples = rdata.as_chat(examples, text_prompts)
     rdata.check_prompt_lengths(examples, tokenizer, p.max_prompt_length)
     return [e.prompt for e in examples], [encode_prompt(tokenizer, e.prompt) for e in examples]
 
@@ -146,14 +151,15 @@ class Inputs:
     ptx: object              # PPO-ptx's demonstration batches, or None
 
 
-def load_inputs(p: PPOStageConfig, sft_dir: Path, procs) -> Inputs:
+def load_inputs(p: PPOStageConfig, sft_dir: Path, procs, text_prompts: str = "raw") -> Inputs:
     """The tokenizer (the SFT stage's), the prompts (lengths checked before the model loads), the judge and
-    PPO-ptx's demonstrations."""
+    PPO-ptx's demonstrations; plain-text prompts as model.text_prompts says."""
     tokenizer = load_tokenizer(str(sft_dir))
-    prompts, prompt_ids = load_prompt_ids(p.prompts_file, p.prompts_split, p, tokenizer)
-    held, held_ids = (load_prompt_ids(p.eval_prompts_file, p.eval_prompts_split, p, tokenizer)
+    prompts, prompt_ids = load_prompt_ids(p.prompts_file, p.prompts_split, p, tokenizer, text_prompts)
+    held, held_ids = (load_prompt_ids(p.eval_prompts_file, p.eval_prompts_split, p, tokenizer, text_prompts)
                       if p.eval_prompts_file else ([], []))
-    ptx = ptx_batches(p, tokenizer, procs.device, procs.process_index, procs.num_processes) if p.ptx.coef > 0 else None
+    ptx = (ptx_batches(p, tokenizer, procs.device, procs.process_index, procs.num_processes, text_prompts)
+           if p.ptx.coef > 0 else None)
     return Inputs(tokenizer, prompts, prompt_ids, held, held_ids, import_callable(p.judge) if p.judge else None, ptx)
 
 
@@ -221,7 +227,7 @@ def run(cfg: PipelineConfig) -> Path:
         print(f"[ppo] WARNING: {warned}", file=sys.stderr)
 
     # 1. tokenizer and prompts (checked before the model loads); 2. the roles on one SFT model, the optimiser
-    inputs = load_inputs(p, sft_dir, procs)
+    inputs = load_inputs(p, sft_dir, procs, cfg.model.text_prompts)
     tokenizer, prompt_ids = inputs.tokenizer, inputs.prompt_ids
     if main:
         print(f"[ppo] {len(prompt_ids)} prompts, {p.steps} steps of {p.sampling.rollout_batch_size} rollouts"

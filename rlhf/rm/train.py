@@ -39,14 +39,19 @@ from rlhf.runs import (MetricsFile, finish_stage, is_done, require_done)
 from rlhf.trainers import TrainerRun, start_stage, within_max_length, save_trained_adapter, trainer_kwargs
 
 
-def load_rm_data(cfg: RMStageConfig, tokenizer) -> tuple[list[rdata.PreferencePair], list[rdata.PreferencePair]]:
-    """Training and held-out pairs, validated before any model is loaded. Without an eval file, whole
-    prompts (all pairs of a group) are held out, so no prompt is on both sides."""
+def load_rm_data(cfg: RMStageConfig, tokenizer, text_prompts: str = "raw",
+                 stage: str = "rm") -> tuple[list[rdata.PreferencePair], list[rdata.PreferencePair]]:
+    """Training and held-out pairs, validated before any model is loaded (the RM's, and DPO's). Without an eval
+    file, whole prompts (all pairs of a group) are held out, so no prompt is on both sides. Plain-text prompts as
+    model.text_prompts says (`rdata.as_chat`), and a line saying so."""
     train = rdata.load_preferences(cfg.train_file, split=cfg.train_split, skip_invalid=cfg.skip_invalid)
     if cfg.eval_file:
         held_out = rdata.load_preferences(cfg.eval_file, split=cfg.eval_split, skip_invalid=cfg.skip_invalid)
     else:
         held_out, train = rdata.hold_out(train, cfg.eval_fraction, cfg.train.seed, [p.group for p in train])
+    if line := rdata.text_prompts_line(train + held_out, tokenizer, text_prompts):
+        print(f"[{stage}] {line}")
+    train, held_out = rdata.as_chat(train, text_prompts), rdata.as_chat(held_out, text_prompts)
     rdata.check_prompt_lengths(train + held_out, tokenizer, cfg.max_prompt_length)
     return train, held_out
 
@@ -164,7 +169,7 @@ def run(cfg: PipelineConfig) -> Path:
 
     # 1. tokenizer (the SFT stage's) and data, validated and tokenized before the model is loaded
     tokenizer = load_tokenizer(str(sft_dir))
-    train, held_out = load_rm_data(r, tokenizer)
+    train, held_out = load_rm_data(r, tokenizer, cfg.model.text_prompts)
     damaged = rm_probes.training_pairs(train, r.probes.train_share, r.probes.seed, r.probes.no_warning)
     if damaged:  # what the probes test, the RM learns (from the training split only)
         print(f"[rm] {len(damaged)} probe pairs (intact answer preferred to its damaged copy) join the training pairs "
