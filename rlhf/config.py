@@ -647,7 +647,7 @@ class VLLMConfig:
     """Answers whose log-probs the engine and the trainer must agree on after each adapter load."""
     probe_tolerance: float | None = None
     """Largest mean difference per token of those log-probs (nats) before the run stops; None: 1e-3 in float32,
-    5e-2 in 16 bits."""
+    0.15 in 16 bits (docs/engines.md)."""
 
 
 @dataclass

@@ -47,11 +47,11 @@ class HFEngine:
 
 
 def probe_tolerance(cfg: PipelineConfig) -> float:
-    """vllm.probe_tolerance, or by the compute dtype: kernels in float32 agree to ~1e-5 per token, in 16 bits to
-    ~1e-2."""
+    """vllm.probe_tolerance, or by the compute dtype: in float32 the engine's kernels and the trainer's agree to
+    ~1e-6 per token (the demo), in bfloat16 to ~6e-2 (SmolLM2-135M-Instruct on a CPU, before any update)."""
     if cfg.vllm.probe_tolerance is not None:
         return cfg.vllm.probe_tolerance
-    return 1e-3 if cfg.model.dtype == "float32" else 5e-2
+    return 1e-3 if cfg.model.dtype == "float32" else 0.15
 
 
 class VLLMEngine:
