@@ -148,7 +148,8 @@ def throughput(stage: str, rows: list[dict]) -> dict:
               for k in ("engine/mismatch_mean", "engine/mismatch_max", "engine/probe_diff_mean")
               if all(k in r for r in steps)}
     return {"steps": len(steps), "step_s": mean("time/step"),
-            "time_split_s": {"generate": mean("time/generate"), "score": mean("time/score"), "train": mean("time/train")},
+            "time_split_s": {"generate": mean("time/generate"), "score": mean("time/score"), "train": mean("time/train"),
+                             **({"sync": mean("time/sync")} if all("time/sync" in r for r in steps) else {})},
             "generated_tokens_per_s": mean("perf/generated_tokens_per_s"), **engine}
 
 

@@ -96,8 +96,9 @@ def test_the_vllm_engine_runs_the_ppo_stage_again_and_is_compared_with_transform
     assert (tmp_path / "demo-vllm" / "sft").is_dir()
     assert result["vllm_vs_hf"] == {"step_time": 0.75, "generate_time": 0.25, "generated_tokens_per_s": 2.5,
                                     "mismatch_mean": 1e-6, "mismatch_max": None}
-    ppo = [{"step": 1, "time/step": 2.0, "time/generate": 1.0, "time/score": 0.5, "time/train": 0.5,
+    ppo = [{"step": 1, "time/step": 2.2, "time/sync": 0.2, "time/generate": 1.0, "time/score": 0.5, "time/train": 0.5,
             "perf/generated_tokens_per_s": 10.0, "engine/mismatch_mean": 2e-6, "engine/mismatch_max": 1e-5,
             "engine/probe_diff_mean": 1e-7}]
     assert bench.throughput("ppo", ppo)["mismatch_max"] == 1e-5
+    assert bench.throughput("ppo", ppo)["time_split_s"]["sync"] == 0.2  # the engine's adapter sync, apart
     assert bench.parse_args(["--engine", "vllm"]).engine == ["vllm"]

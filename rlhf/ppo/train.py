@@ -294,8 +294,9 @@ def ppo_step(step: int, loop: "LoopState", roles: Roles, optimizer, scheduler, e
     """One PPO step (each of the rollout_batch_size / k prompts answered k = group_size times; a group stays in one
     process); returns its metrics, the same on every process."""
     rank, world = procs.process_index, procs.num_processes
-    t0 = time.perf_counter()
+    t_sync = time.perf_counter()
     synced = engine.sync(roles, step)  # vllm: the engine gets this policy, checked on the probe answers
+    t0 = time.perf_counter()
     chosen = distributed.shard(loop.sampler.next(p.sampling.rollout_batch_size // p.sampling.group_size), rank, world)
     batch = repeat_prompts([inputs.prompt_ids[i] for i in chosen], p.sampling.group_size)
     ids, mask, width, engine_lp = engine.sample(roles, inputs.tokenizer, batch, sampling(p),           # 4.1 rollout
@@ -311,7 +312,8 @@ def ppo_step(step: int, loop: "LoopState", roles: Roles, optimizer, scheduler, e
     t3 = time.perf_counter()
     logs = step_metrics(r, a, loop.kl_ctl.value, scheduler.get_last_lr()[0]) | stats | synced | mismatch(
         r.logprobs, r.engine_logprobs, r.response_mask) | {
-        "time/generate": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2, "time/step": t3 - t0,
+        "time/sync": t0 - t_sync, "time/generate": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2,
+        "time/step": t3 - t_sync,
         "perf/generated_tokens_per_s": r.response_mask.sum().item() / max(t1 - t0, 1e-9)}
     logs = distributed.mean_over_processes(logs, procs.device)  # every process logs and adapts the same
     loop.kl_ctl.update(logs["ppo/kl"], p.sampling.rollout_batch_size)                                        # 4.5 KL
