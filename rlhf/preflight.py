@@ -102,10 +102,11 @@ def check_chat_template(cfg: PipelineConfig, tokenizer_dir: str, examples: list)
     """Render the first chat-format prompt of `examples` (with its completion, if it has one) through the chat
     template of the tokenizer in `tokenizer_dir` (a hub id or directory): a broken template fails here, in one
     line, instead of inside a trainer. Plain-text prompts count as chat with model.text_prompts=chat."""
-    examples = rdata.as_chat(examples, cfg.model.text_prompts)
-    example = next((e for e in examples if isinstance(e.prompt, list)), None)
+    chat = cfg.model.text_prompts == "chat"
+    example = next((e for e in examples if chat or isinstance(e.prompt, list)), None)
     if example is None:  # raw-text prompts never go through the template
         return
+    example = rdata.as_chat([example], cfg.model.text_prompts)[0]
     tokenizer = tokenizer_of(tokenizer_dir, cfg)
     answer = getattr(example, "completion", None) or getattr(example, "chosen", None) or "ok"
     try:

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from rlhf import distributed
 from rlhf.errors import EngineError
 from rlhf.sequences import left_pad
 
@@ -127,7 +128,6 @@ def pack(prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> tup
 def row_seeds(seed: int, step: int, rank: int, n: int) -> list[int]:
     """A seed per rollout row: the engine's sampling is reproducible and resumes as an uninterrupted run would."""
     return [(seed * 1_000_003 + step * 65_537 + rank * 4_099 + i) % 2**31 for i in range(n)]
-
 
 
 # --- the server process --------------------------------------------------------------------------------------
@@ -353,6 +353,17 @@ class VLLMClient:
         # one request at a time: vLLM 0.32's CPU LoRA kernels fail on prompt log-probs of several requests at once
         return self._map(one, rows, workers=1)
 
+    def publish(self, name: str, parts: Sequence[tuple[dict, dict[str, torch.Tensor]]], directory: str | Path) -> None:
+        """`combined_adapter(parts)` written to directory/name and loaded under `name` (replacing one of that name)."""
+        path = combined_adapter(parts, Path(directory) / name)
+        self.unload_adapter(name)
+        self.load_adapter(name, path)
+
+    def retire(self, name: str, directory: str | Path) -> None:
+        """Unload `name` from the engine and remove its directory (what `publish` wrote)."""
+        self.unload_adapter(name)
+        shutil.rmtree(Path(directory) / name, ignore_errors=True)
+
 
 def connect_or_start(url: str | None, spec: ServerSpec, log_path: str | Path,
                      timeout: float = 600.0) -> tuple[VLLMClient, VLLMServer | None]:
@@ -372,3 +383,17 @@ def connect_or_start(url: str | None, spec: ServerSpec, log_path: str | Path,
         raise
     print(f"[vllm] server ready at {server.url} ({spec.model}, log {log_path})", file=sys.stderr)
     return client, server
+
+
+def shared_engine(cfg, rank: int, log_path: str | Path) -> tuple[VLLMClient, VLLMServer | None, str]:
+    """The engine every process of a stage uses: the main process connects to vllm.url or starts a server (LoRA up
+    to `rank`; returned there, for the caller to close), the others connect to it. Also the token of the main
+    process (its pid) that the stage's adapter names carry, the same on every process: they never collide with an
+    earlier run's names on a shared server."""
+    client = server = None
+    url = cfg.vllm.url
+    if distributed.state().is_main_process:
+        client, server = connect_or_start(url, server_spec(cfg, rank), log_path)
+        url = client.url
+    url, token = distributed.gather_objects((url, str(os.getpid())))[0]
+    return client or VLLMClient(url), server, token

@@ -9,8 +9,6 @@ Log-probs, scores and the KL are the trainer's own in both cases (rlhf/eval/judg
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 from rlhf import distributed
@@ -28,15 +26,7 @@ class EvalEngine:
         self.sft = ve.read_adapter(sft_dir) if sft_dir else None
         ranks = [ve.read_adapter(c.path)[0]["r"] for c in checkpoints if c.kind == "adapter"]
         rank = (self.sft[0]["r"] if self.sft else 0) + max(ranks, default=0)
-        self.server = None
-        url = cfg.vllm.url
-        if self.main:
-            self.client, self.server = ve.connect_or_start(url, ve.server_spec(cfg, max(rank, 8)),
-                                                           self.out / "engine" / "server.log")
-            url = self.client.url
-        url, self.token = distributed.gather_objects((url, str(os.getpid())))[0]  # the main process's server and names
-        if not self.main:
-            self.client = ve.VLLMClient(url)
+        self.client, self.server, self.token = ve.shared_engine(cfg, max(rank, 8), self.out / "engine" / "server.log")
         self.loaded: str | None = None
 
     def serves(self, ckpt: Checkpoint) -> bool:
@@ -49,17 +39,14 @@ class EvalEngine:
         name = f"eval-{ckpt.name}-{self.token}"
         if self.main:
             parts = [self.sft] + ([ve.read_adapter(ckpt.path)] if ckpt.kind == "adapter" else [])
-            path = ve.combined_adapter(parts, self.out / "engine" / name)
-            self.client.unload_adapter(name)
-            self.client.load_adapter(name, path)
+            self.client.publish(name, parts, self.out / "engine")
         distributed.state().wait_for_everyone()
         self.loaded = name
         return name
 
     def unload(self) -> None:
         if self.loaded and self.main:
-            self.client.unload_adapter(self.loaded)
-            shutil.rmtree(self.out / "engine" / self.loaded, ignore_errors=True)
+            self.client.retire(self.loaded, self.out / "engine")
         self.loaded = None
 
     def answer(self, ckpt: Checkpoint, prompt_ids: list[list[int]], items: list[int], spec: SamplingSpec, seed: int,

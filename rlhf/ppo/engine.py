@@ -11,8 +11,6 @@ truncated importance weights of the update (ppo.update.tis_cap).
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -62,23 +60,13 @@ class VLLMEngine:
     def __init__(self, cfg: PipelineConfig, sft_dir: Path, out: Path, tokenizer, stop_ids: list[int], procs,
                  prompt_ids: list[list[int]]):
         self.cfg, self.out, self.tokenizer, self.stop_ids = cfg, Path(out), tokenizer, list(stop_ids)
-        self.rank, self.main, self.procs = procs.process_index, procs.is_main_process, procs
+        self.rank, self.main = procs.process_index, procs.is_main_process
         self.sft = ve.read_adapter(sft_dir)
         self.tolerance = probe_tolerance(cfg)
-        self.server = None
-        url = cfg.vllm.url
-        if self.main:
-            rank = cfg.sft.lora.r + cfg.ppo.lora.r  # SFT and policy, one LoRA
-            self.client, self.server = ve.connect_or_start(url, ve.server_spec(cfg, rank),
-                                                           self.out / "engine" / "server.log")
-            url = self.client.url
-        # every process samples from the main process's server, under the main process's version names (its pid:
-        # they never collide with an earlier run's versions on a shared server)
-        url, self.token = distributed.gather_objects((url, str(os.getpid())))[0]
-        if not self.main:
-            self.client = ve.VLLMClient(url)
-        self.version: str | None = None
-        self.loaded: list[str] = []
+        # SFT and policy as one LoRA; every process samples from the main process's server, under its names
+        self.client, self.server, self.token = ve.shared_engine(cfg, cfg.sft.lora.r + cfg.ppo.lora.r,
+                                                                self.out / "engine" / "server.log")
+        self.version: str | None = None  # the adapter the engine holds: the last sync's
         self.probe_prompts = prompt_ids[:max(1, cfg.vllm.probe_answers)]
         self.probes: list[list[int]] | None = None
 
@@ -89,14 +77,10 @@ class VLLMEngine:
         if self.main:
             state = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(roles.model,
                                                                                      adapter_name=POLICY).items()}
-            policy = (roles.model.peft_config[POLICY].to_dict(), state)
-            path = ve.combined_adapter([self.sft, policy], self.out / "engine" / name)
-            self.client.unload_adapter(name)
-            self.client.load_adapter(name, path)
-            for old in self.loaded:  # the engine and the disk hold the current version and nothing older
-                self.client.unload_adapter(old)
-                shutil.rmtree(self.out / "engine" / old, ignore_errors=True)
-            self.loaded = [name]
+            self.client.publish(name, [self.sft, (roles.model.peft_config[POLICY].to_dict(), state)],
+                                self.out / "engine")
+            if self.version is not None:  # the engine and the disk hold the current version and nothing older
+                self.client.retire(self.version, self.out / "engine")
         self.version = name
         checked = self.check_probes(roles, step) if self.main else {}
         # every process logs the main process's figures; and the others sample only after the check: not beside
