@@ -47,13 +47,14 @@ class _Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.stop = threading.Event()
         self.seen: dict[str, float] = {}  # pid -> CPU seconds at the last sample
-        self.charges: list[tuple[float, str, float]] = []  # (time, pid, CPU seconds since the last sample)
+        self.charges: list[tuple[float, float, str, float]] = []  # (from, to, pid, CPU seconds in between)
+        self.last = time.time()
         self.parent: dict[str, str] = {}
         self.worker: dict[str, str] = {}  # pid -> the worker in its environment
         self.sample(charge=False)  # what ran before the suite is not the suite's
 
     def sample(self, charge: bool = True):
-        now = time.time()
+        since, now = self.last, time.time()
         for pid in os.listdir("/proc"):
             if not pid.isdigit():
                 continue
@@ -64,7 +65,8 @@ class _Sampler(threading.Thread):
             delta = cpu - self.seen.get(pid, 0.0)  # a process born since the last sample: all its CPU
             self.seen[pid] = cpu
             if charge and delta > 0:
-                self.charges.append((now, pid, delta))
+                self.charges.append((since, now, pid, delta))
+        self.last = now
 
     def worker_of(self, pid: str, worker_pids: dict[str, str], forked: dict[str, str]) -> str:
         """The worker a process ran for: the one that asked the stage server for it (`forked`), the one in its
@@ -136,10 +138,21 @@ def pytest_unconfigure(config):
     pids = Path(str(out_path()) + ".pids")  # tests/stage_server.py: the stages it forked, for which worker
     forked = dict(line.split(" ", 1) for line in pids.read_text().splitlines()) if pids.exists() else {}
     per_test: dict[str, float] = defaultdict(float)
-    for when, pid, cpu in sampler.charges:
+    for since, now, pid, cpu in sampler.charges:
         worker = sampler.worker_of(pid, worker_pids, forked)
-        test = next((t for s, e, t in spans.get(worker, ()) if s <= when <= e + EVERY), None)
-        per_test[test or (f"{worker}: between tests" if worker else "not a worker (controller, others)")] += cpu
+        if not worker:
+            per_test["not a worker (controller, others)"] += cpu
+            continue
+        # the CPU of an interval is spread evenly over it: a test gets the share of the interval it overlaps
+        # (a slow sample that straddles a test's start would otherwise charge it the collection before it)
+        length, left = max(now - since, 1e-9), cpu
+        for s, e, test in spans.get(worker, ()):
+            share = cpu * max(0.0, min(now, e) - max(since, s)) / length
+            if share > 0:
+                per_test[test] += share
+                left -= share
+        if left > 1e-9:
+            per_test[f"{worker}: between tests"] += left
     per_file: dict[str, float] = defaultdict(float)
     for test, cpu in per_test.items():
         per_file[test.split("::")[0]] += cpu
