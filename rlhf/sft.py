@@ -23,17 +23,14 @@ from rlhf.trainers import TrainerRun, start_stage, trainer_kwargs
 def load_sft_data(cfg: SFTStageConfig, tokenizer,
                   text_prompts: str = "raw") -> tuple[list[rdata.SFTExample], list[rdata.SFTExample]]:
     """Train and held-out examples, validated (lengths included) before any training starts; plain-text prompts
-    as model.text_prompts says (`rdata.as_chat`), and a line saying so."""
+    as model.text_prompts says (`rdata.for_model`), and a line saying so."""
     train = rdata.load_sft(cfg.train_file, split=cfg.train_split, skip_invalid=cfg.skip_invalid)
     if cfg.eval_file:
         held_out = rdata.load_sft(cfg.eval_file, split=cfg.eval_split, skip_invalid=cfg.skip_invalid)
     else:
         held_out, train = rdata.hold_out(train, cfg.eval_fraction, cfg.train.seed)
-    if line := rdata.text_prompts_line(train + held_out, tokenizer, text_prompts):
-        print(f"[sft] {line}")
-    train, held_out = rdata.as_chat(train, text_prompts), rdata.as_chat(held_out, text_prompts)
-    rdata.check_prompt_lengths(train + held_out, tokenizer, cfg.max_prompt_length)
-    return train, held_out
+    both = rdata.for_model(train + held_out, tokenizer, text_prompts, cfg.max_prompt_length, "sft")
+    return both[:len(train)], both[len(train):]
 
 
 def to_dataset(examples: list[rdata.SFTExample]) -> Dataset:

@@ -184,8 +184,8 @@ def test_checkpoint_and_eval_config_errors_name_the_key(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
     assert parse_checkpoints([f"mine={tmp_path / 'm'}", "base"], tmp_path)[0].kind == "model"
-    with pytest.raises(ConfigError, match="names must differ"):
-        parse_checkpoints([str(tmp_path / "m"), f"m={tmp_path / 'm'}"], tmp_path)
+    with pytest.raises(ConfigError, match="names must differ"):  # a directory's name is its last part
+        check_eval(PipelineConfig(eval=EvalConfig(checkpoints=["sft", str(tmp_path / "m"), f"m={tmp_path}"])))
     ckpts = parse_checkpoints(["base"], tmp_path)
     with pytest.raises(ConfigError, match="eval.baseline 'sft'"):
         check_baseline(EvalConfig(), ckpts)

@@ -15,6 +15,7 @@ from rlhf.data import formats
 from rlhf.data.fields import RowError
 from rlhf.data.io import read_source
 from rlhf.data.pairs import pairs
+from rlhf.data.render import check_prompt_lengths
 from rlhf.data.records import (
     DataError,
     PreferencePair,
@@ -90,6 +91,17 @@ def text_prompts_line(records: list, tokenizer, mode: str) -> str | None:
     how = ("as a user turn through the model's chat template (model.text_prompts=chat)" if mode == "chat" else
            "as they are, without the model's chat template (model.text_prompts=raw; chat: as a user turn)")
     return f"{text} of {len(records)} prompts are plain text: {how}"
+
+
+def for_model(records: list, tokenizer, mode: str, max_prompt_length: int, stage: str, source: str = "") -> list:
+    """`records` as the model reads them: one line saying what their plain-text prompts are (`text_prompts_line`,
+    printed as "[stage] source: ..."), those prompts made user turns when `mode` is chat (`as_chat`), and every
+    rendered prompt checked against max_prompt_length (DataError naming the rows)."""
+    if line := text_prompts_line(records, tokenizer, mode):
+        print(f"[{stage}] " + (f"{source}: " if source else "") + line)
+    records = as_chat(records, mode)
+    check_prompt_lengths(records, tokenizer, max_prompt_length)
+    return records
 
 
 def load(source, split, skip_invalid: bool, allowed: tuple[str, ...], purpose: str, convert: Convert) -> list:

@@ -28,13 +28,14 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from rlhf import distributed
+from rlhf.checks import EVAL_STAGES
 from rlhf.config import ConfigError, PipelineConfig
 from rlhf.models import (active_adapter, disable_dropout, load_causal_lm, load_sft_model, load_tokenizer,
                          resolve_dtype, sft_only)
 from rlhf.rm.scoring import attach_reward
 from rlhf.runs import done_summary, is_done, require_done
 
-STAGES = ("base", "sft", "ppo", "dpo")
+STAGES = EVAL_STAGES
 OPTIONAL = "?"  # `dpo?`: judged when this run's dpo stage has finished
 
 
@@ -73,10 +74,7 @@ def parse_checkpoints(entries: list[str], run_dir: Path) -> list[Checkpoint]:
             raise ConfigError(f"eval.checkpoints: {path} holds neither a model (config.json) "
                               f"nor a PEFT adapter (adapter_config.json)")
         out.append(Checkpoint(name or path.name, kind, str(path)))
-    names = [c.name for c in out]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"eval.checkpoints: names must differ, got {names} (use name=path)")
-    if not out:
+    if not out:  # the names are checked before (rlhf/checks.check_eval): distinct, the baseline among them
         raise ConfigError("eval.checkpoints is empty")
     return out
 

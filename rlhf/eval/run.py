@@ -68,10 +68,7 @@ def run(cfg: PipelineConfig) -> Path:
                                cfg.model.trust_remote_code)
     examples = rdata.load_prompts(e.prompts_file, split=e.prompts_split, skip_invalid=e.skip_invalid)
     examples = examples[:e.samples] if e.samples > 0 else examples
-    if line := rdata.text_prompts_line(examples, tokenizer, cfg.model.text_prompts):
-        print(f"[eval] {line}")
-    examples = rdata.as_chat(examples, cfg.model.text_prompts)
-    rdata.check_prompt_lengths(examples, tokenizer, e.max_prompt_length)
+    examples = rdata.for_model(examples, tokenizer, cfg.model.text_prompts, e.max_prompt_length, "eval")
     prompts = [x.prompt for x in examples]
     judge = import_callable(e.judge) if e.judge else None
     state = distributed.state()  # PartialState; on a CPU-only machine it must be asked for the CPU to form a group

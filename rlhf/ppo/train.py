@@ -91,12 +91,9 @@ def kl_controller(p: PPOStageConfig):
 
 def load_prompt_ids(source: str, split: str, p: PPOStageConfig, tokenizer,
                     text_prompts: str = "raw") -> tuple[list, list[list[int]]]:
-    """The prompts of `source` (plain text as model.text_prompts says: `rdata.as_chat`) and their token ids."""
+    """The prompts of `source` (plain text as model.text_prompts says: `rdata.for_model`) and their token ids."""
     examples = rdata.load_prompts(source, split=split, skip_invalid=p.skip_invalid)
-    if line := rdata.text_prompts_line(examples, tokenizer, text_prompts):
-        print(f"[ppo] {source}: {line}")
-    examples = rdata.as_chat(examples, text_prompts)
-    rdata.check_prompt_lengths(examples, tokenizer, p.max_prompt_length)
+    examples = rdata.for_model(examples, tokenizer, text_prompts, p.max_prompt_length, "ppo", source)
     return [e.prompt for e in examples], [encode_prompt(tokenizer, e.prompt) for e in examples]
 
 

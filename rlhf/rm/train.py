@@ -43,17 +43,14 @@ def load_rm_data(cfg: RMStageConfig, tokenizer, text_prompts: str = "raw",
                  stage: str = "rm") -> tuple[list[rdata.PreferencePair], list[rdata.PreferencePair]]:
     """Training and held-out pairs, validated before any model is loaded (the RM's, and DPO's). Without an eval
     file, whole prompts (all pairs of a group) are held out, so no prompt is on both sides. Plain-text prompts as
-    model.text_prompts says (`rdata.as_chat`), and a line saying so."""
+    model.text_prompts says (`rdata.for_model`), and a line saying so."""
     train = rdata.load_preferences(cfg.train_file, split=cfg.train_split, skip_invalid=cfg.skip_invalid)
     if cfg.eval_file:
         held_out = rdata.load_preferences(cfg.eval_file, split=cfg.eval_split, skip_invalid=cfg.skip_invalid)
     else:
         held_out, train = rdata.hold_out(train, cfg.eval_fraction, cfg.train.seed, [p.group for p in train])
-    if line := rdata.text_prompts_line(train + held_out, tokenizer, text_prompts):
-        print(f"[{stage}] {line}")
-    train, held_out = rdata.as_chat(train, text_prompts), rdata.as_chat(held_out, text_prompts)
-    rdata.check_prompt_lengths(train + held_out, tokenizer, cfg.max_prompt_length)
-    return train, held_out
+    both = rdata.for_model(train + held_out, tokenizer, text_prompts, cfg.max_prompt_length, stage)
+    return both[:len(train)], both[len(train):]
 
 
 def tokenize_pairs(pairs: list[rdata.PreferencePair], tokenizer, max_length: int, use_margin: bool,
