@@ -48,8 +48,8 @@ def build_chain(smollm2_dir, instruct_dir):
         grpo_run = root / "grpo"
         for stage in ("sft", "rm"):
             shutil.copytree(run / stage, grpo_run / stage)
-        logs["ppo"] = real_stage("ppo", run, *ppo, "ppo.steps=4", "ppo.sampling.rollout_batch_size=8", "ppo.update.num_minibatches=1",
-                                 "ppo.checkpoint.every=4")
+        logs["ppo"] = real_stage("ppo", run, *ppo, "ppo.estimator.name=gae", "ppo.sampling.group_size=1", "ppo.steps=4",
+                                 "ppo.sampling.rollout_batch_size=8", "ppo.update.num_minibatches=1", "ppo.checkpoint.every=4")
         logs["grpo"] = real_stage("ppo", grpo_run, *ppo, "ppo.estimator.name=grpo", "ppo.sampling.group_size=2", "ppo.steps=1",
                                   "ppo.sampling.rollout_batch_size=4", "ppo.update.num_minibatches=1", "ppo.checkpoint.every=1")
         logs["dpo"] = real_stage("dpo", run, model, f"dpo.train_file={f['rm_rankings_train']}",
