@@ -74,7 +74,8 @@ LARGE_ARGS = {
 SMOLLM2_ARGS = {
     "sft": ["sft.train.max_steps=4", "sft.train.batch_size=8", "sft.train.logging_steps=1"],
     "rm": ["rm.train.max_steps=4", "rm.train.batch_size=12", "rm.train.logging_steps=1", "rm.probes.samples=16"],
-    "ppo": ["ppo.steps=3", "ppo.sampling.rollout_batch_size=16", "ppo.update.num_minibatches=2",
+    "ppo": ["ppo.estimator.name=gae", "ppo.sampling.group_size=1",  # the reference's; --estimator rloo: the config's
+            "ppo.steps=3", "ppo.sampling.rollout_batch_size=16", "ppo.update.num_minibatches=2",
             "ppo.reward.norm_samples=16", "ppo.eval_samples=16", "ppo.monitor.every=0", "ppo.checkpoint.every=100",
             "ppo.guards.accept_rm_warnings=true"],
 }

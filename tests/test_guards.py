@@ -201,3 +201,8 @@ def test_flags_worse_than_baseline_and_degenerate_greedy_answers():
     assert flags(healthy) == []
     old = {"baseline": "sft", "results": {"greedy": {"sft": {"length_mean": 1.0}, "ppo": {"length_mean": 2.0}}}}
     assert flags(old) == []  # a metrics.json from before the degeneration measures
+    starting_point = {"baseline": "sft", "checkpoints": [{"name": "base", "kind": "base"}, {"name": "sft", "kind": "sft"}],
+                      "results": {"greedy": {"sft": row(), "base": row(gold=(0.03, 0.01, 0.06), repeat=0.5)}}}
+    assert flags(starting_point) == []  # the untrained base is worse than SFT by design: nothing to act on
+    starting_point["checkpoints"][0]["kind"] = "model"  # a full model named "base" is judged like any other
+    assert len(flags(starting_point)) == 2

@@ -6,6 +6,9 @@ checkpoint whose answers degenerate. Computed from `metrics.json` alone (the rep
   the gold judge, in some decoding;
 * degenerate: its mean `repeat` (share of tokens repeating an earlier one, rlhf/eval/degeneration.py) or its
   share of answers dominated by one token exceeds the baseline's by more than DEGENERATION_MARGIN.
+
+The base model is exempt: it is where the pipeline starts, so its being worse than SFT is the expected outcome
+and nothing a user can act on (the summary still shows it); a base that is the baseline is compared against.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ def win_rate_text(row: dict, key: str) -> str:
 def flags(m: dict) -> list[str]:
     """One line per problem, in decoding then checkpoint order (markdown bold around names)."""
     base, out = m["baseline"], []
+    untrained = {c["name"] for c in m.get("checkpoints", []) if c.get("kind") == "base"}
     for decoding, rows in m["results"].items():
         for name, row in rows.items():
-            if name == base:
+            if name == base or name in untrained:
                 continue
             for key, judge in JUDGES:
                 if row.get(f"{key}_win_rate_high", 1.0) < 0.5:
