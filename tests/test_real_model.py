@@ -44,7 +44,8 @@ def build_chain(smollm2_dir, instruct_dir):
                                 "rm.probes.samples=2", *(f"rm.train.{k}" for k in TRAINER))
         ppo = (model, f"ppo.prompts_file={f['prompts_train']}", f"ppo.eval_prompts_file={f['prompts_eval']}",
                "ppo.sampling.max_new_tokens=12", "ppo.reward.norm_samples=4", "ppo.progress_bar=false", "ppo.monitor.every=0",
-               "ppo.eval_samples=8", "ppo.update.lr=2.0e-3", "ppo.update.epochs=4", "ppo.guards.accept_rm_warnings=true")
+               "ppo.eval_samples=8", "ppo.update.lr=2.0e-3", "ppo.update.epochs=4", "ppo.kl.coef=0.1",
+               "ppo.guards.accept_rm_warnings=true")  # a few steps that move a real model, whatever the config's RL settings
         grpo_run = root / "grpo"
         for stage in ("sft", "rm"):
             shutil.copytree(run / stage, grpo_run / stage)
