@@ -5,8 +5,8 @@
     .tests.jsonl, each test's start and end, and .pids, the stages the stage server forked)
 
 Wall time per test (pytest's --durations) says little on 2 cores shared by 3 workers and their stages; CPU time
-does. The controller samples /proc twice a second: each process's user+system time and the xdist worker it
-ran for: the one that asked the suite's stage server for it (tests/stage_server.py lists the stages it forks
+does. The controller samples /proc twice a second: each process's user+system time (the processes of this
+suite only: descendants of the controller, or started with its SUITE_PROFILE) and the xdist worker it ran for: the one that asked the suite's stage server for it (tests/stage_server.py lists the stages it forks
 in SUITE_PROFILE.pids), the one named in its environment (PYTEST_XDIST_WORKER: inherited by `make`,
 `accelerate launch` and SLURM jobs), or the worker it descends from. Workers log when each test starts and ends;
 at the end each sampled increment of CPU is charged to the test its worker was running then. Printed: the
@@ -26,9 +26,10 @@ TICK = os.sysconf("SC_CLK_TCK")
 EVERY = 0.5
 
 
-def _cpu_parent_worker(pid: str) -> tuple[float, str, str] | None:
-    """CPU seconds so far, the parent's pid, and PYTEST_XDIST_WORKER from the environment the process was
-    started with ("" if none: a worker sets it after it starts, so it and what it forks lack it there)."""
+def _cpu_parent_worker(pid: str) -> tuple[float, str, str, str] | None:
+    """CPU seconds so far, the parent's pid, and PYTEST_XDIST_WORKER and SUITE_PROFILE from the environment the
+    process was started with ("" if none: a worker sets its name after it starts, so it lacks it there and what
+    it forks has it)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
         fields = stat[stat.rindex(")") + 2:].split()
@@ -36,10 +37,12 @@ def _cpu_parent_worker(pid: str) -> tuple[float, str, str] | None:
         env = Path(f"/proc/{pid}/environ").read_bytes()
     except (OSError, ValueError, IndexError):
         return None
+    found = {}
     for item in env.split(b"\0"):
-        if item.startswith(b"PYTEST_XDIST_WORKER="):
-            return cpu, fields[1], item.split(b"=", 1)[1].decode()
-    return cpu, fields[1], ""
+        key, _, value = item.partition(b"=")
+        if key in (b"PYTEST_XDIST_WORKER", b"SUITE_PROFILE"):
+            found[key] = value.decode()
+    return cpu, fields[1], found.get(b"PYTEST_XDIST_WORKER", ""), found.get(b"SUITE_PROFILE", "")
 
 
 class _Sampler(threading.Thread):
@@ -51,6 +54,7 @@ class _Sampler(threading.Thread):
         self.last = time.time()
         self.parent: dict[str, str] = {}
         self.worker: dict[str, str] = {}  # pid -> the worker in its environment
+        self.profile: dict[str, str] = {}  # pid -> SUITE_PROFILE in its environment
         self.sample(charge=False)  # what ran before the suite is not the suite's
 
     def sample(self, charge: bool = True):
@@ -61,12 +65,24 @@ class _Sampler(threading.Thread):
             got = _cpu_parent_worker(pid)
             if got is None:
                 continue
-            cpu, self.parent[pid], self.worker[pid] = got
+            cpu, self.parent[pid], self.worker[pid], self.profile[pid] = got
             delta = cpu - self.seen.get(pid, 0.0)  # a process born since the last sample: all its CPU
             self.seen[pid] = cpu
             if charge and delta > 0:
                 self.charges.append((since, now, pid, delta))
         self.last = now
+
+    def in_suite(self, pid: str, controller: str, profile: str) -> bool:
+        """Whether a process ran for this suite: it descends from the controller, or it was started with this
+        suite's SUITE_PROFILE (a SLURM job, which the scheduler starts). Another suite on the machine (this one
+        run inside it, say) carries its own workers' names: it must not be charged to these."""
+        seen = set()
+        while pid and pid not in seen:
+            seen.add(pid)
+            if pid == controller or self.profile.get(pid) == profile:
+                return True
+            pid = self.parent.get(pid, "")
+        return False
 
     def worker_of(self, pid: str, worker_pids: dict[str, str], forked: dict[str, str]) -> str:
         """The worker a process ran for: the one that asked the stage server for it (`forked`), the one in its
@@ -138,7 +154,10 @@ def pytest_unconfigure(config):
     pids = Path(str(out_path()) + ".pids")  # tests/stage_server.py: the stages it forked, for which worker
     forked = dict(line.split(" ", 1) for line in pids.read_text().splitlines()) if pids.exists() else {}
     per_test: dict[str, float] = defaultdict(float)
+    controller, profile = str(os.getpid()), str(out_path())
     for since, now, pid, cpu in sampler.charges:
+        if not sampler.in_suite(pid, controller, profile):
+            continue
         worker = sampler.worker_of(pid, worker_pids, forked)
         if not worker:
             per_test["not a worker (controller, others)"] += cpu

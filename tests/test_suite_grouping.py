@@ -98,16 +98,26 @@ def test_burns_in_a_child():
 def test_idles():
     time.sleep(1.0)
 '''
+BUSY = "while True: pass"
 
 
 def test_suite_profile_charges_a_child_process_s_cpu_to_its_test(tmp_path):
-    """scripts/suite_profile.py: the CPU of a process a test starts is charged to that test."""
+    """scripts/suite_profile.py: the CPU of a process a test starts is charged to that test, and that of another
+    suite's processes (this suite's own, when it runs this test) to none."""
     (tmp_path / "test_burn.py").write_text(BURN)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    # another suite's processes on the same machine, named after the same workers: never charged to these tests
+    others = [subprocess.Popen([sys.executable, "-c", BUSY], env=env | {"PYTEST_XDIST_WORKER": w})
+              for w in ("gw0", "gw1")]
     env |= {"PYTHONPATH": str(ROOT / "scripts"), "SUITE_PROFILE": str(tmp_path / "profile.json")}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", "-p",
-                           "suite_profile", "--rootdir", str(tmp_path), str(tmp_path)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True)
+    try:
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", "-p",
+                               "suite_profile", "--rootdir", str(tmp_path), str(tmp_path)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True)
+    finally:
+        for other in others:
+            other.kill()
+            other.wait()
     assert done.returncode == 0, done.stdout + done.stderr
     tests = json.loads((tmp_path / "profile.json").read_text())["tests"]
     assert tests["test_burn.py::test_burns_in_a_child"] >= 1.0, tests
