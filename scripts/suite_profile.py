@@ -5,12 +5,13 @@
     .tests.jsonl, each test's start and end, and .pids, the stages the stage server forked)
 
 Wall time per test (pytest's --durations) says little on 2 cores shared by 3 workers and their stages; CPU time
-does. The controller samples /proc twice a second: each process's user+system time (the processes of this
-suite only: descendants of the controller, or started with its SUITE_PROFILE) and the xdist worker it ran for: the one that asked the suite's stage server for it (tests/stage_server.py lists the stages it forks
-in SUITE_PROFILE.pids), the one named in its environment (PYTEST_XDIST_WORKER: inherited by `make`,
-`accelerate launch` and SLURM jobs), or the worker it descends from. Workers log when each test starts and ends;
-at the end each sampled increment of CPU is charged to the test its worker was running then. Printed: the
-total, the tests and files that cost most, and each worker's busy time. Linux only (/proc).
+does. The controller samples /proc twice a second: the user+system time of each process of this suite (those
+that descend from the controller or were started with its SUITE_PROFILE) and the xdist worker it ran for: the
+one that asked the suite's stage server for it (tests/stage_server.py lists the stages it forks in
+SUITE_PROFILE.pids), the one named in its environment (PYTEST_XDIST_WORKER: inherited by `make`, `accelerate
+launch` and SLURM jobs), or the worker it descends from. Workers log when each test starts and ends; at the end
+each sampled increment of CPU is charged to the test its worker was running then. Printed: the total, the tests
+and files that cost most, and each worker's busy time. Linux only (/proc).
 """
 
 from __future__ import annotations
