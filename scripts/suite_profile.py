@@ -156,10 +156,12 @@ def pytest_unconfigure(config):
     forked = dict(line.split(" ", 1) for line in pids.read_text().splitlines()) if pids.exists() else {}
     per_test: dict[str, float] = defaultdict(float)
     controller, profile = str(os.getpid()), str(out_path())
+    owner = {pid: sampler.worker_of(pid, worker_pids, forked) if sampler.in_suite(pid, controller, profile) else None
+             for pid in {pid for _, _, pid, _ in sampler.charges}}  # None: another suite's process
     for since, now, pid, cpu in sampler.charges:
-        if not sampler.in_suite(pid, controller, profile):
+        worker = owner[pid]
+        if worker is None:
             continue
-        worker = sampler.worker_of(pid, worker_pids, forked)
         if not worker:
             per_test["not a worker (controller, others)"] += cpu
             continue

@@ -35,7 +35,6 @@ from rlhf.models import (active_adapter, disable_dropout, load_causal_lm, load_s
 from rlhf.rm.scoring import attach_reward
 from rlhf.runs import done_summary, is_done, require_done
 
-STAGES = EVAL_STAGES
 OPTIONAL = "?"  # `dpo?`: judged when this run's dpo stage has finished
 
 
@@ -54,16 +53,16 @@ def parse_checkpoints(entries: list[str], run_dir: Path) -> list[Checkpoint]:
         name, sep, where = entry.partition("=")
         if not sep:
             name, where = "", entry
-        if where in STAGES and not name:
+        if where in EVAL_STAGES and not name:
             out.append(_stage_checkpoint(where, run_dir))
             continue
-        if where.endswith(OPTIONAL) and where[:-1] in STAGES and not name:
+        if where.endswith(OPTIONAL) and where[:-1] in EVAL_STAGES and not name:
             if where[:-1] in ("base", "sft") or is_done(run_dir / where[:-1]):
                 out.append(_stage_checkpoint(where[:-1], run_dir))
             continue
         path = Path(where)
         if not path.is_dir():
-            raise ConfigError(f"eval.checkpoints: {entry!r} is neither {', '.join(STAGES)} (or one with `?`) "
+            raise ConfigError(f"eval.checkpoints: {entry!r} is neither {', '.join(EVAL_STAGES)} (or one with `?`) "
                               f"nor a directory")
         if (path / "adapter_config.json").is_file():
             kind = "adapter"
