@@ -48,6 +48,9 @@ def test_wandb_offline_run_records_the_metrics_and_config_locally(tmp_path, monk
     for step in (1, 2):
         t.log({"ppo/kl": 0.1 * step, "ppo/score": 1.0 + step}, step=step)
     t.close()
+    import wandb
+
+    wandb.teardown()  # what the process's exit does: waits for wandb's service to flush and close the run's file
     assert any((out / "tb").glob("events.out.tfevents.*"))
     (run,) = (tmp_path / "wandb").glob("offline-run-*")  # offline: written here, nothing sent
     (records,) = run.glob("run-*.wandb")  # wandb's protobuf log: history, config and run name, as `wandb sync` reads it
