@@ -239,7 +239,7 @@ class PPOSampling:
     engine: str = "hf"
     """hf: transformers' generate on the trainer's model; vllm: a vLLM server fed the policy adapter after each
     update, checked against the trainer (the `vllm:` section; docs/engines.md)."""
-    rollout_batch_size: int = 64
+    rollout_batch_size: int = 128
     """Answers per PPO step in all: under `accelerate launch` each of N processes samples rollout_batch_size / N."""
     group_size: int = 1
     """k, answers per prompt each step (the prompt repeated k times); rollout_batch_size counts answers, so it must

@@ -121,7 +121,7 @@ DEMO_VARIANTS = {
     "demo-rloo.yaml": {"ppo.estimator.name", "ppo.sampling.group_size"},
     "demo-gold-reward.yaml": {"ppo.reward.terms"},
     "demo-quick.yaml": {"sft.train.epochs", "rm.train.max_steps", "rm.train.lr_scheduler", "rm.train.warmup",
-                        "ppo.steps"},
+                        "ppo.steps", "ppo.sampling.rollout_batch_size"},
 }
 
 
@@ -177,9 +177,10 @@ except SystemExit as e:
     ("ppo", ["ppo.bogus=1"], "key 'ppo.bogus'"),
     ("eval", ["run_dir={tmp}", "eval.prompts_file={tmp}/none.jsonl"], "none.jsonl"),
 ])
-def test_bad_input_is_reported_before_torch_loads(stage, args, message, tmp_path):
+def test_bad_input_is_reported_before_torch_loads(stage, args, message, tmp_path, demo_dir):
     """A mistyped key or a missing stage costs a second, not the ten that loading torch and transformers takes:
-    the entry points import the stage only once the config and the inputs are checked."""
+    the entry points import the stage only once the config and the inputs are checked. The demo's base is built
+    first, so that each case fails on its own bad input and not on a missing model."""
     args = ["--config", str(DEMO_CONFIG)] + [a.format(tmp=tmp_path) for a in args]
     proc = subprocess.run([sys.executable, "-c", ENTRY.format(stage=stage, args=args)], cwd=ROOT,
                           capture_output=True, text=True)

@@ -199,7 +199,7 @@ def test_repeat_prompts_lays_groups_out_contiguously():
     (["estimator.name=grpo", "sampling.group_size=1"],
      "ppo.sampling.group_size=1: ppo.estimator.name=grpo needs at least 2 answers"),
     (["estimator.name=rloo", "sampling.group_size=3"],
-     "ppo.sampling.rollout_batch_size=64 must be a multiple of ppo.sampling.group_size=3"),
+     "ppo.sampling.rollout_batch_size=128 must be a multiple of ppo.sampling.group_size=3"),
     (["estimator.name=rloo", "sampling.group_size=4", "reward.whiten=true"], "set ppo.reward.whiten=false"),
     (["estimator.name=grpo", "sampling.group_size=4", "estimator.grpo_kl=both"],
      "ppo.estimator.grpo_kl must be loss (a k3 loss term"),
