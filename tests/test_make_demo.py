@@ -54,5 +54,5 @@ def test_the_real_model_demo_prepares_the_model_once_and_runs_each_stage_once(tm
     stages = [line.split()[2] for line in lines if "-m stages." in line]
     assert stages == ["stages.sft", "stages.rm", "stages.ppo", "stages.eval"]
     assert all("configs/smollm2-instruct.yaml" in line for line in lines if "-m stages." in line)
-    rules = dry("-p", "-q", "model-smollm2").splitlines()
+    rules = dry("-p", "model-smollm2").splitlines()  # -n: whether or not the model is built
     assert "data/smollm2-135m-instruct/DONE: | .venv/.installed" in rules  # no normal prerequisite: never rebuilt
