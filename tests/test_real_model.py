@@ -17,8 +17,9 @@ from rlhf.data import load_prompts
 from rlhf.models import load_tokenizer
 from rlhf.runs import read_metrics
 
-# the real model's chain builds stage on stage (module fixtures): one process, started early (minutes)
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("real-model"), pytest.mark.early(3)]
+# the real model's chain builds stage on stage (module fixtures): one process, the suite's longest (~6 minutes),
+# handed out first so that it starts at once on a process of its own
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("real-model"), pytest.mark.early(0)]
 SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 TRAINER = ("logging_steps=1", "progress_bar=false", "lr=1.0e-3")
 

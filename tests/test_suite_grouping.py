@@ -60,21 +60,25 @@ class Item:
         return self.marks.get(name)
 
 
-def test_order_the_chain_then_the_long_groups_then_by_the_runs_each_test_needs():
-    """The test that builds the demo's chain first, with the long test that needs that chain after it on its
-    process; then the long groups (each whole, on one process, minutes long), then the longest single tests, then
-    tests by the shared runs they need: none, SFT, RM, PPO; a group among its equals first."""
+def test_order_the_longest_group_and_the_chain_then_the_long_groups_then_by_the_runs_each_test_needs():
+    """The real model's chain (the longest group, needing no demo run) first, then the test that builds the
+    demo's chain, with the long test that needs that chain after it on its process; then the other long groups
+    (each whole, on one process, minutes long), then the longest single tests, then tests by the shared runs they
+    need: none, SFT, RM, PPO; a group among its equals first."""
     items = [Item("a::test_needs_ppo", "ppo_run"), Item("a::test_plain"),
+             Item("m::test_real_chain", group="real-model", early=0),
              Item("c::test_after_starter", "ppo_run", group="chain", early=1), Item("r::test_longest", early=4),
              Item("s::test_chain", group="slurm", early=1), Item("a::test_needs_sft", "sft_run"),
              Item("p::test_starter", "ppo_run", group="chain", early=0),
              Item("d::test_rm", "rm_run", group="distributed", early=2), Item("f::test_x[gpt2]", group="family-gpt2"),
              Item("a::test_needs_rm", "rm_run"), Item("d::test_units", group="distributed", early=2),
-             Item("s::test_2proc", "rm_run", group="slurm", early=1)]
+             Item("s::test_2proc", "rm_run", group="slurm", early=1),
+             Item("m::test_real_export", group="real-model", early=0)]
     order(items)
     assert [i.nodeid.split("::")[1] for i in items] == [
-        "test_starter", "test_after_starter", "test_chain", "test_2proc", "test_rm", "test_units", "test_longest",
-        "test_x[gpt2]", "test_plain", "test_needs_sft", "test_needs_rm", "test_needs_ppo"]
+        "test_real_chain", "test_real_export", "test_starter", "test_after_starter", "test_chain", "test_2proc",
+        "test_rm", "test_units", "test_longest", "test_x[gpt2]", "test_plain", "test_needs_sft", "test_needs_rm",
+        "test_needs_ppo"]
 
 
 def test_the_suite_s_groups_are_markers_on_its_tests(pytestconfig):
