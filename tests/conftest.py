@@ -168,10 +168,11 @@ def rm_run(sft_run, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ppo_run(rm_run, tmp_path_factory) -> Path:
     """The RM run above (copied) plus a finished PPO stage: the demo config as it ships but for 10 steps of its
-    100 (a constant learning rate: the first 10 steps of the shipped run). Measured on that RM: gold 0.892
-    against SFT's 0.528, a gold win rate of 0.748 (0.703-0.795) and an RM win rate of 0.840 over SFT, KL 1.63
-    (200 held-out prompts, the stage's own comparison; on the 250-step SFT and RM, 10 PPO steps: gold 0.919
-    against 0.489, win 0.795; 20 steps: 0.928, win 0.805)."""
+    100 (a constant learning rate: the first 10 steps of the shipped run, 128 answers each). Measured on that
+    RM: gold 0.905 against SFT's 0.528, a gold win rate of 0.745 (0.698-0.790) and an RM win rate of 0.900 over
+    SFT, KL 1.79 (200 held-out prompts, the stage's own comparison; with 64 answers a step: gold 0.892, win
+    0.748, KL 1.63; on the 250-step SFT and RM, 64 answers, 10 PPO steps: gold 0.919 against 0.489, win 0.795;
+    20 steps: 0.928, win 0.805)."""
     return shared(tmp_path_factory, "ppo-run", run_on(rm_run, "ppo", f"ppo.steps={PPO_RUN_STEPS}"))
 
 
