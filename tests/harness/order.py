@@ -6,7 +6,8 @@ that order so that two cores stay busy to the end:
 1. the `early` tests, by rank (a group goes where its earliest member goes): rank 0 the real model's chain (the
    longest group: it must start at once, on a process of its own) and the test that needs the demo's whole chain
    (its process builds SFT, RM and PPO, minutes); ranks 1 and 2 the other long groups (the SLURM cluster, the
-   2-process runs: minutes each, so they must not start last); rank 4 the longest single tests;
+   2-process runs: minutes each, so they must not start last); rank 4 the longest single tests; within a rank,
+   by the order of point 2 (so the real model, which needs no demo run, comes before the demo's chain);
 2. then the rest by the shared runs they need (none, SFT, RM, PPO: `CHAIN`), so that a process seldom waits for
    a run another is still building; among equals, a group before single tests.
 """
